@@ -1,0 +1,177 @@
+"""Appraisal: a provider's own judgement of an executor's evidence.
+
+Pure: the verification time is an argument, verifiers are passed in.
+`appraise` returns verified claims or raises; it never returns False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from teeflow.attestation.evidence import Claims, Evidence
+from teeflow.core.errors import ConfigError, PolicyRefused
+
+KNOWN_TEES = ("simulated", "sgx", "tdx", "sev-snp")
+# Per TEE type, the claim names a policy may pin to a list of accepted values.
+MEASUREMENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "simulated": ("measurement",),
+    "sgx": ("mrenclave", "mrsigner"),
+    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
+    "sev-snp": ("measurement",),
+}
+
+
+class Verifier(Protocol):
+    tee: str
+
+    def verify(self, quote: bytes, at: int) -> Claims: ...
+
+
+@dataclass(frozen=True)
+class AppraisalPolicy:
+    tee_types: tuple[str, ...] = ()
+    allow_simulated: bool = False
+    allow_debug: bool = False
+    accepted_tcb_status: tuple[str, ...] = ("UpToDate",)
+    refused_advisories: tuple[str, ...] = ()
+    # tee -> claim name -> accepted lower-case hex values
+    measurements: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tee_types": list(self.tee_types),
+            "allow_simulated": self.allow_simulated,
+            "allow_debug": self.allow_debug,
+            "accepted_tcb_status": list(self.accepted_tcb_status),
+            "refused_advisories": list(self.refused_advisories),
+        }
+        for tee, fields in self.measurements.items():
+            out[tee] = {k: list(v) for k, v in fields.items()}
+        return out
+
+
+def _str_list(raw: Any, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ConfigError(f"{where}: expected a list of strings")
+    return tuple(raw)
+
+
+def _bool(raw: Any, where: str) -> bool:
+    if not isinstance(raw, bool):
+        raise ConfigError(f"{where}: expected true or false")
+    return raw
+
+
+def _hex_list(raw: Any, where: str) -> tuple[str, ...]:
+    values = _str_list(raw, where)
+    for v in values:
+        try:
+            bytes.fromhex(v)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {v!r} is not hex") from exc
+    return tuple(v.lower() for v in values)
+
+
+def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
+    """Check a policy table (from TOML or JSON), naming the bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {"tee_types", "allow_simulated", "allow_debug", "accepted_tcb_status",
+             "refused_advisories", *KNOWN_TEES}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown field")
+    tee_types = _str_list(raw.get("tee_types", []), f"{where}.tee_types")
+    if not tee_types:
+        raise ConfigError(f"{where}.tee_types: name at least one accepted TEE type")
+    for tee in tee_types:
+        if tee not in KNOWN_TEES:
+            raise ConfigError(f"{where}.tee_types: unknown TEE type {tee!r}")
+    measurements: dict[str, dict[str, tuple[str, ...]]] = {}
+    for tee in KNOWN_TEES:
+        if tee not in raw:
+            continue
+        section = raw[tee]
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}.{tee}: expected a table")
+        fields: dict[str, tuple[str, ...]] = {}
+        for name, values in section.items():
+            if name not in MEASUREMENT_FIELDS[tee]:
+                raise ConfigError(f"{where}.{tee}.{name}: unknown field")
+            fields[name] = _hex_list(values, f"{where}.{tee}.{name}")
+        measurements[tee] = fields
+    for tee in tee_types:
+        if not measurements.get(tee):
+            raise ConfigError(
+                f"{where}.{tee}: accepting {tee} needs at least one of "
+                f"{', '.join(MEASUREMENT_FIELDS[tee])}"
+            )
+    policy = AppraisalPolicy(
+        tee_types=tee_types,
+        allow_simulated=_bool(raw.get("allow_simulated", False), f"{where}.allow_simulated"),
+        allow_debug=_bool(raw.get("allow_debug", False), f"{where}.allow_debug"),
+        accepted_tcb_status=_str_list(
+            raw.get("accepted_tcb_status", ["UpToDate"]), f"{where}.accepted_tcb_status"
+        ),
+        refused_advisories=_str_list(
+            raw.get("refused_advisories", []), f"{where}.refused_advisories"
+        ),
+        measurements=measurements,
+    )
+    if "simulated" in tee_types and not policy.allow_simulated:
+        raise ConfigError(f"{where}.tee_types: lists simulated but allow_simulated is not true")
+    return policy
+
+
+def appraise(
+    evidence: Evidence,
+    policy: AppraisalPolicy,
+    verifiers: Mapping[str, Verifier],
+    *,
+    expected_report_data: bytes,
+    at: int,
+) -> Claims:
+    """Verify `evidence` and check it against `policy`; return the claims or raise."""
+    if evidence.tee not in policy.tee_types:
+        raise PolicyRefused(
+            "tee_type", f"{evidence.tee!r} is not among accepted {list(policy.tee_types)}"
+        )
+    if evidence.tee == "simulated" and not policy.allow_simulated:
+        raise PolicyRefused("allow_simulated", "simulated evidence and allow_simulated is false")
+    verifier = verifiers.get(evidence.tee)
+    if verifier is None:
+        raise PolicyRefused("tee_type", f"no verifier configured for {evidence.tee!r}")
+    claims = verifier.verify(evidence.quote, at)
+    if claims.tee != evidence.tee:
+        raise PolicyRefused("tee_type", f"evidence says {evidence.tee!r}, quote is {claims.tee!r}")
+    if claims.simulated and not policy.allow_simulated:
+        raise PolicyRefused("allow_simulated", "simulated evidence and allow_simulated is false")
+    if claims.report_data[:32] != expected_report_data[:32]:
+        raise PolicyRefused(
+            "tls_key",
+            f"evidence binds key hash {claims.report_data[:32].hex()}, "
+            f"the TLS certificate has {expected_report_data[:32].hex()}",
+        )
+    if claims.report_data[32:64] != expected_report_data[32:64]:
+        raise PolicyRefused("nonce", "evidence does not answer the nonce this provider chose")
+    if claims.debug and not policy.allow_debug:
+        raise PolicyRefused("debug", "the TEE runs in debug mode and allow_debug is false")
+    for name, accepted in policy.measurements.get(claims.tee, {}).items():
+        seen = claims.measurements.get(name)
+        if seen not in accepted:
+            raise PolicyRefused(
+                f"measurement.{name}", f"{seen} is not among accepted {list(accepted)}"
+            )
+    if claims.tcb_status not in policy.accepted_tcb_status:
+        raise PolicyRefused(
+            "tcb_status",
+            f"{claims.tcb_status} is not among accepted {list(policy.accepted_tcb_status)}",
+        )
+    refused = sorted(set(claims.advisory_ids) & set(policy.refused_advisories))
+    if refused:
+        raise PolicyRefused("advisories", f"refused advisories present: {refused}")
+    return claims

@@ -1,0 +1,170 @@
+"""Keys, signatures and the executor's TLS certificate.
+
+Node identities are Ed25519 keys. Signing goes through the small `Signer`
+interface so a file key, an HSM or a test fake plug in the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from teeflow.core.errors import AuthError, ConfigError
+
+# The name the executor's certificate carries; clients pin the certificate
+# itself, so the name only has to match what they ask gRPC to check.
+EXECUTOR_TLS_NAME = "teeflow-executor"
+MAX_KEY_FILE = 16 * 1024
+
+
+class Signer(Protocol):
+    def public_key(self) -> str:
+        """The base64 raw Ed25519 public key."""
+        ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+class KeySigner:
+    """A Signer over an in-memory Ed25519 private key."""
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
+        self._key = key
+
+    @classmethod
+    def generate(cls) -> KeySigner:
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    def public_key(self) -> str:
+        raw = self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return base64.b64encode(raw).decode()
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def private_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def save_key(signer: KeySigner, path: Path) -> None:
+    """Write a private key readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(signer.private_pem())
+
+
+def load_key(path: Path) -> KeySigner:
+    try:
+        data = path.read_bytes()[: MAX_KEY_FILE + 1]
+    except OSError as exc:
+        raise ConfigError(f"key file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_KEY_FILE:
+        raise ConfigError(f"key file {path}: larger than {MAX_KEY_FILE} bytes")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        raise ConfigError(f"key file {path}: not a PEM private key") from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"key file {path}: not an Ed25519 key")
+    return KeySigner(key)
+
+
+def load_or_create_key(path: Path) -> KeySigner:
+    if not path.exists():
+        save_key(KeySigner.generate(), path)
+    return load_key(path)
+
+
+def verify_signature(public_key_b64: str, signature: bytes, message: bytes) -> None:
+    """Raise AuthError unless `signature` is the key's signature over `message`."""
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+        key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise AuthError("public key is not a base64 Ed25519 key") from exc
+    try:
+        key.verify(signature, message)
+    except InvalidSignature as exc:
+        raise AuthError("signature does not verify") from exc
+
+
+def check_public_key(public_key_b64: str) -> str:
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+        ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise AuthError("public key is not a base64 Ed25519 key") from exc
+    return public_key_b64
+
+
+def key_id(public_key_b64: str) -> str:
+    """A short printable id for a public key."""
+    return hashlib.sha256(public_key_b64.encode()).hexdigest()[:16]
+
+
+def make_tls_identity(
+    extensions: list[x509.ExtensionType] | None = None,
+) -> tuple[bytes, bytes, ec.EllipticCurvePrivateKey]:
+    """A fresh P-256 key and a self-signed certificate: (cert_pem, key_pem, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EXECUTOR_TLS_NAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(EXECUTOR_TLS_NAME)]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+    )
+    for ext in extensions or []:
+        builder = builder.add_extension(ext, critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, key
+
+
+MAX_CERT = 64 * 1024
+
+
+def load_cert(cert: bytes) -> x509.Certificate:
+    if len(cert) > MAX_CERT:
+        raise AuthError(f"certificate larger than {MAX_CERT} bytes")
+    try:
+        if cert.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(cert)
+        return x509.load_der_x509_certificate(cert)
+    except ValueError as exc:
+        raise AuthError("not an X.509 certificate") from exc
+
+
+def spki_sha256(cert: bytes) -> bytes:
+    """SHA-256 of the certificate's DER SubjectPublicKeyInfo: what evidence binds."""
+    spki = load_cert(cert).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()

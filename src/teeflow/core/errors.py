@@ -1,0 +1,117 @@
+"""The one exception tree of teeflow.
+
+    TeeflowError
+    ├── ConfigError            a local config or policy file is wrong (names the field)
+    ├── InputError             a caller asked for something invalid
+    │   ├── UnknownDataset
+    │   ├── UnknownTask
+    │   ├── ParameterError     computation parameters that do not fit its schema
+    │   └── SchemaMismatch     uploaded data whose schema is not the catalogued one
+    ├── AttestationError       evidence that is not believed
+    │   ├── EvidenceFormatError    malformed or oversized evidence / collateral
+    │   ├── VerificationError      a signature, chain or collateral check failed
+    │   └── PolicyRefused          verified, but the appraisal policy says no
+    ├── AuthError              a request is not from who it claims to be
+    ├── StateError             an illegal task state transition
+    ├── ComputeError           the computation itself failed
+    └── PeerError              a remote node failed or could not be reached
+        └── Unreachable
+
+Local faults (ConfigError, InputError) are separate from a peer's (PeerError).
+Messages sent to a peer are these exceptions' own strings, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TeeflowError(Exception):
+    """Base of every error teeflow raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(TeeflowError):
+    code = "config"
+
+
+class InputError(TeeflowError):
+    code = "input"
+
+
+class UnknownDataset(InputError):
+    code = "unknown_dataset"
+
+
+class UnknownTask(InputError):
+    code = "unknown_task"
+
+
+class ParameterError(InputError):
+    code = "parameter"
+
+
+class SchemaMismatch(InputError):
+    code = "schema_mismatch"
+
+
+class AttestationError(TeeflowError):
+    code = "attestation"
+
+
+class EvidenceFormatError(AttestationError):
+    code = "evidence_format"
+
+
+class VerificationError(AttestationError):
+    code = "verification"
+
+
+class PolicyRefused(AttestationError):
+    """The evidence verified but fails a policy check; `check` names which."""
+
+    code = "policy_refused"
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"{check}: {message}")
+        self.check = check
+
+
+class AuthError(TeeflowError):
+    code = "auth"
+
+
+class StateError(TeeflowError):
+    code = "state"
+
+
+class ComputeError(TeeflowError):
+    code = "compute"
+
+
+class PeerError(TeeflowError):
+    code = "peer"
+
+
+class Unreachable(PeerError):
+    code = "unreachable"
+
+
+_BY_CODE: dict[str, type[TeeflowError]] = {}
+
+
+def _index(cls: type[TeeflowError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(TeeflowError)
+
+
+def from_code(code: str, message: str) -> TeeflowError:
+    """Rebuild an error sent by a peer as {code, message}."""
+    cls = _BY_CODE.get(code, PeerError)
+    if cls is PolicyRefused:
+        check, _, rest = message.partition(": ")
+        return PolicyRefused(check, rest)
+    return cls(message)
