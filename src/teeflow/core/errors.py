@@ -14,6 +14,7 @@
     ├── AuthError              a request is not from who it claims to be
     ├── StateError             an illegal task state transition
     ├── ComputeError           the computation itself failed
+    ├── TaskFailed             a task ended failed or cancelled (carries its reason)
     └── PeerError              a remote node failed or could not be reached
         └── Unreachable
 
@@ -86,6 +87,10 @@ class StateError(TeeflowError):
 
 class ComputeError(TeeflowError):
     code = "compute"
+
+
+class TaskFailed(TeeflowError):
+    code = "task_failed"
 
 
 class PeerError(TeeflowError):

@@ -1,0 +1,157 @@
+"""A local cluster of real processes on loopback: scheduler, executor, providers.
+
+Used by `teeflow demo` and the end-to-end tests. Every server binds port 0 and
+reports the port it got through a file; `stop()` ends every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teeflow.attestation.simulated import code_measurement
+from teeflow.core.crypto import KeySigner, save_key
+from teeflow.core.errors import PeerError
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Party:
+    node: str
+    dataset: str
+    path: Path
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def policy_toml(measurement: str, *, allow_simulated: bool = True) -> str:
+    return (
+        "[policy]\n"
+        'tee_types = ["simulated"]\n'
+        f"allow_simulated = {'true' if allow_simulated else 'false'}\n"
+        "allow_debug = false\n\n"
+        "[policy.simulated]\n"
+        f"measurement = [{_toml_str(measurement)}]\n"
+    )
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    scheduler_url: str = ""
+    executor_address: str = ""
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+
+    # -- processes ---------------------------------------------------------
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR"}
+        proc = subprocess.Popen([sys.executable, "-m", "teeflow.cli.main", *args],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        log.close()
+        self.processes[name] = proc
+        return proc
+
+    def _wait_port(self, name: str, port_file: Path) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        proc = self.processes[name]
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return port_file.read_text().strip()
+            if proc.poll() is not None:
+                raise PeerError(f"{name} exited with {proc.returncode}; see "
+                                f"{self.workdir / 'logs' / (name + '.log')}")
+            time.sleep(0.05)
+        raise PeerError(f"{name} did not start within {START_TIMEOUT:.0f}s")
+
+    def start_scheduler(self, db_name: str = "scheduler.sqlite") -> str:
+        port_file = self.workdir / "scheduler.port"
+        port_file.unlink(missing_ok=True)
+        self._spawn("scheduler", "scheduler", "--db", str(self.workdir / db_name),
+                    "--listen", "127.0.0.1:0", "--port-file", str(port_file))
+        self.scheduler_url = "http://" + self._wait_port("scheduler", port_file)
+        return self.scheduler_url
+
+    def start_executor(self, *extra: str, name: str = "executor") -> str:
+        port_file = self.workdir / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        self._spawn(name, "executor", "--tee", "simulated", "--listen", "127.0.0.1:0",
+                    "--port-file", str(port_file), *extra)
+        address = self._wait_port(name, port_file)
+        if name == "executor":
+            self.executor_address = address
+        return address
+
+    def write_provider_config(self, party: Party, policy: str | None = None) -> Path:
+        key_file = self.workdir / f"{party.node}.key"
+        if not key_file.exists():
+            save_key(KeySigner.generate(), key_file)
+        config = self.workdir / f"{party.node}.toml"
+        config.write_text(
+            "[node]\n"
+            f"name = {_toml_str(party.node)}\n"
+            f"key_file = {_toml_str(str(key_file))}\n"
+            f"scheduler = {_toml_str(self.scheduler_url)}\n"
+            "poll_wait = 5\n\n"
+            "[[datasets]]\n"
+            f"name = {_toml_str(party.dataset)}\n"
+            f"path = {_toml_str(str(party.path.resolve()))}\n\n"
+            + (policy or policy_toml(code_measurement()))
+        )
+        return config
+
+    def start_provider(self, party: Party, policy: str | None = None) -> subprocess.Popen:
+        config = self.write_provider_config(party, policy)
+        return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
+
+    def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
+        from teeflow.core.scheduler_client import SchedulerClient
+
+        deadline = time.monotonic() + timeout
+        with SchedulerClient(self.scheduler_url) as client:
+            while time.monotonic() < deadline:
+                have = {d["name"] for d in client.datasets()}
+                if set(names) <= have:
+                    return
+                for name, proc in self.processes.items():
+                    if proc.poll() is not None:
+                        raise PeerError(f"{name} exited with {proc.returncode}; see its log in "
+                                        f"{self.workdir / 'logs'}")
+                time.sleep(0.1)
+        raise PeerError(f"datasets {names} not catalogued within {timeout:.0f}s")
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.processes.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.stop_process(name)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,297 @@
+"""The `teeflow` command: daemons (scheduler, provider, executor) and the initiator's CLI.
+
+A thin layer over the SDK and the node packages; every failure prints what went
+wrong and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.core.errors import ConfigError, InputError, TeeflowError
+
+console = Console()
+err_console = Console(stderr=True)
+DEFAULT_SCHEDULER = "http://127.0.0.1:8700"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def load_policy_file(path: Path) -> AppraisalPolicy:
+    """A TOML file holding a [policy] table (a provider config works too)."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"policy file {path}: {exc}") from exc
+    return load_policy(doc.get("policy", doc), "policy")
+
+
+@click.group()
+@click.option("--scheduler", envvar="TEEFLOW_SCHEDULER", default=DEFAULT_SCHEDULER,
+              show_default=True, help="Scheduler URL (env TEEFLOW_SCHEDULER).")
+@click.option("--key", "key_file", envvar="TEEFLOW_KEY", type=click.Path(path_type=Path),
+              default=None, help="Your signing key (env TEEFLOW_KEY; default "
+              "~/.config/teeflow/key.pem, made on first use).")
+@click.pass_context
+def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
+    """teeflow: multi-party computation in trusted execution environments."""
+    ctx.obj = {"scheduler": scheduler, "key": key_file}
+
+
+def _client(ctx: click.Context, policy: Path | None = None):
+    from teeflow.sdk import Client
+
+    pol = None
+    if policy is not None:
+        pol = load_policy_file(policy)
+    elif os.environ.get("TEEFLOW_POLICY"):
+        pol = load_policy_file(Path(os.environ["TEEFLOW_POLICY"]))
+    return Client(ctx.obj["scheduler"], key=ctx.obj["key"], policy=pol)
+
+
+# -- daemons ---------------------------------------------------------------
+@cli.command()
+@click.option("--db", required=True, type=click.Path(path_type=Path), help="SQLite file.")
+@click.option("--listen", default="127.0.0.1:8700", show_default=True)
+@click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
+def scheduler(db: Path, listen: str, port_file: str | None) -> None:
+    """Run the scheduler (HTTP JSON API over a SQLite file)."""
+    from teeflow.core.listen import parse_listen
+    from teeflow.scheduler.server import serve
+
+    _setup_logging(False)
+    host, port = parse_listen(listen)
+    serve(str(db), host, port, port_file)
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def provider(config_path: Path) -> None:
+    """Run a data provider node from its TOML config."""
+    from teeflow.provider.config import load_config
+    from teeflow.provider.node import Provider
+
+    _setup_logging(False)
+    node = Provider(load_config(config_path))
+    console.print(f"teeflow provider {node.config.name} polling {node.config.scheduler}")
+    node.run_forever()
+
+
+@cli.command()
+@click.option("--tee", default="simulated", show_default=True, help="TEE backend.")
+@click.option("--listen", default="127.0.0.1:8815", show_default=True)
+@click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
+@click.option("--debug-enclave", is_flag=True, help="Simulated only: mark evidence debug.")
+def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool) -> None:
+    """Run a TEE executor (Flight over TLS, key made inside this process)."""
+    from teeflow.attestation.registry import make_backend
+    from teeflow.core.listen import parse_listen
+    from teeflow.executor.server import serve
+
+    _setup_logging(False)
+    host, port = parse_listen(listen)
+    options = {"debug": True} if debug_enclave else {}
+    serve(make_backend(tee, **options), host, port, port_file)
+
+
+# -- initiator -------------------------------------------------------------
+def _seed_params(text: str) -> dict[str, str]:
+    """The seed's form: `name:TYPE:flag:value,...` (a value may hold ':')."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":", 3)
+        if len(parts) != 4:
+            raise InputError(f"--params entry {item!r} is not name:TYPE:flag:value")
+        out[parts[0]] = parts[3]
+    return out
+
+
+def _kv(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise InputError(f"{what} {v!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@cli.command()
+@click.option("--datasets", default=None, help="Comma-separated dataset names.")
+@click.option("--executor", "executor_addr", default=None, help="Executor HOST:PORT.")
+@click.option("--compute", default=None, help="Computation name.")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--task_lang", default=None, help="Seed form: proto.")
+@click.option("--task_type", default=None, help="Seed form: 6 (TEE task).")
+@click.option("--params", "seed_params", default=None, help="Seed form parameter string.")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="With --wait: take the result and write it here as JSON.")
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Your appraisal policy for taking the result (env TEEFLOW_POLICY).")
+@click.pass_context
+def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
+           compute: str | None, params: tuple[str, ...], task_lang: str | None,
+           task_type: str | None, seed_params: str | None, wait: bool, out: Path | None,
+           policy: Path | None) -> None:
+    """Submit a task to the scheduler and (by default) wait for it."""
+    extra = _kv(params, "--param")
+    if seed_params is not None:
+        if task_lang not in (None, "proto") or task_type not in (None, "6"):
+            raise InputError("seed form: only --task_lang=proto --task_type=6 (TEE) is known")
+        seed = _seed_params(seed_params)
+        datasets = datasets or seed.pop("datasets", "").replace(";", ",")
+        executor_addr = executor_addr or seed.pop("server", None)
+        compute = compute or seed.pop("compute", "model_aggregation")
+        extra = {**seed, **extra}
+    names = [d.strip() for d in (datasets or "").split(",") if d.strip()]
+    if not names:
+        raise InputError("--datasets: name at least one dataset")
+    if not executor_addr:
+        raise InputError("--executor: give the executor's HOST:PORT")
+    if not compute:
+        raise InputError("--compute: name the computation")
+    with _client(ctx, policy) as client:
+        task = client.submit(names, executor_addr, compute, extra)
+        console.print(f"task [bold]{task['id']}[/] submitted ({task['state']})")
+        if not wait:
+            return
+        _wait_with_progress(client, task["id"])
+        if out is not None:
+            _write_result(client, task["id"], out)
+
+
+def _wait_with_progress(client, task_id: str) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = {d["name"]: d["rows"] for d in client.datasets()}
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(),
+                  TextColumn("{task.fields[rows]}"), TimeElapsedColumn(),
+                  console=err_console, transient=False) as bar:
+        job = bar.add_task("submitted", total=None, rows="")
+
+        def update(task: dict[str, Any]) -> None:
+            assignments = task.get("assignments", [])
+            rows = sum(a["rows"] for a in assignments)
+            want = sum(total.get(a["dataset"], 0) for a in assignments)
+            done = task["state"] in ("done", "released")
+            bar.update(job, description=task["state"], completed=want if done else rows,
+                       total=want or None, rows=f"{rows:,}/{want:,} rows uploaded")
+
+        return client.wait(task_id, on_update=update)
+
+
+def _write_result(client, task_id: str, out: Path) -> None:
+    result = client.result(task_id)
+    out.write_bytes(json.dumps(json.loads(result.raw), indent=2).encode())
+    mark = " [yellow](SIMULATED TEE: not a hardware attestation)[/]" if result.simulated else ""
+    console.print(f"result of {task_id} written to {out}{mark}")
+
+
+@cli.command()
+@click.pass_context
+def tasks(ctx: click.Context) -> None:
+    """List tasks."""
+    with _client(ctx) as client:
+        table = Table("id", "state", "compute", "datasets", "executor", "error")
+        for t in client.tasks():
+            table.add_row(t["id"], t["state"], t["compute"], ",".join(t["datasets"]),
+                          t["executor"], t.get("error") or "")
+        console.print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("task_id")
+@click.pass_context
+def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
+    """Show a task's state, assignments and history."""
+    with _client(ctx) as client:
+        task = client.task(task_id)
+    if as_json:
+        click.echo(json.dumps(task, indent=2))
+        return
+    console.print(f"task [bold]{task['id']}[/]: {task['state']}  ({task['compute']})")
+    if task.get("error"):
+        console.print(f"  error: {task['error']}")
+    for a in task["assignments"]:
+        console.print(f"  {a['dataset']} from {a['node']}: {a['state']} {a['rows']:,} rows"
+                      + (f" ({a['error']})" if a.get("error") else ""))
+    for e in task["events"]:
+        console.print(f"  #{e['seq']} {e['event']} -> {e['state']} {json.dumps(e['detail'])}")
+    if task["state"] in ("failed", "cancelled"):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Your appraisal policy for the executor (env TEEFLOW_POLICY).")
+@click.pass_context
+def result(ctx: click.Context, task_id: str, out: Path, policy: Path | None) -> None:
+    """Appraise the executor and take a finished task's result (once)."""
+    with _client(ctx, policy) as client:
+        _write_result(client, task_id, out)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.pass_context
+def cancel(ctx: click.Context, task_id: str) -> None:
+    """Cancel a task; the executor wipes its inputs."""
+    with _client(ctx) as client:
+        console.print(f"task {task_id}: {client.cancel(task_id)['state']}")
+
+
+@cli.command()
+@click.pass_context
+def datasets(ctx: click.Context) -> None:
+    """List the dataset catalog (names, owners, sizes; never rows)."""
+    with _client(ctx) as client:
+        table = Table("name", "owner", "rows", "schema")
+        for d in client.datasets():
+            table.add_row(d["name"], d["owner"], f"{d['rows']:,}", d["fingerprint"][:12])
+        console.print(table)
+
+
+def _register_more() -> None:
+    from teeflow.cli.demo import demo
+
+    cli.add_command(demo)
+
+
+def main() -> None:
+    _register_more()
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except TeeflowError as exc:
+        err_console.print(f"[red]error[/]: {exc}", highlight=False)
+        sys.exit(1)
+    except TimeoutError as exc:
+        err_console.print(f"[red]error[/]: {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Talking to an executor over Flight: pinned and attested, or (for routing only) unverified.
+
+`attested_connect` is the I/O around the pure `appraise`: it reads the
+executor's certificate, pins it, asks for evidence over the pinned channel
+with a fresh nonce, and returns only if the evidence binds that certificate's
+key and that nonce and passes the caller's own policy.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from teeflow.attestation.evidence import Claims, Evidence, bind_report_data
+from teeflow.attestation.policy import AppraisalPolicy, Verifier, appraise
+from teeflow.core import wire
+from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
+from teeflow.core.errors import InputError, TeeflowError, Unreachable
+from teeflow.core.flight_errors import from_flight
+
+CALL_TIMEOUT = 30.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    text = address.removeprefix("grpc+tls://").strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"executor address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def fetch_certificate(address: str, timeout: float = 10.0) -> bytes:
+    """The certificate the executor presents. Unverified: appraisal decides."""
+    host, port = parse_address(address)
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=timeout)
+    except (OSError, ssl.SSLError) as exc:
+        raise Unreachable(f"executor {address} unreachable: {exc}") from exc
+    data = pem.encode()
+    if len(data) > MAX_CERT:
+        raise InputError("executor certificate too large")
+    load_cert(data)
+    return data
+
+
+class ExecutorClient:
+    def __init__(self, address: str, cert_pem: bytes | None) -> None:
+        host, port = parse_address(address)
+        self.address = f"{host}:{port}"
+        self.cert_pem = cert_pem
+        if cert_pem is None:  # routing only: the scheduler never sends data
+            self._client = fl.FlightClient(f"grpc+tls://{host}:{port}",
+                                           disable_server_verification=True)
+        else:
+            self._client = fl.FlightClient(f"grpc+tls://{host}:{port}", tls_root_certs=cert_pem,
+                                           override_hostname=EXECUTOR_TLS_NAME)
+        self._options = fl.FlightCallOptions(timeout=CALL_TIMEOUT)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ExecutorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def tls_key_hash(self) -> bytes:
+        if self.cert_pem is None:
+            raise InputError("unpinned connection has no attested key")
+        return spki_sha256(self.cert_pem)
+
+    def action(self, kind: str, body: bytes = b"") -> bytes:
+        try:
+            results = list(self._client.do_action(fl.Action(kind, body), options=self._options))
+        except fl.FlightError as exc:
+            raise from_flight(exc, self.address) from exc
+        except OSError as exc:
+            raise Unreachable(f"executor {self.address} unreachable: {exc}") from exc
+        return results[0].body.to_pybytes() if results else b""
+
+    def action_json(self, kind: str, body: bytes = b"") -> Any:
+        return json.loads(self.action(kind, body))
+
+    def evidence(self, nonce: bytes) -> Evidence:
+        return Evidence.decode(self.action("evidence", nonce))
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        return self.action_json("status", task_id.encode())
+
+    def upload(self, task_id: str, dataset: str, signer: Signer, schema: pa.Schema,
+               batches: Iterable[pa.RecordBatch], progress=None) -> dict[str, Any]:
+        """Stream batches under a signed, single-use challenge. Returns the executor's receipt."""
+        challenge = self.action("challenge")
+        signature = signer.sign(wire.upload_message(task_id, dataset, challenge,
+                                                    self.tls_key_hash))
+        command = wire.canonical({"task_id": task_id, "dataset": dataset,
+                                  "challenge": challenge.hex(), "signature": signature.hex()})
+        descriptor = fl.FlightDescriptor.for_command(command)
+        try:
+            writer, meta = self._client.do_put(descriptor, schema, options=self._options_long())
+            with writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+                    if progress is not None:
+                        progress(batch.num_rows)
+                writer.done_writing()
+                receipt = meta.read()
+        except fl.FlightError as exc:
+            raise from_flight(exc, self.address) from exc
+        return json.loads(receipt.to_pybytes()) if receipt is not None else {}
+
+    def _options_long(self) -> fl.FlightCallOptions:
+        return fl.FlightCallOptions(timeout=3600.0)
+
+    def take_result(self, task_id: str, signer: Signer) -> bytes:
+        challenge = self.action("challenge")
+        signature = signer.sign(wire.result_message(task_id, challenge, self.tls_key_hash))
+        return self.action("result", wire.canonical(
+            {"task_id": task_id, "challenge": challenge.hex(), "signature": signature.hex()}))
+
+
+def attested_connect(address: str, policy: AppraisalPolicy, verifiers: Mapping[str, Verifier],
+                     at: int | None = None) -> tuple[ExecutorClient, Claims]:
+    """A client pinned to the executor's certificate, and the claims that justify it.
+
+    Raises (and closes the client) if the evidence does not pass `policy`.
+    """
+    cert = fetch_certificate(address)
+    client = ExecutorClient(address, cert)
+    try:
+        nonce = secrets.token_bytes(32)
+        evidence = client.evidence(nonce)
+        claims = appraise(evidence, policy, verifiers,
+                          expected_report_data=bind_report_data(spki_sha256(cert), nonce),
+                          at=int(time.time()) if at is None else at)
+    except TeeflowError:
+        client.close()
+        raise
+    return client, claims

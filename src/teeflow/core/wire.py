@@ -1,0 +1,112 @@
+"""Typed wire models with one canonical encoding (sorted-key compact JSON)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from teeflow.core.errors import InputError
+
+MAX_MESSAGE = 1024 * 1024
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > MAX_MESSAGE:
+        raise InputError(f"{what}: larger than {MAX_MESSAGE} bytes")
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"{what}: not JSON") from exc
+    if not isinstance(body, dict):
+        raise InputError(f"{what}: expected a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind):
+        raise InputError(f"{what}: field {name!r} missing or not {kind.__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """One input of a task: which dataset, whose, and the schema it must have."""
+
+    name: str
+    owner: str
+    owner_key: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "owner": self.owner, "owner_key": self.owner_key,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> DatasetRef:
+        w = "dataset"
+        return cls(_field(body, "name", str, w), _field(body, "owner", str, w),
+                   _field(body, "owner_key", str, w), _field(body, "fingerprint", str, w))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What an executor is asked to run: computation, inputs and who gets the result."""
+
+    task_id: str
+    compute: str
+    params: dict[str, str]
+    datasets: tuple[DatasetRef, ...]
+    initiator_key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "compute": self.compute, "params": dict(self.params),
+                "datasets": [d.to_dict() for d in self.datasets],
+                "initiator_key": self.initiator_key}
+
+    def encode(self) -> bytes:
+        return canonical(self.to_dict())
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.encode()).hexdigest()
+
+    def dataset(self, name: str) -> DatasetRef:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise InputError(f"dataset {name!r} is not an input of task {self.task_id}")
+
+    @classmethod
+    def decode(cls, data: bytes) -> TaskSpec:
+        body = parse_json(data, "task spec")
+        w = "task spec"
+        params = _field(body, "params", dict, w)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
+            raise InputError("task spec: params must map strings to strings")
+        datasets = tuple(DatasetRef.from_dict(d) for d in _field(body, "datasets", list, w)
+                         if isinstance(d, dict))
+        if not datasets:
+            raise InputError("task spec: no datasets")
+        if len({d.name for d in datasets}) != len(datasets):
+            raise InputError("task spec: a dataset is named twice")
+        return cls(_field(body, "task_id", str, w), _field(body, "compute", str, w), params,
+                   datasets, _field(body, "initiator_key", str, w))
+
+
+def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: bytes) -> bytes:
+    """What a provider signs to upload: binds task, dataset, a fresh challenge, the TLS key."""
+    return b"teeflow-upload-v1\x00" + canonical(
+        {"task_id": task_id, "dataset": dataset, "challenge": challenge.hex(),
+         "executor_key": executor_key.hex()})
+
+
+def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes:
+    """What the initiator signs to take the result."""
+    return b"teeflow-result-v1\x00" + canonical(
+        {"task_id": task_id, "challenge": challenge.hex(), "executor_key": executor_key.hex()})

@@ -1,0 +1,1 @@
+"""The TEE executor: runs a task's computation over the parties' data inside the enclave."""

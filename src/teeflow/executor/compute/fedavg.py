@@ -1,0 +1,120 @@
+"""model_aggregation: federated averaging of model parameters, weighted by sample count.
+
+Each party's table has one row per parameter:
+
+- ``name`` (string): the parameter's name, unique within the table;
+- ``value`` (float64): the party's value for it;
+- ``n_samples`` (int64): the party's sample count, the same positive number in every row.
+
+Every table must name the same set of parameters. The result is, for each name,
+``sum_i n_i * value_i / sum_i n_i``, in the first table's row order. Other columns are ignored.
+No parameters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+
+NAME = "model_aggregation"
+DESCRIPTION = (
+    "Federated averaging: per-parameter mean of each party's values weighted by its n_samples; "
+    "tables (name: string, value: float64, n_samples: int64); no params"
+)
+
+_COLUMNS: dict[str, tuple[str, Any]] = {
+    "name": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    "value": ("float64", lambda t: t == pa.float64()),
+    "n_samples": ("int64", lambda t: t == pa.int64()),
+}
+
+
+def check_params(raw: dict[str, str]) -> dict[str, Any]:
+    if raw:
+        raise ParameterError(
+            f"parameter {sorted(raw)[0]!r}: unknown parameter ({NAME} takes no parameters)"
+        )
+    return {}
+
+
+def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
+    if not schemas:
+        raise SchemaMismatch(f"{NAME} needs at least one dataset, got none")
+    for ds, schema in schemas.items():
+        for column, (want, ok) in _COLUMNS.items():
+            idx = schema.get_all_field_indices(column)
+            if not idx:
+                raise SchemaMismatch(f"dataset {ds!r}: missing column {column!r} ({want})")
+            if len(idx) > 1:
+                raise SchemaMismatch(f"dataset {ds!r}: duplicate column {column!r}")
+            got = schema.field(idx[0]).type
+            if not ok(got):
+                raise SchemaMismatch(f"dataset {ds!r}: column {column!r} is {got}, need {want}")
+
+
+def _party(ds: str, table: pa.Table) -> tuple[list[str], np.ndarray, int]:
+    """(names, values, n_samples) of one party's table, checked."""
+    if table.num_rows == 0:
+        raise ComputeError(f"dataset {ds!r}: no rows")
+    for column in _COLUMNS:
+        nulls = table[column].null_count
+        if nulls:
+            raise ComputeError(f"dataset {ds!r}: column {column!r} has {nulls} null value(s)")
+    names = table["name"].to_pylist()
+    if len(set(names)) != len(names):
+        dupes = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise ComputeError(f"dataset {ds!r}: duplicate parameter name(s) {dupes}")
+    values = table["value"].to_numpy()
+    if not np.isfinite(values).all():
+        bad = [n for n, v in zip(names, values, strict=True) if not np.isfinite(v)]
+        raise ComputeError(f"dataset {ds!r}: non-finite value(s) for {bad[:10]}")
+    counts = pc.unique(table["n_samples"]).to_pylist()
+    if len(counts) != 1:
+        raise ComputeError(
+            f"dataset {ds!r}: n_samples must be the same in every row, found {sorted(counts)[:10]}"
+        )
+    n = counts[0]
+    if n <= 0:
+        raise ComputeError(f"dataset {ds!r}: n_samples must be positive, got {n}")
+    return names, values, n
+
+
+def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
+    check_schemas({ds: t.schema for ds, t in inputs}, params)
+    parties = [(ds, *_party(ds, table)) for ds, table in inputs]
+
+    first_ds, order, _, _ = parties[0]
+    expected = set(order)
+    rows = np.empty((len(parties), len(order)), dtype=np.float64)
+    weights = np.empty(len(parties), dtype=np.float64)
+    total = 0
+    for i, (ds, names, values, n) in enumerate(parties):
+        if set(names) != expected:
+            missing = [x for x in order if x not in set(names)]
+            extra = [x for x in names if x not in expected]
+            problems = []
+            if missing:
+                problems.append(f"missing name(s) {missing[:20]}")
+            if extra:
+                problems.append(f"name(s) not in dataset {first_ds!r}: {extra[:20]}")
+            raise ComputeError(
+                f"dataset {ds!r}: parameter names differ from dataset {first_ds!r}: "
+                + "; ".join(problems)
+            )
+        position = {name: j for j, name in enumerate(names)}
+        rows[i] = values[[position[name] for name in order]]
+        weights[i] = n
+        total += n
+
+    means = (weights / weights.sum()) @ rows
+    return {
+        "parameters": {name: float(v) for name, v in zip(order, means, strict=True)},
+        "n_samples": total,
+        "parties": len(parties),
+    }

@@ -1,0 +1,146 @@
+"""The executor's Flight server: decode, call `Executor`, encode. Nothing else.
+
+TLS terminates here, inside the TEE, with a key generated in this process.
+There is no do_get and no flight listing: inputs cannot be read back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from teeflow.attestation.registry import TeeBackend
+from teeflow.core import wire
+from teeflow.core.crypto import make_tls_identity, spki_sha256
+from teeflow.core.errors import InputError, TeeflowError
+from teeflow.core.flight_errors import to_flight
+from teeflow.core.listen import write_port_file
+from teeflow.executor.service import Executor, UploadRequest
+
+log = logging.getLogger("teeflow.executor")
+MAX_ACTION_BODY = 1024 * 1024
+
+
+def _task_id(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    if not text or len(text) > 128:
+        raise InputError("action body must be a task id")
+    return text
+
+
+def _json(obj: Any) -> list[fl.Result]:
+    return [fl.Result(pa.py_buffer(json.dumps(obj).encode()))]
+
+
+class ExecutorFlightServer(fl.FlightServerBase):
+    def __init__(self, executor: Executor, location: str, cert_pem: bytes, key_pem: bytes):
+        super().__init__(location, tls_certificates=[fl.CertKeyPair(cert_pem, key_pem)])
+        self.executor = executor
+        self.cert_pem = cert_pem
+
+    def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
+        return [
+            ("info", "TEE type and whether it is simulated"),
+            ("certificate", "the executor's TLS certificate (PEM)"),
+            ("evidence", "evidence binding the TLS key and the body's nonce"),
+            ("challenge", "a single-use value to sign for upload or result"),
+            ("create-task", "register a task spec (JSON)"),
+            ("run", "start the computation of a task whose inputs are all in"),
+            ("status", "a task's status; never any data"),
+            ("result", "the result, to the initiator only (signed challenge)"),
+            ("cancel", "cancel a task and wipe its inputs"),
+        ]
+
+    def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> list[fl.Result]:
+        body = action.body.to_pybytes() if action.body is not None else b""
+        try:
+            if len(body) > MAX_ACTION_BODY:
+                raise InputError(f"action body larger than {MAX_ACTION_BODY} bytes")
+            return self._dispatch(action.type, body)
+        except TeeflowError as exc:
+            raise to_flight(exc) from None
+
+    def _dispatch(self, kind: str, body: bytes) -> list[fl.Result]:
+        ex = self.executor
+        if kind == "info":
+            return _json({"tee": ex.backend.tee, "simulated": ex.simulated})
+        if kind == "certificate":
+            return [fl.Result(pa.py_buffer(self.cert_pem))]
+        if kind == "evidence":
+            return [fl.Result(pa.py_buffer(ex.evidence(body).encode()))]
+        if kind == "challenge":
+            return [fl.Result(pa.py_buffer(ex.challenge()))]
+        if kind == "create-task":
+            ex.create_task(wire.TaskSpec.decode(body))
+            return _json({"accepted": True})
+        if kind == "run":
+            return _json({"status": ex.run(_task_id(body))})
+        if kind == "status":
+            return _json(ex.status(_task_id(body)))
+        if kind == "result":
+            req = wire.parse_json(body, "result request")
+            try:
+                task_id = str(req["task_id"])
+                challenge = bytes.fromhex(req["challenge"])
+                signature = bytes.fromhex(req["signature"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError("result request: needs task_id, challenge, signature") from exc
+            return [fl.Result(pa.py_buffer(ex.take_result(task_id, challenge, signature)))]
+        if kind == "cancel":
+            ex.cancel(_task_id(body))
+            return _json({"cancelled": True})
+        raise InputError(f"unknown action {kind!r}")
+
+    def do_put(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor,
+               reader: fl.MetadataRecordBatchReader, writer: fl.FlightMetadataWriter) -> None:
+        try:
+            if descriptor.descriptor_type != fl.DescriptorType.CMD:
+                raise InputError("upload descriptor must be a command")
+            request = UploadRequest.decode(descriptor.command)
+            stats = self.executor.receive(request, reader.schema, _batches(reader))
+        except TeeflowError as exc:
+            raise to_flight(exc) from None
+        writer.write(pa.py_buffer(json.dumps(stats).encode()))
+
+    def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.FlightDataStream:
+        raise to_flight(InputError("this executor serves no data; inputs cannot be read back"))
+
+    def list_flights(self, context: fl.ServerCallContext, criteria: bytes):  # type: ignore[override]
+        return iter(())
+
+    def get_flight_info(self, context: fl.ServerCallContext,
+                        descriptor: fl.FlightDescriptor) -> fl.FlightInfo:
+        raise to_flight(InputError("this executor lists no flights"))
+
+
+def _batches(reader: fl.MetadataRecordBatchReader):
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:
+            yield chunk.data
+
+
+def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0) -> ExecutorFlightServer:
+    cert_pem, key_pem, _ = make_tls_identity()
+    executor = Executor(backend, spki_sha256(cert_pem))
+    return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
+
+
+def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None) -> None:
+    server = build(backend, host, port)
+    address = f"{host}:{server.port}"
+    write_port_file(port_file, address)
+    print(f"teeflow executor ({backend.tee}) listening on grpc+tls://{address}", flush=True)
+    # shutdown() waits for serve() to return, so it must not run on serve()'s thread.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    server.serve()

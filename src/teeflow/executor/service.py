@@ -1,0 +1,287 @@
+"""The TEE executor's logic, with no networking: tasks, uploads, runs, results, wiping.
+
+Runs inside the enclave. It must never hand an input back to anyone: there is
+no method here that returns input rows. The result goes only to the task's
+initiator, and inputs are dropped as soon as the computation ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from teeflow.attestation.evidence import NONCE_LEN, Evidence, bind_report_data
+from teeflow.attestation.registry import TeeBackend
+from teeflow.core import wire
+from teeflow.core.crypto import verify_signature
+from teeflow.core.datasets import schema_fingerprint
+from teeflow.core.errors import (
+    AuthError,
+    InputError,
+    SchemaMismatch,
+    StateError,
+    TeeflowError,
+    UnknownTask,
+)
+from teeflow.executor import compute
+
+log = logging.getLogger("teeflow.executor")
+
+CHALLENGE_TTL = 120.0
+MAX_CHALLENGES = 10_000
+
+
+@dataclass
+class _Task:
+    spec: wire.TaskSpec
+    params: dict[str, Any]
+    status: str = "waiting"  # waiting, running, done, failed, released, cancelled
+    inputs: dict[str, list[pa.RecordBatch]] = field(default_factory=dict)
+    receiving: set[str] = field(default_factory=set)
+    received: dict[str, dict[str, int]] = field(default_factory=dict)
+    result: bytes | None = None
+    error: str | None = None
+
+    def wipe(self) -> None:
+        self.inputs.clear()
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    task_id: str
+    dataset: str
+    challenge: bytes
+    signature: bytes
+
+    @classmethod
+    def decode(cls, data: bytes) -> UploadRequest:
+        body = wire.parse_json(data, "upload request")
+        try:
+            return cls(str(body["task_id"]), str(body["dataset"]),
+                       bytes.fromhex(body["challenge"]), bytes.fromhex(body["signature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError("upload request: needs task_id, dataset, challenge, signature") from exc
+
+
+class Executor:
+    """All state of one executor process. Thread-safe; Flight calls come concurrently."""
+
+    def __init__(self, backend: TeeBackend, tls_spki_hash: bytes,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.tls_spki_hash = tls_spki_hash
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _Task] = {}
+        self._challenges: dict[bytes, float] = {}
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend.tee == "simulated"
+
+    # -- attestation -------------------------------------------------------
+    def evidence(self, nonce: bytes) -> Evidence:
+        if not 16 <= len(nonce) <= 64:
+            raise InputError("nonce must be 16 to 64 bytes")
+        return self.backend.evidence(bind_report_data(self.tls_spki_hash, nonce))
+
+    def challenge(self) -> bytes:
+        """A single-use random value a caller signs to prove who it is."""
+        now = self._clock()
+        value = secrets.token_bytes(NONCE_LEN)
+        with self._lock:
+            expired = [c for c, t in self._challenges.items() if t < now]
+            for c in expired:
+                del self._challenges[c]
+            if len(self._challenges) >= MAX_CHALLENGES:
+                raise StateError("too many outstanding challenges; try again later")
+            self._challenges[value] = now + CHALLENGE_TTL
+        return value
+
+    def _take_challenge(self, value: bytes) -> None:
+        with self._lock:
+            expires = self._challenges.pop(value, None)
+        if expires is None or expires < self._clock():
+            raise AuthError("challenge unknown, already used or expired")
+
+    # -- tasks -------------------------------------------------------------
+    def create_task(self, spec: wire.TaskSpec) -> None:
+        comp = compute.get(spec.compute)
+        params = comp.check_params(dict(spec.params))
+        with self._lock:
+            if spec.task_id in self._tasks:
+                if self._tasks[spec.task_id].spec == spec:
+                    return  # a retried create is harmless
+                raise StateError(f"task {spec.task_id} exists with another spec")
+            self._tasks[spec.task_id] = _Task(spec=spec, params=params)
+        log.info("task %s created: %s over %s", spec.task_id, spec.compute,
+                 [d.name for d in spec.datasets])
+
+    def _task(self, task_id: str) -> _Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise UnknownTask(f"executor has no task {task_id!r}")
+        return task
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        with self._lock:
+            task = self._task(task_id)
+            return {
+                "task_id": task_id,
+                "status": task.status,
+                "error": task.error,
+                "expected": [d.name for d in task.spec.datasets],
+                "received": {k: dict(v) for k, v in task.received.items()},
+                "receiving": sorted(task.receiving),
+                "inputs_held": sorted(task.inputs),
+                "simulated": self.simulated,
+            }
+
+    def _fail(self, task: _Task, message: str) -> None:
+        """Mark failed and drop every input. Caller holds the lock."""
+        if task.status in ("waiting", "running"):
+            task.status = "failed"
+            task.error = message
+        task.wipe()
+        log.warning("task %s failed: %s", task.spec.task_id, message)
+
+    def cancel(self, task_id: str) -> None:
+        with self._lock:
+            task = self._task(task_id)
+            if task.status in ("waiting", "running", "done"):
+                task.status = "cancelled"
+                task.result = None
+            task.wipe()
+
+    # -- uploads -----------------------------------------------------------
+    def begin_upload(self, request: UploadRequest, schema: pa.Schema) -> _Task:
+        """Authenticate an upload and check its schema before any batch is read."""
+        self._take_challenge(request.challenge)
+        with self._lock:
+            task = self._task(request.task_id)
+            ref = task.spec.dataset(request.dataset)
+            message = wire.upload_message(request.task_id, request.dataset, request.challenge,
+                                          self.tls_spki_hash)
+            verify_signature(ref.owner_key, request.signature, message)
+            if task.status != "waiting":
+                raise StateError(f"task {request.task_id} is {task.status}, not taking uploads")
+            if request.dataset in task.inputs or request.dataset in task.receiving:
+                raise StateError(f"dataset {request.dataset!r} was already uploaded")
+            seen = schema_fingerprint(schema)
+            if seen != ref.fingerprint:
+                message = (f"dataset {request.dataset!r}: uploaded schema {seen[:12]} is not the "
+                           f"catalogued {ref.fingerprint[:12]}")
+                self._fail(task, message)
+                raise SchemaMismatch(message)
+            task.receiving.add(request.dataset)
+            return task
+
+    def receive(self, request: UploadRequest, schema: pa.Schema,
+                batches: Iterable[pa.RecordBatch]) -> dict[str, int]:
+        """Take a whole upload or nothing: a broken stream fails the task and wipes it."""
+        task = self.begin_upload(request, schema)
+        held: list[pa.RecordBatch] = []
+        rows = nbytes = 0
+        try:
+            for batch in batches:
+                if batch.schema != schema:
+                    raise SchemaMismatch(f"dataset {request.dataset!r}: a batch changed schema")
+                held.append(batch)
+                rows += batch.num_rows
+                nbytes += batch.nbytes
+                if task.status != "waiting":
+                    raise StateError(f"task {request.task_id} became {task.status} mid-upload")
+        except BaseException as exc:
+            held.clear()
+            with self._lock:
+                task.receiving.discard(request.dataset)
+                reason = exc if isinstance(exc, TeeflowError) else "stream broken"
+                self._fail(task, f"upload of {request.dataset!r} failed after {rows} rows: "
+                                 f"{reason}")
+            raise
+        with self._lock:
+            task.receiving.discard(request.dataset)
+            if task.status != "waiting":
+                raise StateError(f"task {request.task_id} is {task.status}; upload dropped")
+            task.inputs[request.dataset] = held
+            task.received[request.dataset] = {"rows": rows, "bytes": nbytes}
+        log.info("task %s: received %s (%d rows)", request.task_id, request.dataset, rows)
+        return {"rows": rows, "bytes": nbytes}
+
+    # -- running -----------------------------------------------------------
+    def run(self, task_id: str, background: bool = True) -> str:
+        with self._lock:
+            task = self._task(task_id)
+            if task.status != "waiting":
+                return task.status
+            missing = [d.name for d in task.spec.datasets if d.name not in task.inputs]
+            if missing:
+                raise StateError(f"task {task_id}: still waiting for {missing}")
+            task.status = "running"
+        if background:
+            threading.Thread(target=self._compute, args=(task,), daemon=True).start()
+        else:
+            self._compute(task)
+        return "running"
+
+    def _compute(self, task: _Task) -> None:
+        spec = task.spec
+        try:
+            tables = [(d.name, pa.Table.from_batches(task.inputs[d.name])) for d in spec.datasets]
+            comp = compute.get(spec.compute)
+            comp.check_schemas({name: t.schema for name, t in tables}, task.params)
+            value = comp.run(tables, task.params)
+            del tables
+            result = wire.canonical({
+                "task_id": spec.task_id,
+                "compute": spec.compute,
+                "code_digest": comp.code_digest,
+                "spec_digest": spec.digest(),
+                "tee": self.backend.tee,
+                "simulated": self.simulated,
+                "inputs": {k: v["rows"] for k, v in task.received.items()},
+                "result": value,
+            })
+        except TeeflowError as exc:
+            with self._lock:
+                self._fail(task, str(exc))
+            return
+        except Exception as exc:  # never let an inner message leave the enclave
+            log.exception("task %s: computation crashed", spec.task_id)
+            with self._lock:
+                self._fail(task, f"computation {spec.compute} failed ({type(exc).__name__})")
+            return
+        with self._lock:
+            task.wipe()
+            if task.status == "running":
+                task.status = "done"
+                task.result = result
+        log.info("task %s done; inputs wiped", spec.task_id)
+
+    def take_result(self, task_id: str, challenge: bytes, signature: bytes) -> bytes:
+        """The result, once, to the initiator; afterwards the executor holds nothing."""
+        self._take_challenge(challenge)
+        with self._lock:
+            task = self._task(task_id)
+            message = wire.result_message(task_id, challenge, self.tls_spki_hash)
+            verify_signature(task.spec.initiator_key, signature, message)
+            if task.status != "done" or task.result is None:
+                raise StateError(f"task {task_id} is {task.status}; no result to take")
+            result, task.result = task.result, None
+            task.status = "released"
+            task.wipe()
+        return result
+
+    def held_bytes(self, task_id: str) -> int:
+        """How many input bytes the executor still holds for a task (for tests and audit)."""
+        with self._lock:
+            task = self._task(task_id)
+            return sum(b.nbytes for batches in task.inputs.values() for b in batches)
+

@@ -1,0 +1,122 @@
+"""A data owner's node: outbound only. Long-polls the scheduler, appraises, uploads.
+
+Sends a byte of data only to an executor whose evidence passed this node's
+own policy, over a channel pinned to the key that evidence binds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from teeflow.attestation.registry import make_verifiers
+from teeflow.core.crypto import Signer, load_key
+from teeflow.core.datasets import count_rows, iter_batches, read_schema, schema_to_b64
+from teeflow.core.errors import AttestationError, TeeflowError, Unreachable
+from teeflow.core.executor_client import attested_connect
+from teeflow.core.scheduler_client import SchedulerClient
+from teeflow.provider.config import ProviderConfig
+
+log = logging.getLogger("teeflow.provider")
+REPORT_EVERY = 1.0
+
+
+class Provider:
+    def __init__(self, config: ProviderConfig, signer: Signer | None = None) -> None:
+        self.config = config
+        self.signer = signer or load_key(config.key_file)
+        self.scheduler = SchedulerClient(config.scheduler)
+        self.verifiers = make_verifiers()
+        self._busy: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def register(self) -> None:
+        """Announce this node's key and its datasets' schemas and sizes (never rows)."""
+        cfg = self.config
+        self.scheduler.register_node(cfg.name, self.signer.public_key())
+        for d in cfg.datasets:
+            schema = read_schema(d.path)
+            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path))
+            log.info("catalogued %s (%s)", d.name, d.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        self.register()
+        while not self._stop.is_set():
+            try:
+                work = self.scheduler.assignments(self.config.name, self.config.poll_wait)
+            except Unreachable as exc:
+                log.warning("%s; retrying", exc)
+                self._stop.wait(2.0)
+                continue
+            for item in work:
+                key = (item["task_id"], item["dataset"])
+                with self._lock:
+                    if key in self._busy:
+                        continue
+                    self._busy.add(key)
+                threading.Thread(target=self._handle_guarded, args=(item, key),
+                                 daemon=True).start()
+
+    def _handle_guarded(self, item: dict[str, Any], key: tuple[str, str]) -> None:
+        try:
+            self.handle(item)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+
+    def handle(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        """One assignment: appraise the executor, then stream the dataset to it."""
+        task_id, name, executor = item["task_id"], item["dataset"], item["executor"]
+        report = self.scheduler.report
+        node = self.config.name
+        try:
+            report(task_id, name, node, "started")
+        except TeeflowError as exc:  # taken by an earlier poll, or the task ended
+            log.info("task %s: not starting %s: %s", task_id, name, exc)
+            return None
+        dataset = self.config.dataset(name)
+        try:
+            if dataset is None:
+                raise TeeflowError(f"this node does not hold dataset {name!r}")
+            client, claims = attested_connect(executor, self.config.policy, self.verifiers)
+            log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
+                     claims.measurements)
+            with client:
+                sent = [0]
+                last = [time.monotonic()]
+
+                def progress(rows: int) -> None:
+                    sent[0] += rows
+                    if time.monotonic() - last[0] >= REPORT_EVERY:
+                        last[0] = time.monotonic()
+                        report(task_id, name, node, "started", rows=sent[0])
+
+                receipt = client.upload(task_id, name, self.signer, read_schema(dataset.path),
+                                        iter_batches(dataset.path), progress)
+        except AttestationError as exc:
+            log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
+            self._report_failure(task_id, name, f"attestation refused: {exc}")
+            return None
+        except TeeflowError as exc:
+            log.warning("task %s: upload of %s failed: %s", task_id, name, exc)
+            self._report_failure(task_id, name, str(exc))
+            return None
+        except Exception as exc:  # local trouble (file, Arrow); its text may quote data
+            log.exception("task %s: upload of %s failed", task_id, name)
+            self._report_failure(task_id, name, f"provider error ({type(exc).__name__})")
+            return None
+        report(task_id, name, node, "uploaded", rows=int(receipt.get("rows", 0)))
+        log.info("task %s: uploaded %s (%s rows)", task_id, name, receipt.get("rows"))
+        return receipt
+
+    def _report_failure(self, task_id: str, name: str, message: str) -> None:
+        try:
+            self.scheduler.report(task_id, name, self.config.name, "failed", error=message)
+        except TeeflowError as exc:
+            log.warning("task %s: could not report failure: %s", task_id, exc)

@@ -1,0 +1,5 @@
+"""The teeflow SDK for task initiators."""
+
+from teeflow.sdk.client import Client, Result
+
+__all__ = ["Client", "Result"]
