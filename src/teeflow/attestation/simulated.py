@@ -71,7 +71,8 @@ class SimulatedVerifier:
     def verify(self, quote: bytes, at: int) -> Claims:
         del at  # simulated evidence has no collateral to expire
         if len(quote) != QUOTE_LEN:
-            raise EvidenceFormatError(f"simulated quote must be {QUOTE_LEN} bytes, got {len(quote)}")
+            raise EvidenceFormatError(
+                f"simulated quote must be {QUOTE_LEN} bytes, got {len(quote)}")
         body, sig = quote[: _HEADER.size], quote[_HEADER.size :]
         magic, flags, measurement, report_data = _HEADER.unpack(body)
         if magic != MAGIC:

@@ -125,7 +125,7 @@ def make_tls_identity(
     """A fresh P-256 key and a self-signed certificate: (cert_pem, key_pem, key)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EXECUTOR_TLS_NAME)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -27,8 +27,9 @@ class SchedulerClient:
 
     def _call(self, method: str, path: str, timeout: float | None = None, **kw: Any) -> Any:
         try:
-            extra = {"timeout": timeout} if timeout is not None else {}
-            resp = self._http.request(method, path, **kw, **extra)
+            if timeout is not None:
+                kw["timeout"] = timeout
+            resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"scheduler {self.url} unreachable: {exc}") from exc
         if resp.status_code >= 400:

@@ -67,7 +67,8 @@ class UploadRequest:
             return cls(str(body["task_id"]), str(body["dataset"]),
                        bytes.fromhex(body["challenge"]), bytes.fromhex(body["signature"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputError("upload request: needs task_id, dataset, challenge, signature") from exc
+            raise InputError(
+                "upload request: needs task_id, dataset, challenge, signature") from exc
 
 
 class Executor:

@@ -1,6 +1,7 @@
 """The task state machine as a table. Pure: no I/O.
 
-    submitted -accept-> accepted -upload-> uploading -run-> running -finish-> done -release-> released
+    submitted -accept-> accepted -upload-> uploading -run-> running
+              -finish-> done -release-> released
     any live state -fail-> failed, -cancel-> cancelled
 
 `released`, `failed` and `cancelled` are final.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 from teeflow.core.errors import StateError
 
-STATES = ("submitted", "accepted", "uploading", "running", "done", "released", "failed", "cancelled")
+STATES = ("submitted", "accepted", "uploading", "running", "done",
+          "released", "failed", "cancelled")
 FINAL = frozenset({"released", "failed", "cancelled"})
+LIVE = ("submitted", "accepted", "uploading", "running", "done")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("submitted", "accept"): "accepted",
@@ -20,8 +23,8 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("uploading", "run"): "running",
     ("running", "finish"): "done",
     ("done", "release"): "released",
-    **{(s, "fail"): "failed" for s in ("submitted", "accepted", "uploading", "running", "done")},
-    **{(s, "cancel"): "cancelled" for s in ("submitted", "accepted", "uploading", "running", "done")},
+    **{(s, "fail"): "failed" for s in LIVE},
+    **{(s, "cancel"): "cancelled" for s in LIVE},
 }
 
 EVENTS = frozenset(event for _, event in TRANSITIONS)

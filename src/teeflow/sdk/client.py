@@ -32,7 +32,7 @@ FAILED = ("failed", "cancelled")
 
 @dataclass(frozen=True)
 class Result:
-    """A task's result as the executor sealed it, and the executor's claims as you appraised them."""
+    """A task's result, and the executor's claims as you appraised them."""
 
     task_id: str
     value: dict[str, Any]
