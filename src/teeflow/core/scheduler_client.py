@@ -58,9 +58,10 @@ class SchedulerClient:
                           timeout=wait + 30)
 
     def report(self, task_id: str, dataset: str, node: str, state: str, rows: int = 0,
-               error: str | None = None) -> None:
+               error: str | None = None, attested: dict[str, Any] | None = None) -> None:
         self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}",
-                   json={"node": node, "state": state, "rows": rows, "error": error})
+                   json={"node": node, "state": state, "rows": rows, "error": error,
+                         "attested": attested})
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/v1/tasks", json=body, timeout=120)

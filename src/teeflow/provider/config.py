@@ -27,6 +27,7 @@ class ProviderConfig:
     datasets: tuple[DatasetConfig, ...]
     policy: AppraisalPolicy
     poll_wait: float = 20.0
+    upload_rows_per_second: float | None = None
 
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -61,11 +62,14 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
     if not isinstance(node, dict):
         raise ConfigError("node: required table with name, key_file, scheduler")
     for key in node:
-        if key not in ("name", "key_file", "scheduler", "poll_wait"):
+        if key not in ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second"):
             raise ConfigError(f"node.{key}: unknown field")
     poll_wait = node.get("poll_wait", 20.0)
     if not isinstance(poll_wait, (int, float)) or not 0 < poll_wait <= 60:
         raise ConfigError("node.poll_wait: a number of seconds in (0, 60]")
+    rate = node.get("upload_rows_per_second")
+    if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
+        raise ConfigError("node.upload_rows_per_second: a positive number (or leave it out)")
     datasets = doc.get("datasets", [])
     if not isinstance(datasets, list):
         raise ConfigError("datasets: expected an array of tables [[datasets]]")
@@ -94,4 +98,5 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         datasets=tuple(checked),
         policy=load_policy(doc["policy"], "policy"),
         poll_wait=float(poll_wait),
+        upload_rows_per_second=float(rate) if rate is not None else None,
     )

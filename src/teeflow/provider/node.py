@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import pyarrow as pa
 
 from teeflow.attestation.registry import make_verifiers
 from teeflow.core.crypto import Signer, load_key
@@ -21,6 +24,7 @@ from teeflow.provider.config import ProviderConfig
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
+OUTCOME_RETRY = 120.0
 
 
 class Provider:
@@ -87,18 +91,11 @@ class Provider:
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
             log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
                      claims.measurements)
+            self._try_report(task_id, name, "started", attested=claims.to_dict())
             with client:
-                sent = [0]
-                last = [time.monotonic()]
-
-                def progress(rows: int) -> None:
-                    sent[0] += rows
-                    if time.monotonic() - last[0] >= REPORT_EVERY:
-                        last[0] = time.monotonic()
-                        report(task_id, name, node, "started", rows=sent[0])
-
                 receipt = client.upload(task_id, name, self.signer, read_schema(dataset.path),
-                                        iter_batches(dataset.path), progress)
+                                        self._paced(iter_batches(dataset.path)),
+                                        _Progress(self, task_id, name))
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")
@@ -111,12 +108,61 @@ class Provider:
             log.exception("task %s: upload of %s failed", task_id, name)
             self._report_failure(task_id, name, f"provider error ({type(exc).__name__})")
             return None
-        report(task_id, name, node, "uploaded", rows=int(receipt.get("rows", 0)))
+        self._report_until_heard(task_id, name, "uploaded", rows=int(receipt.get("rows", 0)))
         log.info("task %s: uploaded %s (%s rows)", task_id, name, receipt.get("rows"))
         return receipt
 
-    def _report_failure(self, task_id: str, name: str, message: str) -> None:
+    def _paced(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Keep to the configured upload rate, if any (links shared with other traffic)."""
+        rate = self.config.upload_rows_per_second
+        start, sent = time.monotonic(), 0
+        for batch in batches:
+            yield batch
+            sent += batch.num_rows
+            if rate:
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    def _try_report(self, task_id: str, name: str, state: str, **extra: Any) -> bool:
+        """Progress is best effort: a scheduler restart must not break an upload."""
         try:
-            self.scheduler.report(task_id, name, self.config.name, "failed", error=message)
+            self.scheduler.report(task_id, name, self.config.name, state, **extra)
+            return True
         except TeeflowError as exc:
-            log.warning("task %s: could not report failure: %s", task_id, exc)
+            log.info("task %s: progress report not delivered: %s", task_id, exc)
+            return False
+
+    def _report_until_heard(self, task_id: str, name: str, state: str, **extra: Any) -> None:
+        """Outcomes must arrive: retry while the scheduler is unreachable."""
+        deadline = time.monotonic() + OUTCOME_RETRY
+        while True:
+            try:
+                self.scheduler.report(task_id, name, self.config.name, state, **extra)
+                return
+            except Unreachable as exc:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    log.warning("task %s: gave up reporting %s: %s", task_id, state, exc)
+                    return
+                time.sleep(1.0)
+            except TeeflowError as exc:
+                log.warning("task %s: scheduler refused %s report: %s", task_id, state, exc)
+                return
+
+    def _report_failure(self, task_id: str, name: str, message: str) -> None:
+        self._report_until_heard(task_id, name, "failed", error=message)
+
+
+class _Progress:
+    """Counts rows sent and tells the scheduler about once a second."""
+
+    def __init__(self, provider: Provider, task_id: str, dataset: str) -> None:
+        self.provider, self.task_id, self.dataset = provider, task_id, dataset
+        self.rows = 0
+        self.last = time.monotonic()
+
+    def __call__(self, rows: int) -> None:
+        self.rows += rows
+        if time.monotonic() - self.last >= REPORT_EVERY:
+            self.last = time.monotonic()
+            self.provider._try_report(self.task_id, self.dataset, "started", rows=self.rows)

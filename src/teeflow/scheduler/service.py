@@ -88,7 +88,12 @@ class Scheduler:
         task = self.store.task(task_id)
         self.store.update_assignment(task_id, dataset, node, state, rows, error)
         detail = {"dataset": dataset, "node": node, "rows": rows}
-        if state == "started" and task.state in ("accepted", "uploading"):
+        attested = body.get("attested")
+        if state == "started" and isinstance(attested, dict) and task.state == "uploading":
+            claims = {k: attested.get(k) for k in ("tee", "measurements", "debug", "tcb_status",
+                                                     "simulated")}
+            self.store.transition(task_id, "attest", {**detail, "claims": claims})
+        elif state == "started" and rows == 0 and task.state in ("accepted", "uploading"):
             self.store.transition(task_id, "upload", {**detail, "step": "started"})
         elif state == "uploaded" and task.state == "uploading":
             self.store.transition(task_id, "upload", {**detail, "step": "uploaded"})

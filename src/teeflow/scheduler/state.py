@@ -20,6 +20,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("submitted", "accept"): "accepted",
     ("accepted", "upload"): "uploading",
     ("uploading", "upload"): "uploading",
+    ("uploading", "attest"): "uploading",  # a provider accepted the executor's evidence
     ("uploading", "run"): "running",
     ("running", "finish"): "done",
     ("done", "release"): "released",
