@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,7 +55,10 @@ class CollateralSummary:
 def _timestamp(raw: Any, where: str) -> int:
     if not isinstance(raw, str):
         raise ValueError(f"{where} is not a date string")
-    return int(datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp())
+    when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    if when.tzinfo is None:  # Intel writes UTC ("...Z"); never fall back to local time
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp())
 
 
 def summarize_collateral(raw: Any) -> CollateralSummary:

@@ -69,7 +69,7 @@ _MAX_AT = 2**63 - 1
 SGX_ATTR_DEBUG = 0x02  # bit 1 of the first byte of SGX ATTRIBUTES.FLAGS
 TD_ATTR_DEBUG = 0x01  # bit 0 of TDX TD_ATTRIBUTES (TUD.DEBUG)
 # First-line prefixes of dcap_qvl errors that mean "does not parse" rather than "does not verify".
-_FORMAT_PREFIXES = ("Failed to decode", "Failed to parse", "Failed to extract", "Unsupported")
+_FORMAT_PREFIXES = ("Failed to decode", "Failed to parse", "Failed to extract", "Unsupported DCAP")
 
 T = TypeVar("T")
 
@@ -127,13 +127,14 @@ def _verify_error(message: str) -> AttestationError:
     return VerificationError(message)
 
 
-def _check_quote(quote: bytes) -> None:
-    if not isinstance(quote, bytes | bytearray | memoryview):
+def _check_quote(quote: bytes) -> bytes:
+    if not isinstance(quote, bytes | bytearray):
         raise EvidenceFormatError(f"quote must be bytes, not {type(quote).__name__}")
     if len(quote) > MAX_QUOTE:
         raise EvidenceFormatError(f"quote is {len(quote)} bytes, more than {MAX_QUOTE}")
     if not quote:
         raise EvidenceFormatError("quote is empty")
+    return bytes(quote)
 
 
 def _check_at(at: int) -> None:
@@ -143,23 +144,33 @@ def _check_at(at: int) -> None:
         raise InputError(f"verification time {at} is out of range")
 
 
-def inspect_quote(quote: bytes) -> QuoteInfo:
-    """TEE type, version, FMSPC and PCK CA of a quote, by parsing it (no verification)."""
-    _check_quote(quote)
-    raw = bytes(quote)
+def inspect_quote(quote: bytes, *, require_fmspc: bool = True) -> QuoteInfo:
+    """TEE type, version, FMSPC and PCK CA of a quote, by parsing it (no verification).
+
+    FMSPC and CA come from the PCK certificate embedded in the quote; with
+    `require_fmspc=False` they are left empty when it cannot be read (the
+    verifier will then say what is wrong with it).
+    """
+    raw = _check_quote(quote)
     parsed = _call("quote does not parse", EvidenceFormatError, dcap_qvl.parse_quote, raw)
 
-    def read() -> tuple[int, int, str, str]:
-        header = parsed.header
-        return int(header.tee_type), int(header.version), str(parsed.fmspc()), str(parsed.ca())
+    def header() -> tuple[int, int]:
+        return int(parsed.header.tee_type), int(parsed.header.version)
 
-    tee_type, version, fmspc, ca = _call(
-        "quote does not parse", EvidenceFormatError, read
-    )
+    def pck() -> tuple[str, str]:
+        return str(parsed.fmspc()).upper(), str(parsed.ca())
+
+    tee_type, version = _call("quote header does not parse", EvidenceFormatError, header)
     tee = _TEE_BY_TYPE.get(tee_type)
     if tee is None:
         raise EvidenceFormatError(f"quote has unknown TEE type {tee_type:#x}")
-    return QuoteInfo(tee=tee, fmspc=fmspc.upper(), ca=ca, version=version)
+    try:
+        fmspc, ca = _call("quote's PCK certificate does not parse", EvidenceFormatError, pck)
+    except EvidenceFormatError:
+        if require_fmspc:
+            raise
+        fmspc, ca = "", ""
+    return QuoteInfo(tee=tee, version=version, fmspc=fmspc, ca=ca)
 
 
 def _hex(value: Any, name: str) -> str:
@@ -195,7 +206,9 @@ def _claims(info: QuoteInfo, verified: Any, raw: bytes) -> Claims:
     parsed = dcap_qvl.parse_quote(raw).report
     if parsed.report_data != report_data:
         raise ValueError("parsed and verified report data differ")
-    extra: dict[str, Any] = {"fmspc": info.fmspc, "quote_version": info.version}
+    extra: dict[str, Any] = {"quote_version": info.version}
+    if info.fmspc:
+        extra["fmspc"] = info.fmspc
     if info.tee == "sgx":
         if kind != "SgxEnclave":
             raise ValueError(f"SGX quote verified as a {kind} report")
@@ -243,8 +256,7 @@ def _claims(info: QuoteInfo, verified: Any, raw: bytes) -> Claims:
     )
 
 
-def _verify(info: QuoteInfo, quote: bytes, collateral_json: bytes | str, at: int) -> Claims:
-    _check_at(at)
+def _collateral_text(collateral_json: bytes | str) -> str:
     if not isinstance(collateral_json, bytes | bytearray | str):
         raise EvidenceFormatError(
             f"collateral must be JSON bytes, not {type(collateral_json).__name__}"
@@ -254,12 +266,14 @@ def _verify(info: QuoteInfo, quote: bytes, collateral_json: bytes | str, at: int
             f"collateral is {len(collateral_json)} bytes, more than {MAX_COLLATERAL}"
         )
     if isinstance(collateral_json, str):
-        text = collateral_json
-    else:
-        try:
-            text = bytes(collateral_json).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise EvidenceFormatError("collateral is not UTF-8 JSON") from exc
+        return collateral_json
+    try:
+        return bytes(collateral_json).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvidenceFormatError("collateral is not UTF-8 JSON") from exc
+
+
+def _verify(info: QuoteInfo, quote: bytes, text: str, at: int) -> Claims:
     collateral = _call(
         "collateral is not DCAP collateral JSON",
         EvidenceFormatError,
@@ -285,8 +299,10 @@ def _verify(info: QuoteInfo, quote: bytes, collateral_json: bytes | str, at: int
 def verify_quote(quote: bytes, collateral_json: bytes | str, at: int) -> Claims:
     """Verify an SGX or TDX quote (told apart by its header) against collateral at `at`."""
     _check_at(at)
-    info = inspect_quote(quote)
-    return _verify(info, quote, collateral_json, at)
+    _check_quote(quote)
+    text = _collateral_text(collateral_json)
+    info = inspect_quote(quote, require_fmspc=False)
+    return _verify(info, quote, text, at)
 
 
 class DcapVerifier:
@@ -300,11 +316,12 @@ class DcapVerifier:
 
     def verify(self, quote: bytes, at: int) -> Claims:
         _check_at(at)
-        info = inspect_quote(quote)
-        if info.tee != self.tee:
+        kind = inspect_quote(quote, require_fmspc=False).tee
+        if kind != self.tee:
             raise EvidenceFormatError(
-                f"quote is a {info.tee.upper()} quote; this verifier checks {self.tee.upper()}"
+                f"quote is a {kind.upper()} quote; this verifier checks {self.tee.upper()}"
             )
+        info = inspect_quote(quote)  # collateral is looked up by the PCK certificate's FMSPC
         try:
             collateral_json = self.collateral.collateral(info.request(), bytes(quote), at)
         except TeeflowError:
@@ -313,4 +330,4 @@ class DcapVerifier:
             raise VerificationError(
                 f"no {info.tee} collateral for FMSPC {info.fmspc}: {type(exc).__name__}: {exc}"
             ) from exc
-        return _verify(info, quote, collateral_json, at)
+        return _verify(info, quote, _collateral_text(collateral_json), at)

@@ -108,10 +108,14 @@ class ExecutorClient:
         try:
             writer, meta = self._client.do_put(descriptor, schema, options=self._options_long())
             with writer:
+                rows = count = 0
                 for batch in batches:
                     writer.write_batch(batch)
+                    rows += batch.num_rows
+                    count += 1
                     if progress is not None:
                         progress(batch.num_rows)
+                writer.write_metadata(pa.py_buffer(wire.end_marker(rows, count)))
                 writer.done_writing()
                 receipt = meta.read()
         except fl.FlightError as exc:

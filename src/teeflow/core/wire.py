@@ -110,3 +110,17 @@ def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes
     """What the initiator signs to take the result."""
     return b"teeflow-result-v1\x00" + canonical(
         {"task_id": task_id, "challenge": challenge.hex(), "executor_key": executor_key.hex()})
+
+
+def end_marker(rows: int, batches: int) -> bytes:
+    """What a sender puts after its last batch."""
+    return canonical({"end": True, "rows": rows, "batches": batches})
+
+
+def check_end_marker(end: dict[str, Any] | None, rows: int, batches: int, dataset: str) -> None:
+    if end is None:
+        raise InputError(f"dataset {dataset!r}: upload ended after {rows} rows without its end "
+                         "marker (sender died or stream cut)")
+    if end.get("end") is not True or end.get("rows") != rows or end.get("batches") != batches:
+        raise InputError(f"dataset {dataset!r}: end marker says {end.get('rows')} rows in "
+                         f"{end.get('batches')} batches, received {rows} in {batches}")

@@ -103,7 +103,7 @@ class ExecutorFlightServer(fl.FlightServerBase):
             if descriptor.descriptor_type != fl.DescriptorType.CMD:
                 raise InputError("upload descriptor must be a command")
             request = UploadRequest.decode(descriptor.command)
-            stats = self.executor.receive(request, reader.schema, _batches(reader))
+            stats = self.executor.receive(request, reader.schema, _messages(reader))
         except TeeflowError as exc:
             raise to_flight(exc) from None
         writer.write(pa.py_buffer(json.dumps(stats).encode()))
@@ -119,14 +119,14 @@ class ExecutorFlightServer(fl.FlightServerBase):
         raise to_flight(InputError("this executor lists no flights"))
 
 
-def _batches(reader: fl.MetadataRecordBatchReader):
+def _messages(reader: fl.MetadataRecordBatchReader):
     while True:
         try:
             chunk = reader.read_chunk()
         except StopIteration:
             return
-        if chunk.data is not None:
-            yield chunk.data
+        meta = chunk.app_metadata
+        yield chunk.data, (meta.to_pybytes() if meta is not None else None)
 
 
 def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0) -> ExecutorFlightServer:

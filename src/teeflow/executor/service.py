@@ -185,20 +185,33 @@ class Executor:
             return task
 
     def receive(self, request: UploadRequest, schema: pa.Schema,
-                batches: Iterable[pa.RecordBatch]) -> dict[str, int]:
-        """Take a whole upload or nothing: a broken stream fails the task and wipes it."""
+                messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]) -> dict[str, int]:
+        """Take a whole upload or nothing: a broken stream fails the task and wipes it.
+
+        `messages` are (batch, app_metadata) pairs as they arrive. The upload counts
+        only if it closes with the sender's end marker giving the same row and batch
+        counts: a sender that dies mid-stream looks to Flight like a clean end.
+        """
         task = self.begin_upload(request, schema)
         held: list[pa.RecordBatch] = []
         rows = nbytes = 0
         try:
-            for batch in batches:
-                if batch.schema != schema:
-                    raise SchemaMismatch(f"dataset {request.dataset!r}: a batch changed schema")
-                held.append(batch)
-                rows += batch.num_rows
-                nbytes += batch.nbytes
+            end: dict[str, Any] | None = None
+            for batch, meta in messages:
+                if end is not None:
+                    raise InputError(f"dataset {request.dataset!r}: data after the end marker")
+                if batch is not None:
+                    if batch.schema != schema:
+                        raise SchemaMismatch(
+                            f"dataset {request.dataset!r}: a batch changed schema")
+                    held.append(batch)
+                    rows += batch.num_rows
+                    nbytes += batch.nbytes
+                if meta:
+                    end = wire.parse_json(meta, "upload end marker")
                 if task.status != "waiting":
                     raise StateError(f"task {request.task_id} became {task.status} mid-upload")
+            wire.check_end_marker(end, rows, len(held), request.dataset)
         except BaseException as exc:
             held.clear()
             with self._lock:
@@ -285,4 +298,5 @@ class Executor:
         with self._lock:
             task = self._task(task_id)
             return sum(b.nbytes for batches in task.inputs.values() for b in batches)
+
 

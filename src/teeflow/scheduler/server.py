@@ -12,6 +12,7 @@ from teeflow.scheduler.store import Store
 def serve(db: str, host: str, port: int, port_file: str | None = None) -> None:
     store = Store(db)
     sock = bind(host, port)
+    sock.listen(128)  # connections queue from now on, before the port is announced
     address = f"{host}:{sock.getsockname()[1]}"
     config = uvicorn.Config(create_app(store), log_level="warning", access_log=False)
     server = uvicorn.Server(config)

@@ -1,0 +1,230 @@
+"""End to end: real scheduler, executor and provider processes on loopback ports they pick."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from teeflow.attestation.policy import load_policy
+from teeflow.attestation.simulated import code_measurement
+from teeflow.cli.cluster import LocalCluster, Party, policy_toml
+from teeflow.cli.demo import make_party_data
+from teeflow.core.crypto import KeySigner, save_key
+from teeflow.core.errors import TaskFailed
+from teeflow.core.executor_client import ExecutorClient
+from teeflow.executor.compute import reference
+from teeflow.sdk import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def _policy():
+    return load_policy({"tee_types": ["simulated"], "allow_simulated": True,
+                        "simulated": {"measurement": [code_measurement()]}})
+
+
+def _wait_state(client: Client, task_id: str, states: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.task(task_id)
+        if task["state"] in states:
+            return task
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")
+
+
+def _initiator(tmp: Path) -> Path:
+    key = tmp / "initiator.key"
+    if not key.exists():
+        save_key(KeySigner.generate(), key)
+    return key
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cluster")
+    make_party_data(work / "alice.csv", 30_000, seed=11)
+    make_party_data(work / "bob.parquet", 25_000, seed=12)
+    for name, n, seed in (("carol", 50, 3), ("dave", 150, 4)):
+        pq.write_table(pa.table({"name": ["w0", "w1", "b"], "value": [seed * 0.1, -1.0, 2.5 + seed],
+                                 "n_samples": [n] * 3}), work / f"{name}.parquet")
+    parties = [Party("alice", "train_party_1", work / "alice.csv"),
+               Party("bob", "train_party_2", work / "bob.parquet"),
+               Party("carol", "params_carol", work / "carol.parquet"),
+               Party("dave", "params_dave", work / "dave.parquet")]
+    with LocalCluster(work) as c:
+        c.start_scheduler()
+        c.start_executor()
+        for p in parties:
+            c.start_provider(p)
+        c.wait_for_datasets([p.dataset for p in parties])
+        c.parties = {p.dataset: p for p in parties}
+        yield c
+
+
+def test_logistic_regression_matches_plaintext(cluster, tmp_path):
+    with Client(cluster.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+        task = client.submit(["train_party_1", "train_party_2"], cluster.executor_address,
+                             "logistic_regression", {"label": "y"})
+        client.wait(task["id"], timeout=120)
+        result = client.result(task["id"])
+        history = _wait_state(client, task["id"], {"released"})
+    frames = [pd.read_csv(cluster.parties["train_party_1"].path),
+              pd.read_parquet(cluster.parties["train_party_2"].path)]
+    ref = reference.plaintext_logistic_regression(pd.concat(frames, ignore_index=True), "y")
+    for name, value in ref["coefficients"].items():
+        assert result.value["coefficients"][name] == pytest.approx(value, abs=1e-6)
+    assert result.value["intercept"] == pytest.approx(ref["intercept"], abs=1e-6)
+    assert result.value["n_samples"] == 55_000
+    assert result.simulated and result.claims.simulated
+    assert result.value["metrics"]["accuracy"] > 0.75  # the data has a real signal
+    events = [e["event"] for e in history["events"]]
+    assert events[:2] == ["submit", "accept"] and events[-3:] == ["run", "finish", "release"]
+    assert events.count("attest") == 2
+    with ExecutorClient(cluster.executor_address, None) as ex:
+        status = ex.status(task["id"])
+    assert status["status"] == "released" and status["inputs_held"] == []
+
+
+def _cli(cluster, tmp_path, *args, policy: str | None = None) -> subprocess.CompletedProcess:
+    pol = tmp_path / "policy.toml"
+    pol.write_text(policy or policy_toml(code_measurement()))
+    env = {**os.environ, "TEEFLOW_SCHEDULER": cluster.scheduler_url,
+           "TEEFLOW_KEY": str(_initiator(tmp_path)), "TEEFLOW_POLICY": str(pol),
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_cli_seed_form_model_aggregation(cluster, tmp_path):
+    out = tmp_path / "model.json"
+    proc = _cli(cluster, tmp_path, "submit", "--task_lang=proto", "--task_type=6",
+                f"--params=datasets:STRING:0:params_carol;params_dave,"
+                f"server:STRING:0:{cluster.executor_address}", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(out.read_text())
+    frames = [pd.read_parquet(cluster.parties[d].path) for d in ("params_carol", "params_dave")]
+    ref = reference.plaintext_fedavg(frames)
+    for name, value in ref["parameters"].items():
+        assert body["result"]["parameters"][name] == pytest.approx(value, abs=1e-9)
+    assert body["simulated"] is True and body["compute"] == "model_aggregation"
+    task_id = body["task_id"]
+    listing = _cli(cluster, tmp_path, "tasks")
+    assert listing.returncode == 0 and task_id in listing.stdout
+    status = _cli(cluster, tmp_path, "status", task_id)
+    assert status.returncode == 0 and "released" in status.stdout
+    again = _cli(cluster, tmp_path, "result", task_id, "--out", str(tmp_path / "again.json"))
+    assert again.returncode != 0 and "no result" in again.stderr
+
+
+def test_cli_failures_exit_nonzero(cluster, tmp_path):
+    unknown = _cli(cluster, tmp_path, "submit", "--datasets", "train_party_1,nope",
+                   "--executor", cluster.executor_address, "--compute", "logistic_regression",
+                   "--param", "label=y")
+    assert unknown.returncode != 0 and "unknown dataset 'nope'" in unknown.stderr
+    closed = _cli(cluster, tmp_path, "submit", "--datasets", "train_party_1",
+                  "--executor", "127.0.0.1:1", "--compute", "logistic_regression",
+                  "--param", "label=y")
+    assert closed.returncode != 0 and "unreachable" in closed.stderr
+    bad_param = _cli(cluster, tmp_path, "submit", "--datasets", "train_party_1",
+                     "--executor", cluster.executor_address, "--compute",
+                     "logistic_regression", "--param", "label=nosuchcolumn")
+    assert bad_param.returncode != 0 and "nosuchcolumn" in bad_param.stderr
+    wrong_policy = policy_toml("11" * 32)
+    refused = _cli(cluster, tmp_path, "result", "0123456789abcdef", "--out",
+                   str(tmp_path / "x.json"), policy=wrong_policy)
+    assert refused.returncode != 0
+
+
+def test_provider_refuses_wrong_measurement(tmp_path):
+    """A provider whose policy does not accept the executor sends nothing; the task fails."""
+    make_party_data(tmp_path / "a.csv", 1000, seed=1)
+    with LocalCluster(tmp_path / "c") as c:
+        c.start_scheduler()
+        c.start_executor()
+        c.start_provider(Party("alice", "d1", tmp_path / "a.csv"), policy=policy_toml("ab" * 32))
+        c.wait_for_datasets(["d1"])
+        with Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+            task = client.submit(["d1"], c.executor_address, "logistic_regression",
+                                 {"label": "y"})
+            with pytest.raises(TaskFailed, match="attestation refused: measurement"):
+                client.wait(task["id"], timeout=60)
+        with ExecutorClient(c.executor_address, None) as ex:
+            status = ex.status(task["id"])
+        assert status["received"] == {} and status["inputs_held"] == []
+        assert status["status"] == "cancelled"
+
+
+def _slow_cluster(tmp_path: Path, rows: int) -> tuple[LocalCluster, list[Party]]:
+    make_party_data(tmp_path / "a.parquet", 2000, seed=1)
+    make_party_data(tmp_path / "b.parquet", rows, seed=2)
+    c = LocalCluster(tmp_path / "c")
+    c.start_scheduler()
+    c.start_executor()
+    parties = [Party("alice", "d1", tmp_path / "a.parquet"),
+               Party("bob", "d2", tmp_path / "b.parquet")]
+    c.start_provider(parties[0])
+    slow = policy_toml(code_measurement())
+    config = c.write_provider_config(parties[1], slow)
+    text = config.read_text().replace("poll_wait = 5\n",
+                                      "poll_wait = 5\nupload_rows_per_second = 65536\n")
+    config.write_text(text)
+    c._spawn("provider-bob", "provider", "--config", str(config))
+    c.wait_for_datasets(["d1", "d2"])
+    return c, parties
+
+
+def _wait_uploading(client: Client, task_id: str, node: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        task = client.task(task_id)
+        if any(e["event"] == "attest" and e["detail"]["node"] == node for e in task["events"]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{node} never started uploading: {client.task(task_id)}")
+
+
+def test_provider_killed_mid_upload_leaves_nothing(tmp_path):
+    c, _ = _slow_cluster(tmp_path, rows=6 * 65536)
+    with c, Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+        task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
+                             {"label": "y"})
+        _wait_uploading(client, task["id"], "bob")
+        time.sleep(1.5)  # a couple of paced batches are in the executor
+        c.stop_process("provider-bob", signal.SIGKILL)
+        final = _wait_state(client, task["id"], {"failed"}, timeout=90)
+        assert "d2" in (final["error"] or "")
+        with ExecutorClient(c.executor_address, None) as ex:
+            status = ex.status(task["id"])
+        assert status["status"] == "failed"
+        assert status["inputs_held"] == [] and status["receiving"] == []
+
+
+def test_scheduler_restart_mid_task(tmp_path):
+    c, _ = _slow_cluster(tmp_path, rows=4 * 65536)
+    with c, Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+        task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
+                             {"label": "y"})
+        _wait_uploading(client, task["id"], "bob")
+        port = c.scheduler_url.rsplit(":", 1)[1]
+        c.stop_process("scheduler")
+        c._spawn("scheduler", "scheduler", "--db", str(c.workdir / "scheduler.sqlite"),
+                 "--listen", f"127.0.0.1:{port}", "--port-file", str(c.workdir / "s2.port"))
+        c._wait_port("scheduler", c.workdir / "s2.port")
+        known = client.task(task["id"])  # the restarted scheduler knows it
+        assert known["state"] == "uploading"
+        client.wait(task["id"], timeout=120)
+        result = client.result(task["id"])
+        assert result.value["n_samples"] == 2000 + 4 * 65536
+        events = [e["event"] for e in client.task(task["id"])["events"]]
+        assert events[0] == "submit" and "run" in events
