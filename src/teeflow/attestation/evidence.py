@@ -37,7 +37,7 @@ class Evidence:
             body = json.loads(data)
             tee = body["tee"]
             quote = base64.b64decode(body["quote"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise EvidenceFormatError("evidence is not {tee, quote} JSON") from exc
         if not isinstance(tee, str) or not tee:
             raise EvidenceFormatError("evidence names no TEE type")

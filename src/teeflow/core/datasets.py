@@ -87,5 +87,5 @@ def schema_from_b64(text: str) -> pa.Schema:
         raise InputError(f"schema larger than {MAX_SCHEMA} bytes")
     try:
         return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text, validate=True)))
-    except (ValueError, pa.ArrowInvalid) as exc:
+    except (ValueError, OSError, pa.ArrowException) as exc:
         raise InputError("schema is not a base64 Arrow IPC schema") from exc

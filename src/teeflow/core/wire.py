@@ -21,7 +21,7 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
         raise InputError(f"{what}: larger than {MAX_MESSAGE} bytes")
     try:
         body = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"{what}: not JSON") from exc
     if not isinstance(body, dict):
         raise InputError(f"{what}: expected a JSON object")

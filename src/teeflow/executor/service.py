@@ -162,7 +162,7 @@ class Executor:
             task.wipe()
 
     # -- uploads -----------------------------------------------------------
-    def begin_upload(self, request: UploadRequest, schema: pa.Schema) -> _Task:
+    def _begin_upload(self, request: UploadRequest, schema: pa.Schema) -> _Task:
         """Authenticate an upload and check its schema before any batch is read."""
         self._take_challenge(request.challenge)
         with self._lock:
@@ -192,7 +192,7 @@ class Executor:
         only if it closes with the sender's end marker giving the same row and batch
         counts: a sender that dies mid-stream looks to Flight like a clean end.
         """
-        task = self.begin_upload(request, schema)
+        task = self._begin_upload(request, schema)
         held: list[pa.RecordBatch] = []
         rows = nbytes = 0
         try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,12 +48,20 @@ def _status(exc: TeeflowError) -> int:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
+    """The JSON object in the request, read only up to MAX_BODY bytes."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_BODY:
         raise InputError(f"request body larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise InputError(f"request body larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = await request.json() if raw else {}
-    except ValueError as exc:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError) as exc:
         raise InputError("request body is not JSON") from exc
     if not isinstance(body, dict):
         raise InputError("request body must be a JSON object")
@@ -89,7 +99,11 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         name = str(body.get("name", ""))
         if not name or len(name) > 64:
             raise InputError("name: give a node name of 1 to 64 characters")
-        store.register_node(name, check_public_key(str(body.get("public_key", ""))))
+        try:
+            key = check_public_key(str(body.get("public_key", "")))
+        except AuthError as exc:
+            raise InputError(f"public_key: {exc}") from exc
+        store.register_node(name, key)
         return {"name": name}
 
     @app.get("/v1/nodes")
@@ -146,6 +160,8 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
     async def assignments(node: str, wait: float = 0.0) -> list[dict[str, Any]]:
         """Long poll: answers as soon as the node has work, or after `wait` seconds."""
         store.node_key(node)
+        if not math.isfinite(wait):
+            raise InputError("wait: a number of seconds")
         deadline = asyncio.get_running_loop().time() + min(max(wait, 0.0), MAX_WAIT)
         while True:
             work = store.pending_for(node)

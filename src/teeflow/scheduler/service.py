@@ -82,7 +82,9 @@ class Scheduler:
     def report(self, task_id: str, dataset: str, node: str, body: dict[str, Any]) -> None:
         """A provider's progress or outcome for one of its assignments."""
         state = str(body.get("state", ""))
-        rows = int(body.get("rows", 0) or 0)
+        rows = body.get("rows", 0) or 0
+        if not isinstance(rows, int) or rows < 0:
+            raise InputError("rows: a non-negative whole number")
         error = body.get("error")
         error = str(error)[:2000] if error else None
         task = self.store.task(task_id)
