@@ -1,0 +1,233 @@
+"""The executor's Flight handlers and the provider's appraisal step, over real loopback Flight.
+
+Each misbehaving executor is a tiny server of its own on port 0. The provider
+must send nothing (no do_put at all) to any executor whose evidence fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as fl
+import pyarrow.parquet as pq
+import pytest
+
+from teeflow.attestation.evidence import Evidence, bind_report_data
+from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.attestation.registry import make_verifiers
+from teeflow.attestation.simulated import SimulatedBackend, code_measurement
+from teeflow.core import wire
+from teeflow.core.crypto import KeySigner, make_tls_identity, spki_sha256
+from teeflow.core.datasets import schema_fingerprint
+from teeflow.core.errors import AuthError, InputError, PolicyRefused, Unreachable
+from teeflow.core.executor_client import ExecutorClient, attested_connect, fetch_certificate
+from teeflow.executor.server import ExecutorFlightServer, build
+from teeflow.provider.config import DatasetConfig, ProviderConfig
+from teeflow.provider.node import Provider
+
+TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
+
+
+def _policy(measurement: str | None = None, allow_simulated: bool = True) -> AppraisalPolicy:
+    if not allow_simulated:
+        return AppraisalPolicy(tee_types=("simulated",), allow_simulated=False,
+                               measurements={"simulated": {"measurement": (code_measurement(),)}})
+    return load_policy({"tee_types": ["simulated"], "allow_simulated": True,
+                        "simulated": {"measurement": [measurement or code_measurement()]}})
+
+
+class Serving:
+    def __init__(self, server: fl.FlightServerBase) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.serve, daemon=True)
+        self.thread.start()
+        self.address = f"127.0.0.1:{server.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve():
+    running: list[Serving] = []
+
+    def start(server: fl.FlightServerBase) -> Serving:
+        running.append(Serving(server))
+        return running[-1]
+
+    yield start
+    for s in running:
+        s.stop()
+
+
+class CountingServer(ExecutorFlightServer):
+    """A real executor that counts upload attempts and can lie in its evidence."""
+
+    def __init__(self, *, evidence=None, backend=None):
+        cert, key, _ = make_tls_identity()
+        from teeflow.executor.service import Executor
+
+        super().__init__(Executor(backend or SimulatedBackend(), spki_sha256(cert)),
+                         "grpc+tls://127.0.0.1:0", cert, key)
+        self.puts = 0
+        self._evidence = evidence
+
+    def do_action(self, context, action):
+        if action.type == "evidence" and self._evidence is not None:
+            return [fl.Result(pa.py_buffer(self._evidence(self, action.body.to_pybytes())))]
+        return super().do_action(context, action)
+
+    def do_put(self, context, descriptor, reader, writer):
+        self.puts += 1
+        return super().do_put(context, descriptor, reader, writer)
+
+
+def _stale(server, nonce):  # evidence made for an old nonce, replayed
+    return server.executor.evidence(b"\x01" * 32).encode()
+
+
+def _other_key(server, nonce):  # evidence binding a key that is not the TLS certificate's
+    other, _, _ = make_tls_identity()
+    report = bind_report_data(spki_sha256(other), nonce)
+    return server.executor.backend.evidence(report).encode()
+
+
+def _spec(owner: KeySigner, initiator: KeySigner, task_id: str = "t1") -> wire.TaskSpec:
+    return wire.TaskSpec(task_id, "model_aggregation", {},
+                         (wire.DatasetRef("d1", "alice", owner.public_key(),
+                                          schema_fingerprint(TABLE.schema)),),
+                         initiator.public_key())
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.reports: list[tuple] = []
+
+    def report(self, task_id, dataset, node, state, **extra):
+        self.reports.append((state, extra))
+
+
+def _provider(tmp_path: Path, policy: AppraisalPolicy, signer: KeySigner) -> Provider:
+    path = tmp_path / "d1.parquet"
+    pq.write_table(TABLE, path)
+    cfg = ProviderConfig(name="alice", key_file=tmp_path / "unused.key", scheduler="http://x",
+                         datasets=(DatasetConfig("d1", path),), policy=policy)
+    node = Provider(cfg, signer=signer)
+    node.scheduler = FakeScheduler()  # type: ignore[assignment]
+    return node
+
+
+@pytest.mark.parametrize("case,check", [
+    ("wrong_measurement", "measurement.measurement"),
+    ("simulated_not_allowed", "allow_simulated"),
+    ("stale_nonce", "nonce"),
+    ("unbound_certificate", "tls_key"),
+])
+def test_provider_sends_nothing_when_evidence_fails(serve, tmp_path, case, check):
+    evidence = {"stale_nonce": _stale, "unbound_certificate": _other_key}.get(case)
+    server = CountingServer(evidence=evidence)
+    running = serve(server)
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    server.executor.create_task(_spec(owner, initiator))
+    policy = {"wrong_measurement": _policy("00" * 32),
+              "simulated_not_allowed": _policy(allow_simulated=False)}.get(case, _policy())
+    node = _provider(tmp_path, policy, owner)
+    assert node.handle({"task_id": "t1", "dataset": "d1", "executor": running.address}) is None
+    assert server.puts == 0
+    assert server.executor.status("t1")["received"] == {}
+    state, extra = node.scheduler.reports[-1]
+    assert state == "failed" and extra["error"].startswith(f"attestation refused: {check}")
+
+
+def test_provider_uploads_to_good_executor(serve, tmp_path):
+    server = CountingServer()
+    running = serve(server)
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    server.executor.create_task(_spec(owner, initiator))
+    node = _provider(tmp_path, _policy(), owner)
+    receipt = node.handle({"task_id": "t1", "dataset": "d1", "executor": running.address})
+    assert receipt is not None and receipt["rows"] == 2
+    assert server.puts == 1
+    assert [r[0] for r in node.scheduler.reports] == ["started", "started", "uploaded"]
+
+
+def test_pinned_client_refuses_a_different_certificate(serve):
+    running = serve(build(SimulatedBackend()))
+    other, _, _ = make_tls_identity()
+    with ExecutorClient(running.address, other) as client, pytest.raises(Unreachable):
+        client.action("info")
+    assert fetch_certificate(running.address) == running.server.cert_pem
+
+
+def test_attested_connect_returns_claims(serve):
+    running = serve(build(SimulatedBackend()))
+    client, claims = attested_connect(running.address, _policy(), make_verifiers())
+    with client:
+        assert claims.simulated and claims.measurements["measurement"] == code_measurement()
+        assert client.action_json("info") == {"tee": "simulated", "simulated": True}
+    with pytest.raises(PolicyRefused):
+        attested_connect(running.address, _policy("ab" * 32), make_verifiers())
+
+
+def _uploaded(running: Serving, owner: KeySigner, initiator: KeySigner) -> ExecutorClient:
+    running.server.executor.create_task(_spec(owner, initiator))
+    client, _ = attested_connect(running.address, _policy(), make_verifiers())
+    client.upload("t1", "d1", owner, TABLE.schema, TABLE.to_batches())
+    return client
+
+
+def test_no_one_can_read_inputs_back(serve):
+    running = serve(build(SimulatedBackend()))
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    client = _uploaded(running, owner, initiator)
+    raw = fl.FlightClient(f"grpc+tls://{running.address}", disable_server_verification=True)
+    with client:
+        for ticket in (b"t1", b"d1", b"t1/d1", b""):
+            with pytest.raises(fl.FlightError, match="inputs cannot be read back"):
+                raw.do_get(fl.Ticket(ticket)).read_all()
+        assert list(raw.list_flights()) == []
+        with pytest.raises(fl.FlightError):
+            raw.get_flight_info(fl.FlightDescriptor.for_command(b"t1"))
+        with pytest.raises(fl.FlightError):
+            raw.get_flight_info(fl.FlightDescriptor.for_path("t1", "d1"))
+        status = client.status("t1")
+        assert status["received"] == {"d1": {"rows": 2, "bytes": TABLE.nbytes}}
+        assert "value" not in str(status) and "w" not in status["received"]
+        # The owner itself cannot take the "result" either: it is not the initiator.
+        with pytest.raises(AuthError):
+            client.take_result("t1", owner)
+    raw.close()
+
+
+def test_upload_by_a_non_owner_is_refused(serve):
+    running = serve(build(SimulatedBackend()))
+    owner, initiator, outsider = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
+    running.server.executor.create_task(_spec(owner, initiator))
+    client, _ = attested_connect(running.address, _policy(), make_verifiers())
+    with client:
+        with pytest.raises(AuthError, match="signature"):
+            client.upload("t1", "d1", outsider, TABLE.schema, TABLE.to_batches())
+        with pytest.raises(InputError, match="not an input"):
+            client.upload("t1", "nope", owner, TABLE.schema, TABLE.to_batches())
+        assert client.status("t1")["received"] == {}
+
+
+def test_result_only_to_initiator(serve):
+    running = serve(build(SimulatedBackend()))
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    with _uploaded(running, owner, initiator) as client:
+        assert client.action_json("run", b"t1")["status"] == "running"
+        for _ in range(200):
+            if client.status("t1")["status"] == "done":
+                break
+            threading.Event().wait(0.05)
+        with pytest.raises(AuthError):
+            client.take_result("t1", owner)
+        body = wire.parse_json(client.take_result("t1", initiator), "result")
+        assert body["result"]["parameters"] == {"w": 1.0, "b": 2.0}
+        assert body["simulated"] is True
+        status = client.status("t1")
+        assert status["status"] == "released" and status["inputs_held"] == []
