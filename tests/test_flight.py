@@ -14,7 +14,7 @@ import pyarrow.flight as fl
 import pyarrow.parquet as pq
 import pytest
 
-from teeflow.attestation.evidence import Evidence, bind_report_data
+from teeflow.attestation.evidence import bind_report_data
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
