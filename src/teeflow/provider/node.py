@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from teeflow.attestation.registry import make_verifiers
-from teeflow.core.crypto import Signer, load_key
+from teeflow.core.crypto import Signer, load_or_create_key
 from teeflow.core.datasets import count_rows, iter_batches, read_schema, schema_to_b64
 from teeflow.core.errors import AttestationError, TeeflowError, Unreachable
 from teeflow.core.executor_client import attested_connect
@@ -30,7 +30,7 @@ OUTCOME_RETRY = 120.0
 class Provider:
     def __init__(self, config: ProviderConfig, signer: Signer | None = None) -> None:
         self.config = config
-        self.signer = signer or load_key(config.key_file)
+        self.signer = signer or load_or_create_key(config.key_file)
         self.scheduler = SchedulerClient(config.scheduler)
         self.verifiers = make_verifiers()
         self._busy: set[tuple[str, str]] = set()
