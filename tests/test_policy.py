@@ -19,7 +19,8 @@ GOOD = {
     "accepted_tcb_status": ["UpToDate", "SWHardeningNeeded"],
     "refused_advisories": ["INTEL-SA-00615"],
     "simulated": {"measurement": [M]},
-    "sgx": {"mrenclave": ["00" * 32, "11" * 32], "mrsigner": "22" * 32},
+    "sgx": {"mrenclave": ["00" * 32, "11" * 32], "mrsigner": "22" * 32, "isv_prod_id": 3,
+            "min_isv_svn": 2},
 }
 
 
@@ -38,11 +39,12 @@ def test_good_policy():
 
 
 def test_defaults():
-    policy = load_policy({"tee_types": ["sgx"], "sgx": {"mrsigner": ["00" * 32]}})
+    policy = load_policy({"tee_types": ["sgx"], "sgx": {"mrenclave": ["00" * 32]}})
     assert policy.allow_simulated is False
     assert policy.allow_debug is False
     assert policy.accepted_tcb_status == ("UpToDate",)
     assert policy.refused_advisories == ()
+    assert policy.isv_prod_id is None and policy.min_isv_svn == 0
 
 
 def _bad(change: dict, drop: tuple[str, ...] = ()) -> dict:
@@ -82,6 +84,25 @@ def test_bad_policy_names_the_field(raw, field):
 def test_policy_not_a_table():
     with pytest.raises(ConfigError, match=r"^exec\.policy: expected a table"):
         load_policy(["sgx"], "exec.policy")
+
+
+def test_sgx_signer_identity_fields():
+    policy = load_policy(copy.deepcopy(GOOD))
+    assert (policy.isv_prod_id, policy.min_isv_svn) == (3, 2)
+    for bad, field in (({"isv_prod_id": -1}, "isv_prod_id"), ({"min_isv_svn": "1"}, "min_isv_svn"),
+                       ({"isv_prod_id": True}, "isv_prod_id")):
+        raw = copy.deepcopy(GOOD)
+        raw["sgx"].update(bad)
+        with pytest.raises(ConfigError, match=rf"^policy\.sgx\.{field}:"):
+            load_policy(raw)
+    raw = copy.deepcopy(GOOD)
+    del raw["sgx"]["isv_prod_id"]
+    with pytest.raises(ConfigError, match=r"^policy\.sgx\.isv_prod_id: required with mrsigner"):
+        load_policy(raw)
+    raw = copy.deepcopy(GOOD)
+    raw["accepted_tcb_status"] = ["UptoDate"]
+    with pytest.raises(ConfigError, match="unknown status 'UptoDate'"):
+        load_policy(raw)
 
 
 def test_policy_where_prefix():

@@ -21,6 +21,16 @@ MEASUREMENT_FIELDS: dict[str, tuple[str, ...]] = {
     "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
     "sev-snp": ("measurement",),
 }
+# Claims that identify the code; one of them must be pinned for each accepted TEE type.
+IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
+    "simulated": ("measurement",),
+    "sgx": ("mrenclave", "mrsigner"),
+    "tdx": ("mrtd",),
+    "sev-snp": ("measurement",),
+}
+TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                "ConfigurationAndSWHardeningNeeded", "OutOfDate",
+                "OutOfDateConfigurationNeeded", "Revoked")
 
 
 class Verifier(Protocol):
@@ -38,6 +48,10 @@ class AppraisalPolicy:
     refused_advisories: tuple[str, ...] = ()
     # tee -> claim name -> accepted lower-case hex values
     measurements: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    # SGX signer-based identity: with mrsigner, the product id must match and the
+    # security version be at least this.
+    isv_prod_id: int | None = None
+    min_isv_svn: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -49,6 +63,9 @@ class AppraisalPolicy:
         }
         for tee, fields in self.measurements.items():
             out[tee] = {k: list(v) for k, v in fields.items()}
+        if self.isv_prod_id is not None:
+            out.setdefault("sgx", {}).update(isv_prod_id=self.isv_prod_id,
+                                             min_isv_svn=self.min_isv_svn)
         return out
 
 
@@ -63,6 +80,12 @@ def _str_list(raw: Any, where: str) -> tuple[str, ...]:
 def _bool(raw: Any, where: str) -> bool:
     if not isinstance(raw, bool):
         raise ConfigError(f"{where}: expected true or false")
+    return raw
+
+
+def _uint(raw: Any, where: str, bits: int = 16) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**bits:
+        raise ConfigError(f"{where}: expected a whole number from 0 to {2**bits - 1}")
     return raw
 
 
@@ -100,27 +123,42 @@ def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
             raise ConfigError(f"{where}.{tee}: expected a table")
         fields: dict[str, tuple[str, ...]] = {}
         for name, values in section.items():
+            if tee == "sgx" and name in ("isv_prod_id", "min_isv_svn"):
+                continue
             if name not in MEASUREMENT_FIELDS[tee]:
                 raise ConfigError(f"{where}.{tee}.{name}: unknown field")
             fields[name] = _hex_list(values, f"{where}.{tee}.{name}")
         measurements[tee] = fields
     for tee in tee_types:
-        if not measurements.get(tee):
+        if not any(measurements.get(tee, {}).get(f) for f in IDENTITY_FIELDS[tee]):
             raise ConfigError(
                 f"{where}.{tee}: accepting {tee} needs at least one of "
-                f"{', '.join(MEASUREMENT_FIELDS[tee])}"
+                f"{', '.join(IDENTITY_FIELDS[tee])}"
             )
+    sgx = raw.get("sgx", {})
+    isv_prod_id = None
+    if "isv_prod_id" in sgx:
+        isv_prod_id = _uint(sgx["isv_prod_id"], f"{where}.sgx.isv_prod_id")
+    min_isv_svn = _uint(sgx.get("min_isv_svn", 0), f"{where}.sgx.min_isv_svn")
+    if measurements.get("sgx", {}).get("mrsigner") and isv_prod_id is None:
+        raise ConfigError(f"{where}.sgx.isv_prod_id: required with mrsigner (a signer signs "
+                          "many products)")
+    tcb = _str_list(raw.get("accepted_tcb_status", ["UpToDate"]), f"{where}.accepted_tcb_status")
+    for status in tcb:
+        if status not in TCB_STATUSES:
+            raise ConfigError(f"{where}.accepted_tcb_status: unknown status {status!r} "
+                              f"(known: {', '.join(TCB_STATUSES)})")
     policy = AppraisalPolicy(
         tee_types=tee_types,
         allow_simulated=_bool(raw.get("allow_simulated", False), f"{where}.allow_simulated"),
         allow_debug=_bool(raw.get("allow_debug", False), f"{where}.allow_debug"),
-        accepted_tcb_status=_str_list(
-            raw.get("accepted_tcb_status", ["UpToDate"]), f"{where}.accepted_tcb_status"
-        ),
+        accepted_tcb_status=tcb,
         refused_advisories=_str_list(
             raw.get("refused_advisories", []), f"{where}.refused_advisories"
         ),
         measurements=measurements,
+        isv_prod_id=isv_prod_id,
+        min_isv_svn=min_isv_svn,
     )
     if "simulated" in tee_types and not policy.allow_simulated:
         raise ConfigError(f"{where}.tee_types: lists simulated but allow_simulated is not true")
@@ -132,10 +170,14 @@ def appraise(
     policy: AppraisalPolicy,
     verifiers: Mapping[str, Verifier],
     *,
-    expected_report_data: bytes,
+    expected_report_data: bytes | None,
     at: int,
 ) -> Claims:
-    """Verify `evidence` and check it against `policy`; return the claims or raise."""
+    """Verify `evidence` and check it against `policy`; return the claims or raise.
+
+    `expected_report_data` is what binds the evidence to a channel and a nonce;
+    only an operator's offline look at a quote file passes None.
+    """
     if evidence.tee not in policy.tee_types:
         raise PolicyRefused(
             "tee_type", f"{evidence.tee!r} is not among accepted {list(policy.tee_types)}"
@@ -150,6 +192,13 @@ def appraise(
         raise PolicyRefused("tee_type", f"evidence says {evidence.tee!r}, quote is {claims.tee!r}")
     if claims.simulated and not policy.allow_simulated:
         raise PolicyRefused("allow_simulated", "simulated evidence and allow_simulated is false")
+    if expected_report_data is not None:
+        _check_binding(claims, expected_report_data)
+    _check_identity(claims, policy)
+    return claims
+
+
+def _check_binding(claims: Claims, expected_report_data: bytes) -> None:
     if claims.report_data[:32] != expected_report_data[:32]:
         raise PolicyRefused(
             "tls_key",
@@ -158,6 +207,9 @@ def appraise(
         )
     if claims.report_data[32:64] != expected_report_data[32:64]:
         raise PolicyRefused("nonce", "evidence does not answer the nonce this provider chose")
+
+
+def _check_identity(claims: Claims, policy: AppraisalPolicy) -> None:
     if claims.debug and not policy.allow_debug:
         raise PolicyRefused("debug", "the TEE runs in debug mode and allow_debug is false")
     for name, accepted in policy.measurements.get(claims.tee, {}).items():
@@ -166,6 +218,12 @@ def appraise(
             raise PolicyRefused(
                 f"measurement.{name}", f"{seen} is not among accepted {list(accepted)}"
             )
+    if claims.tee == "sgx" and policy.measurements.get("sgx", {}).get("mrsigner"):
+        prod, svn = claims.extra.get("isv_prod_id"), claims.extra.get("isv_svn")
+        if prod != policy.isv_prod_id:
+            raise PolicyRefused("isv_prod_id", f"{prod} is not the accepted {policy.isv_prod_id}")
+        if not isinstance(svn, int) or svn < policy.min_isv_svn:
+            raise PolicyRefused("isv_svn", f"{svn} is below the minimum {policy.min_isv_svn}")
     if claims.tcb_status not in policy.accepted_tcb_status:
         raise PolicyRefused(
             "tcb_status",
@@ -174,4 +232,3 @@ def appraise(
     refused = sorted(set(claims.advisory_ids) & set(policy.refused_advisories))
     if refused:
         raise PolicyRefused("advisories", f"refused advisories present: {refused}")
-    return claims

@@ -270,9 +270,11 @@ def datasets(ctx: click.Context) -> None:
 
 
 def _register_more() -> None:
+    from teeflow.cli.attest import attest
     from teeflow.cli.demo import demo
 
     cli.add_command(demo)
+    cli.add_command(attest)
 
 
 def main() -> None:

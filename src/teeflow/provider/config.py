@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.attestation.registry import collateral_source
 from teeflow.core.errors import ConfigError
 
 MAX_CONFIG = 1024 * 1024
@@ -28,6 +30,7 @@ class ProviderConfig:
     policy: AppraisalPolicy
     poll_wait: float = 20.0
     upload_rows_per_second: float | None = None
+    collateral: CollateralSource | None = None
 
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -56,7 +59,7 @@ def load_config(path: Path) -> ProviderConfig:
 
 def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
     for key in doc:
-        if key not in ("node", "datasets", "policy"):
+        if key not in ("node", "datasets", "policy", "collateral"):
             raise ConfigError(f"{key}: unknown section")
     node = doc.get("node")
     if not isinstance(node, dict):
@@ -99,4 +102,5 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         policy=load_policy(doc["policy"], "policy"),
         poll_wait=float(poll_wait),
         upload_rows_per_second=float(rate) if rate is not None else None,
+        collateral=collateral_source(doc.get("collateral"), base),
     )

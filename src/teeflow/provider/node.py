@@ -32,7 +32,7 @@ class Provider:
         self.config = config
         self.signer = signer or load_or_create_key(config.key_file)
         self.scheduler = SchedulerClient(config.scheduler)
-        self.verifiers = make_verifiers()
+        self.verifiers = make_verifiers(config.collateral)
         self._busy: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

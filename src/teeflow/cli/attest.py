@@ -1,0 +1,72 @@
+"""`teeflow attest`: operators check evidence by hand, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from teeflow.core.errors import InputError
+
+MAX_FILE = 1024 * 1024
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {exc.strerror}") from exc
+    if len(data) > MAX_FILE:
+        raise InputError(f"{what} {path}: larger than {MAX_FILE} bytes")
+    return data
+
+
+@click.group()
+def attest() -> None:
+    """Verify or decode TEE evidence (quotes, RA-TLS certificates)."""
+
+
+@attest.command()
+@click.argument("quote_file", type=click.Path(path_type=Path))
+@click.option("--collateral", type=click.Path(path_type=Path), default=None,
+              help="Collateral JSON (or bundle) for SGX/TDX quotes.")
+@click.option("--at", "at", type=int, required=True, help="Verification time, unix seconds.")
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Also appraise against this [policy] (report data is not checked).")
+def verify(quote_file: Path, collateral: Path | None, at: int, policy: Path | None) -> None:
+    """Verify a quote; print the verified claims as JSON, or the failed check and exit 1."""
+    from teeflow.attestation.collateral import BundleCollateral
+    from teeflow.attestation.describe import describe_quote
+    from teeflow.attestation.evidence import Evidence
+    from teeflow.attestation.policy import appraise
+    from teeflow.attestation.registry import make_verifiers
+    from teeflow.cli.main import load_policy_file
+
+    quote = _read(quote_file, "quote")
+    tee = describe_quote(quote)["tee"]
+    verifiers = make_verifiers(BundleCollateral(collateral) if collateral else None)
+    if tee not in verifiers:
+        raise InputError(f"a {tee} quote needs --collateral")
+    if policy is not None:
+        claims = appraise(Evidence(tee, quote), load_policy_file(policy), verifiers,
+                          expected_report_data=None, at=at)
+    else:
+        claims = verifiers[tee].verify(quote, at)
+    click.echo(json.dumps(claims.to_dict(), indent=2))
+
+
+@attest.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def show(path: Path) -> None:
+    """Decode a quote or an RA-TLS certificate without judging it."""
+    from teeflow.attestation.describe import describe_quote
+
+    data = _read(path, "file")
+    if data.lstrip().startswith(b"-----BEGIN CERTIFICATE") or data[:1] == b"\x30":
+        from teeflow.attestation.describe import describe_certificate
+
+        click.echo(json.dumps(describe_certificate(data), indent=2))
+        return
+    click.echo(json.dumps(describe_quote(data), indent=2))
