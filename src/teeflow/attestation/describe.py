@@ -49,3 +49,40 @@ def describe_quote(quote: bytes) -> dict[str, Any]:
         raise EvidenceFormatError(f"quote does not parse: {exc}") from exc
     return {"tee": info.tee, "version": info.version, "fmspc": info.fmspc, "pck_ca": info.ca,
             "header": _fields(parsed.header), "report": _fields(parsed.report)}
+
+
+def claimed_measurements(tee: str, quote: bytes) -> dict[str, str]:
+    """The identity values a quote states, unverified (for listings and routing only)."""
+    if tee == "simulated":
+        return {"measurement": describe_quote(quote)["measurement"]}
+    import dcap_qvl
+
+    try:
+        report = dcap_qvl.parse_quote(quote).report
+    except Exception as exc:
+        raise EvidenceFormatError(f"quote does not parse: {exc}") from exc
+    if tee == "sgx":
+        return {"mrenclave": bytes(report.mr_enclave).hex(),
+                "mrsigner": bytes(report.mr_signer).hex()}
+    if tee == "tdx":
+        out = {"mrtd": bytes(report.mr_td).hex()}
+        for i in range(4):
+            out[f"rtmr{i}"] = bytes(getattr(report, f"rt_mr{i}")).hex()
+        return out
+    raise EvidenceFormatError(f"no measurements known for TEE type {tee!r}")
+
+
+def describe_certificate(cert: bytes) -> dict[str, Any]:
+    """An RA-TLS certificate's subject, validity and the evidence it carries."""
+    from teeflow.attestation.ratls import read_certificate_evidence
+    from teeflow.core.crypto import load_cert
+
+    parsed = load_cert(cert)
+    found = read_certificate_evidence(cert)
+    return {"subject": parsed.subject.rfc4514_string(),
+            "not_before": parsed.not_valid_before_utc.isoformat(),
+            "not_after": parsed.not_valid_after_utc.isoformat(),
+            "spki_sha256": found.spki_sha256.hex(), "format": found.format,
+            "claims": {k: (v.hex() if isinstance(v, bytes) else v)
+                       for k, v in found.claims.items()},
+            "evidence": describe_quote(found.quote)}

@@ -198,6 +198,16 @@ def appraise(
     return claims
 
 
+def satisfies(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Check already-verified claims against another policy (e.g. the one in a task spec)."""
+    if claims.tee not in policy.tee_types:
+        raise PolicyRefused("tee_type",
+                            f"{claims.tee!r} is not among accepted {list(policy.tee_types)}")
+    if claims.simulated and not policy.allow_simulated:
+        raise PolicyRefused("allow_simulated", "simulated evidence and allow_simulated is false")
+    _check_identity(claims, policy)
+
+
 def _check_binding(claims: Claims, expected_report_data: bytes) -> None:
     if claims.report_data[:32] != expected_report_data[:32]:
         raise PolicyRefused(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from teeflow.attestation.simulated import code_measurement
-from teeflow.core.crypto import KeySigner, save_key
+from teeflow.core.crypto import KeySigner, load_or_create_key, save_key
 from teeflow.core.errors import PeerError
 
 START_TIMEOUT = 60.0
@@ -30,6 +30,18 @@ class Party:
 
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def approve_toml(datasets: list[str], receivers: list[str]) -> str:
+    """A rule that signs any computation on these datasets whose result goes only to
+    these receivers."""
+    from teeflow.executor import compute
+
+    quote = ", ".join
+    return ("\n[[approve]]\n"
+            f"compute = [{quote(_toml_str(n) for n in compute.names())}]\n"
+            f"datasets = [{quote(_toml_str(d) for d in datasets)}]\n"
+            f"receivers = [{quote(_toml_str(r) for r in receivers)}]\n")
 
 
 def policy_toml(measurement: str, *, allow_simulated: bool = True) -> str:
@@ -49,10 +61,13 @@ class LocalCluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     scheduler_url: str = ""
     executor_address: str = ""
+    initiator_name: str = "initiator"
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        self.initiator_key = self.workdir / "initiator.key"
+        self.initiator = load_or_create_key(self.initiator_key)
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
@@ -89,13 +104,14 @@ class LocalCluster:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         self._spawn(name, "executor", "--tee", "simulated", "--listen", "127.0.0.1:0",
-                    "--port-file", str(port_file), *extra)
+                    "--port-file", str(port_file), "--register", self.scheduler_url, *extra)
         address = self._wait_port(name, port_file)
         if name == "executor":
             self.executor_address = address
         return address
 
-    def write_provider_config(self, party: Party, policy: str | None = None) -> Path:
+    def write_provider_config(self, party: Party, policy: str | None = None,
+                              approve: bool = True) -> Path:
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -110,18 +126,21 @@ class LocalCluster:
             f"name = {_toml_str(party.dataset)}\n"
             f"path = {_toml_str(str(party.path.resolve()))}\n\n"
             + (policy or policy_toml(code_measurement()))
+            + (approve_toml([party.dataset], [self.initiator.public_key()]) if approve else "")
         )
         return config
 
-    def start_provider(self, party: Party, policy: str | None = None) -> subprocess.Popen:
-        config = self.write_provider_config(party, policy)
+    def start_provider(self, party: Party, policy: str | None = None,
+                       approve: bool = True) -> subprocess.Popen:
+        config = self.write_provider_config(party, policy, approve)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
         from teeflow.core.scheduler_client import SchedulerClient
 
         deadline = time.monotonic() + timeout
-        with SchedulerClient(self.scheduler_url) as client:
+        with SchedulerClient(self.scheduler_url, self.initiator) as client:
+            client.register_node(self.initiator_name)
             while time.monotonic() < deadline:
                 have = {d["name"] for d in client.datasets()}
                 if set(names) <= have:
@@ -132,6 +151,19 @@ class LocalCluster:
                                         f"{self.workdir / 'logs'}")
                 time.sleep(0.1)
         raise PeerError(f"datasets {names} not catalogued within {timeout:.0f}s")
+
+    def wait_for_executor(self, address: str, timeout: float = START_TIMEOUT) -> None:
+        """Until the executor has registered itself with the scheduler."""
+        from teeflow.core.scheduler_client import SchedulerClient
+
+        deadline = time.monotonic() + timeout
+        with SchedulerClient(self.scheduler_url, self.initiator) as client:
+            client.register_node(self.initiator_name)
+            while time.monotonic() < deadline:
+                if any(e["address"] == address for e in client.executors()):
+                    return
+                time.sleep(0.1)
+        raise PeerError(f"executor {address} did not register within {timeout:.0f}s")
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.processes.pop(name, None)

@@ -26,7 +26,6 @@ from rich.table import Table
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party
-from teeflow.core.crypto import KeySigner, save_key
 from teeflow.core.errors import InputError
 
 console = Console()
@@ -117,22 +116,28 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
         console.print(f"cluster up: scheduler {cluster.scheduler_url}, simulated executor "
                       f"{cluster.executor_address}, providers "
                       f"{', '.join(p.node for p in party_list)}")
-        key_file = work / "initiator.key"
-        if not key_file.exists():
-            save_key(KeySigner.generate(), key_file)
+        cluster.wait_for_executor(cluster.executor_address)
         policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
                               "simulated": {"measurement": [measurement]}})
-        with Client(cluster.scheduler_url, key=key_file, policy=policy) as client:
-            task = client.submit(names, cluster.executor_address, compute, param_map)
-            console.print(f"task [bold]{task['id']}[/] submitted: {compute} over {names}")
+        with Client(cluster.scheduler_url, key=cluster.initiator_key, policy=policy,
+                    name=cluster.initiator_name) as client:
+            task = client.submit(names, None, compute, param_map)
+            console.print(f"task [bold]{task['id']}[/] submitted: {compute} over {names}; "
+                          f"the scheduler picked executor {task['executor']}; owners sign "
+                          "by their config rules")
             _wait_with_progress(client, task["id"])
             result = client.result(task["id"])
+            for entry in client.audit_log(task["id"]):
+                signer = entry.signer.split(":")[0]
+                console.print(f"  audit #{entry.seq:<3} {entry.kind:<10} signed by {signer}",
+                              highlight=False)
         _show(result.value, compute)
         diff = plaintext_check(compute, param_map, party_list, result.value)
         if diff is not None:
             verdict = "[green]OK[/]" if diff <= 1e-6 else "[red]MISMATCH[/]"
             console.print(f"check against plaintext on the concatenated data: max |diff| = "
                           f"{diff:.2e} {verdict}")
+        console.print("result was sealed (HPKE) to the initiator's key and opened here")
         if result.simulated:
             console.print("[yellow]SIMULATED TEE[/]: the evidence was software-signed; this "
                           "run shows the flow, not a hardware guarantee.")
@@ -145,8 +150,8 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
     finally:
         cluster.stop()
         if keep:
-            console.print(f"kept cluster files in {work} (scheduler db: "
-                          f"{work / 'scheduler.sqlite'})")
+            console.print(f"kept cluster files in {work}; check the audit log with: "
+                          f"teeflow audit verify --db {work / 'scheduler.sqlite'}")
         elif workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 

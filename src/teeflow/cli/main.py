@@ -31,13 +31,24 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def load_policy_file(path: Path) -> AppraisalPolicy:
-    """A TOML file holding a [policy] table (a provider config works too)."""
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        doc = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"policy file {path}: {exc}") from exc
+
+
+def load_policy_file(path: Path) -> AppraisalPolicy:
+    """A TOML file holding a [policy] table (a provider config works too)."""
+    doc = _read_toml(path)
     return load_policy(doc.get("policy", doc), "policy")
+
+
+def _policy_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    env = os.environ.get("TEEFLOW_POLICY")
+    return Path(env) if env else None
 
 
 @click.group()
@@ -52,15 +63,18 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
     ctx.obj = {"scheduler": scheduler, "key": key_file}
 
 
-def _client(ctx: click.Context, policy: Path | None = None):
+def _client(ctx: click.Context, policy: Path | None = None, name: str | None = None):
+    """An SDK client; the policy file may also hold a [collateral] table for SGX/TDX."""
+    from teeflow.attestation.registry import collateral_source
     from teeflow.sdk import Client
 
-    pol = None
-    if policy is not None:
-        pol = load_policy_file(policy)
-    elif os.environ.get("TEEFLOW_POLICY"):
-        pol = load_policy_file(Path(os.environ["TEEFLOW_POLICY"]))
-    return Client(ctx.obj["scheduler"], key=ctx.obj["key"], policy=pol)
+    path = _policy_path(policy)
+    pol = collateral = None
+    if path is not None:
+        pol = load_policy_file(path)
+        collateral = collateral_source(_read_toml(path).get("collateral"), path.parent)
+    return Client(ctx.obj["scheduler"], key=ctx.obj["key"], policy=pol, collateral=collateral,
+                  name=name)
 
 
 # -- daemons ---------------------------------------------------------------
@@ -96,7 +110,14 @@ def provider(config_path: Path) -> None:
 @click.option("--listen", default="127.0.0.1:8815", show_default=True)
 @click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
 @click.option("--debug-enclave", is_flag=True, help="Simulated only: mark evidence debug.")
-def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool) -> None:
+@click.option("--register", "register_with", default=None,
+              help="Scheduler URL to register this executor with.")
+@click.option("--advertise", default=None, help="HOST:PORT others reach this executor at.")
+@click.option("--attestation-dir", default=None, help="sgx: Gramine's /dev/attestation.")
+@click.option("--tsm-root", default=None, help="tdx, sev-snp: the configfs-tsm report dir.")
+def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
+             register_with: str | None, advertise: str | None, attestation_dir: str | None,
+             tsm_root: str | None) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.core.listen import parse_listen
@@ -104,8 +125,12 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool) 
 
     _setup_logging(False)
     host, port = parse_listen(listen)
-    options = {"debug": True} if debug_enclave else {}
-    serve(make_backend(tee, **options), host, port, port_file)
+    options: dict[str, Any] = {"debug": True} if debug_enclave else {}
+    if tee == "sgx":
+        options = {"attestation_dir": attestation_dir}
+    elif tee in ("tdx", "sev-snp"):
+        options = {"tsm_root": tsm_root}
+    serve(make_backend(tee, **options), host, port, port_file, register_with, advertise)
 
 
 # -- initiator -------------------------------------------------------------
@@ -132,7 +157,8 @@ def _kv(values: tuple[str, ...], what: str) -> dict[str, str]:
 
 @cli.command()
 @click.option("--datasets", default=None, help="Comma-separated dataset names.")
-@click.option("--executor", "executor_addr", default=None, help="Executor HOST:PORT.")
+@click.option("--executor", "executor_addr", default=None,
+              help="Executor HOST:PORT (default: one the scheduler picks by your policy).")
 @click.option("--compute", default=None, help="Computation name.")
 @click.option("--param", "params", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--task_lang", default=None, help="Seed form: proto.")
@@ -161,13 +187,12 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
     names = [d.strip() for d in (datasets or "").split(",") if d.strip()]
     if not names:
         raise InputError("--datasets: name at least one dataset")
-    if not executor_addr:
-        raise InputError("--executor: give the executor's HOST:PORT")
     if not compute:
         raise InputError("--compute: name the computation")
     with _client(ctx, policy) as client:
         task = client.submit(names, executor_addr, compute, extra)
-        console.print(f"task [bold]{task['id']}[/] submitted ({task['state']})")
+        console.print(f"task [bold]{task['id']}[/] submitted ({task['state']}; executor "
+                      f"{task['executor']}); waiting for the owners' signatures")
         if not wait:
             return
         _wait_with_progress(client, task["id"])
@@ -200,6 +225,116 @@ def _write_result(client, task_id: str, out: Path) -> None:
     out.write_bytes(json.dumps(json.loads(result.raw), indent=2).encode())
     mark = " [yellow](SIMULATED TEE: not a hardware attestation)[/]" if result.simulated else ""
     console.print(f"result of {task_id} written to {out}{mark}")
+
+
+@cli.command()
+@click.option("--name", default=None, help="Register this identity with the scheduler as NAME.")
+@click.pass_context
+def init(ctx: click.Context, name: str | None) -> None:
+    """Make your key pair (owner-only file) and optionally register it with the scheduler."""
+    from teeflow.core.crypto import key_id, load_or_create_key
+    from teeflow.sdk.client import DEFAULT_HOME
+
+    path = (ctx.obj["key"] or DEFAULT_HOME / "key.pem").expanduser()
+    existed = path.exists()
+    identity = load_or_create_key(path)
+    verb = "using" if existed else "made"
+    console.print(f"{verb} key {path} (id {key_id(identity.public_key())})")
+    console.print(f"public key: {identity.public_key()}")
+    console.print(f"encryption key: {identity.encryption_public_key()}")
+    if name:
+        with _client(ctx, name=name):
+            console.print(f"registered as {name!r} with {ctx.obj['scheduler']}")
+
+
+@cli.command()
+@click.argument("task_id")
+@click.pass_context
+def approve(ctx: click.Context, task_id: str) -> None:
+    """Sign a task's digest as the owner of data it uses."""
+    _decide(ctx, task_id, "approved")
+
+
+@cli.command()
+@click.argument("task_id")
+@click.pass_context
+def reject(ctx: click.Context, task_id: str) -> None:
+    """Refuse a task that uses your data; it will not run."""
+    _decide(ctx, task_id, "rejected")
+
+
+def _decide(ctx: click.Context, task_id: str, decision: str) -> None:
+    with _client(ctx) as client:
+        task = client.task(task_id)
+        spec = task["spec"]
+        console.print(f"task {task_id}: {spec['compute']} (code {spec['code_digest'][:16]}) "
+                      f"params {spec['params']}")
+        for d in spec["datasets"]:
+            console.print(f"  input {d['name']} owned by {d['owner']}")
+        for r in spec["receivers"]:
+            console.print(f"  result sealed to key {r['sign_key']}")
+        console.print(f"  digest {task['spec_digest']}")
+        state = client.decide(task_id, decision)["state"]
+    console.print(f"{decision}; task is now {state}")
+
+
+@cli.command()
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Your appraisal policy (env TEEFLOW_POLICY).")
+@click.pass_context
+def executors(ctx: click.Context, policy: Path | None) -> None:
+    """Registered executors, each appraised now by you."""
+    with _client(ctx, policy) as client:
+        table = Table("address", "verdict", "tee", "measurement", "tcb status")
+        for ex in client.executors():
+            if ex["verdict"] == "accepted":
+                meas = ", ".join(f"{k}={v[:16]}…" for k, v in ex["measurements"].items())
+                tee = ex["tee"] + (" (simulated)" if ex["simulated"] else "")
+                table.add_row(ex["address"], "accepted", tee, meas, ex["tcb_status"])
+            else:
+                table.add_row(ex["address"], "refused", ex["registered_tee"], ex["reason"], "")
+        console.print(table)
+
+
+@cli.group()
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+@audit.command("verify")
+@click.option("--db", type=click.Path(path_type=Path), default=None,
+              help="Check a scheduler database file offline (else ask the scheduler).")
+@click.pass_context
+def audit_verify(ctx: click.Context, db: Path | None) -> None:
+    """Check every link and signature; name the first broken entry."""
+    from teeflow.core.audit import verify_chain
+
+    if db is not None:
+        from teeflow.scheduler.store import Store
+
+        if not db.is_file():
+            raise InputError(f"--db {db}: no such file")
+        store = Store(db)
+        try:
+            entries = store.audit_log()
+        finally:
+            store.close()
+    else:
+        with _client(ctx) as client:
+            entries = client.audit_log()
+    count = verify_chain(entries)
+    console.print(f"audit log OK: {count} entries, every link and signature verified")
+
+
+@audit.command("show")
+@click.argument("task_id", required=False)
+@click.pass_context
+def audit_show(ctx: click.Context, task_id: str | None) -> None:
+    """Print the audit entries (of one task)."""
+    with _client(ctx) as client:
+        for e in client.audit_log(task_id):
+            console.print(f"#{e.seq} {e.task_id} {e.kind} by {e.signer.split(':')[0]} "
+                          f"{json.dumps(e.body)[:160]}", highlight=False)
 
 
 @cli.command()
@@ -289,6 +424,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except TeeflowError as exc:
         err_console.print(f"[red]error[/]: {exc}", highlight=False)
+        if "not registered" in str(exc):
+            err_console.print("hint: run `teeflow init --name NAME` to register your key")
         sys.exit(1)
     except TimeoutError as exc:
         err_console.print(f"[red]error[/]: {exc}", highlight=False)

@@ -16,7 +16,8 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from teeflow.core.errors import AuthError, ConfigError
@@ -33,6 +34,14 @@ class Signer(Protocol):
         ...
 
     def sign(self, message: bytes) -> bytes: ...
+
+
+class Identity(Signer, Protocol):
+    """A node's keys: Ed25519 to sign, X25519 (for HPKE) to receive sealed results."""
+
+    def encryption_public_key(self) -> str: ...
+
+    def encryption_private_key(self) -> x25519.X25519PrivateKey: ...
 
 
 class KeySigner:
@@ -53,6 +62,21 @@ class KeySigner:
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
+
+    def encryption_private_key(self) -> x25519.X25519PrivateKey:
+        """Derived from the signing key, so one key file holds a node's whole identity."""
+        seed = self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        raw = HKDF(hashes.SHA256(), 32, salt=None, info=b"teeflow x25519 v1").derive(seed)
+        return x25519.X25519PrivateKey.from_private_bytes(raw)
+
+    def encryption_public_key(self) -> str:
+        raw = self.encryption_private_key().public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return base64.b64encode(raw).decode()
 
     def private_pem(self) -> bytes:
         return self._key.private_bytes(
@@ -111,6 +135,15 @@ def check_public_key(public_key_b64: str) -> str:
         ed25519.Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:
         raise AuthError("public key is not a base64 Ed25519 key") from exc
+    return public_key_b64
+
+
+def check_encryption_key(public_key_b64: str) -> str:
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+        x25519.X25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise AuthError("encryption key is not a base64 X25519 key") from exc
     return public_key_b64
 
 

@@ -20,6 +20,7 @@ import pyarrow.flight as fl
 
 from teeflow.attestation.evidence import Claims, Evidence, bind_report_data
 from teeflow.attestation.policy import AppraisalPolicy, Verifier, appraise
+from teeflow.attestation.ratls import read_certificate_evidence
 from teeflow.core import wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
 from teeflow.core.errors import InputError, TeeflowError, Unreachable
@@ -126,26 +127,35 @@ class ExecutorClient:
         return fl.FlightCallOptions(timeout=3600.0)
 
     def take_result(self, task_id: str, signer: Signer) -> bytes:
+        """The result envelope sealed to `signer`'s identity (a receiver of the task)."""
         challenge = self.action("challenge")
         signature = signer.sign(wire.result_message(task_id, challenge, self.tls_key_hash))
         return self.action("result", wire.canonical(
-            {"task_id": task_id, "challenge": challenge.hex(), "signature": signature.hex()}))
+            {"task_id": task_id, "receiver": signer.public_key(), "challenge": challenge.hex(),
+             "signature": signature.hex()}))
 
 
 def attested_connect(address: str, policy: AppraisalPolicy, verifiers: Mapping[str, Verifier],
                      at: int | None = None) -> tuple[ExecutorClient, Claims]:
     """A client pinned to the executor's certificate, and the claims that justify it.
 
-    Raises (and closes the client) if the evidence does not pass `policy`.
+    Two appraisals, both against `policy`: the RA-TLS evidence inside the
+    certificate (it binds the certificate's key), then fresh evidence for a nonce
+    chosen here, asked over the pinned channel (it proves the TEE is live now).
+    Raises (and closes the client) if either fails.
     """
     cert = fetch_certificate(address)
+    when = int(time.time()) if at is None else at
+    embedded = read_certificate_evidence(cert)
+    appraise(embedded.evidence(), policy, verifiers,
+             expected_report_data=embedded.report_data, at=when)
     client = ExecutorClient(address, cert)
     try:
         nonce = secrets.token_bytes(32)
         evidence = client.evidence(nonce)
         claims = appraise(evidence, policy, verifiers,
                           expected_report_data=bind_report_data(spki_sha256(cert), nonce),
-                          at=int(time.time()) if at is None else at)
+                          at=when)
     except TeeflowError:
         client.close()
         raise

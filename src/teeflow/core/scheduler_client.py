@@ -1,20 +1,41 @@
-"""HTTP client of the scheduler's API, shared by providers, the SDK and the CLI."""
+"""HTTP client of the scheduler's API, shared by providers, executors, the SDK and CLI.
+
+Every request is signed with the caller's node key (core/auth.py).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Generator
 from typing import Any
 
 import httpx
 
+from teeflow.core import auth
+from teeflow.core.crypto import Identity
 from teeflow.core.errors import PeerError, TeeflowError, Unreachable, from_code
 
 
+class _Signed(httpx.Auth):
+    requires_request_body = True
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        target = request.url.raw_path.decode("latin-1")
+        request.headers.update(auth.sign_request(self.identity, request.method, target,
+                                                 request.content, int(time.time())))
+        yield request
+
+
 class SchedulerClient:
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, identity: Identity, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             self.url = "http://" + self.url
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.identity = identity
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, auth=_Signed(identity))
 
     def close(self) -> None:
         self._http.close()
@@ -35,16 +56,26 @@ class SchedulerClient:
         if resp.status_code >= 400:
             try:
                 err = resp.json()["error"]
-                raise from_code(err["code"], err["message"])
-            except (ValueError, KeyError, TypeError) as exc:
-                if isinstance(exc, TeeflowError):
-                    raise
+                code, message = str(err["code"]), str(err["message"])
+            except (ValueError, KeyError, TypeError):
                 raise PeerError(f"scheduler answered {resp.status_code}: {resp.text[:200]}") \
                     from None
+            raise from_code("auth" if code == "unauthenticated" else code, message)
         return resp.json()
 
-    def register_node(self, name: str, public_key: str) -> None:
-        self._call("POST", "/v1/nodes", json={"name": name, "public_key": public_key})
+    def register_node(self, name: str) -> None:
+        self._call("POST", "/v1/nodes", json={
+            "name": name, "public_key": self.identity.public_key(),
+            "enc_key": self.identity.encryption_public_key()})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/nodes")
+
+    def register_executor(self, address: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/executors", json={"address": address})
+
+    def executors(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/executors")
 
     def add_dataset(self, owner: str, name: str, schema_b64: str, rows: int) -> dict[str, Any]:
         return self._call("POST", "/v1/datasets",
@@ -53,18 +84,23 @@ class SchedulerClient:
     def datasets(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/datasets")
 
-    def assignments(self, node: str, wait: float) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/nodes/{node}/assignments", params={"wait": wait},
+    def work(self, node: str, wait: float) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/nodes/{node}/work", params={"wait": wait},
                           timeout=wait + 30)
 
-    def report(self, task_id: str, dataset: str, node: str, state: str, rows: int = 0,
+    def report(self, task_id: str, dataset: str, state: str, rows: int = 0,
                error: str | None = None, attested: dict[str, Any] | None = None) -> None:
         self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}",
-                   json={"node": node, "state": state, "rows": rows, "error": error,
-                         "attested": attested})
+                   json={"state": state, "rows": rows, "error": error, "attested": attested})
 
-    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/tasks", json=body, timeout=120)
+    def submit(self, spec: dict[str, Any], signature: str,
+               executor: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/v1/tasks", timeout=120,
+                          json={"spec": spec, "signature": signature, "executor": executor})
+
+    def decide(self, task_id: str, decision: str, signature: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/tasks/{task_id}/decision",
+                          json={"decision": decision, "signature": signature}, timeout=120)
 
     def tasks(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/tasks")
@@ -74,3 +110,9 @@ class SchedulerClient:
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/tasks/{task_id}/cancel")
+
+    def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None)
+
+
+__all__ = ["SchedulerClient", "TeeflowError"]

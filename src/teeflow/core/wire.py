@@ -56,18 +56,44 @@ class DatasetRef:
 
 
 @dataclass(frozen=True)
+class Receiver:
+    """Who may open the result: a signing key (to take it) and an X25519 key (to open it)."""
+
+    sign_key: str
+    enc_key: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"sign_key": self.sign_key, "enc_key": self.enc_key}
+
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
 class TaskSpec:
-    """What an executor is asked to run: computation, inputs and who gets the result."""
+    """The task every owner signs. See docs/task-spec.md for the canonical encoding.
+
+    Its SHA-256 digest over that encoding commits to the computation and its code,
+    the parameters, each input (owner key, name, schema), the executors allowed to
+    run it and who receives the result.
+    """
 
     task_id: str
     compute: str
+    code_digest: str
     params: dict[str, str]
     datasets: tuple[DatasetRef, ...]
+    executor_policy: dict[str, Any]
+    receivers: tuple[Receiver, ...]
     initiator_key: str
+    version: int = SPEC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "compute": self.compute, "params": dict(self.params),
+        return {"version": self.version, "task_id": self.task_id, "compute": self.compute,
+                "code_digest": self.code_digest, "params": dict(self.params),
                 "datasets": [d.to_dict() for d in self.datasets],
+                "executor_policy": self.executor_policy,
+                "receivers": [r.to_dict() for r in self.receivers],
                 "initiator_key": self.initiator_key}
 
     def encode(self) -> bytes:
@@ -82,21 +108,45 @@ class TaskSpec:
                 return d
         raise InputError(f"dataset {name!r} is not an input of task {self.task_id}")
 
+    def owner_keys(self) -> list[str]:
+        """Each distinct owner key once, in dataset order."""
+        return list(dict.fromkeys(d.owner_key for d in self.datasets))
+
+    def receiver(self, sign_key: str) -> Receiver | None:
+        return next((r for r in self.receivers if r.sign_key == sign_key), None)
+
     @classmethod
-    def decode(cls, data: bytes) -> TaskSpec:
-        body = parse_json(data, "task spec")
+    def from_dict(cls, body: dict[str, Any]) -> TaskSpec:
         w = "task spec"
+        if body.get("version") != SPEC_VERSION:
+            raise InputError(f"task spec: version must be {SPEC_VERSION}")
         params = _field(body, "params", dict, w)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
             raise InputError("task spec: params must map strings to strings")
-        datasets = tuple(DatasetRef.from_dict(d) for d in _field(body, "datasets", list, w)
-                         if isinstance(d, dict))
-        if not datasets:
-            raise InputError("task spec: no datasets")
+        raw_sets = _field(body, "datasets", list, w)
+        if not raw_sets or not all(isinstance(d, dict) for d in raw_sets):
+            raise InputError("task spec: datasets must be a non-empty list of objects")
+        datasets = tuple(DatasetRef.from_dict(d) for d in raw_sets)
         if len({d.name for d in datasets}) != len(datasets):
             raise InputError("task spec: a dataset is named twice")
-        return cls(_field(body, "task_id", str, w), _field(body, "compute", str, w), params,
-                   datasets, _field(body, "initiator_key", str, w))
+        raw_recv = _field(body, "receivers", list, w)
+        if not raw_recv or not all(isinstance(r, dict) for r in raw_recv):
+            raise InputError("task spec: receivers must be a non-empty list of objects")
+        receivers = tuple(Receiver(_field(r, "sign_key", str, "receiver"),
+                                   _field(r, "enc_key", str, "receiver")) for r in raw_recv)
+        task_id = _field(body, "task_id", str, w)
+        if not 8 <= len(task_id) <= 64 or not task_id.isalnum():
+            raise InputError("task spec: task_id must be 8 to 64 letters or digits")
+        spec = cls(task_id, _field(body, "compute", str, w), _field(body, "code_digest", str, w),
+                   params, datasets, _field(body, "executor_policy", dict, w), receivers,
+                   _field(body, "initiator_key", str, w))
+        if spec.to_dict() != body:
+            raise InputError("task spec: unknown or extra fields")
+        return spec
+
+    @classmethod
+    def decode(cls, data: bytes) -> TaskSpec:
+        return cls.from_dict(parse_json(data, "task spec"))
 
 
 def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: bytes) -> bytes:
@@ -107,7 +157,7 @@ def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: b
 
 
 def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes:
-    """What the initiator signs to take the result."""
+    """What a receiver signs to take the sealed result."""
     return b"teeflow-result-v1\x00" + canonical(
         {"task_id": task_id, "challenge": challenge.hex(), "executor_key": executor_key.hex()})
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as fl
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
-from teeflow.core.crypto import make_tls_identity, spki_sha256
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.flight_errors import to_flight
 from teeflow.core.listen import write_port_file
@@ -77,7 +79,12 @@ class ExecutorFlightServer(fl.FlightServerBase):
         if kind == "challenge":
             return [fl.Result(pa.py_buffer(ex.challenge()))]
         if kind == "create-task":
-            ex.create_task(wire.TaskSpec.decode(body))
+            req = wire.parse_json(body, "create-task")
+            approvals = req.get("approvals")
+            if not isinstance(req.get("spec"), dict) or not isinstance(approvals, list) or \
+                    not all(isinstance(a, dict) for a in approvals):
+                raise InputError("create-task: needs spec and a list of approvals")
+            ex.create_task(wire.TaskSpec.from_dict(req["spec"]), approvals)
             return _json({"accepted": True})
         if kind == "run":
             return _json({"status": ex.run(_task_id(body))})
@@ -86,12 +93,14 @@ class ExecutorFlightServer(fl.FlightServerBase):
         if kind == "result":
             req = wire.parse_json(body, "result request")
             try:
-                task_id = str(req["task_id"])
+                task_id, receiver = str(req["task_id"]), str(req["receiver"])
                 challenge = bytes.fromhex(req["challenge"])
                 signature = bytes.fromhex(req["signature"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise InputError("result request: needs task_id, challenge, signature") from exc
-            return [fl.Result(pa.py_buffer(ex.take_result(task_id, challenge, signature)))]
+                raise InputError(
+                    "result request: needs task_id, receiver, challenge, signature") from exc
+            envelope = ex.take_result(task_id, receiver, challenge, signature)
+            return [fl.Result(pa.py_buffer(envelope))]
         if kind == "cancel":
             ex.cancel(_task_id(body))
             return _json({"cancelled": True})
@@ -130,15 +139,41 @@ def _messages(reader: fl.MetadataRecordBatchReader):
 
 
 def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0) -> ExecutorFlightServer:
-    cert_pem, key_pem, _ = make_tls_identity()
-    executor = Executor(backend, spki_sha256(cert_pem))
+    cert_pem, key_pem = make_ratls_identity(backend)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("RA-TLS identity must be an EC key")
+    executor = Executor(backend, key)
     return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
 
 
-def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None) -> None:
+def announce(scheduler: str, address: str) -> None:
+    """Register with a scheduler under a node key made in this process. The scheduler
+    reads the RA-TLS certificate served at `address`; owners still appraise it live."""
+    from teeflow.core.crypto import KeySigner, key_id
+    from teeflow.core.scheduler_client import SchedulerClient
+
+    identity = KeySigner.generate()
+    for attempt in range(30):
+        try:
+            with SchedulerClient(scheduler, identity) as client:
+                client.register_node(f"executor-{key_id(identity.public_key())}")
+                client.register_executor(address)
+            log.info("registered with scheduler %s as %s", scheduler, address)
+            return
+        except TeeflowError as exc:
+            log.warning("registration with %s failed (%s); retrying", scheduler, exc)
+            threading.Event().wait(min(2.0, 0.2 * (attempt + 1)))
+
+
+def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None,
+          scheduler: str | None = None, advertise: str | None = None) -> None:
     server = build(backend, host, port)
     address = f"{host}:{server.port}"
     write_port_file(port_file, address)
+    if scheduler:
+        threading.Thread(target=announce, args=(scheduler, advertise or address),
+                         daemon=True).start()
     print(f"teeflow executor ({backend.tee}) listening on grpc+tls://{address}", flush=True)
     # shutdown() waits for serve() to return, so it must not run on serve()'s thread.
     signal.signal(signal.SIGTERM,

@@ -7,6 +7,8 @@ initiator, and inputs are dropped as soon as the computation ends.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import secrets
 import threading
@@ -16,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.evidence import NONCE_LEN, Evidence, bind_report_data
 from teeflow.attestation.registry import TeeBackend
-from teeflow.core import wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import verify_signature
 from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import (
@@ -30,6 +34,7 @@ from teeflow.core.errors import (
     TeeflowError,
     UnknownTask,
 )
+from teeflow.core.seal import SUITE_NAME, seal
 from teeflow.executor import compute
 
 log = logging.getLogger("teeflow.executor")
@@ -46,8 +51,9 @@ class _Task:
     inputs: dict[str, list[pa.RecordBatch]] = field(default_factory=dict)
     receiving: set[str] = field(default_factory=set)
     received: dict[str, dict[str, int]] = field(default_factory=dict)
-    result: bytes | None = None
+    sealed: dict[str, bytes] = field(default_factory=dict)  # receiver sign key -> envelope
     error: str | None = None
+    audit: list[dict[str, Any]] = field(default_factory=list)
 
     def wipe(self) -> None:
         self.inputs.clear()
@@ -74,10 +80,14 @@ class UploadRequest:
 class Executor:
     """All state of one executor process. Thread-safe; Flight calls come concurrently."""
 
-    def __init__(self, backend: TeeBackend, tls_spki_hash: bytes,
+    def __init__(self, backend: TeeBackend, tls_key: ec.EllipticCurvePrivateKey,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
-        self.tls_spki_hash = tls_spki_hash
+        spki = tls_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.tls_spki_hash = hashlib.sha256(spki).digest()
+        self.signer = audit.p256_signer(spki)
+        self._tls_key = tls_key
         self._clock = clock
         self._lock = threading.Lock()
         self._tasks: dict[str, _Task] = {}
@@ -112,10 +122,34 @@ class Executor:
         if expires is None or expires < self._clock():
             raise AuthError("challenge unknown, already used or expired")
 
+    def _record(self, task: _Task, kind: str, body: dict[str, Any]) -> None:
+        """Sign an audit entry with the attested TLS key. Caller holds the lock."""
+        payload = audit.signed_payload(task.spec.task_id, kind, body)
+        task.audit.append({"kind": kind, "body": body, "signer": self.signer,
+                           "signature": audit.sign_p256(self._tls_key, payload)})
+
     # -- tasks -------------------------------------------------------------
-    def create_task(self, spec: wire.TaskSpec) -> None:
+    def create_task(self, spec: wire.TaskSpec, approvals: list[dict[str, str]]) -> None:
+        """Accept a task only with every owner's signature on its digest."""
         comp = compute.get(spec.compute)
+        if spec.code_digest != comp.code_digest:
+            raise AuthError(f"computation {spec.compute}: the spec names code "
+                            f"{spec.code_digest[:16]}, this executor runs "
+                            f"{comp.code_digest[:16]}")
         params = comp.check_params(dict(spec.params))
+        body = {"spec_digest": spec.digest()}
+        signed = set()
+        for approval in approvals:
+            signer, signature = approval.get("signer", ""), approval.get("signature", "")
+            try:
+                audit.verify_entry_signature(spec.task_id, "approved", body, signer, signature)
+            except AuthError:
+                continue
+            signed.add(signer.removeprefix("ed25519:"))
+        missing = [k for k in spec.owner_keys() if k not in signed]
+        if missing:
+            owners = sorted({d.owner for d in spec.datasets if d.owner_key in missing})
+            raise AuthError(f"task {spec.task_id}: no valid approval from owner(s) {owners}")
         with self._lock:
             if spec.task_id in self._tasks:
                 if self._tasks[spec.task_id].spec == spec:
@@ -143,6 +177,10 @@ class Executor:
                 "receiving": sorted(task.receiving),
                 "inputs_held": sorted(task.inputs),
                 "simulated": self.simulated,
+                "taken_by": sorted(k for k in (r.sign_key for r in task.spec.receivers)
+                                   if k not in task.sealed) if task.status in (
+                                       "done", "released") else [],
+                "audit": list(task.audit),
             }
 
     def _fail(self, task: _Task, message: str) -> None:
@@ -150,16 +188,22 @@ class Executor:
         if task.status in ("waiting", "running"):
             task.status = "failed"
             task.error = message
-        task.wipe()
+        self._wipe(task, "failed")
         log.warning("task %s failed: %s", task.spec.task_id, message)
+
+    def _wipe(self, task: _Task, reason: str) -> None:
+        held = sorted(task.inputs)
+        task.wipe()
+        if held or task.received:
+            self._record(task, "wiped", {"inputs": held, "reason": reason})
 
     def cancel(self, task_id: str) -> None:
         with self._lock:
             task = self._task(task_id)
             if task.status in ("waiting", "running", "done"):
                 task.status = "cancelled"
-                task.result = None
-            task.wipe()
+                task.sealed.clear()
+            self._wipe(task, "cancelled")
 
     # -- uploads -----------------------------------------------------------
     def _begin_upload(self, request: UploadRequest, schema: pa.Schema) -> _Task:
@@ -195,6 +239,7 @@ class Executor:
         task = self._begin_upload(request, schema)
         held: list[pa.RecordBatch] = []
         rows = nbytes = 0
+        digest = hashlib.sha256()
         try:
             end: dict[str, Any] | None = None
             for batch, meta in messages:
@@ -207,6 +252,8 @@ class Executor:
                     held.append(batch)
                     rows += batch.num_rows
                     nbytes += batch.nbytes
+                    for buf in _buffers(batch):
+                        digest.update(buf)
                 if meta:
                     end = wire.parse_json(meta, "upload end marker")
                 if task.status != "waiting":
@@ -226,6 +273,8 @@ class Executor:
                 raise StateError(f"task {request.task_id} is {task.status}; upload dropped")
             task.inputs[request.dataset] = held
             task.received[request.dataset] = {"rows": rows, "bytes": nbytes}
+            self._record(task, "received", {"dataset": request.dataset, "rows": rows,
+                                            "bytes": nbytes, "sha256": digest.hexdigest()})
         log.info("task %s: received %s (%d rows)", request.task_id, request.dataset, rows)
         return {"rows": rows, "bytes": nbytes}
 
@@ -253,7 +302,7 @@ class Executor:
             comp.check_schemas({name: t.schema for name, t in tables}, task.params)
             value = comp.run(tables, task.params)
             del tables
-            result = wire.canonical({
+            plaintext = wire.canonical({
                 "task_id": spec.task_id,
                 "compute": spec.compute,
                 "code_digest": comp.code_digest,
@@ -263,6 +312,7 @@ class Executor:
                 "inputs": {k: v["rows"] for k, v in task.received.items()},
                 "result": value,
             })
+            sealed = {r.sign_key: self._envelope(spec, r, plaintext) for r in spec.receivers}
         except TeeflowError as exc:
             with self._lock:
                 self._fail(task, str(exc))
@@ -273,25 +323,46 @@ class Executor:
                 self._fail(task, f"computation {spec.compute} failed ({type(exc).__name__})")
             return
         with self._lock:
-            task.wipe()
+            self._wipe(task, "computed")
             if task.status == "running":
                 task.status = "done"
-                task.result = result
+                task.sealed = sealed
+                self._record(task, "computed", {
+                    "compute": spec.compute, "code_digest": comp.code_digest,
+                    "spec_digest": spec.digest(),
+                    "result_sha256": hashlib.sha256(plaintext).hexdigest(),
+                    "receivers": sorted(sealed)})
         log.info("task %s done; inputs wiped", spec.task_id)
 
-    def take_result(self, task_id: str, challenge: bytes, signature: bytes) -> bytes:
-        """The result, once, to the initiator; afterwards the executor holds nothing."""
+    def _envelope(self, spec: wire.TaskSpec, receiver: wire.Receiver, plaintext: bytes) -> bytes:
+        """The result sealed to one receiver, signed with the attested key."""
+        sealed = seal(plaintext, receiver.enc_key, spec.digest())
+        body = {"spec_digest": spec.digest(), "receiver": receiver.sign_key,
+                "sealed_sha256": hashlib.sha256(sealed).hexdigest()}
+        return wire.canonical({
+            "task_id": spec.task_id, "tee": self.backend.tee, "simulated": self.simulated,
+            "suite": SUITE_NAME, "sealed": base64.b64encode(sealed).decode(), **body,
+            "signer": self.signer,
+            "signature": audit.sign_p256(self._tls_key,
+                                         audit.signed_payload(spec.task_id, "result", body))})
+
+    def take_result(self, task_id: str, receiver_key: str, challenge: bytes,
+                    signature: bytes) -> bytes:
+        """A receiver's sealed result, once; when every receiver has it, nothing is left."""
         self._take_challenge(challenge)
         with self._lock:
             task = self._task(task_id)
+            if task.spec.receiver(receiver_key) is None:
+                raise AuthError(f"this key is not a receiver of task {task_id}")
             message = wire.result_message(task_id, challenge, self.tls_spki_hash)
-            verify_signature(task.spec.initiator_key, signature, message)
-            if task.status != "done" or task.result is None:
+            verify_signature(receiver_key, signature, message)
+            envelope = task.sealed.pop(receiver_key, None)
+            if task.status not in ("done", "released") or envelope is None:
                 raise StateError(f"task {task_id} is {task.status}; no result to take")
-            result, task.result = task.result, None
-            task.status = "released"
-            task.wipe()
-        return result
+            self._record(task, "released", {"to": receiver_key})
+            if not task.sealed:
+                task.status = "released"
+        return envelope
 
     def held_bytes(self, task_id: str) -> int:
         """How many input bytes the executor still holds for a task (for tests and audit)."""
@@ -300,3 +371,11 @@ class Executor:
             return sum(b.nbytes for batches in task.inputs.values() for b in batches)
 
 
+
+
+def _buffers(batch: pa.RecordBatch):
+    """The batch's memory, without copying, for the received-data digest."""
+    for column in batch.columns:
+        for buf in column.buffers():
+            if buf is not None:
+                yield memoryview(buf)

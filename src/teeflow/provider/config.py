@@ -11,6 +11,7 @@ from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import collateral_source
 from teeflow.core.errors import ConfigError
+from teeflow.provider.consent import ApprovalRule, load_rules
 
 MAX_CONFIG = 1024 * 1024
 
@@ -31,6 +32,7 @@ class ProviderConfig:
     poll_wait: float = 20.0
     upload_rows_per_second: float | None = None
     collateral: CollateralSource | None = None
+    approve: tuple[ApprovalRule, ...] = ()
 
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -59,7 +61,7 @@ def load_config(path: Path) -> ProviderConfig:
 
 def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
     for key in doc:
-        if key not in ("node", "datasets", "policy", "collateral"):
+        if key not in ("node", "datasets", "policy", "collateral", "approve"):
             raise ConfigError(f"{key}: unknown section")
     node = doc.get("node")
     if not isinstance(node, dict):
@@ -103,4 +105,5 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         poll_wait=float(poll_wait),
         upload_rows_per_second=float(rate) if rate is not None else None,
         collateral=collateral_source(doc.get("collateral"), base),
+        approve=load_rules(doc.get("approve")),
     )

@@ -1,11 +1,14 @@
-"""A data owner's node: outbound only. Long-polls the scheduler, appraises, uploads.
+"""A data owner's node: outbound only. Long-polls the scheduler, signs the task specs
+its rules allow, appraises executors, uploads.
 
-Sends a byte of data only to an executor whose evidence passed this node's
-own policy, over a channel pinned to the key that evidence binds.
+Sends a byte of data only for a spec this node signed, to an executor whose
+evidence passed both this node's own policy and the policy inside that spec,
+over a channel pinned to the key that evidence binds.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -14,13 +17,29 @@ from typing import Any
 
 import pyarrow as pa
 
+from teeflow.attestation.policy import load_policy, satisfies
 from teeflow.attestation.registry import make_verifiers
-from teeflow.core.crypto import Signer, load_or_create_key
-from teeflow.core.datasets import count_rows, iter_batches, read_schema, schema_to_b64
-from teeflow.core.errors import AttestationError, TeeflowError, Unreachable
+from teeflow.core import audit, wire
+from teeflow.core.crypto import Identity, load_or_create_key
+from teeflow.core.datasets import (
+    count_rows,
+    iter_batches,
+    read_schema,
+    schema_fingerprint,
+    schema_to_b64,
+)
+from teeflow.core.errors import (
+    AttestationError,
+    AuthError,
+    ConfigError,
+    InputError,
+    TeeflowError,
+    Unreachable,
+)
 from teeflow.core.executor_client import attested_connect
 from teeflow.core.scheduler_client import SchedulerClient
 from teeflow.provider.config import ProviderConfig
+from teeflow.provider.consent import approval_body, check_signed_by
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
@@ -28,19 +47,19 @@ OUTCOME_RETRY = 120.0
 
 
 class Provider:
-    def __init__(self, config: ProviderConfig, signer: Signer | None = None) -> None:
+    def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
-        self.signer = signer or load_or_create_key(config.key_file)
-        self.scheduler = SchedulerClient(config.scheduler)
+        self.identity = identity or load_or_create_key(config.key_file)
+        self.scheduler = SchedulerClient(config.scheduler, self.identity)
         self.verifiers = make_verifiers(config.collateral)
         self._busy: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def register(self) -> None:
-        """Announce this node's key and its datasets' schemas and sizes (never rows)."""
+        """Announce this node's keys and its datasets' schemas and sizes (never rows)."""
         cfg = self.config
-        self.scheduler.register_node(cfg.name, self.signer.public_key())
+        self.scheduler.register_node(cfg.name)
         for d in cfg.datasets:
             schema = read_schema(d.path)
             self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path))
@@ -53,13 +72,13 @@ class Provider:
         self.register()
         while not self._stop.is_set():
             try:
-                work = self.scheduler.assignments(self.config.name, self.config.poll_wait)
+                work = self.scheduler.work(self.config.name, self.config.poll_wait)
             except Unreachable as exc:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
                 continue
             for item in work:
-                key = (item["task_id"], item["dataset"])
+                key = (item["kind"], item["task_id"], item.get("dataset", ""))
                 with self._lock:
                     if key in self._busy:
                         continue
@@ -67,33 +86,90 @@ class Provider:
                 threading.Thread(target=self._handle_guarded, args=(item, key),
                                  daemon=True).start()
 
-    def _handle_guarded(self, item: dict[str, Any], key: tuple[str, str]) -> None:
+    def _handle_guarded(self, item: dict[str, Any], key: tuple[str, ...]) -> None:
         try:
-            self.handle(item)
+            if item["kind"] == "approve":
+                self.consider(item)
+            else:
+                self.handle(item)
+        except Exception:
+            log.exception("task %s: %s failed", item.get("task_id"), item.get("kind"))
         finally:
             with self._lock:
                 self._busy.discard(key)
 
-    def handle(self, item: dict[str, Any]) -> dict[str, Any] | None:
-        """One assignment: appraise the executor, then stream the dataset to it."""
-        task_id, name, executor = item["task_id"], item["dataset"], item["executor"]
-        report = self.scheduler.report
-        node = self.config.name
+    # -- consent -------------------------------------------------------------
+    def check_spec(self, spec: wire.TaskSpec) -> None:
+        """This node's datasets in the spec are the ones it holds, with their schemas."""
+        me = self.identity.public_key()
+        for ref in spec.datasets:
+            if ref.owner_key != me:
+                continue
+            mine = self.config.dataset(ref.name)
+            if mine is None:
+                raise InputError(f"spec names dataset {ref.name!r}, which this node does not hold")
+            if schema_fingerprint(read_schema(mine.path)) != ref.fingerprint:
+                raise InputError(f"spec's schema for {ref.name!r} is not this node's file's")
         try:
-            report(task_id, name, node, "started")
+            load_policy(spec.executor_policy, "executor_policy")
+        except ConfigError as exc:
+            raise InputError(str(exc)) from exc
+
+    def consider(self, item: dict[str, Any]) -> str | None:
+        """Sign an approval request if a rule in the config allows it; else leave it."""
+        spec = wire.TaskSpec.from_dict(item["spec"])
+        if spec.digest() != item.get("spec_digest"):
+            log.warning("task %s: digest does not match its spec; ignoring", spec.task_id)
+            return None
+        try:
+            self.check_spec(spec)
+        except InputError as exc:
+            self.decide(spec, "rejected")
+            log.warning("task %s: rejected: %s", spec.task_id, exc)
+            return "rejected"
+        me = self.identity.public_key()
+        if any(rule.matches(spec, me) for rule in self.config.approve):
+            self.decide(spec, "approved")
+            log.info("task %s: approved by rule", spec.task_id)
+            return "approved"
+        log.info("task %s: no rule approves it; waiting for `teeflow approve`", spec.task_id)
+        return None
+
+    def decide(self, spec: wire.TaskSpec, decision: str) -> None:
+        signature = self.identity.sign(audit.signed_payload(spec.task_id, decision,
+                                                            approval_body(spec)))
+        self.scheduler.decide(spec.task_id, decision, base64.b64encode(signature).decode())
+
+    # -- uploads -------------------------------------------------------------
+    def handle(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        """One assignment: check the spec is ours, appraise the executor, stream the dataset."""
+        task_id, name, executor = item["task_id"], item["dataset"], item["executor"]
+        try:
+            self.scheduler.report(task_id, name, "started")
         except TeeflowError as exc:  # taken by an earlier poll, or the task ended
             log.info("task %s: not starting %s: %s", task_id, name, exc)
             return None
         dataset = self.config.dataset(name)
         try:
             if dataset is None:
-                raise TeeflowError(f"this node does not hold dataset {name!r}")
+                raise InputError(f"this node does not hold dataset {name!r}")
+            spec = wire.TaskSpec.from_dict(item["spec"])
+            if spec.task_id != task_id or spec.dataset(name).owner_key != \
+                    self.identity.public_key():
+                raise AuthError(f"assignment does not match the spec of task {task_id}")
+            check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
+            spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
-            log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
-                     claims.measurements)
-            self._try_report(task_id, name, "started", attested=claims.to_dict())
             with client:
-                receipt = client.upload(task_id, name, self.signer, read_schema(dataset.path),
+                satisfies(claims, spec_policy)
+                body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
+                        "spec_digest": spec.digest(), "claims": claims.to_dict()}
+                signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
+                self._try_report(task_id, name, "started", attested={
+                    "body": body, "signature": base64.b64encode(signature).decode()})
+                log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
+                         claims.measurements)
+                receipt = client.upload(task_id, name, self.identity, read_schema(dataset.path),
                                         self._paced(iter_batches(dataset.path)),
                                         _Progress(self, task_id, name))
         except AttestationError as exc:
@@ -127,7 +203,7 @@ class Provider:
     def _try_report(self, task_id: str, name: str, state: str, **extra: Any) -> bool:
         """Progress is best effort: a scheduler restart must not break an upload."""
         try:
-            self.scheduler.report(task_id, name, self.config.name, state, **extra)
+            self.scheduler.report(task_id, name, state, **extra)
             return True
         except TeeflowError as exc:
             log.info("task %s: progress report not delivered: %s", task_id, exc)
@@ -138,7 +214,7 @@ class Provider:
         deadline = time.monotonic() + OUTCOME_RETRY
         while True:
             try:
-                self.scheduler.report(task_id, name, self.config.name, state, **extra)
+                self.scheduler.report(task_id, name, state, **extra)
                 return
             except Unreachable as exc:
                 if time.monotonic() > deadline or self._stop.is_set():

@@ -1,21 +1,30 @@
-"""The scheduler's logic: accept tasks, route assignments, follow executors, record it all.
+"""The scheduler's logic: take signed tasks, collect owners' signatures, route
+assignments, follow executors, and record it all in the audit log.
 
-It never sees a row of data: it tells providers where to send theirs and asks
-executors only for status.
+It never sees a row of data, and it cannot make a signature: every consent it
+relays was signed by an owner's key and is checked again by the executor.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from teeflow.core import wire
-from teeflow.core.crypto import check_public_key
+from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.core import audit, wire
+from teeflow.core.crypto import check_encryption_key, check_public_key
 from teeflow.core.datasets import schema_from_b64
-from teeflow.core.errors import InputError, PeerError, StateError, TeeflowError, Unreachable
+from teeflow.core.errors import (
+    AuthError,
+    ConfigError,
+    InputError,
+    PeerError,
+    StateError,
+    TeeflowError,
+    Unreachable,
+)
 from teeflow.core.executor_client import ExecutorClient, parse_address
 from teeflow.executor import compute
 from teeflow.scheduler.store import Store, Task
@@ -34,6 +43,16 @@ def _unverified(address: str) -> ExecutorLink:
     return ExecutorClient(address, None)
 
 
+def _policy_accepts(policy: AppraisalPolicy, executor: dict[str, Any]) -> bool:
+    """Whether an executor's registered claims fit a spec's policy (owners re-check live)."""
+    if executor["tee"] not in policy.tee_types:
+        return False
+    for name, accepted in policy.measurements.get(executor["tee"], {}).items():
+        if executor["measurements"].get(name) not in accepted:
+            return False
+    return True
+
+
 class Scheduler:
     def __init__(self, store: Store,
                  connect: Callable[[str], ExecutorLink] = _unverified) -> None:
@@ -41,46 +60,92 @@ class Scheduler:
         self._connect = connect
         self._unreachable_since: dict[str, float] = {}
 
-    def submit(self, body: dict[str, Any]) -> Task:
-        names = body.get("datasets")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise InputError("datasets: give a non-empty list of dataset names")
-        if len(set(names)) != len(names):
-            raise InputError("datasets: a dataset is named twice")
-        executor = str(body.get("executor", ""))
-        parse_address(executor)
-        initiator_key = check_public_key(str(body.get("initiator_key", "")))
-        params = body.get("params") or {}
-        if not isinstance(params, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
-            raise InputError("params: must map names to string values")
-        comp = compute.get(str(body.get("compute", "")))
-        checked = comp.check_params(dict(params))
-        catalog = [self.store.dataset(n) for n in names]
-        comp.check_schemas({d["name"]: schema_from_b64(d["schema_b64"]) for d in catalog},
-                           checked)
-        task_id = uuid.uuid4().hex[:16]
-        spec = wire.TaskSpec(
-            task_id=task_id, compute=comp.name, params=dict(params),
-            datasets=tuple(wire.DatasetRef(d["name"], d["owner"], self.store.node_key(d["owner"]),
-                                           d["fingerprint"]) for d in catalog),
-            initiator_key=initiator_key)
-        self.store.create_task(task_id, comp.name, dict(params), executor, initiator_key,
-                               spec.to_dict())
+    # -- submission ----------------------------------------------------------
+    def submit(self, caller_key: str, body: dict[str, Any]) -> Task:
+        """A task spec signed by its initiator (the caller)."""
+        raw_spec, signature = body.get("spec"), body.get("signature")
+        if not isinstance(raw_spec, dict) or not isinstance(signature, str):
+            raise InputError("submit: needs spec and the initiator's signature")
+        spec = wire.TaskSpec.from_dict(raw_spec)
+        if spec.initiator_key != caller_key:
+            raise AuthError("submit: the spec names another initiator than the caller")
+        digest = spec.digest()
+        audit.verify_entry_signature(spec.task_id, "submitted",
+                                     {"spec": spec.to_dict(), "spec_digest": digest},
+                                     audit.ed25519_signer(caller_key), signature)
+        for r in spec.receivers:
+            check_public_key(r.sign_key)
+            check_encryption_key(r.enc_key)
         try:
-            link = self._connect(executor)
+            policy = load_policy(spec.executor_policy, "executor_policy")
+        except ConfigError as exc:
+            raise InputError(str(exc)) from exc
+        comp = compute.get(spec.compute)
+        checked = comp.check_params(dict(spec.params))
+        schemas = {}
+        for ref in spec.datasets:
+            entry = self.store.dataset(ref.name)
+            if (entry["owner"], entry["owner_key"], entry["fingerprint"]) != (
+                    ref.owner, ref.owner_key, ref.fingerprint):
+                raise InputError(f"dataset {ref.name!r}: the spec's owner or schema is not "
+                                 "the catalogued one")
+            schemas[ref.name] = schema_from_b64(entry["schema_b64"])
+        comp.check_schemas(schemas, checked)
+        executor = str(body.get("executor") or "") or self._pick_executor(policy)
+        parse_address(executor)
+        self.store.create_task(spec.to_dict(), digest, executor, signature)
+        return self.store.task(spec.task_id)
+
+    def _pick_executor(self, policy: AppraisalPolicy) -> str:
+        for ex in self.store.executors():
+            if _policy_accepts(policy, ex):
+                return str(ex["address"])
+        raise InputError("no registered executor satisfies the task's executor policy")
+
+    # -- consent -------------------------------------------------------------
+    def decide(self, caller_key: str, task_id: str, body: dict[str, Any]) -> Task:
+        """An owner's signed approval or rejection of a task's digest."""
+        decision, signature = body.get("decision"), body.get("signature")
+        if decision not in ("approved", "rejected") or not isinstance(signature, str):
+            raise InputError("decision: 'approved' or 'rejected', with a signature")
+        task = self.store.task(task_id)
+        spec = wire.TaskSpec.from_dict(task.spec)
+        owners = spec.owner_keys()
+        if caller_key not in owners:
+            raise AuthError(f"only an owner of task {task_id}'s data can decide on it")
+        audit.verify_entry_signature(task_id, decision, {"spec_digest": task.spec_digest},
+                                     audit.ed25519_signer(caller_key), signature)
+        approved = {a["owner_key"] for a in self.store.approvals(task_id)
+                    if a["decision"] == "approved"} | {caller_key}
+        state = self.store.approve(task_id, caller_key, decision, signature, decision,
+                                   all_in=decision == "approved" and set(owners) <= approved)
+        if state == "approved":
+            self._dispatch(self.store.task(task_id))
+        return self.store.task(task_id)
+
+    def _dispatch(self, task: Task) -> None:
+        """Hand the spec and every owner's signature to the executor."""
+        approvals = [{"signer": audit.ed25519_signer(a["owner_key"]),
+                      "signature": a["signature"]}
+                     for a in self.store.approvals(task.id) if a["decision"] == "approved"]
+        try:
+            link = self._connect(task.executor)
             try:
-                link.action("create-task", spec.encode())
+                link.action("create-task", wire.canonical({"spec": task.spec,
+                                                           "approvals": approvals}))
             finally:
                 link.close()
         except TeeflowError as exc:
-            self.store.transition(task_id, "fail", {"reason": str(exc)}, error=str(exc))
-            raise
-        self.store.transition(task_id, "accept", {"executor": executor})
-        return self.store.task(task_id)
+            self.store.transition(task.id, "fail", {"reason": str(exc)}, error=str(exc))
+            return
+        self.store.transition(task.id, "accept", {"executor": task.executor})
 
-    def report(self, task_id: str, dataset: str, node: str, body: dict[str, Any]) -> None:
+    # -- providers -----------------------------------------------------------
+    def report(self, caller_key: str, task_id: str, dataset: str, body: dict[str, Any]) -> None:
         """A provider's progress or outcome for one of its assignments."""
+        node = self.store.node_by_key(caller_key)
+        if node is None:
+            raise AuthError("caller is not a registered node")
         state = str(body.get("state", ""))
         rows = body.get("rows", 0) or 0
         if not isinstance(rows, int) or rows < 0:
@@ -88,26 +153,37 @@ class Scheduler:
         error = body.get("error")
         error = str(error)[:2000] if error else None
         task = self.store.task(task_id)
-        self.store.update_assignment(task_id, dataset, node, state, rows, error)
-        detail = {"dataset": dataset, "node": node, "rows": rows}
+        self.store.update_assignment(task_id, dataset, node["name"], state, rows, error)
+        detail = {"dataset": dataset, "node": node["name"], "rows": rows}
         attested = body.get("attested")
         if state == "started" and isinstance(attested, dict) and task.state == "uploading":
-            claims = {k: attested.get(k) for k in ("tee", "measurements", "debug", "tcb_status",
-                                                     "simulated")}
-            self.store.transition(task_id, "attest", {**detail, "claims": claims})
+            entry_body, signature = attested.get("body"), attested.get("signature")
+            if not isinstance(entry_body, dict) or not isinstance(signature, str):
+                raise InputError("attested: needs the signed body and its signature")
+            audit.verify_entry_signature(task_id, "attested", entry_body,
+                                         audit.ed25519_signer(caller_key), signature)
+            self.store.transition(task_id, "attested", entry_body,
+                                  signer=audit.ed25519_signer(caller_key), signature=signature)
         elif state == "started" and rows == 0 and task.state in ("accepted", "uploading"):
             self.store.transition(task_id, "upload", {**detail, "step": "started"})
         elif state == "uploaded" and task.state == "uploading":
             self.store.transition(task_id, "upload", {**detail, "step": "uploaded"})
         elif state == "failed" and task.state not in ("released", "failed", "cancelled"):
-            reason = f"{node} could not upload {dataset}: {error}"
+            reason = f"{node['name']} could not upload {dataset}: {error}"
             self.store.transition(task_id, "fail", {**detail, "reason": error}, error=reason)
             self._tell_executor(task.executor, "cancel", task_id)
 
-    def cancel(self, task_id: str) -> Task:
+    def cancel(self, caller_key: str, task_id: str) -> Task:
         task = self.store.task(task_id)
-        self.store.transition(task_id, "cancel", {"by": "request"})
-        self._tell_executor(task.executor, "cancel", task_id)
+        spec = wire.TaskSpec.from_dict(task.spec)
+        if caller_key != spec.initiator_key and caller_key not in spec.owner_keys():
+            raise AuthError(f"only the initiator or an owner can cancel task {task_id}")
+        self.store.transition(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
+        if task.state not in ("submitted", "approved"):
+            try:
+                self._tell_executor(task.executor, "cancel", task_id)
+            except TeeflowError as exc:
+                log.warning("task %s: executor not told of cancel: %s", task_id, exc)
         return self.store.task(task_id)
 
     def _tell_executor(self, executor: str, kind: str, task_id: str) -> Any:
@@ -117,6 +193,7 @@ class Scheduler:
         finally:
             link.close()
 
+    # -- following executors -------------------------------------------------
     def tick(self) -> None:
         """One pass over live tasks: start runs, follow executors, fail what is lost."""
         for task in self.store.tasks(active_only=True):
@@ -127,8 +204,23 @@ class Scheduler:
             except TeeflowError as exc:
                 log.warning("task %s: %s", task.id, exc)
 
+    def _record_executor_entries(self, task: Task, entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            signature = str(e.get("signature", ""))
+            if not signature or self.store.has_signature(signature):
+                continue
+            kind, body, signer = str(e.get("kind")), e.get("body"), str(e.get("signer", ""))
+            if kind not in audit.EXECUTOR_KINDS or not isinstance(body, dict):
+                continue
+            try:
+                audit.verify_entry_signature(task.id, kind, body, signer, signature)
+            except AuthError as exc:
+                log.warning("task %s: dropping executor entry: %s", task.id, exc)
+                continue
+            self.store.append(task.id, kind, body, signer, signature)
+
     def _follow(self, task: Task) -> None:
-        if task.state == "submitted":
+        if task.state in ("submitted", "approved"):
             return
         try:
             status = self._tell_executor(task.executor, "status", task.id)
@@ -139,6 +231,7 @@ class Scheduler:
                                       error=f"executor lost: {exc}")
             return
         self._unreachable_since.pop(task.id, None)
+        self._record_executor_entries(task, status.get("audit") or [])
         remote = status["status"]
         if remote == "failed":
             self.store.transition(task.id, "fail", {"reason": status.get("error")},
@@ -154,6 +247,6 @@ class Scheduler:
         elif task.state == "uploading" and remote in ("running", "done", "released"):
             self.store.transition(task.id, "run", {"inputs": status["received"]})
         elif task.state == "running" and remote in ("done", "released"):
-            self.store.transition(task.id, "finish", {"inputs_wiped": True})
+            self.store.transition(task.id, "finish", {})
         elif task.state == "done" and remote == "released":
-            self.store.transition(task.id, "release", {"to": "initiator"})
+            self.store.transition(task.id, "close", {})

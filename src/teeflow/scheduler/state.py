@@ -1,29 +1,34 @@
 """The task state machine as a table. Pure: no I/O.
 
-    submitted -accept-> accepted -upload-> uploading -run-> running
-              -finish-> done -release-> released
+    submitted -approved-> submitted (one owner signed) ... -consented-> approved
+    approved -accept-> accepted -upload-> uploading -run-> running -finish-> done
+    done -close-> released (every receiver has taken its sealed result)
+    submitted -rejected-> rejected
     any live state -fail-> failed, -cancel-> cancelled
 
-`released`, `failed` and `cancelled` are final.
+`released`, `rejected`, `failed` and `cancelled` are final.
 """
 
 from __future__ import annotations
 
 from teeflow.core.errors import StateError
 
-STATES = ("submitted", "accepted", "uploading", "running", "done",
-          "released", "failed", "cancelled")
-FINAL = frozenset({"released", "failed", "cancelled"})
-LIVE = ("submitted", "accepted", "uploading", "running", "done")
+STATES = ("submitted", "approved", "accepted", "uploading", "running", "done",
+          "released", "rejected", "failed", "cancelled")
+FINAL = frozenset({"released", "rejected", "failed", "cancelled"})
+LIVE = ("submitted", "approved", "accepted", "uploading", "running", "done")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
-    ("submitted", "accept"): "accepted",
+    ("submitted", "approved"): "submitted",  # one owner signed; others still to come
+    ("submitted", "consented"): "approved",  # every owner signed the spec digest
+    ("submitted", "rejected"): "rejected",
+    ("approved", "accept"): "accepted",
     ("accepted", "upload"): "uploading",
     ("uploading", "upload"): "uploading",
-    ("uploading", "attest"): "uploading",  # a provider accepted the executor's evidence
+    ("uploading", "attested"): "uploading",  # a provider accepted the executor's evidence
     ("uploading", "run"): "running",
     ("running", "finish"): "done",
-    ("done", "release"): "released",
+    ("done", "close"): "released",
     **{(s, "fail"): "failed" for s in LIVE},
     **{(s, "cancel"): "cancelled" for s in LIVE},
 }

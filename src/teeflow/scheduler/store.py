@@ -1,8 +1,10 @@
-"""The scheduler's state in SQLite: nodes, the dataset catalog, tasks, assignments, events.
+"""The scheduler's state in SQLite: nodes, executors, the dataset catalog, tasks,
+assignments, approvals, seen request nonces, and the hash-chained audit log.
 
 It routes and records; it never holds a row of anyone's data. Every task state
 change goes through `transition`, which consults the table in `state.py` and
-writes the new state and its event in one transaction.
+appends the audit entry in the same transaction. The audit log is the task
+history: one chain over all tasks (see core/audit.py).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teeflow.core import audit
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
 from teeflow.scheduler.state import FINAL, next_state
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
-    name TEXT PRIMARY KEY, public_key TEXT NOT NULL, registered_at REAL NOT NULL);
+    name TEXT PRIMARY KEY, public_key TEXT NOT NULL UNIQUE, enc_key TEXT NOT NULL,
+    registered_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS executors (
+    address TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, tee TEXT NOT NULL,
+    measurements TEXT NOT NULL, registered_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES nodes(name),
     schema_b64 TEXT NOT NULL, fingerprint TEXT NOT NULL, rows INTEGER NOT NULL,
@@ -28,14 +35,23 @@ CREATE TABLE IF NOT EXISTS datasets (
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, compute TEXT NOT NULL, params TEXT NOT NULL,
     executor TEXT NOT NULL, initiator_key TEXT NOT NULL, spec TEXT NOT NULL,
-    error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    spec_digest TEXT NOT NULL, error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT NOT NULL REFERENCES tasks(id), dataset TEXT NOT NULL, node TEXT NOT NULL,
     state TEXT NOT NULL, rows INTEGER NOT NULL DEFAULT 0, error TEXT, updated_at REAL NOT NULL,
     PRIMARY KEY (task_id, dataset));
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, at REAL NOT NULL,
-    event TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS approvals (
+    task_id TEXT NOT NULL REFERENCES tasks(id), owner_key TEXT NOT NULL,
+    decision TEXT NOT NULL, signature TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (task_id, owner_key));
+CREATE TABLE IF NOT EXISTS nonces (
+    key TEXT NOT NULL, nonce TEXT NOT NULL, expires INTEGER NOT NULL,
+    PRIMARY KEY (key, nonce));
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
+    body TEXT NOT NULL, signer TEXT NOT NULL, signature TEXT NOT NULL,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_task ON audit(task_id);
 """
 
 ASSIGNMENT_STATES = ("pending", "started", "uploaded", "failed")
@@ -50,6 +66,7 @@ class Task:
     executor: str
     initiator_key: str
     spec: dict[str, Any]
+    spec_digest: str
     error: str | None
     created_at: float
     updated_at: float
@@ -58,8 +75,8 @@ class Task:
         return {"id": self.id, "state": self.state, "compute": self.compute,
                 "params": self.params, "executor": self.executor,
                 "datasets": [d["name"] for d in self.spec["datasets"]],
-                "error": self.error, "created_at": self.created_at,
-                "updated_at": self.updated_at}
+                "spec_digest": self.spec_digest, "error": self.error,
+                "created_at": self.created_at, "updated_at": self.updated_at}
 
 
 class Store:
@@ -82,26 +99,59 @@ class Store:
     def _tx(self):
         return _Tx(self._db, self._lock)
 
-    # -- nodes and catalog -------------------------------------------------
-    def register_node(self, name: str, public_key: str) -> None:
+    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- request nonces ----------------------------------------------------
+    def fresh_nonce(self, key: str, nonce: str, expires: int) -> bool:
+        """Record a request nonce; False if this key used it before (a replay)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM nonces WHERE expires < ?", (int(time.time()),))
+            try:
+                db.execute("INSERT INTO nonces VALUES (?,?,?)", (key, nonce, expires))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    # -- nodes, executors and catalog --------------------------------------
+    def register_node(self, name: str, public_key: str, enc_key: str) -> None:
         with self._tx() as db:
             row = db.execute("SELECT public_key FROM nodes WHERE name=?", (name,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO nodes VALUES (?,?,?)", (name, public_key, time.time()))
-            elif row["public_key"] != public_key:
-                raise AuthError(f"node {name!r} is registered with another key")
+            other = db.execute("SELECT name FROM nodes WHERE public_key=?",
+                               (public_key,)).fetchone()
+            if row is None and other is None:
+                db.execute("INSERT INTO nodes VALUES (?,?,?,?)",
+                           (name, public_key, enc_key, time.time()))
+            elif row is None or row["public_key"] != public_key:
+                taken = f"node {name!r}" if row is not None else f"key of {other['name']!r}"
+                raise AuthError(f"{taken} is registered with another key or name")
+
+    def node_by_key(self, public_key: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM nodes WHERE public_key=?", public_key)
+        return dict(rows[0]) if rows else None
+
+    def node(self, name: str) -> dict[str, Any]:
+        rows = self._rows("SELECT * FROM nodes WHERE name=?", name)
+        if not rows:
+            raise AuthError(f"node {name!r} is not registered")
+        return dict(rows[0])
 
     def node_key(self, name: str) -> str:
-        with self._lock:
-            row = self._db.execute("SELECT public_key FROM nodes WHERE name=?", (name,)).fetchone()
-        if row is None:
-            raise AuthError(f"node {name!r} is not registered")
-        return str(row["public_key"])
+        return str(self.node(name)["public_key"])
 
     def nodes(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self._rows("SELECT * FROM nodes ORDER BY name")]
+
+    def register_executor(self, address: str, cert_pem: str, tee: str,
+                          measurements: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO executors VALUES (?,?,?,?,?)",
+                       (address, cert_pem, tee, json.dumps(measurements), time.time()))
+
+    def executors(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM executors ORDER BY address")
+        return [{**dict(r), "measurements": json.loads(r["measurements"])} for r in rows]
 
     def add_dataset(self, owner: str, name: str, schema_b64: str, fingerprint: str,
                     rows: int) -> None:
@@ -115,80 +165,154 @@ class Store:
                        (name, owner, schema_b64, fingerprint, rows, time.time()))
 
     def dataset(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM datasets WHERE name=?", (name,)).fetchone()
-        if row is None:
+        rows = self._rows("SELECT d.*, n.public_key AS owner_key FROM datasets d "
+                          "JOIN nodes n ON n.name = d.owner WHERE d.name=?", name)
+        if not rows:
             raise UnknownDataset(f"unknown dataset {name!r}")
-        return dict(row)
+        return dict(rows[0])
 
     def datasets(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM datasets ORDER BY name").fetchall()
+        rows = self._rows("SELECT d.*, n.public_key AS owner_key FROM datasets d "
+                          "JOIN nodes n ON n.name = d.owner ORDER BY d.name")
         return [dict(r) for r in rows]
 
-    # -- tasks -------------------------------------------------------------
-    def create_task(self, task_id: str, compute: str, params: dict[str, str], executor: str,
-                    initiator_key: str, spec: dict[str, Any]) -> None:
-        now = time.time()
+    # -- audit log -----------------------------------------------------------
+    def _append(self, db: sqlite3.Connection, task_id: str, kind: str, body: dict[str, Any],
+                signer: str, signature: str) -> audit.Entry:
+        last = db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        entry = audit.chain(_entry(last) if last else None, task_id, kind, body, signer,
+                            signature)
+        db.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?)",
+                   (entry.seq, task_id, time.time(), kind, json.dumps(entry.body), signer,
+                    signature, entry.prev_hash, entry.hash))
+        return entry
+
+    def append(self, task_id: str, kind: str, body: dict[str, Any], signer: str,
+               signature: str) -> None:
+        """Record a signed entry that changes no state (e.g. the executor's)."""
         with self._tx() as db:
-            db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (task_id, "submitted", compute, json.dumps(params), executor,
-                        initiator_key, json.dumps(spec), None, now, now))
+            self._append(db, task_id, kind, body, signer, signature)
+
+    def audit_log(self, task_id: str | None = None) -> list[audit.Entry]:
+        if task_id is None:
+            return [_entry(r) for r in self._rows("SELECT * FROM audit ORDER BY seq")]
+        return [_entry(r) for r in
+                self._rows("SELECT * FROM audit WHERE task_id=? ORDER BY seq", task_id)]
+
+    def has_signature(self, signature: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM audit WHERE signature=? LIMIT 1", signature))
+
+    # -- tasks -------------------------------------------------------------
+    def create_task(self, spec: dict[str, Any], spec_digest: str, executor: str,
+                    signature: str) -> None:
+        """A submitted task, its assignments and its signed `submitted` entry, at once."""
+        now = time.time()
+        task_id = spec["task_id"]
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone():
+                raise StateError(f"task {task_id} already exists")
+            db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (task_id, "submitted", spec["compute"], json.dumps(spec["params"]),
+                        executor, spec["initiator_key"], json.dumps(spec), spec_digest, None,
+                        now, now))
             for d in spec["datasets"]:
                 db.execute("INSERT INTO assignments VALUES (?,?,?,?,?,?,?)",
                            (task_id, d["name"], d["owner"], "pending", 0, None, now))
-            db.execute("INSERT INTO events (task_id, at, event, state, detail) VALUES (?,?,?,?,?)",
-                       (task_id, now, "submit", "submitted", json.dumps({"compute": compute})))
+            self._append(db, task_id, "submitted", {"spec": spec, "spec_digest": spec_digest},
+                         audit.ed25519_signer(spec["initiator_key"]), signature)
 
     def transition(self, task_id: str, event: str, detail: dict[str, Any] | None = None,
-                   error: str | None = None) -> str:
+                   error: str | None = None, signer: str = audit.SCHEDULER,
+                   signature: str = "") -> str:
         """Apply `event`; raises StateError (and changes nothing) if the table forbids it."""
         with self._tx() as db:
             row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None:
                 raise UnknownTask(f"unknown task {task_id!r}")
             new = next_state(row["state"], event)
-            now = time.time()
             db.execute("UPDATE tasks SET state=?, updated_at=?, error=COALESCE(?, error) "
-                       "WHERE id=?", (new, now, error, task_id))
-            db.execute("INSERT INTO events (task_id, at, event, state, detail) VALUES (?,?,?,?,?)",
-                       (task_id, now, event, new, json.dumps(detail or {})))
+                       "WHERE id=?", (new, time.time(), error, task_id))
+            self._append(db, task_id, event, detail or {}, signer, signature)
         return new
 
+    def set_executor(self, task_id: str, executor: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tasks SET executor=? WHERE id=?", (executor, task_id))
+
     def task(self, task_id: str) -> Task:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
-        if row is None:
+        rows = self._rows("SELECT * FROM tasks WHERE id=?", task_id)
+        if not rows:
             raise UnknownTask(f"unknown task {task_id!r}")
-        return _task(row)
+        return _task(rows[0])
 
     def tasks(self, active_only: bool = False) -> list[Task]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at").fetchall()
-        tasks = [_task(r) for r in rows]
+        tasks = [_task(r) for r in self._rows("SELECT * FROM tasks ORDER BY created_at")]
         return [t for t in tasks if t.state not in FINAL] if active_only else tasks
 
     def events(self, task_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM events WHERE task_id=? ORDER BY seq", (task_id,)).fetchall()
-        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+        """A task's history: its audit entries, in order."""
+        rows = self._rows("SELECT seq, at, kind, body, signer FROM audit WHERE task_id=? "
+                          "ORDER BY seq", task_id)
+        return [{"seq": r["seq"], "at": r["at"], "event": r["kind"],
+                 "detail": json.loads(r["body"]),
+                 "signer": r["signer"].split(":")[0]} for r in rows]
+
+    # -- approvals -----------------------------------------------------------
+    def approve(self, task_id: str, owner_key: str, decision: str, signature: str,
+                event: str, all_in: bool) -> str:
+        """Record one owner's signed decision and the transition(s) it causes, at once."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, spec_digest FROM tasks WHERE id=?",
+                             (task_id,)).fetchone()
+            if row is None:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if db.execute("SELECT 1 FROM approvals WHERE task_id=? AND owner_key=?",
+                          (task_id, owner_key)).fetchone():
+                raise StateError(f"this owner already decided on task {task_id}")
+            state = next_state(row["state"], event)
+            db.execute("INSERT INTO approvals VALUES (?,?,?,?,?)",
+                       (task_id, owner_key, decision, signature, time.time()))
+            body = {"spec_digest": row["spec_digest"]}
+            self._append(db, task_id, event, body, audit.ed25519_signer(owner_key), signature)
+            if all_in and event == "approved":
+                state = next_state(state, "consented")
+                self._append(db, task_id, "consented", {}, audit.SCHEDULER, "")
+            db.execute("UPDATE tasks SET state=?, updated_at=? WHERE id=?",
+                       (state, time.time(), task_id))
+        return state
+
+    def approvals(self, task_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows(
+            "SELECT * FROM approvals WHERE task_id=? ORDER BY at", task_id)]
+
+    def approval_requests(self, owner_key: str) -> list[dict[str, Any]]:
+        """Submitted tasks using this owner's data that it has not decided on yet."""
+        rows = self._rows(
+            "SELECT t.id, t.spec, t.spec_digest FROM tasks t WHERE t.state='submitted' AND "
+            "NOT EXISTS (SELECT 1 FROM approvals a WHERE a.task_id=t.id AND a.owner_key=?) "
+            "ORDER BY t.created_at", owner_key)
+        out = []
+        for r in rows:
+            spec = json.loads(r["spec"])
+            if any(d["owner_key"] == owner_key for d in spec["datasets"]):
+                out.append({"kind": "approve", "task_id": r["id"], "spec": spec,
+                            "spec_digest": r["spec_digest"]})
+        return out
 
     # -- assignments -------------------------------------------------------
     def assignments(self, task_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM assignments WHERE task_id=? ORDER BY dataset", (task_id,)).fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self._rows(
+            "SELECT * FROM assignments WHERE task_id=? ORDER BY dataset", task_id)]
 
     def pending_for(self, node: str) -> list[dict[str, Any]]:
-        """Work a node should start: pending assignments of accepted or uploading tasks."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT a.task_id, a.dataset, t.executor, t.compute, t.spec FROM assignments a "
-                "JOIN tasks t ON t.id = a.task_id WHERE a.node=? AND a.state='pending' "
-                "AND t.state IN ('accepted','uploading') ORDER BY t.created_at", (node,)).fetchall()
-        return [{**dict(r), "spec": json.loads(r["spec"])} for r in rows]
+        """Uploads a node should start: pending assignments of accepted or uploading tasks."""
+        rows = self._rows(
+            "SELECT a.task_id, a.dataset, t.executor, t.compute, t.spec, t.spec_digest "
+            "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE a.node=? AND "
+            "a.state='pending' AND t.state IN ('accepted','uploading') ORDER BY t.created_at",
+            node)
+        return [{**dict(r), "kind": "upload", "spec": json.loads(r["spec"]),
+                 "approvals": self.approvals(r["task_id"])} for r in rows]
 
     def update_assignment(self, task_id: str, dataset: str, node: str, state: str,
                           rows: int = 0, error: str | None = None) -> None:
@@ -212,7 +336,15 @@ def _task(row: sqlite3.Row) -> Task:
     return Task(id=row["id"], state=row["state"], compute=row["compute"],
                 params=json.loads(row["params"]), executor=row["executor"],
                 initiator_key=row["initiator_key"], spec=json.loads(row["spec"]),
-                error=row["error"], created_at=row["created_at"], updated_at=row["updated_at"])
+                spec_digest=row["spec_digest"], error=row["error"],
+                created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def _entry(row: sqlite3.Row) -> audit.Entry:
+    return audit.Entry(seq=row["seq"], task_id=row["task_id"], kind=row["kind"],
+                       body=json.loads(row["body"]), signer=row["signer"],
+                       signature=row["signature"], prev_hash=row["prev_hash"],
+                       hash=row["hash"])
 
 
 class _Tx:

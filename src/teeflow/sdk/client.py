@@ -1,38 +1,46 @@
-"""The Python SDK: submit a task, wait for it, take its result as Python objects.
+"""The Python SDK: build and sign a task, wait for its owners and its run, open its result.
 
     from teeflow.sdk import Client
-    client = Client("http://127.0.0.1:8700", key="~/.config/teeflow/key.pem", policy=policy)
+    client = Client("http://127.0.0.1:8700", key="~/.config/teeflow/key.pem", policy=policy,
+                    name="carol")                      # registers carol's keys if needed
     task = client.submit(["train_party_1", "train_party_2"], executor="127.0.0.1:8815",
                          compute="logistic_regression", params={"label": "y"})
     client.wait(task["id"])
-    result = client.result(task["id"])       # appraises the executor first
+    result = client.result(task["id"])       # appraises the executor, opens the sealed result
     result.value["coefficients"], result.to_pandas()
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.evidence import Claims
 from teeflow.attestation.policy import AppraisalPolicy
 from teeflow.attestation.registry import make_verifiers
-from teeflow.core.crypto import KeySigner, Signer, load_or_create_key
-from teeflow.core.errors import ConfigError, TaskFailed
+from teeflow.core import audit, wire
+from teeflow.core.crypto import Identity, load_or_create_key
+from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.executor_client import attested_connect
 from teeflow.core.scheduler_client import SchedulerClient
+from teeflow.core.seal import open_sealed
+from teeflow.executor import compute
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
-FAILED = ("failed", "cancelled")
+FAILED = ("failed", "cancelled", "rejected")
 
 
 @dataclass(frozen=True)
 class Result:
-    """A task's result, and the executor's claims as you appraised them."""
+    """A task's result, opened with your key, and the executor's claims as you appraised them."""
 
     task_id: str
     value: dict[str, Any]
@@ -55,13 +63,17 @@ class Result:
 
 
 class Client:
-    def __init__(self, scheduler: str, key: Signer | str | Path | None = None,
-                 policy: AppraisalPolicy | None = None) -> None:
-        self.scheduler = SchedulerClient(scheduler)
+    def __init__(self, scheduler: str, key: Identity | str | Path | None = None,
+                 policy: AppraisalPolicy | None = None,
+                 collateral: CollateralSource | None = None, name: str | None = None) -> None:
         if key is None or isinstance(key, (str, Path)):
             key = load_or_create_key(Path(key or DEFAULT_HOME / "key.pem").expanduser())
-        self.signer: Signer = key
+        self.identity: Identity = key
+        self.scheduler = SchedulerClient(scheduler, self.identity)
         self.policy = policy
+        self.verifiers = make_verifiers(collateral)
+        if name is not None:
+            self.scheduler.register_node(name)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -72,15 +84,45 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _policy(self, policy: AppraisalPolicy | None) -> AppraisalPolicy:
+        policy = policy or self.policy
+        if policy is None:
+            raise ConfigError("policy: give an appraisal policy (which executors you trust)")
+        return policy
+
     def datasets(self) -> list[dict[str, Any]]:
         return self.scheduler.datasets()
 
-    def submit(self, datasets: Sequence[str], executor: str, compute: str,
-               params: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"datasets": list(datasets), "executor": executor, "compute": compute,
-                "params": {k: str(v) for k, v in (params or {}).items()},
-                "initiator_key": self.signer.public_key()}
-        return self.scheduler.submit(body)
+    # -- tasks -----------------------------------------------------------------
+    def build_spec(self, datasets: Sequence[str], compute_name: str,
+                   params: dict[str, Any] | None = None,
+                   receivers: Sequence[wire.Receiver] | None = None,
+                   policy: AppraisalPolicy | None = None) -> wire.TaskSpec:
+        catalog = {d["name"]: d for d in self.scheduler.datasets()}
+        refs = []
+        for name in datasets:
+            if name not in catalog:
+                raise InputError(f"unknown dataset {name!r}")
+            d = catalog[name]
+            refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"]))
+        comp = compute.get(compute_name)
+        me = wire.Receiver(self.identity.public_key(), self.identity.encryption_public_key())
+        return wire.TaskSpec(
+            task_id=secrets.token_hex(8), compute=comp.name, code_digest=comp.code_digest,
+            params={k: str(v) for k, v in (params or {}).items()}, datasets=tuple(refs),
+            executor_policy=self._policy(policy).to_dict(),
+            receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key())
+
+    def submit(self, datasets: Sequence[str], executor: str | None, compute: str,
+               params: dict[str, Any] | None = None,
+               receivers: Sequence[wire.Receiver] | None = None) -> dict[str, Any]:
+        """Sign and submit a task; owners then approve it. `executor=None`: the scheduler
+        picks a registered one that the task's executor policy accepts."""
+        spec = self.build_spec(datasets, compute, params, receivers)
+        payload = audit.signed_payload(spec.task_id, "submitted",
+                                       {"spec": spec.to_dict(), "spec_digest": spec.digest()})
+        signature = base64.b64encode(self.identity.sign(payload)).decode()
+        return self.scheduler.submit(spec.to_dict(), signature, executor)
 
     def tasks(self) -> list[dict[str, Any]]:
         return self.scheduler.tasks()
@@ -91,9 +133,20 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self.scheduler.cancel(task_id)
 
+    def decide(self, task_id: str, decision: str) -> dict[str, Any]:
+        """Sign (`approved`) or refuse (`rejected`) a task's digest as an owner."""
+        task = self.scheduler.task(task_id)
+        spec = wire.TaskSpec.from_dict(task["spec"])
+        if spec.digest() != task["spec_digest"]:
+            raise AuthError(f"task {task_id}: the scheduler's digest is not the spec's")
+        payload = audit.signed_payload(task_id, decision, {"spec_digest": spec.digest()})
+        return self.scheduler.decide(task_id, decision,
+                                     base64.b64encode(self.identity.sign(payload)).decode())
+
     def wait(self, task_id: str, timeout: float | None = None, poll: float = 0.3,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Block until the task's result is ready; TaskFailed if it fails or is cancelled."""
+        """Block until the task's result is ready; TaskFailed if it fails, is rejected or
+        cancelled."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             task = self.scheduler.task(task_id)
@@ -108,19 +161,49 @@ class Client:
             time.sleep(poll)
 
     def result(self, task_id: str, policy: AppraisalPolicy | None = None) -> Result:
-        """Appraise the task's executor with your own policy, then take the result from it."""
-        policy = policy or self.policy
-        if policy is None:
-            raise ConfigError("policy: give an appraisal policy to check the executor "
-                              "before taking a result from it")
+        """Appraise the task's executor with your own policy, take your sealed result from
+        it, check the executor's signature on it and open it with your key."""
         task = self.scheduler.task(task_id)
-        client, claims = attested_connect(task["executor"], policy, make_verifiers())
+        client, claims = attested_connect(task["executor"], self._policy(policy),
+                                          self.verifiers)
         with client:
-            raw = client.take_result(task_id, self.signer)
-        body = json.loads(raw)
-        return Result(task_id=task_id, value=body["result"], simulated=bool(body["simulated"]),
-                      tee=body["tee"], claims=claims, raw=raw)
+            envelope = json.loads(client.take_result(task_id, self.identity))
+            executor_key = client.tls_key_hash.hex()
+        sealed = base64.b64decode(envelope["sealed"])
+        body = {"spec_digest": envelope["spec_digest"], "receiver": envelope["receiver"],
+                "sealed_sha256": envelope["sealed_sha256"]}
+        if audit.p256_key_hash(envelope["signer"]) != executor_key or \
+                hashlib.sha256(sealed).hexdigest() != body["sealed_sha256"]:
+            raise AuthError("result is not signed by the executor you appraised")
+        audit.verify_entry_signature(task_id, "result", body, envelope["signer"],
+                                     envelope["signature"])
+        if envelope["spec_digest"] != task["spec_digest"]:
+            raise AuthError("result is sealed for another task spec")
+        raw = open_sealed(sealed, self.identity.encryption_private_key(), task["spec_digest"])
+        opened = json.loads(raw)
+        return Result(task_id=task_id, value=opened["result"],
+                      simulated=bool(opened["simulated"]), tee=opened["tee"], claims=claims,
+                      raw=raw)
 
+    # -- executors and audit -------------------------------------------------
+    def executors(self, policy: AppraisalPolicy | None = None) -> list[dict[str, Any]]:
+        """Registered executors, each appraised now by you: claims, or why refused."""
+        out = []
+        for ex in self.scheduler.executors():
+            row = {"address": ex["address"], "registered_tee": ex["tee"]}
+            try:
+                client, claims = attested_connect(ex["address"], self._policy(policy),
+                                                  self.verifiers)
+                client.close()
+                row.update(verdict="accepted", tee=claims.tee,
+                           measurements=claims.measurements, tcb_status=claims.tcb_status,
+                           simulated=claims.simulated)
+            except TeeflowError as exc:
+                row.update(verdict="refused", reason=str(exc))
+            out.append(row)
+        return out
 
-def new_key() -> KeySigner:
-    return KeySigner.generate()
+    def audit_log(self, task_id: str | None = None) -> list[audit.Entry]:
+        return [audit.Entry(**{k: e[k] for k in ("seq", "task_id", "kind", "body", "signer",
+                                                  "signature", "prev_hash", "hash")})
+                for e in self.scheduler.audit(task_id)]

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+from teeflow.core.errors import ComputeError, SchemaMismatch
+from teeflow.executor.compute import _common
 
 NAME = "model_aggregation"
 DESCRIPTION = (
@@ -35,12 +36,12 @@ _COLUMNS: dict[str, tuple[str, Any]] = {
 }
 
 
-def check_params(raw: dict[str, str]) -> dict[str, Any]:
-    if raw:
-        raise ParameterError(
-            f"parameter {sorted(raw)[0]!r}: unknown parameter ({NAME} takes no parameters)"
-        )
-    return {}
+LAYOUT = "rows"
+MIN_DATASETS = 1
+USES = (_common,)
+PARAMS: tuple[_common.Param, ...] = ()
+
+check_params = _common.make_check_params(NAME, PARAMS)
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:

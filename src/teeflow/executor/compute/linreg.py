@@ -1,0 +1,172 @@
+"""linear_regression: least squares (optionally ridge) over the union of rows, streamed.
+
+Every dataset must have the same columns with the same types (order and nullability aside).
+Parameters (all strings on the wire):
+
+- ``label`` (required): the numeric label column.
+- ``features`` (optional): comma-separated feature columns; default every integer or floating
+  column other than the label, in the first dataset's column order.
+- ``alpha`` (float >= 0, default 0): ridge penalty ``alpha * ||w||^2`` on the coefficients, not
+  on the intercept (as scikit-learn's Ridge); 0 is ordinary least squares.
+- ``test_fraction`` (0 <= f < 1, default 0) and ``seed`` (default 0): held-out split, see
+  ``_common.split``.
+
+The fit never holds more than one record batch as a matrix: one pass over the batches merges
+each batch's means and centered cross-products (X'X, X'y, y'y) into running totals (Chan et
+al.'s pairwise update, exact up to rounding), the normal equations are solved on the centered
+totals (minimum-norm solution when features are collinear and alpha is 0), and a second pass
+sums the squared residuals. The result carries the coefficients and intercept, and RMSE and R²
+on the training rows (``metrics``) and on the held-out rows (``test_metrics``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from teeflow.core.errors import ComputeError
+from teeflow.executor.compute import _common
+from teeflow.executor.compute._common import FEATURES, LABEL, SEED, TEST_FRACTION, Param, Rows
+
+NAME = "linear_regression"
+DESCRIPTION = (
+    "Linear least squares (optional ridge alpha) over the union of all datasets' rows, "
+    "streamed over record batches, with an optional held-out split; reports RMSE and R²"
+)
+LAYOUT = "rows"
+MIN_DATASETS = 1
+USES = (_common,)
+
+PARAMS = (
+    LABEL,
+    FEATURES,
+    Param("alpha", "float", default=0.0, low=0.0,
+          help="ridge penalty on the coefficients (not the intercept); 0 = ordinary least squares"),
+    TEST_FRACTION,
+    SEED,
+)
+
+check_params = _common.make_check_params(NAME, PARAMS, _common.check_label_not_feature)
+
+
+def check_columns(
+    cols: dict[str, pa.DataType], owner: dict[str, str], params: dict[str, Any]
+) -> list[str]:
+    """Check the combined columns against the params; returns the features."""
+    return _common.check_label_and_features(
+        cols, owner, params, _common.is_numeric, "an integer or floating column"
+    )
+
+
+def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
+    """Check the datasets' schemas against each other and the (checked) params."""
+    check_columns(*_common.same_schema(NAME, schemas, params), params)
+
+
+class _Moments:
+    """Count, means and centered cross-products of (x, y), merged batch by batch."""
+
+    def __init__(self, p: int) -> None:
+        self.n = 0
+        self.mx = np.zeros(p)
+        self.my = 0.0
+        self.cxx = np.zeros((p, p))
+        self.cxy = np.zeros(p)
+        self.cyy = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        nb = len(y)
+        if nb == 0:
+            return
+        mxb, myb = x.mean(axis=0), float(y.mean())
+        xc, yc = x - mxb, y - myb
+        if self.n == 0:
+            self.n, self.mx, self.my = nb, mxb, myb
+            self.cxx, self.cxy, self.cyy = xc.T @ xc, xc.T @ yc, float(yc @ yc)
+            return
+        n = self.n + nb
+        dx, dy = mxb - self.mx, myb - self.my
+        f = self.n * nb / n
+        self.cxx += xc.T @ xc + f * np.outer(dx, dx)
+        self.cxy += xc.T @ yc + f * dx * dy
+        self.cyy += float(yc @ yc) + f * dy * dy
+        self.mx = self.mx + dx * (nb / n)
+        self.my += dy * (nb / n)
+        self.n = n
+
+
+def _batches(rows: Rows, params: dict[str, Any]):
+    """(offset, x, y) for each record batch of the rows."""
+    offset = 0
+    for batch in rows.table.to_batches():
+        if batch.num_rows == 0:
+            continue
+        x = _common.feature_matrix(rows, params["features"], offset, batch)
+        y = _common.column_vector(rows, params["label"], "label", offset, batch)
+        yield offset, x, y
+        offset += batch.num_rows
+
+
+def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
+    """Train on ``rows`` (already combined); ``params['features']`` must be resolved."""
+    features = list(params["features"])
+    p = len(features)
+    n = rows.table.num_rows
+    train, test = _common.split(n, params["test_fraction"], params["seed"])
+    is_test = np.zeros(n, dtype=bool)
+    is_test[test] = True
+
+    moments = {"train": _Moments(p), "test": _Moments(p)}
+    for offset, x, y in _batches(rows, params):
+        t = is_test[offset : offset + len(y)]
+        moments["train"].add(x[~t], y[~t])
+        moments["test"].add(x[t], y[t])
+
+    m = moments["train"]
+    alpha = params["alpha"]
+    gram = m.cxx + alpha * np.eye(p)
+    try:
+        if alpha > 0:
+            w = np.linalg.solve(gram, m.cxy)
+            rank = p
+        else:
+            w, _, rank, _ = np.linalg.lstsq(gram, m.cxy, rcond=None)
+    except np.linalg.LinAlgError as e:
+        raise ComputeError(f"{NAME}: solving the normal equations failed: {e}") from None
+    intercept = m.my - float(m.mx @ w)
+
+    sse = {"train": 0.0, "test": 0.0}
+    for offset, x, y in _batches(rows, params):
+        t = is_test[offset : offset + len(y)]
+        r = y - (x @ w + intercept)
+        sse["test"] += float(r[t] @ r[t])
+        sse["train"] += float(r[~t] @ r[~t])
+
+    def metric(part: str) -> dict[str, float]:
+        return _common.regression_metrics(sse[part], moments[part].cyy, moments[part].n)
+
+    result = {
+        "coefficients": {f: float(v) for f, v in zip(features, w, strict=True)},
+        "intercept": float(intercept),
+        "features": features,
+        "alpha": alpha,
+        "rank": int(rank),
+        "n_samples": n,
+        "n_train": len(train),
+        "n_test": len(test),
+        "metrics": metric("train"),
+    }
+    if len(test):
+        result["test_metrics"] = metric("test")
+    return result
+
+
+def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
+    cols, owner = _common.same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
+    features = check_columns(cols, owner, params)
+    rows = _common.gather_rows(inputs, [params["label"], *features])
+    if rows.table.num_rows == 0:
+        raise ComputeError(f"{NAME}: the datasets have no rows")
+    return fit(rows, {**params, "features": features})
