@@ -19,8 +19,7 @@ from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party, policy_toml
 from teeflow.cli.demo import make_party_data
-from teeflow.core.crypto import KeySigner, save_key
-from teeflow.core.errors import TaskFailed
+from teeflow.core.errors import TaskFailed, UnknownTask
 from teeflow.core.executor_client import ExecutorClient
 from teeflow.executor.compute import reference
 from teeflow.sdk import Client
@@ -43,11 +42,9 @@ def _wait_state(client: Client, task_id: str, states: set[str], timeout: float =
     raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")
 
 
-def _initiator(tmp: Path) -> Path:
-    key = tmp / "initiator.key"
-    if not key.exists():
-        save_key(KeySigner.generate(), key)
-    return key
+def _client(c: LocalCluster) -> Client:
+    """The cluster's initiator: the receiver its providers' approval rules accept."""
+    return Client(c.scheduler_url, key=c.initiator_key, policy=_policy(), name=c.initiator_name)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +70,10 @@ def cluster(tmp_path_factory):
 
 
 def test_logistic_regression_matches_plaintext(cluster, tmp_path):
-    with Client(cluster.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
-        task = client.submit(["train_party_1", "train_party_2"], cluster.executor_address,
+    with _client(cluster) as client:
+        task = client.submit(["train_party_1", "train_party_2"], None,
                              "logistic_regression", {"label": "y"})
+        assert task["executor"] == cluster.executor_address  # picked by the spec's policy
         client.wait(task["id"], timeout=120)
         result = client.result(task["id"])
         history = _wait_state(client, task["id"], {"released"})
@@ -89,8 +87,10 @@ def test_logistic_regression_matches_plaintext(cluster, tmp_path):
     assert result.simulated and result.claims.simulated
     assert result.value["metrics"]["accuracy"] > 0.75  # the data has a real signal
     events = [e["event"] for e in history["events"]]
-    assert events[:2] == ["submit", "accept"] and events[-3:] == ["run", "finish", "release"]
-    assert events.count("attest") == 2
+    assert events[:4] == ["submitted", "approved", "approved", "consented"]
+    assert events[4] == "accept" and events[-1] == "close"
+    assert events.count("attested") == 2 and events.count("received") == 2
+    assert {"run", "computed", "wiped", "finish", "released"} <= set(events)
     with ExecutorClient(cluster.executor_address, None) as ex:
         status = ex.status(task["id"])
     assert status["status"] == "released" and status["inputs_held"] == []
@@ -100,7 +100,7 @@ def _cli(cluster, tmp_path, *args, policy: str | None = None) -> subprocess.Comp
     pol = tmp_path / "policy.toml"
     pol.write_text(policy or policy_toml(code_measurement()))
     env = {**os.environ, "TEEFLOW_SCHEDULER": cluster.scheduler_url,
-           "TEEFLOW_KEY": str(_initiator(tmp_path)), "TEEFLOW_POLICY": str(pol),
+           "TEEFLOW_KEY": str(cluster.initiator_key), "TEEFLOW_POLICY": str(pol),
            "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=180)
@@ -154,7 +154,7 @@ def test_provider_refuses_wrong_measurement(tmp_path):
         c.start_executor()
         c.start_provider(Party("alice", "d1", tmp_path / "a.csv"), policy=policy_toml("ab" * 32))
         c.wait_for_datasets(["d1"])
-        with Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+        with _client(c) as client:
             task = client.submit(["d1"], c.executor_address, "logistic_regression",
                                  {"label": "y"})
             with pytest.raises(TaskFailed, match="attestation refused: measurement"):
@@ -188,7 +188,9 @@ def _wait_uploading(client: Client, task_id: str, node: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         task = client.task(task_id)
-        if any(e["event"] == "attest" and e["detail"]["node"] == node for e in task["events"]):
+        if any(e["event"] == "upload" and e["detail"].get("node") == node
+               and e["detail"].get("step") == "started" for e in task["events"]) and \
+                any(e["event"] == "attested" for e in task["events"]):
             return
         time.sleep(0.05)
     raise AssertionError(f"{node} never started uploading: {client.task(task_id)}")
@@ -196,7 +198,7 @@ def _wait_uploading(client: Client, task_id: str, node: str) -> None:
 
 def test_provider_killed_mid_upload_leaves_nothing(tmp_path):
     c, _ = _slow_cluster(tmp_path, rows=6 * 65536)
-    with c, Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+    with c, _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
@@ -212,7 +214,7 @@ def test_provider_killed_mid_upload_leaves_nothing(tmp_path):
 
 def test_scheduler_restart_mid_task(tmp_path):
     c, _ = _slow_cluster(tmp_path, rows=4 * 65536)
-    with c, Client(c.scheduler_url, key=_initiator(tmp_path), policy=_policy()) as client:
+    with c, _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
@@ -227,4 +229,68 @@ def test_scheduler_restart_mid_task(tmp_path):
         result = client.result(task["id"])
         assert result.value["n_samples"] == 2000 + 4 * 65536
         events = [e["event"] for e in client.task(task["id"])["events"]]
-        assert events[0] == "submit" and "run" in events
+        assert events[0] == "submitted" and "run" in events
+
+
+def test_consent_by_hand_reject_and_audit(tmp_path):
+    """No approval rule: the task waits for `teeflow approve`; a rejected task never runs;
+    the audit log of the whole run verifies offline, and an edited row is caught."""
+    make_party_data(tmp_path / "a.csv", 500, seed=1)
+    make_party_data(tmp_path / "b.csv", 500, seed=2)
+    with LocalCluster(tmp_path / "c") as c:
+        c.start_scheduler()
+        c.start_executor()
+        alice = Party("alice", "d1", tmp_path / "a.csv")
+        bob = Party("bob", "d2", tmp_path / "b.csv")
+        c.start_provider(alice)
+        c.start_provider(bob, approve=False)
+        c.wait_for_datasets(["d1", "d2"])
+        c.wait_for_executor(c.executor_address)
+        env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
+               "TEEFLOW_KEY": str(c.workdir / "bob.key"), "COLUMNS": "200"}
+
+        def bob_cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
+                                  capture_output=True, text=True, timeout=120)
+
+        with _client(c) as client:
+            task = client.submit(["d1", "d2"], None, "logistic_regression", {"label": "y"})
+            waiting = _wait_state(client, task["id"], {"submitted"})
+            time.sleep(1.0)  # alice's rule signs; bob has none
+            waiting = client.task(task["id"])
+            assert waiting["state"] == "submitted"
+            assert [a["decision"] for a in waiting["approvals"]] == ["approved"]
+            approved = bob_cli("approve", task["id"])
+            assert approved.returncode == 0, approved.stderr
+            client.wait(task["id"], timeout=120)
+            assert client.result(task["id"]).value["n_samples"] == 1000
+
+            second = client.submit(["d1", "d2"], None, "logistic_regression", {"label": "y"})
+            rejected = bob_cli("reject", second["id"])
+            assert rejected.returncode == 0, rejected.stderr
+            with pytest.raises(TaskFailed, match="rejected"):
+                client.wait(second["id"], timeout=30)
+            with ExecutorClient(c.executor_address, None) as ex, pytest.raises(UnknownTask):
+                ex.status(second["id"])  # the executor never heard of it
+            _wait_state(client, task["id"], {"released"})
+            listing = subprocess.run(
+                [sys.executable, "-m", "teeflow.cli.main", "executors"],
+                env={**env, "TEEFLOW_KEY": str(c.initiator_key),
+                     "TEEFLOW_POLICY": str(c.workdir / "alice.toml")},
+                capture_output=True, text=True, timeout=60)
+            assert listing.returncode == 0 and "accepted" in listing.stdout
+        db = c.workdir / "scheduler.sqlite"
+        ok = bob_cli("audit", "verify", "--db", str(db))
+        assert ok.returncode == 0 and "audit log OK" in ok.stdout
+        import sqlite3
+
+        edited = tmp_path / "edited.sqlite"
+        src = sqlite3.connect(db)
+        src.backup(dst := sqlite3.connect(edited))
+        src.close()
+        seq = dst.execute("SELECT seq FROM audit WHERE kind='received' LIMIT 1").fetchone()[0]
+        dst.execute("UPDATE audit SET body = replace(body, '500', '501') WHERE seq=?", (seq,))
+        dst.commit()
+        dst.close()
+        caught = bob_cli("audit", "verify", "--db", str(edited))
+        assert caught.returncode != 0 and f"entry {seq}:" in caught.stderr

@@ -6,6 +6,7 @@ must send nothing (no do_put at all) to any executor whose evidence fails.
 
 from __future__ import annotations
 
+import base64
 import threading
 from pathlib import Path
 
@@ -13,19 +14,24 @@ import pyarrow as pa
 import pyarrow.flight as fl
 import pyarrow.parquet as pq
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from teeflow.attestation.evidence import bind_report_data
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner, make_tls_identity, spki_sha256
 from teeflow.core.datasets import schema_fingerprint
-from teeflow.core.errors import AuthError, InputError, PolicyRefused, Unreachable
+from teeflow.core.errors import AuthError, InputError, PolicyRefused, StateError, Unreachable
 from teeflow.core.executor_client import ExecutorClient, attested_connect, fetch_certificate
+from teeflow.core.seal import open_sealed
 from teeflow.executor.server import ExecutorFlightServer, build
+from teeflow.executor.service import Executor
 from teeflow.provider.config import DatasetConfig, ProviderConfig
 from teeflow.provider.node import Provider
+from tests.factories import approval, make_spec, simulated_policy
 
 TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
 
@@ -67,11 +73,10 @@ class CountingServer(ExecutorFlightServer):
     """A real executor that counts upload attempts and can lie in its evidence."""
 
     def __init__(self, *, evidence=None, backend=None):
-        cert, key, _ = make_tls_identity()
-        from teeflow.executor.service import Executor
-
-        super().__init__(Executor(backend or SimulatedBackend(), spki_sha256(cert)),
-                         "grpc+tls://127.0.0.1:0", cert, key)
+        backend = backend or SimulatedBackend()
+        cert, key_pem = make_ratls_identity(backend)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        super().__init__(Executor(backend, key), "grpc+tls://127.0.0.1:0", cert, key_pem)
         self.puts = 0
         self._evidence = evidence
 
@@ -95,18 +100,33 @@ def _other_key(server, nonce):  # evidence binding a key that is not the TLS cer
     return server.executor.backend.evidence(report).encode()
 
 
-def _spec(owner: KeySigner, initiator: KeySigner, task_id: str = "t1") -> wire.TaskSpec:
-    return wire.TaskSpec(task_id, "model_aggregation", {},
-                         (wire.DatasetRef("d1", "alice", owner.public_key(),
-                                          schema_fingerprint(TABLE.schema)),),
-                         initiator.public_key())
+TASK = "task0001"
+
+
+def _spec(owner: KeySigner, initiator: KeySigner, policy: dict | None = None) -> wire.TaskSpec:
+    return make_spec([("d1", "alice", owner, schema_fingerprint(TABLE.schema))], initiator,
+                     policy=policy)
+
+
+def _create(server, owner: KeySigner, initiator: KeySigner, **kw) -> wire.TaskSpec:
+    spec = _spec(owner, initiator, **kw)
+    server.executor.create_task(spec, [approval(spec, owner)])
+    return spec
+
+
+def _item(spec: wire.TaskSpec, owner: KeySigner, address: str, approvals=None) -> dict:
+    a = approval(spec, owner)
+    approvals = approvals if approvals is not None else [
+        {"owner_key": owner.public_key(), "decision": "approved", "signature": a["signature"]}]
+    return {"kind": "upload", "task_id": spec.task_id, "dataset": "d1", "executor": address,
+            "spec": spec.to_dict(), "approvals": approvals}
 
 
 class FakeScheduler:
     def __init__(self) -> None:
         self.reports: list[tuple] = []
 
-    def report(self, task_id, dataset, node, state, **extra):
+    def report(self, task_id, dataset, state, **extra):
         self.reports.append((state, extra))
 
 
@@ -115,7 +135,7 @@ def _provider(tmp_path: Path, policy: AppraisalPolicy, signer: KeySigner) -> Pro
     pq.write_table(TABLE, path)
     cfg = ProviderConfig(name="alice", key_file=tmp_path / "unused.key", scheduler="http://x",
                          datasets=(DatasetConfig("d1", path),), policy=policy)
-    node = Provider(cfg, signer=signer)
+    node = Provider(cfg, identity=signer)
     node.scheduler = FakeScheduler()  # type: ignore[assignment]
     return node
 
@@ -131,13 +151,13 @@ def test_provider_sends_nothing_when_evidence_fails(serve, tmp_path, case, check
     server = CountingServer(evidence=evidence)
     running = serve(server)
     owner, initiator = KeySigner.generate(), KeySigner.generate()
-    server.executor.create_task(_spec(owner, initiator))
+    spec = _create(server, owner, initiator)
     policy = {"wrong_measurement": _policy("00" * 32),
               "simulated_not_allowed": _policy(allow_simulated=False)}.get(case, _policy())
     node = _provider(tmp_path, policy, owner)
-    assert node.handle({"task_id": "t1", "dataset": "d1", "executor": running.address}) is None
+    assert node.handle(_item(spec, owner, running.address)) is None
     assert server.puts == 0
-    assert server.executor.status("t1")["received"] == {}
+    assert server.executor.status(TASK)["received"] == {}
     state, extra = node.scheduler.reports[-1]
     assert state == "failed" and extra["error"].startswith(f"attestation refused: {check}")
 
@@ -146,12 +166,41 @@ def test_provider_uploads_to_good_executor(serve, tmp_path):
     server = CountingServer()
     running = serve(server)
     owner, initiator = KeySigner.generate(), KeySigner.generate()
-    server.executor.create_task(_spec(owner, initiator))
+    spec = _create(server, owner, initiator)
     node = _provider(tmp_path, _policy(), owner)
-    receipt = node.handle({"task_id": "t1", "dataset": "d1", "executor": running.address})
+    receipt = node.handle(_item(spec, owner, running.address))
     assert receipt is not None and receipt["rows"] == 2
     assert server.puts == 1
     assert [r[0] for r in node.scheduler.reports] == ["started", "started", "uploaded"]
+    attested = node.scheduler.reports[1][1]["attested"]
+    assert attested["body"]["spec_digest"] == spec.digest()
+
+
+def test_provider_uploads_only_for_a_spec_it_signed(serve, tmp_path):
+    server = CountingServer()
+    running = serve(server)
+    owner, initiator, other = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
+    spec = _create(server, owner, initiator)
+    node = _provider(tmp_path, _policy(), owner)
+    forged = approval(spec, other)
+    for approvals in ([], [{"owner_key": owner.public_key(), "decision": "approved",
+                            "signature": forged["signature"]}]):
+        assert node.handle(_item(spec, owner, running.address, approvals)) is None
+        error = node.scheduler.reports[-1][1]["error"]
+        assert "never signed" in error or "signature does not verify" in error
+    assert server.puts == 0
+
+
+def test_provider_checks_the_spec_policy_too(serve, tmp_path):
+    server = CountingServer()
+    running = serve(server)
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    spec = _create(server, owner, initiator, policy=simulated_policy("cd" * 32))
+    node = _provider(tmp_path, _policy(), owner)  # its own policy accepts the executor
+    assert node.handle(_item(spec, owner, running.address)) is None
+    assert server.puts == 0
+    assert node.scheduler.reports[-1][1]["error"].startswith(
+        "attestation refused: measurement.measurement")
 
 
 def test_pinned_client_refuses_a_different_certificate(serve):
@@ -173,9 +222,9 @@ def test_attested_connect_returns_claims(serve):
 
 
 def _uploaded(running: Serving, owner: KeySigner, initiator: KeySigner) -> ExecutorClient:
-    running.server.executor.create_task(_spec(owner, initiator))
+    _create(running.server, owner, initiator)
     client, _ = attested_connect(running.address, _policy(), make_verifiers())
-    client.upload("t1", "d1", owner, TABLE.schema, TABLE.to_batches())
+    client.upload(TASK, "d1", owner, TABLE.schema, TABLE.to_batches())
     return client
 
 
@@ -185,49 +234,57 @@ def test_no_one_can_read_inputs_back(serve):
     client = _uploaded(running, owner, initiator)
     raw = fl.FlightClient(f"grpc+tls://{running.address}", disable_server_verification=True)
     with client:
-        for ticket in (b"t1", b"d1", b"t1/d1", b""):
+        for ticket in (TASK.encode(), b"d1", TASK.encode() + b"/d1", b""):
             with pytest.raises(fl.FlightError, match="inputs cannot be read back"):
                 raw.do_get(fl.Ticket(ticket)).read_all()
         assert list(raw.list_flights()) == []
         with pytest.raises(fl.FlightError):
-            raw.get_flight_info(fl.FlightDescriptor.for_command(b"t1"))
+            raw.get_flight_info(fl.FlightDescriptor.for_command(TASK.encode()))
         with pytest.raises(fl.FlightError):
-            raw.get_flight_info(fl.FlightDescriptor.for_path("t1", "d1"))
-        status = client.status("t1")
+            raw.get_flight_info(fl.FlightDescriptor.for_path(TASK, "d1"))
+        status = client.status(TASK)
         assert status["received"] == {"d1": {"rows": 2, "bytes": TABLE.nbytes}}
         assert "value" not in str(status) and "w" not in status["received"]
-        # The owner itself cannot take the "result" either: it is not the initiator.
+        # The owner itself cannot take the "result" either: it is not a receiver.
         with pytest.raises(AuthError):
-            client.take_result("t1", owner)
+            client.take_result(TASK, owner)
     raw.close()
 
 
 def test_upload_by_a_non_owner_is_refused(serve):
     running = serve(build(SimulatedBackend()))
     owner, initiator, outsider = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
-    running.server.executor.create_task(_spec(owner, initiator))
+    _create(running.server, owner, initiator)
     client, _ = attested_connect(running.address, _policy(), make_verifiers())
     with client:
         with pytest.raises(AuthError, match="signature"):
-            client.upload("t1", "d1", outsider, TABLE.schema, TABLE.to_batches())
+            client.upload(TASK, "d1", outsider, TABLE.schema, TABLE.to_batches())
         with pytest.raises(InputError, match="not an input"):
-            client.upload("t1", "nope", owner, TABLE.schema, TABLE.to_batches())
-        assert client.status("t1")["received"] == {}
+            client.upload(TASK, "nope", owner, TABLE.schema, TABLE.to_batches())
+        assert client.status(TASK)["received"] == {}
 
 
 def test_result_only_to_initiator(serve):
     running = serve(build(SimulatedBackend()))
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     with _uploaded(running, owner, initiator) as client:
-        assert client.action_json("run", b"t1")["status"] == "running"
+        assert client.action_json("run", TASK.encode())["status"] == "running"
         for _ in range(200):
-            if client.status("t1")["status"] == "done":
+            if client.status(TASK)["status"] == "done":
                 break
             threading.Event().wait(0.05)
         with pytest.raises(AuthError):
-            client.take_result("t1", owner)
-        body = wire.parse_json(client.take_result("t1", initiator), "result")
+            client.take_result(TASK, owner)
+        envelope = wire.parse_json(client.take_result(TASK, initiator), "result")
+        digest = _spec(owner, initiator).digest()
+        sealed = base64.b64decode(envelope["sealed"])
+        with pytest.raises(AuthError):
+            open_sealed(sealed, owner.encryption_private_key(), digest)
+        body = wire.parse_json(open_sealed(sealed, initiator.encryption_private_key(), digest),
+                               "result")
         assert body["result"]["parameters"] == {"w": 1.0, "b": 2.0}
-        assert body["simulated"] is True
-        status = client.status("t1")
+        assert body["simulated"] is True and envelope["simulated"] is True
+        status = client.status(TASK)
         assert status["status"] == "released" and status["inputs_held"] == []
+        with pytest.raises(StateError):
+            client.take_result(TASK, initiator)  # once

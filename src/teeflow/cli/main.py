@@ -367,7 +367,8 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
         console.print(f"  {a['dataset']} from {a['node']}: {a['state']} {a['rows']:,} rows"
                       + (f" ({a['error']})" if a.get("error") else ""))
     for e in task["events"]:
-        console.print(f"  #{e['seq']} {e['event']} -> {e['state']} {json.dumps(e['detail'])}")
+        console.print(f"  #{e['seq']} {e['event']} (by {e['signer']}) "
+                      f"{json.dumps(e['detail'])[:200]}", highlight=False)
     if task["state"] in ("failed", "cancelled"):
         sys.exit(1)
 

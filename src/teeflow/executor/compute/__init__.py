@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +44,8 @@ import pyarrow as pa
 from teeflow.core.errors import ParameterError, SchemaMismatch
 from teeflow.executor.compute import fedavg, linreg, logreg, vertical, xgb
 from teeflow.executor.compute._common import Param
+
+log = logging.getLogger(__name__)
 
 Layout = Literal["rows", "columns", "any"]
 LAYOUTS = ("rows", "columns", "any")
@@ -136,10 +139,15 @@ def _from_module(module: ModuleType) -> Computation:
 
 
 def _optional(name: str) -> list[ModuleType]:
-    """A computation module that may not exist yet (written separately)."""
+    """A computation module that may be absent, or need a package that is not installed:
+    then it is not offered (and a warning is logged), and the others still are."""
     if importlib.util.find_spec(f"{__name__}.{name}") is None:
         return []
-    return [importlib.import_module(f"{__name__}.{name}")]
+    try:
+        return [importlib.import_module(f"{__name__}.{name}")]
+    except ImportError as exc:
+        log.warning("computation module %s not available: %s", name, exc)
+        return []
 
 
 _MODULES: list[ModuleType] = [
