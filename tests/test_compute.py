@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,12 +49,62 @@ def _run(comp: compute.Computation, inputs, raw: dict[str, str]) -> dict:
 
 
 def test_registry():
-    assert compute.names() == ["logistic_regression", "model_aggregation"]
-    with pytest.raises(ParameterError, match="'nope'.*logistic_regression, model_aggregation"):
+    assert {
+        "linear_regression", "logistic_regression", "model_aggregation", "vertical", "xgboost"
+    } <= set(compute.names())
+    assert compute.names() == sorted(compute.names())
+    with pytest.raises(ParameterError, match="'nope'.*linear_regression, logistic_regression"):
         compute.get("nope")
     digest = LOGREG.code_digest
     assert len(digest) == 64 and int(digest, 16) >= 0
     assert digest != FEDAVG.code_digest
+    assert LOGREG.code_digest is digest  # computed once
+    assert [LOGREG.layout, FEDAVG.layout, compute.get("vertical").layout] == [
+        "rows", "rows", "columns"
+    ]
+    assert compute.get("vertical").min_datasets == 2 and LOGREG.min_datasets == 1
+    assert compute._optional("no_such_computation") == []  # optional modules may be absent
+
+
+def test_code_digest_covers_shared_code():
+    src = Path(compute.__file__).parent
+    assert [Path(p).name for p in LOGREG.sources] == ["logreg.py", "_common.py"]
+    assert [Path(p).name for p in compute.get("vertical").sources] == [
+        "vertical.py", "_common.py", "logreg.py", "linreg.py", "xgb.py"
+    ]
+    h = hashlib.sha256()
+    for name in ("logreg.py", "_common.py"):
+        data = (src / name).read_bytes()
+        h.update(b"%d:%s%d:" % (len(name), name.encode(), len(data)) + data)
+    assert LOGREG.code_digest == h.hexdigest()
+
+
+def test_describe_is_json_ready():
+    listing = compute.describe_all()
+    assert [d["name"] for d in listing] == compute.names()
+    json.dumps(listing)
+    d = LOGREG.describe()
+    assert d["layout"] == "rows" and d["code_digest"] == LOGREG.code_digest
+    params = {p["name"]: p for p in d["params"]}
+    assert params["label"]["required"] and params["label"]["type"] == "str"
+    assert params["C"] == {
+        "name": "C", "type": "float", "required": False, "default": 1.0,
+        "help": "inverse regularisation strength, as in scikit-learn",
+        "min": 0.0, "min_exclusive": True,
+    }
+    assert params["features"]["type"] == "list[str]" and params["features"]["default"] is None
+    assert params["test_fraction"]["max"] == 1.0 and params["test_fraction"]["max_exclusive"]
+    vertical = compute.get("vertical").describe()
+    assert [p["name"] for p in vertical["params"]] == ["id", "model"]
+    assert set(vertical["model_params"]) == {"logistic_regression", "linear_regression", "xgboost"}
+    assert FEDAVG.describe()["params"] == []
+
+
+def test_too_few_datasets():
+    with pytest.raises(SchemaMismatch, match="model_aggregation needs at least 1 dataset"):
+        FEDAVG.check_schemas({}, {})
+    with pytest.raises(SchemaMismatch, match="model_aggregation needs at least 1 dataset"):
+        FEDAVG.run([], {})
 
 
 # --- logistic regression ------------------------------------------------------------------------
