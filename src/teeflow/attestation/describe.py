@@ -32,6 +32,13 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def describe_quote(quote: bytes) -> dict[str, Any]:
     """The fields of a simulated, SGX or TDX quote, as JSON-ready values."""
+    if quote[:8] == b"TFSNPEV1":
+        from teeflow.attestation import sevsnp
+
+        report, _ = sevsnp.split_snp_evidence(quote)
+        parsed = sevsnp.parse_report(report)
+        return {"tee": "sev-snp", **{k: _plain(v) for k, v in vars(parsed).items()
+                                     if not k.startswith("_")}}
     if quote[:8] == simulated.MAGIC:
         body = quote[: len(quote) - simulated.SIG_LEN]
         if len(quote) != simulated.QUOTE_LEN:

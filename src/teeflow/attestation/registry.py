@@ -49,8 +49,10 @@ def collateral_source(raw: Any, base: Path, where: str = "collateral") -> Collat
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
     for key in raw:
-        if key not in ("bundle", "pccs_url", "cache_dir"):
+        if key not in ("bundle", "pccs_url", "cache_dir", "amd_ark"):
             raise ConfigError(f"{where}.{key}: unknown field")
+    if "bundle" not in raw and "pccs_url" not in raw and "amd_ark" in raw:
+        return None  # SEV-SNP only
     if "bundle" in raw:
         if "pccs_url" in raw:
             raise ConfigError(f"{where}: give bundle or pccs_url, not both")
@@ -65,15 +67,35 @@ def collateral_source(raw: Any, base: Path, where: str = "collateral") -> Collat
     raise ConfigError(f"{where}: give bundle = FILE or pccs_url = URL")
 
 
-def make_verifiers(collateral: CollateralSource | None = None) -> dict[str, Verifier]:
+def amd_ark(raw: Any, base: Path, where: str = "collateral") -> bytes | None:
+    """The AMD root key (PEM) a [collateral] table's `amd_ark = FILE` names, if any."""
+    if not isinstance(raw, dict) or "amd_ark" not in raw:
+        return None
+    path = Path(str(raw["amd_ark"])).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        data = path.read_bytes()[: 64 * 1024 + 1]
+    except OSError as exc:
+        raise ConfigError(f"{where}.amd_ark: {path}: {exc.strerror}") from exc
+    if len(data) > 64 * 1024:
+        raise ConfigError(f"{where}.amd_ark: larger than 64 KiB")
+    return data
+
+
+def make_verifiers(collateral: CollateralSource | None = None,
+                   amd_root: bytes | None = None) -> dict[str, Verifier]:
     """Verifiers for every TEE type this node can check.
 
-    SGX and TDX need collateral; without a source they are absent, and
-    appraisal refuses such evidence naming the missing verifier.
-    SEV-SNP has no verifier yet: it is always refused.
+    SGX and TDX need Intel collateral, SEV-SNP a trusted AMD root key; without
+    them those verifiers are absent and appraisal refuses such evidence, naming
+    the missing verifier.
     """
     verifiers: dict[str, Verifier] = {"simulated": SimulatedVerifier()}
     if collateral is not None:
         verifiers["sgx"] = DcapVerifier("sgx", collateral)
         verifiers["tdx"] = DcapVerifier("tdx", collateral)
+    if amd_root is not None:
+        from teeflow.attestation.sevsnp import SevSnpVerifier
+
+        verifiers["sev-snp"] = SevSnpVerifier(amd_root)
     return verifiers

@@ -32,10 +32,13 @@ def attest() -> None:
 @click.argument("quote_file", type=click.Path(path_type=Path))
 @click.option("--collateral", type=click.Path(path_type=Path), default=None,
               help="Collateral JSON (or bundle) for SGX/TDX quotes.")
+@click.option("--amd-ark", type=click.Path(path_type=Path), default=None,
+              help="Trusted AMD root key (PEM) for SEV-SNP evidence.")
 @click.option("--at", "at", type=int, required=True, help="Verification time, unix seconds.")
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
               help="Also appraise against this [policy] (report data is not checked).")
-def verify(quote_file: Path, collateral: Path | None, at: int, policy: Path | None) -> None:
+def verify(quote_file: Path, collateral: Path | None, amd_ark: Path | None, at: int,
+           policy: Path | None) -> None:
     """Verify a quote; print the verified claims as JSON, or the failed check and exit 1."""
     from teeflow.attestation.collateral import BundleCollateral
     from teeflow.attestation.describe import describe_quote
@@ -46,9 +49,11 @@ def verify(quote_file: Path, collateral: Path | None, at: int, policy: Path | No
 
     quote = _read(quote_file, "quote")
     tee = describe_quote(quote)["tee"]
-    verifiers = make_verifiers(BundleCollateral(collateral) if collateral else None)
+    verifiers = make_verifiers(BundleCollateral(collateral) if collateral else None,
+                               _read(amd_ark, "AMD root key") if amd_ark else None)
     if tee not in verifiers:
-        raise InputError(f"a {tee} quote needs --collateral")
+        raise InputError(f"a {tee} quote needs " +
+                         ("--amd-ark" if tee == "sev-snp" else "--collateral"))
     if policy is not None:
         claims = appraise(Evidence(tee, quote), load_policy_file(policy), verifiers,
                           expected_report_data=None, at=at)

@@ -65,16 +65,18 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
 
 def _client(ctx: click.Context, policy: Path | None = None, name: str | None = None):
     """An SDK client; the policy file may also hold a [collateral] table for SGX/TDX."""
-    from teeflow.attestation.registry import collateral_source
+    from teeflow.attestation.registry import amd_ark, collateral_source
     from teeflow.sdk import Client
 
     path = _policy_path(policy)
-    pol = collateral = None
+    pol = collateral = ark = None
     if path is not None:
         pol = load_policy_file(path)
-        collateral = collateral_source(_read_toml(path).get("collateral"), path.parent)
+        table = _read_toml(path).get("collateral")
+        collateral = collateral_source(table, path.parent)
+        ark = amd_ark(table, path.parent)
     return Client(ctx.obj["scheduler"], key=ctx.obj["key"], policy=pol, collateral=collateral,
-                  name=name)
+                  amd_ark=ark, name=name)
 
 
 # -- daemons ---------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
-from teeflow.attestation.registry import collateral_source
+from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
 from teeflow.provider.consent import ApprovalRule, load_rules
 
@@ -32,6 +32,7 @@ class ProviderConfig:
     poll_wait: float = 20.0
     upload_rows_per_second: float | None = None
     collateral: CollateralSource | None = None
+    amd_ark: bytes | None = None
     approve: tuple[ApprovalRule, ...] = ()
 
     def dataset(self, name: str) -> DatasetConfig | None:
@@ -105,5 +106,6 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         poll_wait=float(poll_wait),
         upload_rows_per_second=float(rate) if rate is not None else None,
         collateral=collateral_source(doc.get("collateral"), base),
+        amd_ark=amd_ark(doc.get("collateral"), base),
         approve=load_rules(doc.get("approve")),
     )

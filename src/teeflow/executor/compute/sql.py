@@ -1,0 +1,691 @@
+"""sql: one aggregate DuckDB query over the parties' tables; only aggregates leave.
+
+Each input table is visible to the query as a view named after its dataset (quote names that
+are not plain identifiers: ``FROM "alice-patients"``). The query must be one ``SELECT`` whose
+output is aggregated, and every output group must count at least ``min_group_size`` input
+rows; a query that breaks this fails with an error naming the rule, and returns nothing.
+
+How the policy is enforced. DuckDB parses the query (``json_serialize_sql``); the parse tree,
+never the text, is checked against these rules (fail closed: anything not listed is refused):
+
+- one statement, a plain ``SELECT`` (no CTE, set operation, ``DISTINCT``, ``QUALIFY``,
+  ``SAMPLE``, percent ``LIMIT``); ``LIMIT``/``OFFSET`` only as constants;
+- ``FROM`` only the task's datasets, joined (inner, left, right, full, cross, natural,
+  ``USING``/``ON``) with no subquery, table function, ``VALUES``, ``PIVOT``, ``LATERAL``,
+  ``ASOF``/``POSITIONAL``/semi/anti join, schema-qualified name or column-alias list; so no
+  file, extension or catalog is reachable (external access is also switched off and the
+  configuration locked before the query runs);
+- nowhere a subquery, window function, ``*`` (except ``count(*)`` and ``ORDER BY ALL``),
+  lambda, prepared-statement parameter, or a macro other than a few harmless ones;
+- the query aggregates: it has aggregate functions or a ``GROUP BY``. A column outside an
+  aggregate must be a ``GROUP BY`` key (DuckDB's binder checks this as well);
+- aggregates are statistics of many rows: count, sum, avg, standard deviation, variance, sem,
+  skewness, kurtosis, correlation, covariance, the ``regr_*`` family, approximate count
+  distinct. ``min``/``max``/``median``/quantiles/``mode``/``first``/``arg_max``/``list``/
+  ``string_agg`` and the like are refused: each returns one row's value. An aggregate's
+  arguments may only be columns and constants combined by ``+ - *``, division by a non-zero
+  constant, and casts; no ``FILTER``, ``ORDER BY``, ``CASE``, comparison or function inside,
+  so an aggregate cannot single out one row (``sum(CASE WHEN id = 7 THEN salary END)``).
+  Condition on a ``GROUP BY`` key instead: that group must then be large enough.
+
+The group-size rule is enforced by rewriting, not by trusting the query: the checked tree gets
+one more aggregate per dataset occurrence in ``FROM``, the number of distinct rows of that
+dataset in the group (each table carries a hidden row number), and DuckDB runs that query.
+Every result row must count at least ``min_group_size`` rows of *each* dataset it joins, so a
+join cannot hide a single row of one party behind many of another. A query without ``GROUP
+BY`` is one group. Groups removed by ``HAVING`` or cut by ``LIMIT`` are not output and not
+checked. The counts are removed before the result is returned.
+
+What this does not stop: several signed queries whose answers differ by one person, or
+deliberately crafted key expressions; the owners sign the exact query text, and must read it.
+
+Bounded memory: ``memory_limit`` caps DuckDB's buffer memory. Work beyond it spills to a fresh
+temporary directory, deleted afterwards, and only encrypted: DuckDB's ``temp_file_encryption``
+encrypts the spill with a random key generated and held in process memory. DuckDB writes
+encrypted files only with the OpenSSL crypto of its ``httpfs`` extension (the built-in one is
+read-only), loaded from the ``duckdb-extension-httpfs`` package (DuckDB verifies its
+signature); without it spilling is disabled and a query that needs more than
+``memory_limit`` fails. The result says which (``"spill": "encrypted"`` or ``"disabled"``).
+
+Errors never quote input values: DuckDB's messages are shown only for parse and bind errors
+(checked against empty tables before any data moves); a failure while running gives the error
+type only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+from teeflow.executor.compute import _common, usercode
+
+NAME = "sql"
+DESCRIPTION = (
+    "An aggregate DuckDB query over the datasets (each a view named after its dataset); only "
+    "aggregates leave, each output group counting at least min_group_size input rows"
+)
+LAYOUT = "any"
+MIN_DATASETS = 1
+USES = (_common, usercode)
+
+MAX_QUERY = 64 * 1024
+MAX_ROWS = 100_000
+MAX_NAME = 255
+_RESERVED = "__teeflow"
+_MEMORY = re.compile(r"^\d{1,9}(\.\d{1,3})?\s?(B|[KMGT]i?B)$", re.IGNORECASE)
+
+_PARAM = "parameter 'query': sql policy"
+
+# Aggregates that summarise many rows; anything else that DuckDB knows as an aggregate
+# (min, max, median, quantile, mode, first, arg_max, list, string_agg, histogram, ...) returns
+# one row's value or all of them, and is refused.
+ALLOWED_AGGREGATES = frozenset({
+    "count", "count_star", "sum", "fsum", "sumkahan", "kahan_sum", "avg", "mean", "favg",
+    "stddev", "stddev_samp", "stddev_pop", "variance", "var_samp", "var_pop", "sem",
+    "skewness", "kurtosis", "kurtosis_pop", "corr", "covar_pop", "covar_samp",
+    "regr_avgx", "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_slope",
+    "regr_sxx", "regr_sxy", "regr_syy", "approx_count_distinct",
+})
+# Built-in macros that are plain scalar arithmetic; every other macro is refused (some hide
+# aggregates or subqueries).
+_ALLOWED_MACROS = frozenset({
+    "nullif", "fdiv", "fmod", "date_add", "round_even", "roundbankers", "split_part",
+})
+_DENIED_FUNCTIONS = frozenset({"error", "sleep_ms"})
+# The arithmetic allowed inside an aggregate's arguments ("/" only by a non-zero constant).
+_AGG_OPERATORS = frozenset({"+", "-", "*"})
+_EXPRESSION_CLASSES = frozenset({
+    "COLUMN_REF", "CONSTANT", "FUNCTION", "CAST", "COMPARISON", "CONJUNCTION", "OPERATOR",
+    "CASE", "BETWEEN", "COLLATE",
+})
+_JOIN_TYPES = frozenset({"INNER", "LEFT", "RIGHT", "OUTER", "FULL"})
+_JOIN_REFS = frozenset({"REGULAR", "CROSS", "NATURAL"})
+_IGNORED_KEYS = frozenset({"query_location", "alias"})
+
+PARAMS: tuple[_common.Param, ...] = (
+    _common.Param(
+        "query", "str", required=True,
+        help="one SELECT over the datasets, each a view named after its dataset",
+    ),
+    _common.Param(
+        "min_group_size", "int", default=10, low=1, high=1_000_000_000,
+        help="the fewest input rows (of each dataset joined) an output group may count",
+    ),
+    _common.Param(
+        "memory_limit", "str", default=None,
+        help="DuckDB memory budget, e.g. 512MB; work beyond it spills, encrypted, to disk",
+    ),
+)
+
+
+def _refuse(message: str) -> ParameterError:
+    return ParameterError(f"{_PARAM}: {message}")
+
+
+# --- the parse tree -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _function_kinds() -> dict[str, frozenset[str]]:
+    """DuckDB's built-in function names and their kinds (scalar, aggregate, macro, ...)."""
+    con = duckdb.connect(":memory:")
+    try:
+        rows = con.execute(
+            "SELECT lower(function_name), list(DISTINCT function_type) "
+            "FROM duckdb_functions() GROUP BY 1"
+        ).fetchall()
+    finally:
+        con.close()
+    return {name: frozenset(kinds) for name, kinds in rows}
+
+
+def _parse(query: str) -> dict[str, Any]:
+    """The SELECT node of a one-statement query, as DuckDB's JSON parse tree."""
+    con = duckdb.connect(":memory:")
+    try:
+        try:
+            statements = con.extract_statements(query)
+        except duckdb.Error as exc:
+            raise ParameterError(f"parameter 'query': does not parse: {exc}") from None
+        if len(statements) != 1:
+            raise _refuse(f"exactly one statement is allowed, got {len(statements)}")
+        if statements[0].type != duckdb.StatementType.SELECT:
+            kind = statements[0].type.name
+            raise _refuse(f"only a SELECT statement is allowed, got {kind}")
+        raw = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()
+    finally:
+        con.close()
+    tree = json.loads(raw[0]) if raw else {"error": True}
+    if tree.get("error"):
+        detail = tree.get("error_message", "not serializable")
+        raise _refuse(f"only a plain SELECT statement is allowed ({detail})")
+    if len(tree.get("statements", [])) != 1:
+        raise _refuse("exactly one statement is allowed")
+    return tree
+
+
+def _strings(node: Any) -> Any:
+    """Every string in a JSON tree."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _children(expr: dict[str, Any]) -> list[dict[str, Any]]:
+    """The direct sub-expressions of an expression node (those nested in plain dicts and
+    lists, such as CASE branches, included)."""
+    out: list[dict[str, Any]] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if "class" in value:
+                out.append(value)
+            else:
+                for v in value.values():
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for key, value in expr.items():
+        if key != "value":  # a constant's value is data, not an expression
+            walk(value)
+    return out
+
+
+def _shape(expr: Any) -> Any:
+    """An expression with positions and aliases removed, for comparing two expressions."""
+    if isinstance(expr, dict):
+        return {k: _shape(v) for k, v in expr.items() if k not in _IGNORED_KEYS}
+    if isinstance(expr, list):
+        return [_shape(v) for v in expr]
+    return expr
+
+
+def _column_name(expr: dict[str, Any]) -> str:
+    return str(expr.get("column_names", ["?"])[-1]).lower()
+
+
+def _is_nonzero_constant(expr: dict[str, Any]) -> bool:
+    if expr.get("class") != "CONSTANT":
+        return False
+    value = expr.get("value", {})
+    number = value.get("value")
+    return not value.get("is_null") and isinstance(number, int | float) and number != 0
+
+
+@dataclass
+class _Checker:
+    """Walks a SELECT node's expressions, raising ParameterError at the first rule broken."""
+
+    kinds: dict[str, frozenset[str]]
+    group_keys: list[Any]
+    group_columns: set[str]
+    aliases: set[str]
+    aggregates: int = 0
+
+    def _function(self, expr: dict[str, Any]) -> tuple[str, bool]:
+        """(lower-case name, is an aggregate) of a FUNCTION node allowed at all."""
+        name = str(expr.get("function_name", "")).lower()
+        if expr.get("schema") or expr.get("catalog"):
+            raise _refuse(f"function {name!r}: a qualified function name is not allowed")
+        kinds = self.kinds.get(name, frozenset())
+        if "aggregate" in kinds:
+            if name not in ALLOWED_AGGREGATES:
+                raise _refuse(
+                    f"aggregate {name}() is not allowed: it can return single rows' values "
+                    f"(allowed: {', '.join(sorted(ALLOWED_AGGREGATES))})"
+                )
+            return name, True
+        if name in _DENIED_FUNCTIONS:
+            raise _refuse(f"function {name}() is not allowed")
+        if "scalar" in kinds or ("macro" in kinds and name in _ALLOWED_MACROS):
+            return name, False
+        raise _refuse(f"function {name}() is not allowed")
+
+    def _common(self, expr: dict[str, Any]) -> None:
+        cls = expr.get("class")
+        if cls == "WINDOW":
+            raise _refuse("window functions are not allowed")
+        if cls == "SUBQUERY":
+            raise _refuse("subqueries are not allowed")
+        if cls == "STAR":
+            raise _refuse("* and COLUMNS() are not allowed (name the columns)")
+        if cls not in _EXPRESSION_CLASSES:
+            raise _refuse(f"{str(cls).lower()} expressions are not allowed")
+        if cls == "CAST" and expr.get("try_cast"):
+            raise _refuse("TRY_CAST is not allowed")
+
+    def row(self, expr: dict[str, Any], where: str) -> None:
+        """WHERE, JOIN conditions, GROUP BY keys: per-row expressions, no aggregates."""
+        self._common(expr)
+        if expr["class"] == "FUNCTION":
+            name, aggregate = self._function(expr)
+            if aggregate:
+                raise _refuse(f"aggregate {name}() is not allowed in {where}")
+        for child in _children(expr):
+            self.row(child, where)
+
+    def argument(self, expr: dict[str, Any], aggregate: str) -> None:
+        """An aggregate's argument: columns and constants, + - *, / by a constant, casts."""
+        cls = expr.get("class")
+        if cls in ("COLUMN_REF", "CONSTANT"):
+            return
+        if cls == "CAST" and not expr.get("try_cast"):
+            for child in _children(expr):
+                self.argument(child, aggregate)
+            return
+        if cls == "FUNCTION" and expr.get("is_operator"):
+            name = expr.get("function_name")
+            children = expr.get("children", [])
+            if name in _AGG_OPERATORS or (
+                name == "/" and len(children) == 2 and _is_nonzero_constant(children[1])
+            ):
+                for child in children:
+                    self.argument(child, aggregate)
+                return
+        what = expr.get("function_name") or str(cls).lower()
+        raise _refuse(
+            f"the argument of {aggregate}() may only combine columns and constants with "
+            f"+, -, *, division by a non-zero constant and casts; {what!r} is not allowed "
+            "(group by a condition instead of filtering inside an aggregate)"
+        )
+
+    def output(self, expr: dict[str, Any], where: str) -> None:
+        """SELECT list, HAVING, ORDER BY: aggregates, GROUP BY keys, and scalars of them."""
+        if _shape(expr) in self.group_keys:
+            return
+        self._common(expr)
+        cls = expr["class"]
+        if cls == "COLUMN_REF":
+            name = _column_name(expr)
+            if name in self.group_columns or (
+                len(expr.get("column_names", [])) == 1 and name in self.aliases
+            ):
+                return
+            raise _refuse(
+                f"the query returns rows that are not aggregates: column {name!r} in {where} "
+                "is neither aggregated nor a GROUP BY key"
+            )
+        if cls == "FUNCTION":
+            name, aggregate = self._function(expr)
+            if aggregate:
+                self.aggregates += 1
+                if expr.get("filter") is not None:
+                    raise _refuse(f"{name}() FILTER (WHERE ...) is not allowed")
+                if expr.get("order_bys", {}).get("orders"):
+                    raise _refuse(f"ORDER BY inside {name}() is not allowed")
+                if expr.get("export_state"):
+                    raise _refuse(f"EXPORT_STATE of {name}() is not allowed")
+                for child in expr.get("children", []):
+                    self.argument(child, name)
+                return
+        for child in _children(expr):
+            self.output(child, where)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked query: its parse tree and the dataset occurrences in its FROM clause."""
+
+    tree: dict[str, Any]
+    tables: tuple[tuple[str, str], ...]  # (binding name in the query, table name), in order
+
+    @property
+    def node(self) -> dict[str, Any]:
+        return self.tree["statements"][0]["node"]
+
+
+def _from_tables(ref: dict[str, Any], checker: _Checker) -> list[tuple[str, str]]:
+    kind = ref.get("type")
+    if ref.get("sample") is not None:
+        raise _refuse("TABLESAMPLE is not allowed")
+    if kind == "BASE_TABLE":
+        table = str(ref.get("table_name", ""))
+        if ref.get("schema_name") or ref.get("catalog_name"):
+            raise _refuse(f"table {table!r}: name the dataset without a schema or catalog")
+        if ref.get("at_clause") is not None:
+            raise _refuse(f"table {table!r}: AT (...) is not allowed")
+        if ref.get("column_name_alias"):
+            raise _refuse(f"table {table!r}: column alias lists are not allowed")
+        return [(str(ref.get("alias") or table), table)]
+    if kind == "JOIN":
+        join, how = ref.get("join_type"), ref.get("ref_type")
+        if join not in _JOIN_TYPES or how not in _JOIN_REFS:
+            raise _refuse(f"{how} {join} joins are not allowed")
+        if ref.get("condition") is not None:
+            checker.row(ref["condition"], "a JOIN condition")
+        return _from_tables(ref["left"], checker) + _from_tables(ref["right"], checker)
+    if kind == "EMPTY":
+        return []
+    described = {
+        "SUBQUERY": "subqueries", "TABLE_FUNCTION": "table functions (such as read_csv)",
+        "EXPRESSION_LIST": "VALUES lists", "PIVOT": "PIVOT/UNPIVOT",
+    }.get(str(kind), f"{str(kind).lower()} table references")
+    raise _refuse(f"{described} in FROM are not allowed; name the datasets")
+
+
+def analyze(query: str) -> _Plan:
+    """Check a query against the output policy (see the module docstring); raises
+    ParameterError naming the first rule it breaks."""
+    if len(query) > MAX_QUERY:
+        raise ParameterError(f"parameter 'query': longer than {MAX_QUERY} characters")
+    tree = _parse(query)
+    if any(_RESERVED in s.lower() for s in _strings(tree)):
+        raise _refuse(f"names starting with {_RESERVED} are reserved")
+    node = tree["statements"][0]["node"]
+    if node.get("type") != "SELECT_NODE":
+        raise _refuse("UNION, INTERSECT and EXCEPT are not allowed; query one SELECT")
+    if node.get("cte_map", {}).get("map"):
+        raise _refuse("WITH (common table expressions) is not allowed")
+    if node.get("sample") is not None:
+        raise _refuse("USING SAMPLE is not allowed")
+    if node.get("qualify") is not None:
+        raise _refuse("QUALIFY is not allowed")
+    for modifier in node.get("modifiers", []):
+        kind = modifier.get("type")
+        if kind == "DISTINCT_MODIFIER":
+            raise _refuse("SELECT DISTINCT is not allowed; use GROUP BY")
+        if kind == "LIMIT_MODIFIER":
+            for part in ("limit", "offset"):
+                value = modifier.get(part)
+                if value is not None and value.get("class") != "CONSTANT":
+                    raise _refuse(f"{part.upper()} must be a constant")
+        elif kind != "ORDER_MODIFIER":
+            raise _refuse(f"{str(kind).lower().replace('_', ' ')} is not allowed")
+
+    select = node.get("select_list", [])
+    aliases = {str(e.get("alias")).lower() for e in select if e.get("alias")}
+    group_all = node.get("aggregate_handling") == "FORCE_AGGREGATES"
+    checker = _Checker(_function_kinds(), [], set(), aliases)
+
+    tables = _from_tables(node.get("from_table", {}), checker)
+    if not tables:
+        raise _refuse("the query reads no dataset")
+    if node.get("where_clause") is not None:
+        checker.row(node["where_clause"], "WHERE")
+
+    keys: list[dict[str, Any]] = []
+    for expr in node.get("group_expressions", []):
+        value = expr.get("value", {}) if expr.get("class") == "CONSTANT" else {}
+        if isinstance(value.get("value"), int) and not value.get("is_null"):
+            position = value["value"]  # GROUP BY 1: a select-list position
+            if not 1 <= position <= len(select):
+                raise _refuse(f"GROUP BY position {position} is not in the select list")
+            keys.append(select[position - 1])
+            continue
+        checker.row(expr, "GROUP BY")
+        keys.append(expr)
+        if expr.get("class") == "COLUMN_REF" and len(expr.get("column_names", [])) == 1:
+            # GROUP BY an alias of the select list groups by that expression
+            alias = _column_name(expr)
+            keys.extend(e for e in select if str(e.get("alias", "")).lower() == alias)
+    if group_all:  # GROUP BY ALL: the select expressions without aggregates are the keys
+        for expr in select:
+            probe = _Checker(checker.kinds, [], set(), set())
+            try:
+                probe.output(expr, "SELECT")
+            except ParameterError:
+                probe.aggregates = 0
+            if not probe.aggregates:
+                checker.row(expr, "GROUP BY ALL")
+                keys.append(expr)
+    checker.group_keys = [_shape(k) for k in keys]
+    checker.group_columns = {_column_name(k) for k in keys if k.get("class") == "COLUMN_REF"}
+    grouped = bool(keys) or group_all
+
+    for expr in select:
+        checker.output(expr, "SELECT")
+    if node.get("having") is not None:
+        checker.output(node["having"], "HAVING")
+    for modifier in node.get("modifiers", []):
+        for order in modifier.get("orders", []):
+            expr = order.get("expression", {})
+            if expr.get("class") == "STAR" and expr.get("columns") and not (
+                expr.get("relation_name") or expr.get("exclude_list")
+                or expr.get("replace_list") or expr.get("expr")
+            ):
+                continue  # ORDER BY ALL
+            checker.output(expr, "ORDER BY")
+    if not grouped and not checker.aggregates:
+        raise _refuse(
+            "the query returns rows that are not aggregates (use aggregate functions or "
+            "GROUP BY)"
+        )
+    return _Plan(tree, tuple(tables))
+
+
+# --- parameters and schemas ---------------------------------------------------------------------
+
+
+def _post(checked: dict[str, Any]) -> None:
+    limit = checked["memory_limit"]
+    if limit is not None and not _MEMORY.match(limit):
+        raise ParameterError(
+            f"parameter 'memory_limit': not a size such as 512MB or 2GiB: {limit!r}"
+        )
+    analyze(checked["query"])
+
+
+check_params = _common.make_check_params(NAME, PARAMS, _post)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rid(index: int) -> str:
+    return f"{_RESERVED}_rid_{index}"
+
+
+def _views(names: list[str]) -> dict[str, int]:
+    """{lower-case view name: dataset index}; raises SchemaMismatch for unusable names."""
+    views: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name or len(name) > MAX_NAME or not name.isprintable():
+            raise SchemaMismatch(
+                f"dataset {name[:40]!r}: not usable as a view name (1 to {MAX_NAME} printable "
+                "characters)"
+            )
+        if name.lower().startswith(_RESERVED):
+            raise SchemaMismatch(f"dataset {name!r}: names starting with {_RESERVED} are reserved")
+        if name.lower() in views:
+            raise SchemaMismatch(
+                f"dataset {name!r}: another dataset has the same name up to case; SQL names "
+                "are case-insensitive"
+            )
+        views[name.lower()] = i
+    return views
+
+
+def _counting_query(plan: _Plan, views: dict[str, int]) -> tuple[str, int]:
+    """The checked query with one more output column per dataset occurrence in FROM: the
+    number of that dataset's rows in the group. Returns (SQL, number of columns added)."""
+    for _, table in plan.tables:
+        if table.lower() not in views:
+            known = ", ".join(sorted(views))
+            raise ParameterError(
+                f"parameter 'query': table {table!r} is not a dataset of this task "
+                f"(datasets: {known})"
+            )
+    if len(plan.tables) == 1:
+        counts = ["count(*)"]
+    else:
+        counts = [
+            f"count(DISTINCT {_quote(binding)}.{_quote(_rid(views[table.lower()]))})"
+            for binding, table in plan.tables
+        ]
+    extra = ", ".join(f"{c} AS {_quote(f'{_RESERVED}_n{i}')}" for i, c in enumerate(counts))
+    con = duckdb.connect(":memory:")
+    try:
+        raw = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [f"SELECT {extra}"]).fetchone()
+        added = json.loads(raw[0])["statements"][0]["node"]["select_list"] if raw else []
+        tree = json.loads(json.dumps(plan.tree))
+        tree["statements"][0]["node"]["select_list"].extend(added)
+        sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchone()
+    finally:
+        con.close()
+    if not sql or len(added) != len(counts):  # pragma: no cover - DuckDB format change
+        raise ComputeError(f"{NAME}: could not build the group-size check")
+    return str(sql[0]), len(counts)
+
+
+def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
+    """Dataset names usable as views, no reserved column names, and the query binds against
+    (empty) tables of these schemas: column and type errors surface before any data moves."""
+    views = _views(list(schemas))
+    for ds, schema in schemas.items():
+        for name in schema.names:
+            if name.lower().startswith(_RESERVED):
+                raise SchemaMismatch(
+                    f"dataset {ds!r}: column {name!r}: names starting with {_RESERVED} are "
+                    "reserved"
+                )
+    plan = analyze(params["query"])
+    sql, _ = _counting_query(plan, views)
+    empty = [(ds, schema.empty_table()) for ds, schema in schemas.items()]
+    with _Session(empty, memory_limit=None, spill=False) as session:
+        try:
+            session.con.execute(sql).fetchall()
+        except duckdb.Error as exc:
+            # tables are empty here, so DuckDB's message can only quote the query and schema
+            raise ParameterError(f"parameter 'query': does not fit the datasets: {exc}") from None
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def _httpfs_extension() -> Path | None:
+    """The httpfs extension file matching this DuckDB, from the duckdb-extension-httpfs
+    package, if installed."""
+    try:
+        import duckdb_extension_httpfs as pkg  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = Path(pkg.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    path = path / "httpfs.duckdb_extension"
+    return path if path.is_file() else None
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _Session:
+    """A locked-down in-memory DuckDB with the inputs registered as views, each with a hidden
+    row-number column; spilling to an encrypted temporary directory when possible."""
+
+    def __init__(
+        self, inputs: list[tuple[str, pa.Table]], memory_limit: str | None, spill: bool
+    ) -> None:
+        self.tempdir: str | None = None
+        self.spill = "disabled"
+        self.con = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "allow_unsigned_extensions": False,
+            "allow_persistent_secrets": False,
+            "python_enable_replacements": False,
+        })
+        try:
+            self._setup(inputs, memory_limit, spill)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self, inputs: list[tuple[str, pa.Table]], memory_limit: str | None, spill: bool
+    ) -> None:
+        con = self.con
+        con.execute("SET preserve_insertion_order = false")
+        if memory_limit is not None:
+            con.execute(f"SET memory_limit = {_literal(memory_limit)}")
+        extension = _httpfs_extension() if spill else None
+        if extension is not None:
+            try:
+                con.execute(f"LOAD {_literal(str(extension))}")
+            except duckdb.Error:
+                extension = None
+        if extension is not None:
+            self.tempdir = tempfile.mkdtemp(prefix="teeflow-sql-")
+            con.execute(f"SET temp_directory = {_literal(self.tempdir)}")
+            con.execute("SET temp_file_encryption = true")
+            self.spill = "encrypted"
+        else:
+            con.execute("SET temp_directory = ''")  # no spilling, rather than plaintext
+        for i, (ds, table) in enumerate(inputs):
+            rid = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            con.register(ds, table.append_column(_rid(i), rid))
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        finally:
+            if self.tempdir is not None:
+                shutil.rmtree(self.tempdir, ignore_errors=True)
+                self.tempdir = None
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
+    views = _views([ds for ds, _ in inputs])
+    plan = analyze(params["query"])
+    sql, added = _counting_query(plan, views)
+    k = int(params.get("min_group_size", 10))
+    with _Session(inputs, params.get("memory_limit"), spill=True) as session:
+        try:
+            result = session.con.execute(sql).fetch_arrow_table()
+        except duckdb.OutOfMemoryException:
+            budget = params.get("memory_limit") or "DuckDB's default"
+            how = "even spilling to disk" if session.spill == "encrypted" else (
+                "and spilling is disabled (no encrypted temporary storage available)"
+            )
+            raise ComputeError(
+                f"{NAME}: the query ran out of memory (memory_limit {budget}) {how}"
+            ) from None
+        except duckdb.Error as exc:
+            raise ComputeError(f"{NAME}: the query failed ({type(exc).__name__})") from None
+        spill = session.spill
+    width = result.num_columns - added
+    for j in range(added):
+        smallest = pc.min(result.column(width + j)).as_py() if result.num_rows else None
+        if smallest is not None and smallest < k:
+            binding, table = plan.tables[j]
+            source = f"dataset {table!r}" if len(plan.tables) == 1 else (
+                f"dataset {table!r} (as {binding!r})"
+            )
+            raise ComputeError(
+                f"{NAME} output policy: an output group counts fewer than min_group_size={k} "
+                f"input rows of {source}; nothing is returned"
+            )
+    if result.num_rows > MAX_ROWS:
+        raise ComputeError(f"{NAME}: the result has more than {MAX_ROWS} rows")
+    result = result.select(list(range(width)))
+    out = usercode.table_json(result)
+    out["spill"] = spill
+    return out
