@@ -25,10 +25,11 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench import Options, Row, upload  # noqa: E402
+from bench import Options, Row, attestation, upload  # noqa: E402
 
 SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "upload": ("Upload: one provider -> executor, Arrow Flight do_put", upload.run),
+    "attestation": ("Attestation: quote verification and attested connect", attestation.run),
 }
 
 

@@ -21,6 +21,7 @@ a fresh nonce, appraise it against a policy allowing simulated evidence for
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import multiprocessing as mp
@@ -44,10 +45,11 @@ from bench import Options, Row, median_range
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
-from teeflow.core import wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, KeySigner, make_tls_identity
 from teeflow.core.datasets import BATCH_ROWS, schema_fingerprint
 from teeflow.core.executor_client import ExecutorClient, attested_connect
+from teeflow.executor import compute
 
 FULL_ROWS = 2_000_000
 QUICK_ROWS = 200_000
@@ -198,14 +200,29 @@ class AttestedUploader:
         self.schema = schema
 
     def upload(self, batches: Sequence[pa.RecordBatch]) -> float:
-        task_id = f"bench-{secrets.token_hex(6)}"
-        spec = wire.TaskSpec(task_id, "logistic_regression", {"label": "y"}, (self.ref,),
-                             self.initiator.public_key())
-        self.router.action("create-task", spec.encode())
+        task_id = f"bench{secrets.token_hex(6)}"
+        policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
+                              "simulated": {"measurement": [code_measurement()]}})
+        spec = wire.TaskSpec(
+            task_id, "logistic_regression", compute.get("logistic_regression").code_digest,
+            {"label": "y"}, (self.ref,), policy.to_dict(),
+            (wire.Receiver(self.initiator.public_key(),
+                           self.initiator.encryption_public_key()),),
+            self.initiator.public_key())
+        signature = self.provider.sign(audit.signed_payload(
+            task_id, "approved", {"spec_digest": spec.digest()}))
+        approvals = [{"signer": audit.ed25519_signer(self.provider.public_key()),
+                      "signature": base64.b64encode(signature).decode()}]
+        self.router.action("create-task", wire.canonical({"spec": spec.to_dict(),
+                                                          "approvals": approvals}))
         try:
             t0 = time.perf_counter()
             receipt = self.client.upload(task_id, "bench", self.provider, self.schema, batches)
             elapsed = time.perf_counter() - t0
+            # The executor hashes what it received after the transfer; let it finish so
+            # the next repeat does not share the CPU with it.
+            while self.router.action_json("status", task_id.encode())["digesting"]:
+                time.sleep(0.01)
         finally:
             self.router.action("cancel", task_id.encode())  # wipes the held batches
         _check(receipt, sum(b.num_rows for b in batches), "attested upload")

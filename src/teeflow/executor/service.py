@@ -54,6 +54,7 @@ class _Task:
     sealed: dict[str, bytes] = field(default_factory=dict)  # receiver sign key -> envelope
     error: str | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
+    digests: dict[str, _Digest] = field(default_factory=dict)
 
     def wipe(self) -> None:
         self.inputs.clear()
@@ -176,6 +177,7 @@ class Executor:
                 "received": {k: dict(v) for k, v in task.received.items()},
                 "receiving": sorted(task.receiving),
                 "inputs_held": sorted(task.inputs),
+                "digesting": sorted(k for k, d in task.digests.items() if d.running),
                 "simulated": self.simulated,
                 "taken_by": sorted(k for k in (r.sign_key for r in task.spec.receivers)
                                    if k not in task.sealed) if task.status in (
@@ -239,7 +241,6 @@ class Executor:
         task = self._begin_upload(request, schema)
         held: list[pa.RecordBatch] = []
         rows = nbytes = 0
-        digest = hashlib.sha256()
         try:
             end: dict[str, Any] | None = None
             for batch, meta in messages:
@@ -252,8 +253,6 @@ class Executor:
                     held.append(batch)
                     rows += batch.num_rows
                     nbytes += batch.nbytes
-                    for buf in _buffers(batch):
-                        digest.update(buf)
                 if meta:
                     end = wire.parse_json(meta, "upload end marker")
                 if task.status != "waiting":
@@ -273,10 +272,16 @@ class Executor:
                 raise StateError(f"task {request.task_id} is {task.status}; upload dropped")
             task.inputs[request.dataset] = held
             task.received[request.dataset] = {"rows": rows, "bytes": nbytes}
-            self._record(task, "received", {"dataset": request.dataset, "rows": rows,
-                                            "bytes": nbytes, "sha256": digest.hexdigest()})
+            # Hashed after the transfer, off the upload's path; runs wait for it.
+            task.digests[request.dataset] = _Digest(
+                held, lambda sha256: self._received(task, request.dataset, rows, nbytes, sha256))
         log.info("task %s: received %s (%d rows)", request.task_id, request.dataset, rows)
         return {"rows": rows, "bytes": nbytes}
+
+    def _received(self, task: _Task, dataset: str, rows: int, nbytes: int, sha256: str) -> None:
+        with self._lock:
+            self._record(task, "received", {"dataset": dataset, "rows": rows, "bytes": nbytes,
+                                            "sha256": sha256})
 
     # -- running -----------------------------------------------------------
     def run(self, task_id: str, background: bool = True) -> str:
@@ -296,6 +301,8 @@ class Executor:
 
     def _compute(self, task: _Task) -> None:
         spec = task.spec
+        for digest in list(task.digests.values()):
+            digest.wait()  # every input's `received` entry is in before the run
         try:
             tables = [(d.name, pa.Table.from_batches(task.inputs[d.name])) for d in spec.datasets]
             comp = compute.get(spec.compute)
@@ -373,9 +380,29 @@ class Executor:
 
 
 
-def _buffers(batch: pa.RecordBatch):
-    """The batch's memory, without copying, for the received-data digest."""
-    for column in batch.columns:
-        for buf in column.buffers():
-            if buf is not None:
-                yield memoryview(buf)
+class _Digest:
+    """SHA-256 over a received dataset's memory (no copies), on a thread of its own;
+    `done` gets the hex digest. hashlib releases the GIL on large buffers."""
+
+    def __init__(self, batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
+        self._thread = threading.Thread(target=self._work, args=(list(batches), done),
+                                        daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _work(batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
+        h = hashlib.sha256()
+        for batch in batches:
+            for column in batch.columns:
+                for buf in column.buffers():
+                    if buf is not None:
+                        h.update(memoryview(buf))
+        batches.clear()
+        done(h.hexdigest())
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()

@@ -231,6 +231,13 @@ def _is_nonzero_constant(expr: dict[str, Any]) -> bool:
     return not value.get("is_null") and isinstance(number, int | float) and number != 0
 
 
+def _has_aggregate(expr: dict[str, Any], kinds: dict[str, frozenset[str]]) -> bool:
+    if expr.get("class") == "FUNCTION":
+        if "aggregate" in kinds.get(str(expr.get("function_name", "")).lower(), ()):
+            return True
+    return any(_has_aggregate(child, kinds) for child in _children(expr))
+
+
 @dataclass
 class _Checker:
     """Walks a SELECT node's expressions, raising ParameterError at the first rule broken."""
@@ -439,12 +446,7 @@ def analyze(query: str) -> _Plan:
             keys.extend(e for e in select if str(e.get("alias", "")).lower() == alias)
     if group_all:  # GROUP BY ALL: the select expressions without aggregates are the keys
         for expr in select:
-            probe = _Checker(checker.kinds, [], set(), set())
-            try:
-                probe.output(expr, "SELECT")
-            except ParameterError:
-                probe.aggregates = 0
-            if not probe.aggregates:
+            if not _has_aggregate(expr, checker.kinds):
                 checker.row(expr, "GROUP BY ALL")
                 keys.append(expr)
     checker.group_keys = [_shape(k) for k in keys]
