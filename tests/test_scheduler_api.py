@@ -1,22 +1,33 @@
-"""The scheduler's HTTP API through TestClient, with a fake executor link that records calls."""
+"""The scheduler's HTTP API through TestClient, with a fake executor link that records calls.
+
+Every call is signed (core/auth.py) by the node making it; tasks are signed specs that
+reach the executor only with every owner's signature.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 import warnings
+from urllib.parse import urlencode
 
 import pyarrow as pa
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from teeflow.core import wire
+from teeflow.attestation.simulated import SimulatedBackend, code_measurement
+from teeflow.core import audit, auth, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.datasets import schema_fingerprint, schema_to_b64
 from teeflow.core.errors import Unreachable
+from teeflow.executor.service import Executor
 from teeflow.scheduler.app import MAX_BODY, create_app
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
+from tests.factories import make_spec, sign_entry, submit_signature
 
 with warnings.catch_warnings():
     # starlette warns at import when it finds httpx rather than httpx2; nothing we can act on
@@ -25,6 +36,10 @@ with warnings.catch_warnings():
 
 EXECUTOR = "127.0.0.1:9999"
 SCHEMA = pa.schema([("name", pa.string()), ("value", pa.float64()), ("n_samples", pa.int64())])
+FP = schema_fingerprint(SCHEMA)
+EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
+EXECUTOR_SIGNER = audit.p256_signer(EXECUTOR_KEY.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 class FakeExecutor:
@@ -65,35 +80,91 @@ class FakeExecutor:
             return [body for k, body in self.calls if k == kind]
 
 
+def executor_entry(task_id: str, kind: str, body: dict,
+                   key: ec.EllipticCurvePrivateKey = EXECUTOR_KEY) -> dict:
+    """An audit entry as the executor's status carries it."""
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"kind": kind, "body": body, "signer": audit.p256_signer(spki),
+            "signature": audit.sign_p256(key, audit.signed_payload(task_id, kind, body))}
+
+
 class World:
     def __init__(self, client: TestClient, store: Store, scheduler: Scheduler,
                  fake: FakeExecutor) -> None:
         self.client, self.store, self.scheduler, self.fake = client, store, scheduler, fake
-        self.alice, self.bob, self.initiator = (KeySigner.generate() for _ in range(3))
+        self.alice, self.bob, self.carol, self.dave, self.mallory = (
+            KeySigner.generate() for _ in range(5))
+        self.initiator = self.carol
+        self.keys = {"alice": self.alice, "bob": self.bob, "carol": self.carol,
+                     "dave": self.dave, "mallory": self.mallory}
+
+    # -- signed requests -----------------------------------------------------------------
+    def call(self, who: str | KeySigner, method: str, path: str, body: object = None,
+             params: dict | None = None, raw: bytes | None = None):
+        signer = self.keys[who] if isinstance(who, str) else who
+        content = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
+        target = path + ("?" + urlencode(params) if params else "")
+        headers = auth.sign_request(signer, method, target, content, int(time.time()))
+        if content:
+            headers["content-type"] = "application/json"
+        return self.client.request(method, target, content=content, headers=headers)
+
+    def register_node(self, name: str, signer: KeySigner | None = None, **overrides):
+        key = signer or self.keys[name]
+        body = {"name": name, "public_key": key.public_key(),
+                "enc_key": key.encryption_public_key(), **overrides}
+        return self.call(key, "POST", "/v1/nodes", body)
 
     def register(self) -> None:
-        for name, signer in (("alice", self.alice), ("bob", self.bob)):
-            r = self.client.post("/v1/nodes", json={"name": name,
-                                                    "public_key": signer.public_key()})
+        for name in ("alice", "bob", "carol", "dave"):
+            r = self.register_node(name)
             assert r.status_code == 200, r.text
         for name, owner in (("a_data", "alice"), ("b_data", "bob")):
-            r = self.client.post("/v1/datasets", json={
+            r = self.call(owner, "POST", "/v1/datasets", {
                 "name": name, "owner": owner, "schema": schema_to_b64(SCHEMA), "rows": 2})
             assert r.status_code == 200, r.text
-            assert r.json()["fingerprint"] == schema_fingerprint(SCHEMA)
+            assert r.json()["fingerprint"] == FP
 
-    def submit(self, **overrides):
-        body = {"compute": "model_aggregation", "datasets": ["a_data", "b_data"],
-                "executor": EXECUTOR, "initiator_key": self.initiator.public_key(),
-                "params": {}, **overrides}
-        return self.client.post("/v1/tasks", json=body)
+    # -- tasks -----------------------------------------------------------------------------
+    def spec(self, **overrides) -> wire.TaskSpec:
+        spec = make_spec([("a_data", "alice", self.alice, FP), ("b_data", "bob", self.bob, FP)],
+                         self.initiator)
+        return dataclasses.replace(spec, **overrides)
+
+    def submit(self, spec: wire.TaskSpec | None = None, signature: str | None = None,
+               executor: str | None = EXECUTOR, by: str = "carol"):
+        spec = spec or self.spec()
+        body = {"spec": spec.to_dict(),
+                "signature": signature or submit_signature(spec, self.initiator),
+                "executor": executor}
+        return self.call(by, "POST", "/v1/tasks", body)
+
+    def decide(self, who: str, spec: wire.TaskSpec, decision: str = "approved",
+               signature: str | None = None):
+        signature = signature or sign_entry(self.keys[who], spec.task_id, decision,
+                                            {"spec_digest": spec.digest()})
+        return self.call(who, "POST", f"/v1/tasks/{spec.task_id}/decision",
+                         {"decision": decision, "signature": signature})
 
     def report(self, task_id: str, dataset: str, node: str, **body):
-        return self.client.post(f"/v1/tasks/{task_id}/assignments/{dataset}",
-                                json={"node": node, **body})
+        return self.call(node, "POST", f"/v1/tasks/{task_id}/assignments/{dataset}", body)
+
+    def work(self, node: str, wait: float | str = 0, who: str | None = None):
+        return self.call(who or node, "GET", f"/v1/nodes/{node}/work", params={"wait": wait})
 
     def state(self, task_id: str) -> str:
         return self.store.task(task_id).state
+
+    def events(self, task_id: str) -> list[str]:
+        r = self.call("carol", "GET", f"/v1/tasks/{task_id}")
+        assert r.status_code == 200, r.text
+        return [e["event"] for e in r.json()["events"]]
+
+    def audit_log(self, task_id: str | None = None) -> list[audit.Entry]:
+        r = self.call("dave", "GET", "/v1/audit", params={"task": task_id} if task_id else None)
+        assert r.status_code == 200, r.text
+        return [audit.Entry(**e) for e in r.json()]
 
 
 @pytest.fixture
@@ -117,155 +188,392 @@ def _error(r, status: int, code: str) -> str:
 # -- catalog ---------------------------------------------------------------------------------
 
 
+def test_health_needs_no_signature(world: World):
+    r = world.client.get("/v1/health")
+    assert r.status_code == 200 and r.json() == {"ok": True}
+
+
 def test_register_node_and_dataset(world: World):
     world.register()
-    assert [n["name"] for n in world.client.get("/v1/nodes").json()] == ["alice", "bob"]
-    datasets = world.client.get("/v1/datasets").json()
-    assert [(d["name"], d["owner"], d["rows"]) for d in datasets] == [
-        ("a_data", "alice", 2), ("b_data", "bob", 2)]
-    again = world.client.post("/v1/nodes", json={"name": "alice",
-                                                  "public_key": world.bob.public_key()})
-    _error(again, 409, "auth")
-    bad_key = world.client.post("/v1/nodes", json={"name": "carol", "public_key": "nope"})
-    _error(bad_key, 400, "input")
+    nodes = world.call("alice", "GET", "/v1/nodes").json()
+    assert [n["name"] for n in nodes] == ["alice", "bob", "carol", "dave"]
+    assert nodes[0]["enc_key"] == world.alice.encryption_public_key()
+    datasets = world.call("bob", "GET", "/v1/datasets").json()
+    assert [(d["name"], d["owner"], d["owner_key"], d["rows"]) for d in datasets] == [
+        ("a_data", "alice", world.alice.public_key(), 2),
+        ("b_data", "bob", world.bob.public_key(), 2)]
+    again = world.register_node("alice", world.mallory)  # a name taken by another key
+    _error(again, 403, "auth")
+    _error(world.register_node("alice2", world.alice), 403, "auth")  # key taken under a name
+    _error(world.register_node("erin", world.mallory, enc_key="nope"), 400, "input")
+    _error(world.register_node("x" * 65, world.mallory), 400, "input")
+    assert world.store.node_key("alice") == world.alice.public_key()
+    assert world.store.node_by_key(world.mallory.public_key()) is None
+    assert world.register_node("alice").status_code == 200  # re-registration is idempotent
 
-def test_dataset_of_unregistered_owner(world: World):
-    r = world.client.post("/v1/datasets", json={"name": "x", "owner": "nobody",
-                                                "schema": schema_to_b64(SCHEMA), "rows": 1})
-    _error(r, 401, "auth")
-    assert world.client.get("/v1/datasets").json() == []
+
+def test_dataset_of_unregistered_or_other_owner(world: World):
+    world.register()
+    r = world.call("alice", "POST", "/v1/datasets", {
+        "name": "x", "owner": "nobody", "schema": schema_to_b64(SCHEMA), "rows": 1})
+    _error(r, 403, "auth")
+    r = world.call("alice", "POST", "/v1/datasets", {
+        "name": "x", "owner": "bob", "schema": schema_to_b64(SCHEMA), "rows": 1})
+    assert "bob" in _error(r, 403, "auth")
+    r = world.call("mallory", "POST", "/v1/datasets", {
+        "name": "x", "owner": "mallory", "schema": schema_to_b64(SCHEMA), "rows": 1})
+    _error(r, 401, "unauthenticated")
+    assert [d["name"] for d in world.store.datasets()] == ["a_data", "b_data"]
 
 
 # -- submit ----------------------------------------------------------------------------------
 
 
+def _nothing_submitted(world: World) -> None:
+    assert world.store.tasks() == []
+    assert world.store.audit_log() == []
+    assert world.fake.calls == []
+
+
 def test_submit_unknown_dataset(world: World):
     world.register()
-    message = _error(world.submit(datasets=["a_data", "nope"]), 404, "unknown_dataset")
+    spec = make_spec([("a_data", "alice", world.alice, FP), ("nope", "alice", world.alice, FP)],
+                     world.carol)
+    message = _error(world.submit(spec), 404, "unknown_dataset")
     assert "nope" in message
-    assert world.store.tasks() == []
-    assert world.fake.kinds("create-task") == []
+    _nothing_submitted(world)
 
 
 def test_submit_unknown_compute(world: World):
     world.register()
-    message = _error(world.submit(compute="secret_sauce"), 400, "parameter")
+    message = _error(world.submit(world.spec(compute="secret_sauce")), 400, "parameter")
     assert "secret_sauce" in message
-    assert world.store.tasks() == []
-    assert world.fake.kinds("create-task") == []
-
-
-def test_submit_executor_unreachable(world: World):
-    world.register()
-    world.fake.unreachable = True
-    _error(world.submit(), 502, "unreachable")
-    (task,) = world.store.tasks()
-    assert task.state == "failed"
-    assert "unreachable" in task.error
-    assert [e["event"] for e in world.store.events(task.id)] == ["submit", "fail"]
-    assert world.store.pending_for("alice") == []
+    _nothing_submitted(world)
 
 
 def test_submit_bad_executor_address(world: World):
     world.register()
     _error(world.submit(executor="no port here"), 400, "input")
-    assert world.store.tasks() == []
+    _nothing_submitted(world)
 
 
-def _submitted(world: World) -> str:
+def test_submit_needs_the_initiators_signature(world: World):
     world.register()
-    r = world.submit()
+    spec = world.spec()
+    forged = sign_entry(world.mallory, spec.task_id, "submitted",
+                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
+    _error(world.submit(spec, signature=forged), 403, "auth")
+    other = world.spec(params={"rounds": "2"})
+    _error(world.submit(spec, signature=submit_signature(other, world.carol)), 403, "auth")
+    _error(world.submit(spec, signature="not base64!"), 403, "auth")
+    _nothing_submitted(world)
+
+
+def test_submit_by_another_than_the_specs_initiator(world: World):
+    world.register()
+    r = world.submit(by="dave")  # carol's validly signed spec, sent by dave
+    assert "initiator" in _error(r, 403, "auth")
+    _nothing_submitted(world)
+
+
+def test_submit_malformed_spec(world: World):
+    world.register()
+    spec = world.spec().to_dict()
+    for bad in ({**spec, "extra": 1}, {**spec, "version": 2}, {**spec, "task_id": "t-1"},
+                {**spec, "receivers": []}):
+        r = world.call("carol", "POST", "/v1/tasks", {"spec": bad, "signature": "c2ln"})
+        _error(r, 400, "input")
+    _error(world.call("carol", "POST", "/v1/tasks", {"spec": spec}), 400, "input")
+    _nothing_submitted(world)
+
+
+def test_submit_spec_that_misstates_the_catalog(world: World):
+    world.register()
+    for datasets in ([("a_data", "alice", world.mallory, FP), ("b_data", "bob", world.bob, FP)],
+                     [("a_data", "alice", world.alice, "0" * 64)],
+                     [("a_data", "bob", world.alice, FP)]):
+        r = world.submit(make_spec(datasets, world.carol))
+        assert "a_data" in _error(r, 400, "input")
+    _nothing_submitted(world)
+
+
+def test_submit_bad_executor_policy(world: World):
+    world.register()
+    r = world.submit(world.spec(executor_policy={"tee_types": ["nonsense"]}))
+    _error(r, 400, "input")
+    _nothing_submitted(world)
+
+
+def test_submit_malformed_receiver_key(world: World):
+    world.register()
+    spec = world.spec(receivers=(wire.Receiver("not a key", world.carol.encryption_public_key()),))
+    assert "receiver" in _error(world.submit(spec), 400, "input")
+    _nothing_submitted(world)
+
+
+def test_submit_picks_an_executor_the_policy_accepts(world: World):
+    world.register()
+    r = world.submit(executor=None)
+    assert "no registered executor" in _error(r, 400, "input")
+    world.store.register_executor("127.0.0.1:7001", "pem", "simulated",
+                                  {"measurement": "00" * 32})
+    assert world.submit(executor=None).status_code == 400  # wrong measurement: not picked
+    world.store.register_executor("127.0.0.1:7002", "pem", "simulated",
+                                  {"measurement": code_measurement()})
+    r = world.submit(executor=None)
+    assert r.status_code == 201, r.text
+    assert r.json()["executor"] == "127.0.0.1:7002"
+
+
+def test_good_submit_waits_for_the_owners(world: World):
+    world.register()
+    spec = world.spec()
+    r = world.submit(spec)
     assert r.status_code == 201, r.text
     body = r.json()
-    assert body["state"] == "accepted"
+    assert (body["id"], body["state"]) == (spec.task_id, "submitted")
     assert body["datasets"] == ["a_data", "b_data"]
-    return body["id"]
-
-
-def test_good_submit(world: World):
-    task_id = _submitted(world)
-    assert world.state(task_id) == "accepted"
-    (created,) = world.fake.kinds("create-task")
-    spec = wire.TaskSpec.decode(created)
-    assert spec.task_id == task_id
-    assert spec.compute == "model_aggregation"
-    assert [(d.name, d.owner, d.owner_key, d.fingerprint) for d in spec.datasets] == [
-        ("a_data", "alice", world.alice.public_key(), schema_fingerprint(SCHEMA)),
-        ("b_data", "bob", world.bob.public_key(), schema_fingerprint(SCHEMA))]
-    assert spec.initiator_key == world.initiator.public_key()
-    detail = world.client.get(f"/v1/tasks/{task_id}").json()
-    assert [e["event"] for e in detail["events"]] == ["submit", "accept"]
+    assert body["spec_digest"] == spec.digest()
+    assert world.fake.calls == []  # nothing reaches an executor without consent
+    detail = world.call("carol", "GET", f"/v1/tasks/{spec.task_id}").json()
+    assert detail["spec"] == spec.to_dict()
+    assert [e["event"] for e in detail["events"]] == ["submitted"]
+    assert detail["approvals"] == []
     assert [a["state"] for a in detail["assignments"]] == ["pending", "pending"]
+    _error(world.submit(spec), 409, "state")  # the same task id twice
+
+
+# -- consent ---------------------------------------------------------------------------------
+
+
+def _consented(world: World) -> wire.TaskSpec:
+    world.register()
+    spec = world.spec()
+    assert world.submit(spec).status_code == 201
+    assert world.decide("alice", spec).json()["state"] == "submitted"
+    r = world.decide("bob", spec)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "accepted"
+    return spec
+
+
+def test_owners_approve_then_the_executor_gets_the_signed_spec(world: World):
+    world.register()
+    spec = world.spec()
+    world.submit(spec)
+    (item,) = world.work("alice").json()
+    assert item == {"kind": "approve", "task_id": spec.task_id, "spec": spec.to_dict(),
+                    "spec_digest": spec.digest()}
+    assert world.work("carol").json() == []  # the initiator owns no input
+
+    r = world.decide("alice", spec)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "submitted"
+    assert world.work("alice").json() == []
+    assert [i["kind"] for i in world.work("bob").json()] == ["approve"]
+    assert world.fake.calls == []
+
+    assert world.decide("bob", spec).json()["state"] == "accepted"
+    (created,) = world.fake.kinds("create-task")
+    sent = json.loads(created)
+    assert sent["spec"] == spec.to_dict()
+    assert sorted(a["signer"] for a in sent["approvals"]) == sorted(
+        audit.ed25519_signer(k.public_key()) for k in (world.alice, world.bob))
+    # what the scheduler relays is exactly what a real executor needs to accept the task
+    executor = Executor(SimulatedBackend(), EXECUTOR_KEY)
+    executor.create_task(wire.TaskSpec.from_dict(sent["spec"]), sent["approvals"])
+    assert executor.status(spec.task_id)["status"] == "waiting"
+
+    assert world.events(spec.task_id) == [
+        "submitted", "approved", "approved", "consented", "accept"]
+    assert audit.verify_chain(world.audit_log()) == 5
+
+
+def test_one_rejection_ends_the_task(world: World):
+    world.register()
+    spec = world.spec()
+    world.submit(spec)
+    world.decide("alice", spec)
+    r = world.decide("bob", spec, "rejected")
+    assert r.status_code == 200 and r.json()["state"] == "rejected"
+    assert world.fake.calls == []
+    assert world.work("alice").json() == [] and world.work("bob").json() == []
+    _error(world.decide("bob", spec), 409, "state")
+    assert world.state(spec.task_id) == "rejected"
+    audit.verify_chain(world.audit_log())
+
+
+def test_decisions_that_do_not_count(world: World):
+    world.register()
+    spec = world.spec()
+    world.submit(spec)
+    _error(world.decide("carol", spec), 403, "auth")  # the initiator owns no input
+    _error(world.decide("dave", spec), 403, "auth")
+    other = world.spec(params={"rounds": "2"})
+    wrong_digest = sign_entry(world.alice, spec.task_id, "approved",
+                              {"spec_digest": other.digest()})
+    _error(world.decide("alice", spec, signature=wrong_digest), 403, "auth")
+    as_rejection = sign_entry(world.alice, spec.task_id, "rejected",
+                              {"spec_digest": spec.digest()})
+    _error(world.decide("alice", spec, signature=as_rejection), 403, "auth")
+    _error(world.decide("alice", spec, decision="maybe"), 400, "input")
+    assert world.store.approvals(spec.task_id) == []
+    assert world.decide("alice", spec).status_code == 200
+    _error(world.decide("alice", spec), 409, "state")  # once per owner
+    _error(world.call("alice", "POST", "/v1/tasks/nope0000/decision",
+                      {"decision": "approved", "signature": "c2ln"}), 404, "unknown_task")
+    assert world.state(spec.task_id) == "submitted"
+    assert world.events(spec.task_id) == ["submitted", "approved"]
+    assert world.fake.calls == []
+
+
+def test_executor_unreachable_at_dispatch(world: World):
+    world.register()
+    spec = world.spec()
+    world.submit(spec)
+    world.decide("alice", spec)
+    world.fake.unreachable = True
+    r = world.decide("bob", spec)
+    assert r.status_code == 200 and r.json()["state"] == "failed"
+    task = world.store.task(spec.task_id)
+    assert task.state == "failed" and "unreachable" in task.error
+    assert world.events(spec.task_id) == [
+        "submitted", "approved", "approved", "consented", "fail"]
+    assert world.store.pending_for("alice") == []
 
 
 # -- assignments and progress ----------------------------------------------------------------
 
 
 def test_long_poll_returns_the_assignment(world: World):
-    task_id = _submitted(world)
-    r = world.client.get("/v1/nodes/alice/assignments", params={"wait": 0.2})
+    spec = _consented(world)
+    r = world.work("alice", 0.2)
     assert r.status_code == 200
     (work,) = r.json()
-    assert (work["task_id"], work["dataset"], work["executor"]) == (task_id, "a_data", EXECUTOR)
-    assert work["spec"]["task_id"] == task_id
+    assert (work["kind"], work["task_id"], work["dataset"], work["executor"]) == (
+        "upload", spec.task_id, "a_data", EXECUTOR)
+    assert work["spec"] == spec.to_dict() and work["spec_digest"] == spec.digest()
+    assert {a["owner_key"] for a in work["approvals"]} == {
+        world.alice.public_key(), world.bob.public_key()}
 
 
 def test_long_poll_without_work_waits_then_returns_empty(world: World):
     world.register()
     start = time.monotonic()
-    r = world.client.get("/v1/nodes/alice/assignments", params={"wait": 0.2})
+    r = world.work("alice", 0.2)
     assert r.status_code == 200 and r.json() == []
     assert time.monotonic() - start >= 0.2
 
 
-def test_unregistered_node_polling(world: World):
-    r = world.client.get("/v1/nodes/mallory/assignments", params={"wait": 0.2})
-    _error(r, 401, "auth")
+def test_polling_work_of_another_node(world: World):
+    world.register()
+    _error(world.work("alice", who="bob"), 403, "auth")
+    _error(world.work("mallory", who="bob"), 403, "auth")  # not a registered node
+    _error(world.work("mallory"), 401, "unauthenticated")  # not a registered key
 
 
 def test_upload_progress_then_run(world: World):
-    task_id = _submitted(world)
+    spec = _consented(world)
+    task_id = spec.task_id
     assert world.report(task_id, "a_data", "alice", state="started").status_code == 200
     assert world.state(task_id) == "uploading"
-    assert world.client.get("/v1/nodes/alice/assignments").json() == []
-    assert [w["dataset"] for w in world.client.get("/v1/nodes/bob/assignments").json()] == [
-        "b_data"]
+    attested = {"executor": EXECUTOR, "tls_key_sha256": audit.p256_key_hash(EXECUTOR_SIGNER),
+                "spec_digest": spec.digest(), "claims": {"tee": "simulated"}}
+    r = world.report(task_id, "a_data", "alice", state="started", attested={
+        "body": attested, "signature": sign_entry(world.alice, task_id, "attested", attested)})
+    assert r.status_code == 200, r.text
+    assert [i["dataset"] for i in world.work("alice").json()] == []
+    assert [w["dataset"] for w in world.work("bob").json()] == ["b_data"]
     assert world.report(task_id, "b_data", "bob", state="started").status_code == 200
     assert world.report(task_id, "a_data", "alice", state="uploaded", rows=2).status_code == 200
 
     # one upload still missing: the executor is not told to run
-    world.fake.status = {"status": "waiting", "received": {"a_data": {"rows": 2, "bytes": 9}}}
+    received = [executor_entry(task_id, "received", {"dataset": "a_data", "rows": 2})]
+    world.fake.status = {"status": "waiting", "received": {"a_data": {"rows": 2, "bytes": 9}},
+                         "audit": received}
     world.scheduler.tick()
     assert world.fake.kinds("run") == []
     assert world.state(task_id) == "uploading"
 
     assert world.report(task_id, "b_data", "bob", state="uploaded", rows=2).status_code == 200
     assert world.state(task_id) == "uploading"
-    world.fake.status = {"status": "waiting", "received": {
+    received.append(executor_entry(task_id, "received", {"dataset": "b_data", "rows": 2}))
+    world.fake.status = {"status": "waiting", "audit": received, "received": {
         "a_data": {"rows": 2, "bytes": 9}, "b_data": {"rows": 2, "bytes": 9}}}
     world.scheduler.tick()
     assert world.fake.kinds("run") == [task_id.encode()]
     assert world.state(task_id) == "running"
 
-    world.fake.status = {"status": "done", "received": world.fake.status["received"]}
+    done = [*received, executor_entry(task_id, "wiped", {"inputs": ["a_data", "b_data"]}),
+            executor_entry(task_id, "computed", {"spec_digest": spec.digest()})]
+    world.fake.status = {**world.fake.status, "status": "done", "audit": done}
     world.scheduler.tick()
     assert world.state(task_id) == "done"
-    world.fake.status = {**world.fake.status, "status": "released"}
+    released = [*done, executor_entry(task_id, "released", {"to": world.carol.public_key()})]
+    world.fake.status = {**world.fake.status, "status": "released", "audit": released}
     world.scheduler.tick()
+    world.scheduler.tick()  # nothing new: each executor entry is recorded once
     assert world.state(task_id) == "released"
-    events = [e["event"] for e in world.client.get(f"/v1/tasks/{task_id}").json()["events"]]
-    assert events[:2] == ["submit", "accept"] and events[-3:] == ["run", "finish", "release"]
+    assert world.events(task_id) == [
+        "submitted", "approved", "approved", "consented", "accept", "upload", "attested",
+        "upload", "upload", "received", "upload", "received", "run", "wiped", "computed",
+        "finish", "released", "close"]
+    log = world.audit_log(task_id)
+    assert [e.signer for e in log if e.kind == "received"] == [EXECUTOR_SIGNER] * 2
+    assert audit.verify_chain(world.audit_log()) == len(log)
+
+
+def test_attested_report_must_be_signed_by_the_reporter(world: World):
+    spec = _consented(world)
+    world.report(spec.task_id, "a_data", "alice", state="started")
+    body = {"executor": EXECUTOR, "tls_key_sha256": "00" * 32, "spec_digest": spec.digest()}
+    r = world.report(spec.task_id, "a_data", "alice", state="started", attested={
+        "body": body, "signature": sign_entry(world.bob, spec.task_id, "attested", body)})
+    _error(r, 403, "auth")
+    r = world.report(spec.task_id, "a_data", "alice", state="started",
+                     attested={"body": "x", "signature": 1})
+    _error(r, 400, "input")
+    assert "attested" not in world.events(spec.task_id)
+
+
+def test_executor_entries_with_bad_signatures_are_dropped(world: World):
+    spec = _consented(world)
+    world.report(spec.task_id, "a_data", "alice", state="started")
+    good = executor_entry(spec.task_id, "received", {"dataset": "a_data", "rows": 2})
+    world.fake.status = {"status": "waiting", "received": {}, "audit": [
+        {**good, "body": {"dataset": "a_data", "rows": 3}},  # altered after signing
+        {**good, "kind": "computed"},  # not what was signed
+        {**good, "kind": "submitted"},  # not a kind the executor may record
+        {**good, "signature": ""}]}
+    world.scheduler.tick()
+    assert world.events(spec.task_id)[-1] == "upload"
+    audit.verify_chain(world.audit_log())
+
+
+def test_executor_entries_from_an_unattested_key_are_dropped(world: World):
+    spec = _consented(world)
+    world.report(spec.task_id, "a_data", "alice", state="started")
+    rogue = ec.generate_private_key(ec.SECP256R1())
+    world.fake.status = {"status": "waiting", "received": {}, "audit": [
+        executor_entry(spec.task_id, "received", {"dataset": "a_data", "rows": 2}, rogue)]}
+    world.scheduler.tick()
+    assert world.events(spec.task_id)[-1] == "upload"
+    audit.verify_chain(world.audit_log())
 
 
 def test_report_by_the_wrong_node(world: World):
-    task_id = _submitted(world)
-    _error(world.report(task_id, "a_data", "bob", state="uploaded", rows=2), 409, "auth")
-    assert world.store.assignments(task_id)[0]["state"] == "pending"
-    assert world.state(task_id) == "accepted"
+    spec = _consented(world)
+    r = world.report(spec.task_id, "a_data", "bob", state="uploaded", rows=2)
+    assert "alice" in _error(r, 403, "auth")
+    assert world.store.assignments(spec.task_id)[0]["state"] == "pending"
+    assert world.state(spec.task_id) == "accepted"
+    _error(world.report(spec.task_id, "a_data", "mallory", state="uploaded", rows=2),
+           401, "unauthenticated")
 
 
 def test_failed_upload_fails_the_task_and_cancels_on_the_executor(world: World):
-    task_id = _submitted(world)
+    spec = _consented(world)
+    task_id = spec.task_id
     world.report(task_id, "a_data", "alice", state="started")
     r = world.report(task_id, "a_data", "alice", state="failed", error="disk on fire")
     assert r.status_code == 200
@@ -275,11 +583,50 @@ def test_failed_upload_fails_the_task_and_cancels_on_the_executor(world: World):
 
 
 def test_executor_reports_failure(world: World):
-    task_id = _submitted(world)
+    spec = _consented(world)
     world.fake.status = {"status": "failed", "error": "schema mismatch", "received": {}}
     world.scheduler.tick()
-    task = world.store.task(task_id)
+    task = world.store.task(spec.task_id)
     assert task.state == "failed" and task.error == "schema mismatch"
+
+
+# -- cancel and the audit log ----------------------------------------------------------------
+
+
+def test_cancel_before_consent_tells_no_executor(world: World):
+    world.register()
+    spec = world.spec()
+    world.submit(spec)
+    _error(world.call("dave", "POST", f"/v1/tasks/{spec.task_id}/cancel"), 403, "auth")
+    assert world.state(spec.task_id) == "submitted"
+    r = world.call("carol", "POST", f"/v1/tasks/{spec.task_id}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert world.fake.calls == []
+    assert world.work("alice").json() == []
+    _error(world.call("carol", "POST", f"/v1/tasks/{spec.task_id}/cancel"), 409, "state")
+
+
+def test_owner_cancels_a_running_task(world: World):
+    spec = _consented(world)
+    r = world.call("bob", "POST", f"/v1/tasks/{spec.task_id}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert world.fake.kinds("cancel") == [spec.task_id.encode()]
+    assert world.events(spec.task_id)[-1] == "cancel"
+    assert world.store.pending_for("alice") == []
+
+
+def test_audit_endpoint(world: World):
+    one = _consented(world)
+    two = world.spec(task_id="task0002")
+    assert world.submit(two).status_code == 201
+    log = world.audit_log()
+    assert [e.task_id for e in log] == [one.task_id] * 5 + [two.task_id]
+    assert audit.verify_chain(log) == 6
+    assert [e.seq for e in world.audit_log(two.task_id)] == [6]
+    submitted = log[0]
+    assert submitted.kind == "submitted"
+    assert submitted.body == {"spec": one.to_dict(), "spec_digest": one.digest()}
+    assert submitted.signer == audit.ed25519_signer(world.carol.public_key())
 
 
 # -- request limits --------------------------------------------------------------------------
@@ -288,27 +635,27 @@ def test_executor_reports_failure(world: World):
 def test_body_over_one_mib(world: World):
     padding = " " * MAX_BODY
     raw = ('{"name": "alice", "public_key": "x"' + padding + "}").encode()
-    r = world.client.post("/v1/nodes", content=raw, headers={"content-type": "application/json"})
+    r = world.call("alice", "POST", "/v1/nodes", raw=raw)
     assert "larger than" in _error(r, 400, "input")
-    assert world.client.get("/v1/nodes").json() == []
+    assert world.store.nodes() == []
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"alice"'])
 def test_body_not_a_json_object(world: World, raw):
-    r = world.client.post("/v1/nodes", content=raw, headers={"content-type": "application/json"})
-    _error(r, 400, "input")
+    _error(world.call("alice", "POST", "/v1/nodes", raw=raw), 400, "input")
+    assert world.store.nodes() == []
 
 
 def test_report_with_non_numeric_rows(world: World):
-    task_id = _submitted(world)
-    _error(world.report(task_id, "a_data", "alice", state="started", rows="many"), 400, "input")
+    spec = _consented(world)
+    r = world.report(spec.task_id, "a_data", "alice", state="started", rows="many")
+    _error(r, 400, "input")
 
 
 def test_long_poll_with_nan_wait_returns(world: World):
     world.register()
     answers: list = []
-    poll = threading.Thread(target=lambda: answers.append(
-        world.client.get("/v1/nodes/alice/assignments", params={"wait": "nan"})))
+    poll = threading.Thread(target=lambda: answers.append(world.work("alice", "nan")))
     poll.start()
     poll.join(timeout=1.5)
     returned_in_time = not poll.is_alive()

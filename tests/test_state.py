@@ -9,13 +9,17 @@ import pytest
 from teeflow.core.errors import StateError
 from teeflow.scheduler.state import EVENTS, FINAL, LIVE, STATES, TRANSITIONS, next_state
 
+# Two owners sign, the last signature completes consent, then the run.
 HAPPY = [
-    ("submitted", "accept", "accepted"),
+    ("submitted", "approved", "submitted"),
+    ("submitted", "consented", "approved"),
+    ("approved", "accept", "accepted"),
     ("accepted", "upload", "uploading"),
+    ("uploading", "attested", "uploading"),
     ("uploading", "upload", "uploading"),
     ("uploading", "run", "running"),
     ("running", "finish", "done"),
-    ("done", "release", "released"),
+    ("done", "close", "released"),
 ]
 
 
@@ -29,10 +33,16 @@ def test_happy_path():
     assert state in FINAL
 
 
+def test_rejection_is_final():
+    assert next_state("submitted", "rejected") == "rejected"
+    assert "rejected" in FINAL
+
+
 def test_states_partition_into_live_and_final():
     assert set(LIVE) | FINAL == set(STATES)
     assert not set(LIVE) & FINAL
     assert all(s in STATES and t in STATES for (s, _), t in TRANSITIONS.items())
+    assert FINAL == {"released", "rejected", "failed", "cancelled"}
 
 
 @pytest.mark.parametrize("state", LIVE)
@@ -51,7 +61,7 @@ def test_final_states_take_no_event(state, event):
 # The design's table; a new edge must be added here on purpose.
 EXPECTED = (
     {(b, e): a for b, e, a in HAPPY}
-    | {("uploading", "attest"): "uploading"}  # a provider accepted the executor's evidence
+    | {("submitted", "rejected"): "rejected"}
     | {(s, "fail"): "failed" for s in LIVE}
     | {(s, "cancel"): "cancelled" for s in LIVE}
 )
@@ -61,12 +71,35 @@ def test_table_is_exactly_the_design():
     assert TRANSITIONS == EXPECTED
 
 
-def test_attest_only_while_uploading():
-    assert next_state("uploading", "attest") == "uploading"
+@pytest.mark.parametrize("event", ["approved", "consented", "rejected"])
+def test_consent_only_while_submitted(event):
+    """No owner's decision can move a task that is already approved or running."""
+    for state in STATES:
+        if state != "submitted":
+            with pytest.raises(StateError):
+                next_state(state, event)
+
+
+def test_no_run_without_consent():
+    """A submitted task reaches the executor only through `consented`."""
+    for event in ("accept", "upload", "run", "finish", "close"):
+        with pytest.raises(StateError):
+            next_state("submitted", event)
+    reachable, frontier = set(), {"submitted"}
+    while frontier:
+        state = frontier.pop()
+        reachable.add(state)
+        frontier |= {t for (s, e), t in TRANSITIONS.items()
+                     if s == state and e != "consented" and t not in reachable}
+    assert reachable == {"submitted", "rejected", "failed", "cancelled"}
+
+
+def test_attested_only_while_uploading():
+    assert next_state("uploading", "attested") == "uploading"
     for state in STATES:
         if state != "uploading":
             with pytest.raises(StateError):
-                next_state(state, "attest")
+                next_state(state, "attested")
 
 
 @pytest.mark.parametrize(

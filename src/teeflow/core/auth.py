@@ -42,7 +42,7 @@ def verify_request(method: str, target: str, headers: Mapping[str, str], body: b
     if not key or not time_text or not nonce or not sig_text:
         raise AuthError("request is not signed (X-Teeflow-* headers missing)")
     check_public_key(key)
-    if not time_text.isdigit() or abs(int(time_text) - now) > WINDOW:
+    if not (time_text.isascii() and time_text.isdigit()) or abs(int(time_text) - now) > WINDOW:
         raise AuthError("request time is outside the accepted window (clock skew or replay)")
     if not 16 <= len(nonce) <= 64 or not all(c in "0123456789abcdef" for c in nonce):
         raise AuthError("request nonce must be 16 to 64 lower-case hex digits")

@@ -118,7 +118,7 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> TaskSpec:
         w = "task spec"
-        if body.get("version") != SPEC_VERSION:
+        if type(body.get("version")) is not int or body["version"] != SPEC_VERSION:
             raise InputError(f"task spec: version must be {SPEC_VERSION}")
         params = _field(body, "params", dict, w)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):

@@ -13,7 +13,10 @@ The child applies, in this order, before it reads a byte of input:
    ``Limits.require_netns``) is set, and then it refuses to run;
 2. user: when started as root, it drops to ``nobody`` with no supplementary groups and
    ``PR_SET_NO_NEW_PRIVS``, so it cannot re-enter the host's network namespace, signal or
-   trace the executor, or read its private files;
+   trace the executor, or read its private files. If the Python installation is not readable
+   by others (pyenv under ``/root``, say), a fixed set of modules (``_PRELOAD``: pyarrow,
+   numpy, pandas, common standard modules) is imported first, and the code can import only
+   those;
 3. limits (``setrlimit``): CPU seconds (``SIGXCPU`` at the limit, ``SIGKILL`` a second
    later), ``RLIMIT_DATA`` at the memory budget (heap and private mappings; the address space
    gets the budget plus room for shared libraries), no core files, file size 0 (a write to a
@@ -345,10 +348,7 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
                 "user code refused: no network namespace could be created and one is required"
             )
         if problem == "startup":
-            raise ComputeError(
-                f"user code process could not load pyarrow within its limits "
-                f"(memory_mb={limits.memory_mb} may be too small)"
-            )
+            raise ComputeError("user code process could not load pyarrow")
         if problem == "no_run":
             raise ComputeError("user code defines no function run(tables)")
         if problem == "bad_return":
@@ -406,7 +406,36 @@ def _unshare_network() -> str:
         return "none"
 
 
+# Modules loaded before dropping to nobody when the Python installation is not readable by
+# others (for instance pyenv under /root): afterwards the user code can import only these.
+_PRELOAD = (
+    "pyarrow.compute", "numpy", "pandas", "math", "cmath", "statistics", "collections",
+    "itertools", "functools", "operator", "json", "base64", "hashlib", "hmac", "datetime",
+    "decimal", "fractions", "random", "re", "struct", "heapq", "bisect", "copy",
+    "dataclasses", "typing", "enum", "string", "textwrap", "zlib", "array", "csv",
+)
+
+
+def _others_can_read(path: str) -> bool:
+    """Whether a user with no relation to the owner can list ``path`` and reach it."""
+    import stat
+
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(1, len(parts) + 1):
+        prefix = os.sep.join(parts[:i]) or os.sep
+        try:
+            mode = os.stat(prefix).st_mode
+        except OSError:
+            return False
+        need = stat.S_IXOTH | (stat.S_IROTH if i == len(parts) else 0)
+        if mode & need != need:
+            return False
+    return True
+
+
 def _drop_privileges(network: str) -> str:
+    """Started as root: become nobody, with no groups and no way to regain privileges."""
     try:
         import ctypes
 
@@ -415,6 +444,14 @@ def _drop_privileges(network: str) -> str:
         pass
     if os.geteuid() != 0 or network == "userns+netns":
         return "userns" if network == "userns+netns" else "unchanged"
+    if not all(_others_can_read(p) for p in sys.path if os.path.isdir(p)):
+        import importlib
+
+        for name in _PRELOAD:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
@@ -494,6 +531,8 @@ def _execute(stdin: BinaryIO, out: BinaryIO) -> None:
         for name in names:
             source = io.BufferedReader(_FramedSource(stdin), buffer_size=1 << 16)
             tables[str(name)] = pa.ipc.open_stream(source).read_all()
+            while source.read(1 << 16):  # up to this table's end frame
+                pass
         stdin.close()
     except MemoryError as exc:
         _send(out, _exception(exc))
@@ -531,21 +570,23 @@ def _child_main() -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
     network = _unshare_network()  # first, while single-threaded
-    user = _drop_privileges(network)
-    isolation = {"network": network, "user": user, "guard": "audit-hook"}
+    isolation = {"network": network, "user": "unchanged", "guard": "audit-hook"}
     if network == "none" and config["require_netns"]:
         _send(out, isolation)
         _send(out, {"ok": False, "problem": "isolation"})
         os._exit(0)
-    _set_limits(config, user)
     sys.path[:] = list(config["path"])
     try:
-        import pyarrow  # noqa: F401 - before the guard: loading it maps shared objects
+        import resource  # noqa: F401 - loaded while the Python installation is readable
+
+        import pyarrow  # noqa: F401
         import pyarrow.ipc  # noqa: F401
-    except BaseException:  # noqa: BLE001 - out of memory, most likely
+    except BaseException:  # noqa: BLE001
         _send(out, isolation)
         _send(out, {"ok": False, "problem": "startup"})
         os._exit(0)
+    isolation["user"] = _drop_privileges(network)
+    _set_limits(config, isolation["user"])
     _install_guard()
     _send(out, isolation)  # before the user code runs, which could write to this channel
     _execute(sys.stdin.buffer, out)

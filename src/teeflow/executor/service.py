@@ -199,9 +199,16 @@ class Executor:
         if held or task.received:
             self._record(task, "wiped", {"inputs": held, "reason": reason})
 
+    def _settle(self, task: _Task) -> None:
+        """Let running digests record their `received` entries before a `wiped` one."""
+        for digest in list(task.digests.values()):
+            digest.wait()
+
     def cancel(self, task_id: str) -> None:
         with self._lock:
             task = self._task(task_id)
+        self._settle(task)
+        with self._lock:
             if task.status in ("waiting", "running", "done"):
                 task.status = "cancelled"
                 task.sealed.clear()
@@ -260,6 +267,7 @@ class Executor:
             wire.check_end_marker(end, rows, len(held), request.dataset)
         except BaseException as exc:
             held.clear()
+            self._settle(task)
             with self._lock:
                 task.receiving.discard(request.dataset)
                 reason = exc if isinstance(exc, TeeflowError) else "stream broken"
@@ -301,8 +309,7 @@ class Executor:
 
     def _compute(self, task: _Task) -> None:
         spec = task.spec
-        for digest in list(task.digests.values()):
-            digest.wait()  # every input's `received` entry is in before the run
+        self._settle(task)  # every input's `received` entry is in before the run
         try:
             tables = [(d.name, pa.Table.from_batches(task.inputs[d.name])) for d in spec.datasets]
             comp = compute.get(spec.compute)

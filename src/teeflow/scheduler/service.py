@@ -73,9 +73,12 @@ class Scheduler:
         audit.verify_entry_signature(spec.task_id, "submitted",
                                      {"spec": spec.to_dict(), "spec_digest": digest},
                                      audit.ed25519_signer(caller_key), signature)
-        for r in spec.receivers:
-            check_public_key(r.sign_key)
-            check_encryption_key(r.enc_key)
+        for i, r in enumerate(spec.receivers):
+            try:
+                check_public_key(r.sign_key)
+                check_encryption_key(r.enc_key)
+            except AuthError as exc:
+                raise InputError(f"receiver {i}: {exc}") from exc
         try:
             policy = load_policy(spec.executor_policy, "executor_policy")
         except ConfigError as exc:
@@ -205,12 +208,17 @@ class Scheduler:
                 log.warning("task %s: %s", task.id, exc)
 
     def _record_executor_entries(self, task: Task, entries: list[dict[str, Any]]) -> None:
+        """Append the executor's signed entries, but only from a key an owner attested
+        (others wait for a later tick; the chain must always verify)."""
+        attested = {str(e.body.get("tls_key_sha256")) for e in self.store.audit_log(task.id)
+                    if e.kind == "attested"}
         for e in entries:
             signature = str(e.get("signature", ""))
             if not signature or self.store.has_signature(signature):
                 continue
             kind, body, signer = str(e.get("kind")), e.get("body"), str(e.get("signer", ""))
-            if kind not in audit.EXECUTOR_KINDS or not isinstance(body, dict):
+            if kind not in audit.EXECUTOR_KINDS or not isinstance(body, dict) or \
+                    not signer.startswith("p256:") or audit.p256_key_hash(signer) not in attested:
                 continue
             try:
                 audit.verify_entry_signature(task.id, kind, body, signer, signature)
