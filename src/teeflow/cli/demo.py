@@ -64,6 +64,16 @@ def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
             int(params.get("max_iter", 1000)))
         diffs = [abs(ref["coefficients"][k] - v) for k, v in value["coefficients"].items()]
         return max(diffs + [abs(ref["intercept"] - value["intercept"])])
+    if compute == "federated_logistic_regression":
+        from teeflow.executor import compute as registry
+        from teeflow.executor.compute import federated
+        from teeflow.provider.federated import load_xy
+
+        checked = registry.get(compute).check_params(dict(params))
+        parts = [load_xy(p.path, checked) for p in parties]
+        ref = federated.train_plaintext([(x, y) for x, y, _ in parts], parts[0][2], checked)
+        diffs = [abs(ref["coefficients"][k] - v) for k, v in value["coefficients"].items()]
+        return max(diffs + [abs(ref["intercept"] - value["intercept"])])
     if compute == "model_aggregation":
         ref = reference.plaintext_fedavg(frames)
         return max(abs(ref["parameters"][k] - v) for k, v in value["parameters"].items())

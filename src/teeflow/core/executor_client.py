@@ -126,6 +126,19 @@ class ExecutorClient:
     def _options_long(self) -> fl.FlightCallOptions:
         return fl.FlightCallOptions(timeout=3600.0)
 
+    def federated(self, kind: str, task_id: str, dataset: str, round_: int, signer: Signer,
+                  update: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A signed federated-round call: `fl-model` (read the global model) or `fl-update`."""
+        challenge = self.action("challenge")
+        payload = wire.canonical(update) if update is not None else b""
+        signature = signer.sign(wire.fl_message(kind, task_id, dataset, round_, challenge,
+                                                self.tls_key_hash, payload))
+        body: dict[str, Any] = {"task_id": task_id, "dataset": dataset, "round": round_,
+                                "challenge": challenge.hex(), "signature": signature.hex()}
+        if update is not None:
+            body["update"] = update
+        return self.action_json(kind, wire.canonical(body))
+
     def take_result(self, task_id: str, signer: Signer) -> bytes:
         """The result envelope sealed to `signer`'s identity (a receiver of the task)."""
         challenge = self.action("challenge")

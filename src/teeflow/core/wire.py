@@ -162,6 +162,15 @@ def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes
         {"task_id": task_id, "challenge": challenge.hex(), "executor_key": executor_key.hex()})
 
 
+def fl_message(kind: str, task_id: str, dataset: str, round_: int, challenge: bytes,
+               executor_key: bytes, payload: bytes) -> bytes:
+    """What an owner signs to take part in a federated round (`payload`: the update)."""
+    return b"teeflow-fl-v1\x00" + canonical(
+        {"kind": kind, "task_id": task_id, "dataset": dataset, "round": round_,
+         "challenge": challenge.hex(), "executor_key": executor_key.hex(),
+         "payload_sha256": hashlib.sha256(payload).hexdigest()})
+
+
 def end_marker(rows: int, batches: int) -> bytes:
     """What a sender puts after its last batch."""
     return canonical({"end": True, "rows": rows, "batches": batches})

@@ -23,7 +23,7 @@ from teeflow.core import wire
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.flight_errors import to_flight
 from teeflow.core.listen import write_port_file
-from teeflow.executor.service import Executor, UploadRequest
+from teeflow.executor.service import Executor, FlRequest, UploadRequest
 
 log = logging.getLogger("teeflow.executor")
 MAX_ACTION_BODY = 1024 * 1024
@@ -56,6 +56,8 @@ class ExecutorFlightServer(fl.FlightServerBase):
             ("run", "start the computation of a task whose inputs are all in"),
             ("status", "a task's status; never any data"),
             ("result", "the result, to the initiator only (signed challenge)"),
+            ("fl-model", "a federated task's global model, to an owner (signed)"),
+            ("fl-update", "an owner's update for the current round (signed)"),
             ("cancel", "cancel a task and wipe its inputs"),
         ]
 
@@ -101,6 +103,15 @@ class ExecutorFlightServer(fl.FlightServerBase):
                     "result request: needs task_id, receiver, challenge, signature") from exc
             envelope = ex.take_result(task_id, receiver, challenge, signature)
             return [fl.Result(pa.py_buffer(envelope))]
+        if kind in ("fl-model", "fl-update"):
+            req = wire.parse_json(body, kind)
+            request = FlRequest.from_dict(kind, req)
+            if kind == "fl-model":
+                return _json(ex.fl_model(request))
+            update = req.get("update")
+            if not isinstance(update, dict):
+                raise InputError("fl-update: needs the update")
+            return _json(ex.fl_update(request, update))
         if kind == "cancel":
             ex.cancel(_task_id(body))
             return _json({"cancelled": True})

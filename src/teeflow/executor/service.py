@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +37,7 @@ from teeflow.core.errors import (
 )
 from teeflow.core.seal import SUITE_NAME, seal
 from teeflow.executor import compute
+from teeflow.executor.compute import federated
 
 log = logging.getLogger("teeflow.executor")
 
@@ -55,6 +57,19 @@ class _Task:
     error: str | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
     digests: dict[str, _Digest] = field(default_factory=dict)
+    fed: _Fed | None = None
+
+
+@dataclass
+class _Fed:
+    """A federated task's rounds: the global model and this round's updates."""
+
+    rounds: int
+    round: int = 0
+    weights: np.ndarray | None = None
+    features: list[str] | None = None
+    updates: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def wipe(self) -> None:
         self.inputs.clear()
@@ -76,6 +91,25 @@ class UploadRequest:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(
                 "upload request: needs task_id, dataset, challenge, signature") from exc
+
+
+@dataclass(frozen=True)
+class FlRequest:
+    kind: str  # "fl-model" or "fl-update"
+    task_id: str
+    dataset: str
+    round: int
+    challenge: bytes
+    signature: bytes
+
+    @classmethod
+    def from_dict(cls, kind: str, body: dict[str, Any]) -> FlRequest:
+        try:
+            return cls(kind, str(body["task_id"]), str(body["dataset"]), int(body["round"]),
+                       bytes.fromhex(body["challenge"]), bytes.fromhex(body["signature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"{kind}: needs task_id, dataset, round, challenge, signature") from exc
 
 
 class Executor:
@@ -156,7 +190,10 @@ class Executor:
                 if self._tasks[spec.task_id].spec == spec:
                     return  # a retried create is harmless
                 raise StateError(f"task {spec.task_id} exists with another spec")
-            self._tasks[spec.task_id] = _Task(spec=spec, params=params)
+            task = _Task(spec=spec, params=params)
+            if comp.layout == "federated":
+                task.fed = _Fed(rounds=params["rounds"])
+            self._tasks[spec.task_id] = task
         log.info("task %s created: %s over %s", spec.task_id, spec.compute,
                  [d.name for d in spec.datasets])
 
@@ -226,6 +263,9 @@ class Executor:
             verify_signature(ref.owner_key, request.signature, message)
             if task.status != "waiting":
                 raise StateError(f"task {request.task_id} is {task.status}, not taking uploads")
+            if task.fed is not None:
+                raise InputError(f"task {request.task_id} is federated: data stays with its "
+                                 "owners")
             if request.dataset in task.inputs or request.dataset in task.receiving:
                 raise StateError(f"dataset {request.dataset!r} was already uploaded")
             seen = schema_fingerprint(schema)
@@ -295,8 +335,8 @@ class Executor:
     def run(self, task_id: str, background: bool = True) -> str:
         with self._lock:
             task = self._task(task_id)
-            if task.status != "waiting":
-                return task.status
+            if task.status != "waiting" or task.fed is not None:
+                return task.status  # a federated task finishes with its last round
             missing = [d.name for d in task.spec.datasets if d.name not in task.inputs]
             if missing:
                 raise StateError(f"task {task_id}: still waiting for {missing}")
@@ -316,17 +356,7 @@ class Executor:
             comp.check_schemas({name: t.schema for name, t in tables}, task.params)
             value = comp.run(tables, task.params)
             del tables
-            plaintext = wire.canonical({
-                "task_id": spec.task_id,
-                "compute": spec.compute,
-                "code_digest": comp.code_digest,
-                "spec_digest": spec.digest(),
-                "tee": self.backend.tee,
-                "simulated": self.simulated,
-                "inputs": {k: v["rows"] for k, v in task.received.items()},
-                "result": value,
-            })
-            sealed = {r.sign_key: self._envelope(spec, r, plaintext) for r in spec.receivers}
+            plaintext, sealed = self._seal_all(task, value)
         except TeeflowError as exc:
             with self._lock:
                 self._fail(task, str(exc))
@@ -339,14 +369,104 @@ class Executor:
         with self._lock:
             self._wipe(task, "computed")
             if task.status == "running":
-                task.status = "done"
-                task.sealed = sealed
-                self._record(task, "computed", {
-                    "compute": spec.compute, "code_digest": comp.code_digest,
-                    "spec_digest": spec.digest(),
-                    "result_sha256": hashlib.sha256(plaintext).hexdigest(),
-                    "receivers": sorted(sealed)})
+                self._done(task, plaintext, sealed)
         log.info("task %s done; inputs wiped", spec.task_id)
+
+    def _seal_all(self, task: _Task, value: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
+        spec = task.spec
+        plaintext = wire.canonical({
+            "task_id": spec.task_id,
+            "compute": spec.compute,
+            "code_digest": compute.get(spec.compute).code_digest,
+            "spec_digest": spec.digest(),
+            "tee": self.backend.tee,
+            "simulated": self.simulated,
+            "inputs": {k: v["rows"] for k, v in task.received.items()},
+            "result": value,
+        })
+        return plaintext, {r.sign_key: self._envelope(spec, r, plaintext)
+                           for r in spec.receivers}
+
+    def _done(self, task: _Task, plaintext: bytes, sealed: dict[str, bytes]) -> None:
+        """Caller holds the lock."""
+        spec = task.spec
+        task.status = "done"
+        task.sealed = sealed
+        self._record(task, "computed", {
+            "compute": spec.compute, "code_digest": compute.get(spec.compute).code_digest,
+            "spec_digest": spec.digest(),
+            "result_sha256": hashlib.sha256(plaintext).hexdigest(),
+            "receivers": sorted(sealed)})
+
+    # -- federated rounds ------------------------------------------------------
+    def _federated(self, request: FlRequest, payload: bytes) -> _Task:
+        """Authenticate a round message from a dataset's owner."""
+        self._take_challenge(request.challenge)
+        with self._lock:
+            task = self._task(request.task_id)
+            ref = task.spec.dataset(request.dataset)
+            message = wire.fl_message(request.kind, request.task_id, request.dataset,
+                                      request.round, request.challenge, self.tls_spki_hash,
+                                      payload)
+            verify_signature(ref.owner_key, request.signature, message)
+            if task.fed is None:
+                raise InputError(f"task {request.task_id} is not federated")
+        return task
+
+    def fl_model(self, request: FlRequest) -> dict[str, Any]:
+        """The current global model, to a dataset's owner."""
+        task = self._federated(request, b"")
+        with self._lock:
+            fed = task.fed
+            assert fed is not None
+            return {"round": fed.round, "rounds": fed.rounds, "status": task.status,
+                    "weights": None if fed.weights is None else fed.weights.tolist(),
+                    "sent": request.dataset in fed.updates}
+
+    def fl_update(self, request: FlRequest, update: dict[str, Any]) -> dict[str, Any]:
+        """One owner's update for the current round; the last one closes the round."""
+        payload = wire.canonical(update)
+        task = self._federated(request, payload)
+        with self._lock:
+            fed = task.fed
+            assert fed is not None
+            if task.status != "waiting":
+                raise StateError(f"task {request.task_id} is {task.status}")
+            if request.round != fed.round:
+                raise StateError(f"round {request.round} is not the current round {fed.round}")
+            if request.dataset in fed.updates:
+                raise StateError(f"{request.dataset!r} already sent round {fed.round}")
+            features = update.get("features")
+            if fed.features is None:
+                if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+                    raise InputError("update needs the list of feature names")
+                fed.features = list(features)
+            elif features != fed.features:
+                raise SchemaMismatch(f"{request.dataset!r} trains on other features")
+            n_weights = None if fed.weights is None else fed.weights.size
+            checked = federated.check_update(update, n_weights)
+            if checked[0].size != len(fed.features) + 1:
+                raise InputError("update weights do not match its features")
+            fed.updates[request.dataset] = checked
+            self._record(task, "received", {
+                "dataset": request.dataset, "round": fed.round, "rows": checked[1],
+                "sha256": hashlib.sha256(payload).hexdigest()})
+            task.received[request.dataset] = {"rows": checked[1], "bytes": len(payload)}
+            if len(fed.updates) < len(task.spec.datasets):
+                return {"round": fed.round, "closed": False}
+            ordered = [fed.updates[d.name] for d in task.spec.datasets]
+            fed.weights, loss = federated.aggregate(ordered)
+            fed.history.append({"round": fed.round, "loss": loss})
+            fed.updates.clear()
+            fed.round += 1
+            if fed.round < fed.rounds:
+                return {"round": fed.round - 1, "closed": True}
+            value = federated.result(fed.features, fed.weights, fed.history,
+                                     sum(n for _, n, _ in ordered), task.params)
+            plaintext, sealed = self._seal_all(task, value)
+            self._done(task, plaintext, sealed)
+        log.info("task %s: %d federated rounds done", request.task_id, fed.rounds)
+        return {"round": fed.round - 1, "closed": True}
 
     def _envelope(self, spec: wire.TaskSpec, receiver: wire.Receiver, plaintext: bytes) -> bytes:
         """The result sealed to one receiver, signed with the attested key."""

@@ -38,8 +38,10 @@ from teeflow.core.errors import (
 )
 from teeflow.core.executor_client import attested_connect
 from teeflow.core.scheduler_client import SchedulerClient
+from teeflow.executor import compute
 from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
+from teeflow.provider.federated import take_part
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
@@ -169,9 +171,15 @@ class Provider:
                     "body": body, "signature": base64.b64encode(signature).decode()})
                 log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
                          claims.measurements)
-                receipt = client.upload(task_id, name, self.identity, read_schema(dataset.path),
-                                        self._paced(iter_batches(dataset.path)),
-                                        _Progress(self, task_id, name))
+                comp = compute.get(spec.compute)
+                if comp.layout == "federated":  # rows stay here; only updates leave
+                    receipt = take_part(client, task_id, name, dataset.path,
+                                        comp.check_params(dict(spec.params)), self.identity)
+                else:
+                    receipt = client.upload(task_id, name, self.identity,
+                                            read_schema(dataset.path),
+                                            self._paced(iter_batches(dataset.path)),
+                                            _Progress(self, task_id, name))
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")

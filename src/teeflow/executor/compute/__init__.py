@@ -42,13 +42,13 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from teeflow.core.errors import ParameterError, SchemaMismatch
-from teeflow.executor.compute import fedavg, linreg, logreg, vertical, xgb
+from teeflow.executor.compute import fedavg, federated, linreg, logreg, vertical, xgb
 from teeflow.executor.compute._common import Param
 
 log = logging.getLogger(__name__)
 
-Layout = Literal["rows", "columns", "any"]
-LAYOUTS = ("rows", "columns", "any")
+Layout = Literal["rows", "columns", "any", "federated"]
+LAYOUTS = ("rows", "columns", "any", "federated")
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def _optional(name: str) -> list[ModuleType]:
 
 
 _MODULES: list[ModuleType] = [
-    fedavg, logreg, linreg, xgb, vertical, *_optional("sql"), *_optional("usercode")
+    fedavg, logreg, linreg, xgb, vertical, federated, *_optional("sql"),
+    *_optional("usercode")
 ]
 _REGISTRY: dict[str, Computation] = {c.name: c for c in map(_from_module, _MODULES)}
 

@@ -661,7 +661,9 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     k = int(params.get("min_group_size", 10))
     with _Session(inputs, params.get("memory_limit"), spill=True) as session:
         try:
-            result = session.con.execute(sql).fetch_arrow_table()
+            cursor = session.con.execute(sql)
+            fetch = getattr(cursor, "to_arrow_table", None) or cursor.fetch_arrow_table
+            result = fetch()
         except duckdb.OutOfMemoryException:
             budget = params.get("memory_limit") or "DuckDB's default"
             how = "even spilling to disk" if session.spill == "encrypted" else (
