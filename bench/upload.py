@@ -224,7 +224,10 @@ class AttestedUploader:
             while self.router.action_json("status", task_id.encode())["digesting"]:
                 time.sleep(0.01)
         finally:
-            self.router.action("cancel", task_id.encode())  # wipes the held batches
+            # the owner's signed cancel wipes the held batches
+            self.router.action("cancel", wire.canonical({
+                "task_id": task_id, "key": self.provider.public_key(),
+                "signature": self.provider.sign(wire.cancel_message(task_id)).hex()}))
         _check(receipt, sum(b.num_rows for b in batches), "attested upload")
         return elapsed
 

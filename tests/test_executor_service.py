@@ -469,7 +469,8 @@ def test_computation_error_fails_and_wipes(p):
 def test_cancel_wipes(ex, p):
     _upload(ex, p, "a_data")
     assert ex.held_bytes(TASK) > 0
-    ex.cancel(TASK)
+    ex.cancel(TASK, p.initiator.public_key(),
+              p.initiator.sign(wire.cancel_message(TASK)))
     assert ex.held_bytes(TASK) == 0
     assert ex.status(TASK)["status"] == "cancelled"
     with pytest.raises(StateError):
@@ -481,10 +482,22 @@ def test_cancel_wipes(ex, p):
                                                         "reason": "cancelled"})
 
 
+def test_cancel_needs_the_initiator_or_an_owner(ex, p):
+    _upload(ex, p, "a_data")
+    with pytest.raises(AuthError):
+        ex.cancel(TASK, p.mallory.public_key(), p.mallory.sign(wire.cancel_message(TASK)))
+    with pytest.raises(AuthError):  # an owner's key, someone else's signature
+        ex.cancel(TASK, p.alice.public_key(), p.mallory.sign(wire.cancel_message(TASK)))
+    assert ex.held_bytes(TASK) > 0
+    ex.cancel(TASK, p.alice.public_key(), p.alice.sign(wire.cancel_message(TASK)))
+    assert ex.held_bytes(TASK) == 0
+
+
 def test_cancel_after_done_drops_the_results(ex, p):
     _done(ex, p)
     _take(ex, p, p.initiator)
-    ex.cancel(TASK)
+    ex.cancel(TASK, p.initiator.public_key(),
+              p.initiator.sign(wire.cancel_message(TASK)))
     with pytest.raises(StateError):
         _take(ex, p, p.bob)
 
@@ -572,8 +585,9 @@ def test_evidence_binds_the_tls_key_and_nonce():
 
 # -- no way to read inputs back --------------------------------------------------------------
 
+# fl_model hands an owner the averaged global model only; fl_update takes an update in.
 PUBLIC_METHODS = {"evidence", "challenge", "create_task", "status", "cancel",
-                  "receive", "run", "take_result", "held_bytes"}
+                  "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update"}
 
 
 def test_public_surface_is_exactly_known():

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import audit, auth, wire
-from teeflow.core.crypto import KeySigner
+from teeflow.core.crypto import KeySigner, verify_signature
 from teeflow.core.datasets import schema_fingerprint, schema_to_b64
 from teeflow.core.errors import Unreachable
 from teeflow.executor.service import Executor
@@ -149,6 +149,11 @@ class World:
 
     def report(self, task_id: str, dataset: str, node: str, **body):
         return self.call(node, "POST", f"/v1/tasks/{task_id}/assignments/{dataset}", body)
+
+    def cancel(self, who: str, task_id: str):
+        """A cancel signed for the executor too, as the SDK sends it."""
+        signature = self.keys[who].sign(wire.cancel_message(task_id)).hex()
+        return self.call(who, "POST", f"/v1/tasks/{task_id}/cancel", {"signature": signature})
 
     def work(self, node: str, wait: float | str = 0, who: str | None = None):
         return self.call(who or node, "GET", f"/v1/nodes/{node}/work", params={"wait": wait})
@@ -575,11 +580,14 @@ def test_failed_upload_fails_the_task_and_cancels_on_the_executor(world: World):
     spec = _consented(world)
     task_id = spec.task_id
     world.report(task_id, "a_data", "alice", state="started")
-    r = world.report(task_id, "a_data", "alice", state="failed", error="disk on fire")
+    alice_cancel = world.alice.sign(wire.cancel_message(task_id)).hex()
+    r = world.report(task_id, "a_data", "alice", state="failed", error="disk on fire",
+                     cancel_signature=alice_cancel)
     assert r.status_code == 200
     task = world.store.task(task_id)
     assert task.state == "failed" and "disk on fire" in task.error
-    assert world.fake.kinds("cancel") == [task_id.encode()]
+    assert [json.loads(b) for b in world.fake.kinds("cancel")] == [
+        {"task_id": task_id, "key": world.alice.public_key(), "signature": alice_cancel}]
 
 
 def test_executor_reports_failure(world: World):
@@ -597,20 +605,23 @@ def test_cancel_before_consent_tells_no_executor(world: World):
     world.register()
     spec = world.spec()
     world.submit(spec)
-    _error(world.call("dave", "POST", f"/v1/tasks/{spec.task_id}/cancel"), 403, "auth")
+    _error(world.cancel("dave", spec.task_id), 403, "auth")
     assert world.state(spec.task_id) == "submitted"
-    r = world.call("carol", "POST", f"/v1/tasks/{spec.task_id}/cancel")
+    r = world.cancel("carol", spec.task_id)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     assert world.fake.calls == []
     assert world.work("alice").json() == []
-    _error(world.call("carol", "POST", f"/v1/tasks/{spec.task_id}/cancel"), 409, "state")
+    _error(world.cancel("carol", spec.task_id), 409, "state")
 
 
 def test_owner_cancels_a_running_task(world: World):
     spec = _consented(world)
-    r = world.call("bob", "POST", f"/v1/tasks/{spec.task_id}/cancel")
+    r = world.cancel("bob", spec.task_id)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
-    assert world.fake.kinds("cancel") == [spec.task_id.encode()]
+    [sent] = [json.loads(b) for b in world.fake.kinds("cancel")]
+    assert sent["key"] == world.bob.public_key() and sent["task_id"] == spec.task_id
+    verify_signature(sent["key"], bytes.fromhex(sent["signature"]),
+                     wire.cancel_message(spec.task_id))
     assert world.events(spec.task_id)[-1] == "cancel"
     assert world.store.pending_for("alice") == []
 

@@ -14,6 +14,7 @@ import httpx
 from teeflow.core import auth
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import PeerError, TeeflowError, Unreachable, from_code
+from teeflow.core.wire import cancel_message
 
 
 class _Signed(httpx.Auth):
@@ -90,8 +91,11 @@ class SchedulerClient:
 
     def report(self, task_id: str, dataset: str, state: str, rows: int = 0,
                error: str | None = None, attested: dict[str, Any] | None = None) -> None:
-        self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}",
-                   json={"state": state, "rows": rows, "error": error, "attested": attested})
+        body: dict[str, Any] = {"state": state, "rows": rows, "error": error,
+                                "attested": attested}
+        if state == "failed":  # an owner's failure stops the task at the executor too
+            body["cancel_signature"] = self.identity.sign(cancel_message(task_id)).hex()
+        self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}", json=body)
 
     def submit(self, spec: dict[str, Any], signature: str,
                executor: str | None = None) -> dict[str, Any]:
@@ -109,7 +113,9 @@ class SchedulerClient:
         return self._call("GET", f"/v1/tasks/{task_id}")
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/tasks/{task_id}/cancel")
+        """Signed for the executor too, so the scheduler can pass it on but not forge it."""
+        signature = self.identity.sign(cancel_message(task_id)).hex()
+        return self._call("POST", f"/v1/tasks/{task_id}/cancel", json={"signature": signature})
 
     def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None)

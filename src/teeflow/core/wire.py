@@ -171,6 +171,11 @@ def fl_message(kind: str, task_id: str, dataset: str, round_: int, challenge: by
          "payload_sha256": hashlib.sha256(payload).hexdigest()})
 
 
+def cancel_message(task_id: str) -> bytes:
+    """What the initiator or an owner signs to stop a task (repeating it is harmless)."""
+    return b"teeflow-cancel-v1\x00" + task_id.encode()
+
+
 def end_marker(rows: int, batches: int) -> bytes:
     """What a sender puts after its last batch."""
     return canonical({"end": True, "rows": rows, "batches": batches})

@@ -197,7 +197,7 @@ def _feed(pipe: BinaryIO, code: str, inputs: list[tuple[str, pa.Table]]) -> None
                 for batch in table.to_batches():
                     writer.write_batch(batch)
             sink.end()
-    except (BrokenPipeError, ConnectionResetError, ValueError, OSError):
+    except Exception:  # noqa: BLE001 - the child stopped reading; its status tells why
         pass
     finally:
         try:
@@ -206,19 +206,23 @@ def _feed(pipe: BinaryIO, code: str, inputs: list[tuple[str, pa.Table]]) -> None
             pass
 
 
-def _drain(pipe: BinaryIO, cap: int, chunks: list[bytes], state: dict[str, bool],
-           proc: subprocess.Popen[bytes]) -> None:
+def _drain(pipe: BinaryIO, cap: int, chunks: list[bytes], state: dict[str, bool]) -> None:
+    """Read the child's output up to ``cap`` bytes; past that, stop reading and close the
+    pipe, so the child's next write fails and it ends."""
     total = 0
-    while True:
-        chunk = pipe.read(1 << 20)
-        if not chunk:
-            return
-        total += len(chunk)
-        if total > cap:
-            state["too_large"] = True
-            _kill(proc)
-            return
-        chunks.append(chunk)
+    try:
+        while True:
+            chunk = pipe.read(1 << 20)
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > cap:
+                state["too_large"] = True
+                chunks.clear()
+                return
+            chunks.append(chunk)
+    finally:
+        pipe.close()
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -293,7 +297,7 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
         assert proc.stdin is not None and proc.stdout is not None
         feeder = threading.Thread(target=_feed, args=(proc.stdin, code, inputs), daemon=True)
         reader = threading.Thread(
-            target=_drain, args=(proc.stdout, cap, chunks, state, proc), daemon=True
+            target=_drain, args=(proc.stdout, cap, chunks, state), daemon=True
         )
         feeder.start()
         reader.start()
@@ -306,8 +310,6 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
         if proc is not None and proc.poll() is None:
             _kill(proc)
             proc.wait()
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     if state["timed_out"]:

@@ -58,7 +58,7 @@ class ExecutorFlightServer(fl.FlightServerBase):
             ("result", "the result, to the initiator only (signed challenge)"),
             ("fl-model", "a federated task's global model, to an owner (signed)"),
             ("fl-update", "an owner's update for the current round (signed)"),
-            ("cancel", "cancel a task and wipe its inputs"),
+            ("cancel", "cancel a task and wipe its inputs (initiator or owner, signed)"),
         ]
 
     def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> list[fl.Result]:
@@ -113,7 +113,13 @@ class ExecutorFlightServer(fl.FlightServerBase):
                 raise InputError("fl-update: needs the update")
             return _json(ex.fl_update(request, update))
         if kind == "cancel":
-            ex.cancel(_task_id(body))
+            req = wire.parse_json(body, "cancel")
+            try:
+                task_id, key = str(req["task_id"]), str(req["key"])
+                signature = bytes.fromhex(req["signature"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError("cancel: needs task_id, key and signature") from exc
+            ex.cancel(task_id, key, signature)
             return _json({"cancelled": True})
         raise InputError(f"unknown action {kind!r}")
 

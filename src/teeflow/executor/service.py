@@ -59,6 +59,9 @@ class _Task:
     digests: dict[str, _Digest] = field(default_factory=dict)
     fed: _Fed | None = None
 
+    def wipe(self) -> None:
+        self.inputs.clear()
+
 
 @dataclass
 class _Fed:
@@ -70,9 +73,6 @@ class _Fed:
     features: list[str] | None = None
     updates: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    def wipe(self) -> None:
-        self.inputs.clear()
 
 
 @dataclass(frozen=True)
@@ -241,9 +241,13 @@ class Executor:
         for digest in list(task.digests.values()):
             digest.wait()
 
-    def cancel(self, task_id: str) -> None:
+    def cancel(self, task_id: str, signer_key: str, signature: bytes) -> None:
+        """Stop a task and wipe it, for its initiator or one of its owners."""
         with self._lock:
             task = self._task(task_id)
+        if signer_key != task.spec.initiator_key and signer_key not in task.spec.owner_keys():
+            raise AuthError(f"only the initiator or an owner can cancel task {task_id}")
+        verify_signature(signer_key, signature, wire.cancel_message(task_id))
         self._settle(task)
         with self._lock:
             if task.status in ("waiting", "running", "done"):
@@ -508,8 +512,8 @@ class Executor:
 
 
 class _Digest:
-    """SHA-256 over a received dataset's memory (no copies), on a thread of its own;
-    `done` gets the hex digest. hashlib releases the GIL on large buffers."""
+    """SHA-256 over a received dataset's batches (their Arrow IPC encoding), on a thread of
+    its own; `done` gets the hex digest. hashlib releases the GIL on large buffers."""
 
     def __init__(self, batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
         self._thread = threading.Thread(target=self._work, args=(list(batches), done),
@@ -520,10 +524,9 @@ class _Digest:
     def _work(batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
         h = hashlib.sha256()
         for batch in batches:
-            for column in batch.columns:
-                for buf in column.buffers():
-                    if buf is not None:
-                        h.update(memoryview(buf))
+            # The IPC encoding covers exactly this batch's rows, even for a slice that
+            # shares larger buffers (one batch at a time, so the copy stays small).
+            h.update(memoryview(batch.serialize()))
         batches.clear()
         done(h.hexdigest())
 

@@ -205,8 +205,8 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
 
     @app.post("/v1/tasks/{task_id}/cancel")
     async def cancel(task_id: str, request: Request) -> dict[str, Any]:
-        key, _ = await signed(request)
-        return (await run_in_threadpool(sched.cancel, key, task_id)).to_dict()
+        key, body = await signed(request)
+        return (await run_in_threadpool(sched.cancel, key, task_id, body)).to_dict()
 
     @app.post("/v1/tasks/{task_id}/assignments/{dataset}")
     async def report(task_id: str, dataset: str, request: Request) -> dict[str, Any]:

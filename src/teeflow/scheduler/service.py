@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core import audit, wire
-from teeflow.core.crypto import check_encryption_key, check_public_key
+from teeflow.core.crypto import check_encryption_key, check_public_key, verify_signature
 from teeflow.core.datasets import schema_from_b64
 from teeflow.core.errors import (
     AuthError,
@@ -50,6 +50,14 @@ def _policy_accepts(policy: AppraisalPolicy, executor: dict[str, Any]) -> bool:
     for name, accepted in policy.measurements.get(executor["tee"], {}).items():
         if executor["measurements"].get(name) not in accepted:
             return False
+    return True
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
     return True
 
 
@@ -174,20 +182,38 @@ class Scheduler:
         elif state == "failed" and task.state not in ("released", "failed", "cancelled"):
             reason = f"{node['name']} could not upload {dataset}: {error}"
             self.store.transition(task_id, "fail", {**detail, "reason": error}, error=reason)
-            self._tell_executor(task.executor, "cancel", task_id)
+            self._cancel_at_executor(task, caller_key, body.get("cancel_signature"))
 
-    def cancel(self, caller_key: str, task_id: str) -> Task:
+    def cancel(self, caller_key: str, task_id: str, body: dict[str, Any]) -> Task:
+        """The initiator or an owner stops a task; its signed word goes on to the executor."""
         task = self.store.task(task_id)
         spec = wire.TaskSpec.from_dict(task.spec)
         if caller_key != spec.initiator_key and caller_key not in spec.owner_keys():
             raise AuthError(f"only the initiator or an owner can cancel task {task_id}")
+        signature = body.get("signature")
+        if not isinstance(signature, str):
+            raise InputError("cancel: needs the caller's signature for the executor")
+        verify_signature(caller_key, bytes.fromhex(signature) if _is_hex(signature) else b"",
+                         wire.cancel_message(task_id))
         self.store.transition(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
         if task.state not in ("submitted", "approved"):
-            try:
-                self._tell_executor(task.executor, "cancel", task_id)
-            except TeeflowError as exc:
-                log.warning("task %s: executor not told of cancel: %s", task_id, exc)
+            self._cancel_at_executor(task, caller_key, signature)
         return self.store.task(task_id)
+
+    def _cancel_at_executor(self, task: Task, key: str, signature: Any) -> None:
+        if not isinstance(signature, str):
+            log.warning("task %s: no signed cancel to pass on; the executor keeps waiting "
+                        "until its inputs expire", task.id)
+            return
+        try:
+            link = self._connect(task.executor)
+            try:
+                link.action("cancel", wire.canonical({"task_id": task.id, "key": key,
+                                                      "signature": signature}))
+            finally:
+                link.close()
+        except TeeflowError as exc:
+            log.warning("task %s: executor not told of cancel: %s", task.id, exc)
 
     def _tell_executor(self, executor: str, kind: str, task_id: str) -> Any:
         link = self._connect(executor)

@@ -6,7 +6,9 @@ output is aggregated, and every output group must count at least ``min_group_siz
 rows; a query that breaks this fails with an error naming the rule, and returns nothing.
 
 How the policy is enforced. DuckDB parses the query (``json_serialize_sql``); the parse tree,
-never the text, is checked against these rules (fail closed: anything not listed is refused):
+never the text, is checked against these rules (fail closed: anything not listed is refused,
+and so is a parse-tree field these checks do not know, so a DuckDB newer than the 1.5 series
+they were written for refuses queries rather than letting a new clause through):
 
 - one statement, a plain ``SELECT`` (no CTE, set operation, ``DISTINCT``, ``QUALIFY``,
   ``SAMPLE``, percent ``LIMIT``); ``LIMIT``/``OFFSET`` only as constants;
@@ -24,9 +26,10 @@ never the text, is checked against these rules (fail closed: anything not listed
   distinct. ``min``/``max``/``median``/quantiles/``mode``/``first``/``arg_max``/``list``/
   ``string_agg`` and the like are refused: each returns one row's value. An aggregate's
   arguments may only be columns and constants combined by ``+ - *``, division by a non-zero
-  constant, and casts; no ``FILTER``, ``ORDER BY``, ``CASE``, comparison or function inside,
-  so an aggregate cannot single out one row (``sum(CASE WHEN id = 7 THEN salary END)``).
-  Condition on a ``GROUP BY`` key instead: that group must then be large enough.
+  constant, and casts to number types; no ``FILTER``, ``ORDER BY``, ``CASE``, comparison or
+  function inside, so an aggregate cannot simply single out rows (``sum(CASE WHEN id = 7 THEN
+  salary END)``). Condition on a ``GROUP BY`` key instead: that group must then be large
+  enough.
 
 The group-size rule is enforced by rewriting, not by trusting the query: the checked tree gets
 one more aggregate per dataset occurrence in ``FROM``, the number of distinct rows of that
@@ -36,8 +39,13 @@ join cannot hide a single row of one party behind many of another. A query witho
 BY`` is one group. Groups removed by ``HAVING`` or cut by ``LIMIT`` are not output and not
 checked. The counts are removed before the result is returned.
 
-What this does not stop: several signed queries whose answers differ by one person, or
-deliberately crafted key expressions; the owners sign the exact query text, and must read it.
+What this does not stop, and why the owners must read the exact query they sign: several
+queries whose answers differ by one person; and arithmetic that singles out rows inside an
+aggregate without any comparison, such as a value times a 0/1 column that marks one person
+(``sum(salary * rare_flag)``, or ``covar_pop(salary, rare_flag)`` with the averages), a
+polynomial of a column with few values, or rounding casts. The rules above remove the direct
+ways (no ``CASE``, ``FILTER``, comparison, boolean cast or division by a column inside an
+aggregate); no syntactic rule removes these.
 
 Bounded memory: ``memory_limit`` caps DuckDB's buffer memory. Work beyond it spills to a fresh
 temporary directory, deleted afterwards, and only encrypted: DuckDB's ``temp_file_encryption``
@@ -46,6 +54,8 @@ encrypted files only with the OpenSSL crypto of its ``httpfs`` extension (the bu
 read-only), loaded from the ``duckdb-extension-httpfs`` package (DuckDB verifies its
 signature); without it spilling is disabled and a query that needs more than
 ``memory_limit`` fails. The result says which (``"spill": "encrypted"`` or ``"disabled"``).
+For a join, the per-dataset row counts are exact ``count(DISTINCT ...)`` aggregates, which
+DuckDB spills poorly: such a query can need memory in proportion to its input.
 
 Errors never quote input values: DuckDB's messages are shown only for parse and bind errors
 (checked against empty tables before any data moves); a failure while running gives the error
@@ -106,13 +116,41 @@ _ALLOWED_MACROS = frozenset({
 _DENIED_FUNCTIONS = frozenset({"error", "sleep_ms"})
 # The arithmetic allowed inside an aggregate's arguments ("/" only by a non-zero constant).
 _AGG_OPERATORS = frozenset({"+", "-", "*"})
+_NUMERIC_TYPES = frozenset({
+    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+    "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL",
+})
 _EXPRESSION_CLASSES = frozenset({
     "COLUMN_REF", "CONSTANT", "FUNCTION", "CAST", "COMPARISON", "CONJUNCTION", "OPERATOR",
     "CASE", "BETWEEN", "COLLATE",
 })
 _JOIN_TYPES = frozenset({"INNER", "LEFT", "RIGHT", "OUTER", "FULL"})
 _JOIN_REFS = frozenset({"REGULAR", "CROSS", "NATURAL"})
-_IGNORED_KEYS = frozenset({"query_location", "alias"})
+_LOCATION_KEYS = frozenset({"query_location", "query_location_length"})
+_IGNORED_KEYS = _LOCATION_KEYS | {"alias"}
+# The fields of DuckDB's parse tree (as of DuckDB 1.5) that the checks below understand. A
+# field not listed here, with a value other than empty or false, is refused: a newer DuckDB
+# with a new clause fails closed instead of slipping it past the policy.
+_NODE_FIELDS = frozenset({
+    "type", "modifiers", "cte_map", "select_list", "from_table", "where_clause",
+    "group_expressions", "group_sets", "aggregate_handling", "having", "sample", "qualify",
+})
+_REF_FIELDS = {
+    "BASE_TABLE": frozenset({
+        "type", "alias", "sample", "schema_name", "table_name", "column_name_alias",
+        "catalog_name", "at_clause",
+    }),
+    "JOIN": frozenset({
+        "type", "alias", "sample", "left", "right", "condition", "join_type", "ref_type",
+        "using_columns", "delim_flipped", "duplicate_eliminated_columns",
+    }),
+    "EMPTY": frozenset({"type", "alias", "sample"}),
+}
+_MODIFIER_FIELDS = {
+    "ORDER_MODIFIER": frozenset({"type", "orders"}),
+    "LIMIT_MODIFIER": frozenset({"type", "limit", "offset"}),
+    "DISTINCT_MODIFIER": frozenset({"type", "distinct_on_targets"}),
+}
 
 PARAMS: tuple[_common.Param, ...] = (
     _common.Param(
@@ -205,7 +243,7 @@ def _children(expr: dict[str, Any]) -> list[dict[str, Any]]:
                 walk(v)
 
     for key, value in expr.items():
-        if key != "value":  # a constant's value is data, not an expression
+        if not (key == "value" and expr.get("class") == "CONSTANT"):  # a value, not an expression
             walk(value)
     return out
 
@@ -219,6 +257,32 @@ def _shape(expr: Any) -> Any:
     return expr
 
 
+def _known_fields(obj: dict[str, Any], known: frozenset[str], what: str) -> None:
+    for key, value in obj.items():
+        if key in known or key in _LOCATION_KEYS or value in (None, False, "", [], {}):
+            continue
+        raise _refuse(f"{what}: unsupported construct (parse tree field {key!r})")
+
+
+def _int_constant(expr: dict[str, Any]) -> int | None:
+    """The value of an integer literal expression, else None."""
+    if expr.get("class") != "CONSTANT":
+        return None
+    value = expr.get("value")
+    if isinstance(value, dict):
+        number = value.get("value")
+        if not value.get("is_null") and isinstance(number, int) and not isinstance(number, bool):
+            return number
+        return None
+    literal = expr.get("literal")  # the form of newer DuckDB versions
+    if isinstance(literal, dict) and literal.get("kind") == "INTEGER":
+        try:
+            return int(str(literal.get("text")))
+        except ValueError:
+            return None
+    return None
+
+
 def _column_name(expr: dict[str, Any]) -> str:
     return str(expr.get("column_names", ["?"])[-1]).lower()
 
@@ -226,9 +290,17 @@ def _column_name(expr: dict[str, Any]) -> str:
 def _is_nonzero_constant(expr: dict[str, Any]) -> bool:
     if expr.get("class") != "CONSTANT":
         return False
-    value = expr.get("value", {})
-    number = value.get("value")
-    return not value.get("is_null") and isinstance(number, int | float) and number != 0
+    value = expr.get("value")
+    if isinstance(value, dict):
+        number = value.get("value")
+        return not value.get("is_null") and isinstance(number, int | float) and number != 0
+    literal = expr.get("literal")
+    if isinstance(literal, dict) and literal.get("kind") in ("INTEGER", "DECIMAL", "DOUBLE"):
+        try:
+            return float(str(literal.get("text"))) != 0
+        except ValueError:
+            return False
+    return False
 
 
 def _has_aggregate(expr: dict[str, Any], kinds: dict[str, frozenset[str]]) -> bool:
@@ -296,6 +368,12 @@ class _Checker:
         if cls in ("COLUMN_REF", "CONSTANT"):
             return
         if cls == "CAST" and not expr.get("try_cast"):
+            target = str(expr.get("cast_type", {}).get("id", "")).upper()
+            if target not in _NUMERIC_TYPES:
+                raise _refuse(
+                    f"the argument of {aggregate}() may only be cast to a number type, not "
+                    f"{target or 'this type'}"
+                )
             for child in _children(expr):
                 self.argument(child, aggregate)
             return
@@ -364,6 +442,8 @@ def _from_tables(ref: dict[str, Any], checker: _Checker) -> list[tuple[str, str]
     kind = ref.get("type")
     if ref.get("sample") is not None:
         raise _refuse("TABLESAMPLE is not allowed")
+    if kind in _REF_FIELDS:
+        _known_fields(ref, _REF_FIELDS[str(kind)], "FROM")
     if kind == "BASE_TABLE":
         table = str(ref.get("table_name", ""))
         if ref.get("schema_name") or ref.get("catalog_name"):
@@ -394,12 +474,20 @@ def analyze(query: str) -> _Plan:
     ParameterError naming the first rule it breaks."""
     if len(query) > MAX_QUERY:
         raise ParameterError(f"parameter 'query': longer than {MAX_QUERY} characters")
+    try:
+        return _analyze(query)
+    except RecursionError:
+        raise ParameterError("parameter 'query': expressions nested too deeply") from None
+
+
+def _analyze(query: str) -> _Plan:
     tree = _parse(query)
     if any(_RESERVED in s.lower() for s in _strings(tree)):
         raise _refuse(f"names starting with {_RESERVED} are reserved")
     node = tree["statements"][0]["node"]
     if node.get("type") != "SELECT_NODE":
         raise _refuse("UNION, INTERSECT and EXCEPT are not allowed; query one SELECT")
+    _known_fields(node, _NODE_FIELDS, "SELECT")
     if node.get("cte_map", {}).get("map"):
         raise _refuse("WITH (common table expressions) is not allowed")
     if node.get("sample") is not None:
@@ -408,6 +496,8 @@ def analyze(query: str) -> _Plan:
         raise _refuse("QUALIFY is not allowed")
     for modifier in node.get("modifiers", []):
         kind = modifier.get("type")
+        if kind in _MODIFIER_FIELDS:
+            _known_fields(modifier, _MODIFIER_FIELDS[str(kind)], str(kind).lower())
         if kind == "DISTINCT_MODIFIER":
             raise _refuse("SELECT DISTINCT is not allowed; use GROUP BY")
         if kind == "LIMIT_MODIFIER":
@@ -431,11 +521,11 @@ def analyze(query: str) -> _Plan:
 
     keys: list[dict[str, Any]] = []
     for expr in node.get("group_expressions", []):
-        value = expr.get("value", {}) if expr.get("class") == "CONSTANT" else {}
-        if isinstance(value.get("value"), int) and not value.get("is_null"):
-            position = value["value"]  # GROUP BY 1: a select-list position
+        position = _int_constant(expr)
+        if position is not None:  # GROUP BY 1: a select-list position
             if not 1 <= position <= len(select):
                 raise _refuse(f"GROUP BY position {position} is not in the select list")
+            checker.row(select[position - 1], "GROUP BY")
             keys.append(select[position - 1])
             continue
         checker.row(expr, "GROUP BY")
@@ -443,7 +533,10 @@ def analyze(query: str) -> _Plan:
         if expr.get("class") == "COLUMN_REF" and len(expr.get("column_names", [])) == 1:
             # GROUP BY an alias of the select list groups by that expression
             alias = _column_name(expr)
-            keys.extend(e for e in select if str(e.get("alias", "")).lower() == alias)
+            for named in select:
+                if str(named.get("alias", "")).lower() == alias:
+                    checker.row(named, "GROUP BY")
+                    keys.append(named)
     if group_all:  # GROUP BY ALL: the select expressions without aggregates are the keys
         for expr in select:
             if not _has_aggregate(expr, checker.kinds):
@@ -460,6 +553,9 @@ def analyze(query: str) -> _Plan:
     for modifier in node.get("modifiers", []):
         for order in modifier.get("orders", []):
             expr = order.get("expression", {})
+            position = _int_constant(expr)
+            if position is not None and not 1 <= position <= len(select):
+                raise _refuse(f"ORDER BY position {position} is not in the select list")
             if expr.get("class") == "STAR" and expr.get("columns") and not (
                 expr.get("relation_name") or expr.get("exclude_list")
                 or expr.get("replace_list") or expr.get("expr")
@@ -549,10 +645,7 @@ def _counting_query(plan: _Plan, views: dict[str, int]) -> tuple[str, int]:
     return str(sql[0]), len(counts)
 
 
-def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
-    """Dataset names usable as views, no reserved column names, and the query binds against
-    (empty) tables of these schemas: column and type errors surface before any data moves."""
-    views = _views(list(schemas))
+def _check_columns(schemas: dict[str, pa.Schema]) -> None:
     for ds, schema in schemas.items():
         for name in schema.names:
             if name.lower().startswith(_RESERVED):
@@ -560,6 +653,13 @@ def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None
                     f"dataset {ds!r}: column {name!r}: names starting with {_RESERVED} are "
                     "reserved"
                 )
+
+
+def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
+    """Dataset names usable as views, no reserved column names, and the query binds against
+    (empty) tables of these schemas: column and type errors surface before any data moves."""
+    views = _views(list(schemas))
+    _check_columns(schemas)
     plan = analyze(params["query"])
     sql, _ = _counting_query(plan, views)
     empty = [(ds, schema.empty_table()) for ds, schema in schemas.items()]
@@ -656,14 +756,13 @@ class _Session:
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
     views = _views([ds for ds, _ in inputs])
+    _check_columns({ds: table.schema for ds, table in inputs})
     plan = analyze(params["query"])
     sql, added = _counting_query(plan, views)
     k = int(params.get("min_group_size", 10))
     with _Session(inputs, params.get("memory_limit"), spill=True) as session:
         try:
-            cursor = session.con.execute(sql)
-            fetch = getattr(cursor, "to_arrow_table", None) or cursor.fetch_arrow_table
-            result = fetch()
+            result = session.con.sql(sql).to_arrow_table()
         except duckdb.OutOfMemoryException:
             budget = params.get("memory_limit") or "DuckDB's default"
             how = "even spilling to disk" if session.spill == "encrypted" else (
