@@ -599,7 +599,7 @@ def test_public_surface_is_exactly_known():
     assert properties == {"simulated"}
     ex = Executor(SimulatedBackend(), TLS_KEY)
     public_attrs = {name for name in vars(ex) if not name.startswith("_")}
-    assert public_attrs == {"backend", "tls_spki_hash", "signer"}
+    assert public_attrs == {"backend", "tls_spki_hash", "signer", "memory_budget", "spill_dir"}
     assert isinstance(ex.signer, str) and ex.signer.startswith("p256:")  # a public key only
 
 

@@ -117,9 +117,12 @@ def provider(config_path: Path) -> None:
 @click.option("--advertise", default=None, help="HOST:PORT others reach this executor at.")
 @click.option("--attestation-dir", default=None, help="sgx: Gramine's /dev/attestation.")
 @click.option("--tsm-root", default=None, help="tdx, sev-snp: the configfs-tsm report dir.")
+@click.option("--memory-budget", default=None,
+              help="Input bytes held in memory (e.g. 2GiB); beyond it inputs spill, sealed.")
+@click.option("--spill-dir", default=None, help="Where sealed spill files go (default: TMPDIR).")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
              register_with: str | None, advertise: str | None, attestation_dir: str | None,
-             tsm_root: str | None) -> None:
+             tsm_root: str | None, memory_budget: str | None, spill_dir: str | None) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.core.listen import parse_listen
@@ -132,7 +135,24 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
         options = {"attestation_dir": attestation_dir}
     elif tee in ("tdx", "sev-snp"):
         options = {"tsm_root": tsm_root}
-    serve(make_backend(tee, **options), host, port, port_file, register_with, advertise)
+    budget = parse_size(memory_budget) if memory_budget else None
+    serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
+          budget, spill_dir)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '512MB', '2GiB', '1000000'."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIKMG")
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise InputError(f"--memory-budget {text!r} is not a size like 512MB or 2GiB") from None
+    if value < 1:
+        raise InputError("--memory-budget must be positive")
+    return int(value)
 
 
 # -- initiator -------------------------------------------------------------

@@ -155,12 +155,14 @@ def _messages(reader: fl.MetadataRecordBatchReader):
         yield chunk.data, (meta.to_pybytes() if meta is not None else None)
 
 
-def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0) -> ExecutorFlightServer:
+def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
+          memory_budget: int | None = None, spill_dir: str | None = None
+          ) -> ExecutorFlightServer:
     cert_pem, key_pem = make_ratls_identity(backend)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError("RA-TLS identity must be an EC key")
-    executor = Executor(backend, key)
+    executor = Executor(backend, key, memory_budget=memory_budget, spill_dir=spill_dir)
     return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
 
 
@@ -184,8 +186,9 @@ def announce(scheduler: str, address: str) -> None:
 
 
 def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None,
-          scheduler: str | None = None, advertise: str | None = None) -> None:
-    server = build(backend, host, port)
+          scheduler: str | None = None, advertise: str | None = None,
+          memory_budget: int | None = None, spill_dir: str | None = None) -> None:
+    server = build(backend, host, port, memory_budget, spill_dir)
     address = f"{host}:{server.port}"
     write_port_file(port_file, address)
     if scheduler:

@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from teeflow.core.crypto import verify_signature
 from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import (
     AuthError,
+    ComputeError,
     InputError,
     SchemaMismatch,
     StateError,
@@ -38,6 +39,8 @@ from teeflow.core.errors import (
 from teeflow.core.seal import SUITE_NAME, seal
 from teeflow.executor import compute
 from teeflow.executor.compute import federated
+from teeflow.executor.compute._common import Source
+from teeflow.executor.spill import SealedSpill
 
 log = logging.getLogger("teeflow.executor")
 
@@ -57,6 +60,8 @@ class _Task:
     error: str | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
     digests: dict[str, _Digest] = field(default_factory=dict)
+    spills: dict[str, SealedSpill] = field(default_factory=dict)
+    schemas: dict[str, pa.Schema] = field(default_factory=dict)
     fed: _Fed | None = None
 
     def wipe(self) -> None:
@@ -116,8 +121,14 @@ class Executor:
     """All state of one executor process. Thread-safe; Flight calls come concurrently."""
 
     def __init__(self, backend: TeeBackend, tls_key: ec.EllipticCurvePrivateKey,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, memory_budget: int | None = None,
+                 spill_dir: str | None = None) -> None:
+        """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
+        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount)."""
         self.backend = backend
+        self.memory_budget = memory_budget
+        self.spill_dir = spill_dir
+        self._memory_held = 0
         spki = tls_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         self.tls_spki_hash = hashlib.sha256(spki).digest()
@@ -213,7 +224,8 @@ class Executor:
                 "expected": [d.name for d in task.spec.datasets],
                 "received": {k: dict(v) for k, v in task.received.items()},
                 "receiving": sorted(task.receiving),
-                "inputs_held": sorted(task.inputs),
+                "inputs_held": sorted(set(task.inputs) | set(task.spills)),
+                "spilled": {k: v.nbytes for k, v in task.spills.items()},
                 "digesting": sorted(k for k, d in task.digests.items() if d.running),
                 "simulated": self.simulated,
                 "taken_by": sorted(k for k in (r.sign_key for r in task.spec.receivers)
@@ -230,8 +242,28 @@ class Executor:
         self._wipe(task, "failed")
         log.warning("task %s failed: %s", task.spec.task_id, message)
 
+    def _reserve(self, nbytes: int) -> bool:
+        """Count `nbytes` against the memory budget if they fit."""
+        with self._lock:
+            if self.memory_budget is not None and self._memory_held + nbytes > self.memory_budget:
+                return False
+            self._memory_held += nbytes
+            return True
+
+    def _release(self, held: list[pa.RecordBatch], spill: SealedSpill | None) -> None:
+        with self._lock:
+            self._memory_held -= sum(b.nbytes for b in held)
+        held.clear()
+        if spill is not None:
+            spill.close()
+
     def _wipe(self, task: _Task, reason: str) -> None:
-        held = sorted(task.inputs)
+        """Drop every input of a task, in memory and on disk. Caller holds the lock."""
+        held = sorted(set(task.inputs) | set(task.spills))
+        self._memory_held -= sum(b.nbytes for batches in task.inputs.values() for b in batches)
+        for spill in task.spills.values():
+            spill.close()
+        task.spills.clear()
         task.wipe()
         if held or task.received:
             self._record(task, "wiped", {"inputs": held, "reason": reason})
@@ -291,6 +323,7 @@ class Executor:
         """
         task = self._begin_upload(request, schema)
         held: list[pa.RecordBatch] = []
+        spill: SealedSpill | None = None
         rows = nbytes = 0
         try:
             end: dict[str, Any] | None = None
@@ -301,16 +334,21 @@ class Executor:
                     if batch.schema != schema:
                         raise SchemaMismatch(
                             f"dataset {request.dataset!r}: a batch changed schema")
-                    held.append(batch)
+                    if spill is None and self._reserve(batch.nbytes):
+                        held.append(batch)
+                    else:  # over the memory budget: the rest of this input goes to disk
+                        spill = spill or SealedSpill(schema, self.spill_dir)
+                        spill.append(batch)
                     rows += batch.num_rows
                     nbytes += batch.nbytes
                 if meta:
                     end = wire.parse_json(meta, "upload end marker")
                 if task.status != "waiting":
                     raise StateError(f"task {request.task_id} became {task.status} mid-upload")
-            wire.check_end_marker(end, rows, len(held), request.dataset)
+            count = len(held) + (spill.count if spill else 0)
+            wire.check_end_marker(end, rows, count, request.dataset)
         except BaseException as exc:
-            held.clear()
+            self._release(held, spill)
             self._settle(task)
             with self._lock:
                 task.receiving.discard(request.dataset)
@@ -321,12 +359,17 @@ class Executor:
         with self._lock:
             task.receiving.discard(request.dataset)
             if task.status != "waiting":
+                self._release(held, spill)
                 raise StateError(f"task {request.task_id} is {task.status}; upload dropped")
             task.inputs[request.dataset] = held
+            task.schemas[request.dataset] = schema
+            if spill is not None:
+                task.spills[request.dataset] = spill
             task.received[request.dataset] = {"rows": rows, "bytes": nbytes}
             # Hashed after the transfer, off the upload's path; runs wait for it.
             task.digests[request.dataset] = _Digest(
-                held, lambda sha256: self._received(task, request.dataset, rows, nbytes, sha256))
+                _batches_of(held, spill),
+                lambda sha256: self._received(task, request.dataset, rows, nbytes, sha256))
         log.info("task %s: received %s (%d rows)", request.task_id, request.dataset, rows)
         return {"rows": rows, "bytes": nbytes}
 
@@ -355,11 +398,17 @@ class Executor:
         spec = task.spec
         self._settle(task)  # every input's `received` entry is in before the run
         try:
-            tables = [(d.name, pa.Table.from_batches(task.inputs[d.name])) for d in spec.datasets]
             comp = compute.get(spec.compute)
-            comp.check_schemas({name: t.schema for name, t in tables}, task.params)
-            value = comp.run(tables, task.params)
-            del tables
+            comp.check_schemas({d.name: task.schemas[d.name] for d in spec.datasets},
+                               task.params)
+            if task.spills:  # larger than the memory budget: stream it
+                value = self._run_streamed(task, comp)
+            else:
+                tables = [(d.name, pa.Table.from_batches(task.inputs[d.name],
+                                                         task.schemas[d.name]))
+                          for d in spec.datasets]
+                value = comp.run(tables, task.params)
+                del tables
             plaintext, sealed = self._seal_all(task, value)
         except TeeflowError as exc:
             with self._lock:
@@ -375,6 +424,17 @@ class Executor:
             if task.status == "running":
                 self._done(task, plaintext, sealed)
         log.info("task %s done; inputs wiped", spec.task_id)
+
+    def _run_streamed(self, task: _Task, comp: compute.Computation) -> dict[str, Any]:
+        if comp.run_stream is None:
+            total = sum(v["bytes"] for v in task.received.values())
+            raise ComputeError(f"{comp.name} needs its whole input in memory ({total} bytes), "
+                               f"more than the executor's budget of {self.memory_budget} bytes")
+        sources = [Source(d.name, task.schemas[d.name], task.received[d.name]["rows"],
+                          _batches_of(task.inputs[d.name], task.spills.get(d.name)))
+                   for d in task.spec.datasets]
+        return comp.run_stream(sources, {**task.params,
+                                         "_memory_budget": f"{self.memory_budget}B"})
 
     def _seal_all(self, task: _Task, value: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
         spec = task.spec
@@ -506,7 +566,8 @@ class Executor:
         """How many input bytes the executor still holds for a task (for tests and audit)."""
         with self._lock:
             task = self._task(task_id)
-            return sum(b.nbytes for batches in task.inputs.values() for b in batches)
+            return (sum(b.nbytes for batches in task.inputs.values() for b in batches)
+                    + sum(s.nbytes for s in task.spills.values()))
 
 
 
@@ -515,19 +576,19 @@ class _Digest:
     """SHA-256 over a received dataset's batches (their Arrow IPC encoding), on a thread of
     its own; `done` gets the hex digest. hashlib releases the GIL on large buffers."""
 
-    def __init__(self, batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
-        self._thread = threading.Thread(target=self._work, args=(list(batches), done),
-                                        daemon=True)
+    def __init__(self, batches: Callable[[], Iterator[pa.RecordBatch]],
+                 done: Callable[[str], None]) -> None:
+        self._thread = threading.Thread(target=self._work, args=(batches, done), daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _work(batches: list[pa.RecordBatch], done: Callable[[str], None]) -> None:
+    def _work(batches: Callable[[], Iterator[pa.RecordBatch]],
+              done: Callable[[str], None]) -> None:
         h = hashlib.sha256()
-        for batch in batches:
+        for batch in batches():
             # The IPC encoding covers exactly this batch's rows, even for a slice that
             # shares larger buffers (one batch at a time, so the copy stays small).
             h.update(memoryview(batch.serialize()))
-        batches.clear()
         done(h.hexdigest())
 
     def wait(self) -> None:
@@ -536,3 +597,16 @@ class _Digest:
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+
+def _batches_of(held: list[pa.RecordBatch], spill: SealedSpill | None
+                ) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """A fresh pass over an input: its in-memory batches, then its spilled ones."""
+    held = list(held)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from held
+        if spill is not None:
+            yield from spill.batches()
+
+    return batches

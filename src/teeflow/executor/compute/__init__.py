@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from teeflow.core.errors import ParameterError, SchemaMismatch
 from teeflow.executor.compute import fedavg, federated, linreg, logreg, vertical, xgb
-from teeflow.executor.compute._common import Param
+from teeflow.executor.compute._common import Param, Source
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class Computation:
     min_datasets: int = 1
     sources: tuple[str, ...] = ()
     extra: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
+    # For inputs larger than memory: the same computation over streamed Sources.
+    run_stream: Callable[[list[Source], dict[str, Any]], dict[str, Any]] | None = field(
+        default=None, repr=False)
 
     @cached_property
     def code_digest(self) -> str:
@@ -124,6 +127,12 @@ def _from_module(module: ModuleType) -> Computation:
         enough(len(inputs))
         return execute(inputs, params)
 
+    streamed = getattr(module, "run_stream", None)
+
+    def run_stream(inputs: list[Source], params: dict[str, Any]) -> dict[str, Any]:
+        enough(len(inputs))
+        return streamed(inputs, params)
+
     return Computation(
         name=name,
         description=module.DESCRIPTION,
@@ -135,6 +144,7 @@ def _from_module(module: ModuleType) -> Computation:
         min_datasets=min_datasets,
         sources=tuple(sources),
         extra=getattr(module, "describe_extra", None),
+        run_stream=run_stream if streamed is not None else None,
     )
 
 
@@ -177,4 +187,4 @@ def describe_all() -> list[dict[str, Any]]:
     return [_REGISTRY[n].describe() for n in names()]
 
 
-__all__ = ["Computation", "Param", "describe_all", "get", "names"]
+__all__ = ["Computation", "Param", "Source", "describe_all", "get", "names"]

@@ -8,7 +8,7 @@ those computations' code digests.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,6 +331,47 @@ def check_label_and_features(
                 "features must be integer or floating"
             )
     return features
+
+
+# --- streamed inputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input, streamed: each call of `batches()` is a fresh pass over its rows in order.
+    What a computation gets when the input did not fit the executor's memory budget."""
+
+    name: str
+    schema: pa.Schema
+    rows: int
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+
+    @classmethod
+    def of_table(cls, name: str, table: pa.Table) -> Source:
+        return cls(name, table.schema, table.num_rows, lambda: iter(table.to_batches()))
+
+
+def stream_xy(sources: list[Source], features: list[str], label: str
+              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, x, y) per batch over all sources in order, float64, refusing nulls,
+    NaN and infinity (naming the dataset, never a value)."""
+    offset = 0
+    for src in sources:
+        for batch in src.batches():
+            if batch.num_rows == 0:
+                continue
+            cols = []
+            for name in [*features, label]:
+                col = batch.column(name)
+                if col.null_count:
+                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has null values")
+                values = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+                if not np.isfinite(values).all():
+                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has a "
+                                       "non-finite value (NaN or infinity)")
+                cols.append(values)
+            yield offset, np.column_stack(cols[:-1]), cols[-1]
+            offset += batch.num_rows
 
 
 # --- rows -------------------------------------------------------------------------------------

@@ -111,15 +111,30 @@ def _batches(rows: Rows, params: dict[str, Any]):
 
 def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
     """Train on ``rows`` (already combined); ``params['features']`` must be resolved."""
+    return _fit(lambda: _batches(rows, params), rows.table.num_rows, params)
+
+
+def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+    """The same model in two streamed passes, for inputs larger than memory."""
+    cols, owner = _common.same_schema(NAME, {s.name: s.schema for s in sources}, params)
+    features = check_columns(cols, owner, params)
+    n = sum(s.rows for s in sources)
+    if n == 0:
+        raise ComputeError(f"{NAME}: the datasets have no rows")
+    return _fit(lambda: _common.stream_xy(sources, features, params["label"]), n,
+                {**params, "features": features})
+
+
+def _fit(passes, n: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Normal equations from one pass over `passes()`, residuals from a second."""
     features = list(params["features"])
     p = len(features)
-    n = rows.table.num_rows
     train, test = _common.split(n, params["test_fraction"], params["seed"])
     is_test = np.zeros(n, dtype=bool)
     is_test[test] = True
 
     moments = {"train": _Moments(p), "test": _Moments(p)}
-    for offset, x, y in _batches(rows, params):
+    for offset, x, y in passes():
         t = is_test[offset : offset + len(y)]
         moments["train"].add(x[~t], y[~t])
         moments["test"].add(x[t], y[t])
@@ -138,7 +153,7 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
     intercept = m.my - float(m.mx @ w)
 
     sse = {"train": 0.0, "test": 0.0}
-    for offset, x, y in _batches(rows, params):
+    for offset, x, y in passes():
         t = is_test[offset : offset + len(y)]
         r = y - (x @ w + intercept)
         sse["test"] += float(r[t] @ r[t])

@@ -111,3 +111,70 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     if rows.table.num_rows == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
     return fit(rows, {**params, "features": features})
+
+
+def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+    """The same model for inputs larger than memory: L-BFGS on the same objective
+    (sum of log losses + ||w||^2 / (2C), intercept unpenalised), each step one streamed
+    pass over the rows. Agrees with the in-memory fit to the solver's tolerance; only a
+    numeric two-valued label is supported here."""
+    from scipy.optimize import minimize
+
+    cols, owner = _common.same_schema(NAME, {s.name: s.schema for s in sources}, params)
+    features = check_columns(cols, owner, params)
+    if not _common.is_numeric(cols[params["label"]]):
+        raise ComputeError(f"{NAME}: a label streamed from disk must be numeric")
+    label = params["label"]
+    n = sum(s.rows for s in sources)
+    if n == 0:
+        raise ComputeError(f"{NAME}: the datasets have no rows")
+    values: set[float] = set()
+    for _, _, y in _common.stream_xy(sources, features, label):
+        values.update(np.unique(y).tolist())
+        if len(values) > 2:
+            break
+    if len(values) != 2:
+        raise ComputeError(f"{NAME}: label {label!r} must have exactly two values")
+    low, high = sorted(values)
+    train, test = _common.split(n, params["test_fraction"], params["seed"])
+    is_train = np.zeros(n, dtype=bool)
+    is_train[train] = True
+    c, p = params["C"], len(features)
+
+    def objective(wb: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = wb[:p], wb[p]
+        loss, grad = 0.5 * float(w @ w) / c, np.zeros(p + 1)
+        grad[:p] = w / c
+        for offset, x, y in _common.stream_xy(sources, features, label):
+            keep = is_train[offset : offset + len(y)]
+            x, t = x[keep], (y[keep] == high).astype(np.float64)
+            z = x @ w + b
+            loss += float(np.sum(np.logaddexp(0.0, z) - t * z))
+            r = 0.5 * (1.0 + np.tanh(0.5 * z)) - t
+            grad[:p] += x.T @ r
+            grad[p] += float(r.sum())
+        return loss, grad
+
+    solved = minimize(objective, np.zeros(p + 1), jac=True, method="L-BFGS-B",
+                      options={"maxiter": params["max_iter"], "gtol": 1e-8, "ftol": 1e-15})
+    w, b = solved.x[:p], float(solved.x[p])
+    prob, truth = np.empty(n), np.empty(n, dtype=np.int8)
+    for offset, x, y in _common.stream_xy(sources, features, label):
+        prob[offset : offset + len(y)] = 0.5 * (1.0 + np.tanh(0.5 * (x @ w + b)))
+        truth[offset : offset + len(y)] = y == high
+    result: dict[str, Any] = {
+        "coefficients": {f: float(v) for f, v in zip(features, w, strict=True)},
+        "intercept": b,
+        "classes": [_plain(low), _plain(high)],
+        "features": features,
+        "n_iter": int(solved.nit),
+        "converged": bool(solved.success),
+        "streamed": True,
+    }
+    return _common.with_metrics(
+        result, n, train, test, lambda idx: _common.classification_metrics(truth[idx], prob[idx])
+    )
+
+
+def _plain(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value

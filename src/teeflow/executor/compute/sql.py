@@ -695,7 +695,8 @@ class _Session:
     row-number column; spilling to an encrypted temporary directory when possible."""
 
     def __init__(
-        self, inputs: list[tuple[str, pa.Table]], memory_limit: str | None, spill: bool
+        self, inputs: list[tuple[str, pa.Table | _common.Source]], memory_limit: str | None,
+        spill: bool,
     ) -> None:
         self.tempdir: str | None = None
         self.spill = "disabled"
@@ -714,7 +715,8 @@ class _Session:
             raise
 
     def _setup(
-        self, inputs: list[tuple[str, pa.Table]], memory_limit: str | None, spill: bool
+        self, inputs: list[tuple[str, pa.Table | _common.Source]], memory_limit: str | None,
+        spill: bool,
     ) -> None:
         con = self.con
         con.execute("SET preserve_insertion_order = false")
@@ -734,6 +736,14 @@ class _Session:
         else:
             con.execute("SET temp_directory = ''")  # no spilling, rather than plaintext
         for i, (ds, table) in enumerate(inputs):
+            if isinstance(table, _common.Source):  # larger than memory: DuckDB holds it,
+                reader = pa.RecordBatchReader.from_batches(  # spilling to sealed temp files
+                    table.schema.append(pa.field(_rid(i), pa.int64())),
+                    _numbered(table.batches(), _rid(i)))
+                con.register("__teeflow_source", reader)
+                con.execute(f"CREATE TABLE {_quote(ds)} AS SELECT * FROM __teeflow_source")
+                con.unregister("__teeflow_source")
+                continue
             rid = pa.array(np.arange(table.num_rows, dtype=np.int64))
             con.register(ds, table.append_column(_rid(i), rid))
         con.execute("SET enable_external_access = false")
@@ -754,7 +764,34 @@ class _Session:
         self.close()
 
 
+DUCKDB_FLOOR = 64 * 2**20
+
+
+def _numbered(batches, column: str):
+    """The batches with a running row number appended (the hidden row id)."""
+    start = 0
+    for batch in batches:
+        ids = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
+        start += batch.num_rows
+        yield batch.append_column(column, ids)
+
+
+def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+    """The same query over inputs larger than memory: DuckDB loads them into its own
+    tables and spills beyond `memory_limit` (default: the executor's budget), encrypted."""
+    limit = params.get("memory_limit")
+    if limit is None and params.get("_memory_budget"):
+        budget = int(str(params["_memory_budget"]).rstrip("B"))
+        limit = f"{max(budget, DUCKDB_FLOOR)}B"  # DuckDB needs some room of its own
+    return _run([(s.name, s) for s in sources], {**params, "memory_limit": limit})
+
+
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
+    return _run(list(inputs), params)
+
+
+def _run(inputs: list[tuple[str, pa.Table | _common.Source]], params: dict[str, Any]
+         ) -> dict[str, Any]:
     views = _views([ds for ds, _ in inputs])
     _check_columns({ds: table.schema for ds, table in inputs})
     plan = analyze(params["query"])
