@@ -185,9 +185,25 @@ def announce(scheduler: str, address: str) -> None:
             threading.Event().wait(min(2.0, 0.2 * (attempt + 1)))
 
 
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once. By default it raises
+    its mmap threshold as blocks are freed and keeps batch-sized buffers on its heap, so a
+    process that streams batches through memory looks (and is) far above its budget."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: allocations above it are mmapped
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        log.info("allocator tuning not available")
+
+
 def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None,
           scheduler: str | None = None, advertise: str | None = None,
           memory_budget: int | None = None, spill_dir: str | None = None) -> None:
+    if memory_budget is not None:
+        _return_freed_memory()
     server = build(backend, host, port, memory_budget, spill_dir)
     address = f"{host}:{server.port}"
     write_port_file(port_file, address)

@@ -37,9 +37,12 @@ class SealedSpill:
 
     def append(self, batch: pa.RecordBatch) -> None:
         index = struct.pack(">Q", self.count).rjust(12, b"\0")
-        sealed = self._aead.encrypt(index, batch.serialize().to_pybytes(), index)
+        # Encrypt straight from Arrow's buffer (format 'b' cast to bytes): no extra copy.
+        sealed = self._aead.encrypt(index, memoryview(batch.serialize()).cast("B"), index)
         self._file.seek(0, os.SEEK_END)
-        self._file.write(_LEN.pack(len(sealed)) + sealed)
+        self._file.write(_LEN.pack(len(sealed)))
+        self._file.write(sealed)
+        del sealed
         self.count += 1
         self.nbytes += batch.nbytes
 
