@@ -24,10 +24,14 @@ from teeflow.attestation.ratls import (
     quote_tee,
     read_certificate_evidence,
     report_data_for_claims,
-    self_signed_certificate,
 )
 from teeflow.attestation.simulated import SimulatedBackend, SimulatedVerifier
-from teeflow.core.crypto import EXECUTOR_TLS_NAME, make_tls_identity, spki_sha256
+from teeflow.core.crypto import (
+    EXECUTOR_TLS_NAME,
+    make_tls_identity,
+    self_signed_certificate,
+    spki_sha256,
+)
 from teeflow.core.errors import (
     EvidenceFormatError,
     PolicyRefused,

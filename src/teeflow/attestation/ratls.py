@@ -64,14 +64,13 @@ from typing import TYPE_CHECKING, Any
 
 import cbor2
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from teeflow.attestation.dcap import TEE_TYPE_SGX, TEE_TYPE_TDX
 from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence
 from teeflow.attestation.simulated import MAGIC as SIMULATED_MAGIC
-from teeflow.core.crypto import EXECUTOR_TLS_NAME
+from teeflow.core.crypto import self_signed_certificate
 from teeflow.core.errors import EvidenceFormatError, PolicyRefused
 
 if TYPE_CHECKING:
@@ -110,8 +109,6 @@ MAX_NONCE = 64
 _MAX_DEPTH = 8
 _DCAP_HEADER = struct.Struct("<HHI")  # version, attestation key type, TEE type
 _DCAP_HEADER_LEN = 48
-_CERT_VALIDITY = datetime.timedelta(days=30)
-_CERT_BACKDATE = datetime.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -208,36 +205,6 @@ def make_ratls_identity(
         serialization.NoEncryption(),
     )
     return cert_pem, key_pem
-
-
-def self_signed_certificate(
-    key: ec.EllipticCurvePrivateKey,
-    extensions: list[x509.ExtensionType],
-    *,
-    now: datetime.datetime | None = None,
-) -> x509.Certificate:
-    """The executor's certificate for an existing key, as `crypto.make_tls_identity` makes it.
-
-    Extra extensions are non-critical: a TLS stack refuses a certificate with a
-    critical extension it does not know, and Gramine's verifier refuses a
-    critical evidence extension.
-    """
-    now = now or datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EXECUTOR_TLS_NAME)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CERT_BACKDATE)
-        .not_valid_after(now + _CERT_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(EXECUTOR_TLS_NAME)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-    )
-    for ext in extensions:
-        builder = builder.add_extension(ext, critical=False)
-    return builder.sign(key, hashes.SHA256())
 
 
 # --- reading ---------------------------------------------------------------------------

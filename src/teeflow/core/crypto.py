@@ -152,27 +152,44 @@ def key_id(public_key_b64: str) -> str:
     return hashlib.sha256(public_key_b64.encode()).hexdigest()[:16]
 
 
-def make_tls_identity(
+CERT_BACKDATE = datetime.timedelta(minutes=5)
+CERT_VALIDITY = datetime.timedelta(days=30)
+
+
+def self_signed_certificate(
+    key: ec.EllipticCurvePrivateKey,
     extensions: list[x509.ExtensionType] | None = None,
-) -> tuple[bytes, bytes, ec.EllipticCurvePrivateKey]:
-    """A fresh P-256 key and a self-signed certificate: (cert_pem, key_pem, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    *,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """The executor's certificate for its key. Extra extensions are non-critical: a TLS
+    stack refuses a certificate with a critical extension it does not know (and Gramine's
+    verifier refuses a critical evidence extension). CA=true lets a client pin it as a root.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EXECUTOR_TLS_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=30))
+        .not_valid_before(now - CERT_BACKDATE)
+        .not_valid_after(now + CERT_VALIDITY)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(EXECUTOR_TLS_NAME)]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
     )
     for ext in extensions or []:
         builder = builder.add_extension(ext, critical=False)
-    cert = builder.sign(key, hashes.SHA256())
+    return builder.sign(key, hashes.SHA256())
+
+
+def make_tls_identity(
+    extensions: list[x509.ExtensionType] | None = None,
+) -> tuple[bytes, bytes, ec.EllipticCurvePrivateKey]:
+    """A fresh P-256 key and a self-signed certificate: (cert_pem, key_pem, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed_certificate(key, extensions)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
