@@ -121,3 +121,21 @@ def test_sql_over_budget_equals_in_memory(tmp_path):
 def test_computation_that_needs_memory_says_so(tmp_path):
     with pytest.raises(ComputeError, match="needs its whole input in memory"):
         _run("xgboost", {"label": "y", "n_estimators": "2"}, BUDGET, tmp_path)
+
+
+def test_aggregation_over_budget_equals_in_memory(tmp_path):
+    from teeflow.executor import compute
+    from teeflow.executor.compute._common import Source
+
+    rng = np.random.default_rng(3)
+    names = [f"w{i}" for i in range(5000)]
+    tables = [pa.table({"name": names, "value": rng.standard_normal(5000),
+                        "n_samples": np.full(5000, n, dtype=np.int64)}) for n in (10, 30, 60)]
+    comp = compute.get("model_aggregation")
+    checked = comp.check_params({})
+    whole = comp.run([(f"p{i}", t) for i, t in enumerate(tables)], checked)
+    streamed = comp.run_stream([Source.of_table(f"p{i}", t) for i, t in enumerate(tables)],
+                               checked)
+    assert streamed["n_samples"] == whole["n_samples"] == 100
+    for name, value in whole["parameters"].items():
+        assert streamed["parameters"][name] == pytest.approx(value, rel=1e-12, abs=1e-15)

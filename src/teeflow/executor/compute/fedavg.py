@@ -119,3 +119,26 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
         "n_samples": total,
         "parties": len(parties),
     }
+
+
+def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+    """The same average with one party's table in memory at a time (plus the running sums),
+    for when all parties together exceed the executor's budget."""
+    check_schemas({s.name: s.schema for s in sources}, params)
+    order: list[str] = []
+    sums = np.empty(0)
+    total = 0
+    for i, src in enumerate(sources):
+        table = pa.Table.from_batches(list(src.batches()), src.schema)
+        names, values, n = _party(src.name, table)
+        del table
+        if i == 0:
+            order, sums = names, np.zeros(len(names))
+        position = {name: j for j, name in enumerate(names)}
+        if set(position) != set(order):
+            raise ComputeError(f"dataset {src.name!r}: parameter names differ from dataset "
+                               f"{sources[0].name!r}")
+        sums += n * values[[position[name] for name in order]]
+        total += n
+    return {"parameters": {name: float(v) for name, v in zip(order, sums / total, strict=True)},
+            "n_samples": total, "parties": len(sources)}
