@@ -57,7 +57,7 @@ import struct
 import uuid
 from pathlib import Path
 
-from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence
+from teeflow.attestation.evidence import Evidence, check_report_data
 from teeflow.core.errors import ConfigError, EvidenceFormatError, VerificationError
 
 __all__ = [
@@ -197,12 +197,7 @@ class TsmBackend:
                 f"(needs Linux 6.7+, configfs mounted and the {self.provider} driver)")
 
     def evidence(self, report_data: bytes) -> Evidence:
-        if not isinstance(report_data, bytes | bytearray):
-            raise EvidenceFormatError(
-                f"report data must be bytes, not {type(report_data).__name__}")
-        if len(report_data) != REPORT_DATA_LEN:
-            raise EvidenceFormatError(
-                f"report data must be exactly {REPORT_DATA_LEN} bytes, got {len(report_data)}")
+        report_data = check_report_data(report_data)
         entry = self.root / f"teeflow-{os.getpid()}-{next(_serial)}-{uuid.uuid4().hex[:12]}"
         try:
             os.mkdir(entry)

@@ -74,6 +74,17 @@ class Claims:
         }
 
 
+def check_report_data(report_data: bytes) -> bytes:
+    """The 64 bytes a TEE backend is asked to put in its evidence, checked."""
+    if not isinstance(report_data, bytes | bytearray):
+        raise EvidenceFormatError(
+            f"report data must be bytes, not {type(report_data).__name__}")
+    if len(report_data) != REPORT_DATA_LEN:
+        raise EvidenceFormatError(
+            f"report data must be exactly {REPORT_DATA_LEN} bytes, got {len(report_data)}")
+    return bytes(report_data)
+
+
 def bind_report_data(spki_hash: bytes, nonce: bytes) -> bytes:
     """The 64 bytes of report data for a TLS key and a caller's nonce.
 

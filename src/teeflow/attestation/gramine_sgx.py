@@ -24,7 +24,7 @@ import struct
 import threading
 from pathlib import Path
 
-from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence
+from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence, check_report_data
 from teeflow.core.errors import ConfigError, EvidenceFormatError
 
 TEE = "sgx"
@@ -83,12 +83,7 @@ class GramineSgxBackend:
                 '(set sgx.remote_attestation = "dcap" in the manifest)')
 
     def evidence(self, report_data: bytes) -> Evidence:
-        if not isinstance(report_data, bytes | bytearray):
-            raise EvidenceFormatError(
-                f"report data must be bytes, not {type(report_data).__name__}")
-        if len(report_data) != REPORT_DATA_LEN:
-            raise EvidenceFormatError(
-                f"report data must be exactly {REPORT_DATA_LEN} bytes, got {len(report_data)}")
+        report_data = check_report_data(report_data)
         data = bytes(report_data)
         with self._lock:
             self._check_type()

@@ -14,6 +14,7 @@ from teeflow.attestation.evidence import Evidence
 from teeflow.attestation.policy import Verifier
 from teeflow.attestation.simulated import SimulatedBackend, SimulatedVerifier
 from teeflow.core.errors import ConfigError
+from teeflow.core.files import read_capped
 
 BACKENDS = ("simulated", "sgx", "tdx", "sev-snp")
 
@@ -73,13 +74,7 @@ def amd_ark(raw: Any, base: Path, where: str = "collateral") -> bytes | None:
         return None
     path = Path(str(raw["amd_ark"])).expanduser()
     path = path if path.is_absolute() else base / path
-    try:
-        data = path.read_bytes()[: 64 * 1024 + 1]
-    except OSError as exc:
-        raise ConfigError(f"{where}.amd_ark: {path}: {exc.strerror}") from exc
-    if len(data) > 64 * 1024:
-        raise ConfigError(f"{where}.amd_ark: larger than 64 KiB")
-    return data
+    return read_capped(path, 64 * 1024, f"{where}.amd_ark:")
 
 
 def make_verifiers(collateral: CollateralSource | None = None,

@@ -8,19 +8,13 @@ from pathlib import Path
 import click
 
 from teeflow.core.errors import InputError
+from teeflow.core.files import read_capped
 
 MAX_FILE = 1024 * 1024
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FILE + 1)
-    except OSError as exc:
-        raise InputError(f"{what} {path}: {exc.strerror}") from exc
-    if len(data) > MAX_FILE:
-        raise InputError(f"{what} {path}: larger than {MAX_FILE} bytes")
-    return data
+    return read_capped(path, MAX_FILE, what, InputError)
 
 
 @click.group()

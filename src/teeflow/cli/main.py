@@ -20,6 +20,7 @@ from rich.table import Table
 
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core.errors import ConfigError, InputError, TeeflowError
+from teeflow.core.files import read_capped
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,9 +33,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    raw = read_capped(path, 1024 * 1024, "policy file")
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"policy file {path}: {exc}") from exc
 
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from teeflow.core.errors import AuthError, ConfigError
+from teeflow.core.files import read_capped
 
 # The name the executor's certificate carries; clients pin the certificate
 # itself, so the name only has to match what they ask gRPC to check.
@@ -95,12 +96,7 @@ def save_key(signer: KeySigner, path: Path) -> None:
 
 
 def load_key(path: Path) -> KeySigner:
-    try:
-        data = path.read_bytes()[: MAX_KEY_FILE + 1]
-    except OSError as exc:
-        raise ConfigError(f"key file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_KEY_FILE:
-        raise ConfigError(f"key file {path}: larger than {MAX_KEY_FILE} bytes")
+    data = read_capped(path, MAX_KEY_FILE, "key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except ValueError as exc:

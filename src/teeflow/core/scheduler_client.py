@@ -13,7 +13,7 @@ import httpx
 
 from teeflow.core import auth
 from teeflow.core.crypto import Identity
-from teeflow.core.errors import PeerError, TeeflowError, Unreachable, from_code
+from teeflow.core.errors import PeerError, Unreachable, from_code
 from teeflow.core.wire import cancel_message
 
 
@@ -121,4 +121,4 @@ class SchedulerClient:
         return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None)
 
 
-__all__ = ["SchedulerClient", "TeeflowError"]
+__all__ = ["SchedulerClient"]

@@ -11,6 +11,7 @@ from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
+from teeflow.core.files import read_capped
 from teeflow.provider.consent import ApprovalRule, load_rules
 
 MAX_CONFIG = 1024 * 1024
@@ -47,12 +48,7 @@ def _str(table: dict[str, Any], key: str, where: str) -> str:
 
 
 def load_config(path: Path) -> ProviderConfig:
-    try:
-        raw = path.read_bytes()[: MAX_CONFIG + 1]
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG:
-        raise ConfigError(f"config {path}: larger than {MAX_CONFIG} bytes")
+    raw = read_capped(path, MAX_CONFIG, "config")
     try:
         doc = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
