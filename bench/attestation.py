@@ -14,7 +14,7 @@ from teeflow.attestation.dcap import verify_quote
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
-from teeflow.core.executor_client import attested_connect
+from teeflow.net.executor_client import attested_connect
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "attestation-vectors"
 QUOTES = {"sgx": ("sgx_quote", 1751624924), "tdx": ("tdx_quote", 1751624655)}

@@ -48,10 +48,11 @@ from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import audit, seal, wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import BATCH_ROWS, schema_fingerprint
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor import compute
 from teeflow.executor.compute import federated, reference
 from teeflow.executor.service import Executor, FlRequest, UploadRequest
+from teeflow.files.datasets import BATCH_ROWS
 
 FULL_ROWS = 1_000_000
 QUICK_ROWS = 100_000

@@ -27,9 +27,9 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_fingerprint
-from teeflow.core.executor_client import ExecutorClient, attested_connect
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor import compute
+from teeflow.net.executor_client import ExecutorClient, attested_connect
 
 MiB = 2**20
 FEATURES = 20

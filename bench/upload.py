@@ -47,9 +47,10 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, KeySigner, make_tls_identity
-from teeflow.core.datasets import BATCH_ROWS, schema_fingerprint
-from teeflow.core.executor_client import ExecutorClient, attested_connect
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor import compute
+from teeflow.files.datasets import BATCH_ROWS
+from teeflow.net.executor_client import ExecutorClient, attested_connect
 
 FULL_ROWS = 2_000_000
 QUICK_ROWS = 200_000

@@ -13,8 +13,8 @@ import pytest
 
 from teeflow.core import auth
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_to_b64
 from teeflow.core.errors import AuthError, Unreachable
+from teeflow.core.schemas import schema_to_b64
 from teeflow.scheduler.app import create_app
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store

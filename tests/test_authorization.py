@@ -24,11 +24,11 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import audit, auth, wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_fingerprint, schema_to_b64
 from teeflow.core.errors import TeeflowError
-from teeflow.core.executor_client import ExecutorClient, attested_connect
+from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.core.seal import open_sealed
 from teeflow.executor.server import build
+from teeflow.net.executor_client import ExecutorClient, attested_connect
 from teeflow.scheduler.app import create_app
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store

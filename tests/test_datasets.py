@@ -10,17 +10,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from teeflow.core.datasets import (
-    BATCH_ROWS,
-    MAX_SCHEMA,
-    count_rows,
-    iter_batches,
-    read_schema,
-    schema_fingerprint,
-    schema_from_b64,
-    schema_to_b64,
-)
 from teeflow.core.errors import ConfigError, InputError
+from teeflow.core.schemas import MAX_SCHEMA, schema_fingerprint, schema_from_b64, schema_to_b64
+from teeflow.files.datasets import BATCH_ROWS, count_rows, iter_batches, read_schema
 
 ROWS = 150_000
 

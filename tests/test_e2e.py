@@ -20,8 +20,8 @@ from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party, policy_toml
 from teeflow.cli.demo import make_party_data
 from teeflow.core.errors import TaskFailed, UnknownTask
-from teeflow.core.executor_client import ExecutorClient
 from teeflow.executor.compute import reference
+from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
 
 pytestmark = pytest.mark.e2e

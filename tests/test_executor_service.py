@@ -19,7 +19,6 @@ from teeflow.attestation.policy import appraise, load_policy
 from teeflow.attestation.simulated import SimulatedBackend, SimulatedVerifier
 from teeflow.core import audit, seal, wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import (
     AuthError,
     InputError,
@@ -28,6 +27,7 @@ from teeflow.core.errors import (
     StateError,
     UnknownTask,
 )
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.service import Executor, UploadRequest
 from tests.factories import approval, make_spec, sign_entry, submit_signature
 

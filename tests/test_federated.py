@@ -17,13 +17,13 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import AuthError, InputError, StateError
-from teeflow.core.executor_client import attested_connect
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor import compute
 from teeflow.executor.compute import federated
 from teeflow.executor.server import build
+from teeflow.net.executor_client import attested_connect
 from teeflow.provider.federated import load_xy, take_part
 from tests.factories import approval, make_spec
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from teeflow.core.errors import ConfigError, InputError
-from teeflow.core.files import read_capped
+from teeflow.files import read_capped
 
 
 def test_read_capped(tmp_path):

@@ -23,12 +23,12 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner, make_tls_identity, spki_sha256
-from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import AuthError, InputError, PolicyRefused, StateError, Unreachable
-from teeflow.core.executor_client import ExecutorClient, attested_connect, fetch_certificate
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor.server import ExecutorFlightServer, build
 from teeflow.executor.service import Executor
+from teeflow.net.executor_client import ExecutorClient, attested_connect, fetch_certificate
 from teeflow.provider.config import DatasetConfig, ProviderConfig
 from teeflow.provider.node import Provider
 from tests.factories import approval, make_spec, simulated_policy

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import audit, auth, wire
 from teeflow.core.crypto import KeySigner, verify_signature
-from teeflow.core.datasets import schema_fingerprint, schema_to_b64
 from teeflow.core.errors import Unreachable
+from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.executor.service import Executor
 from teeflow.scheduler.app import MAX_BODY, create_app
 from teeflow.scheduler.service import Scheduler

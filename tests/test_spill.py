@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from teeflow.attestation.simulated import SimulatedBackend
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner
-from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import ComputeError
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor.service import Executor, UploadRequest
 from teeflow.executor.spill import SealedSpill

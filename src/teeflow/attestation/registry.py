@@ -14,7 +14,7 @@ from teeflow.attestation.evidence import Evidence
 from teeflow.attestation.policy import Verifier
 from teeflow.attestation.simulated import SimulatedBackend, SimulatedVerifier
 from teeflow.core.errors import ConfigError
-from teeflow.core.files import read_capped
+from teeflow.files import read_capped
 
 BACKENDS = ("simulated", "sgx", "tdx", "sev-snp")
 

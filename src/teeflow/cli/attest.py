@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from teeflow.core.errors import InputError
-from teeflow.core.files import read_capped
+from teeflow.files import read_capped
 
 MAX_FILE = 1024 * 1024
 

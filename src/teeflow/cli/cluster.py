@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from teeflow.attestation.simulated import code_measurement
-from teeflow.core.crypto import KeySigner, load_or_create_key, save_key
+from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import PeerError
+from teeflow.files.keys import load_or_create_key, save_key
 
 START_TIMEOUT = 60.0
 
@@ -136,7 +137,7 @@ class LocalCluster:
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
-        from teeflow.core.scheduler_client import SchedulerClient
+        from teeflow.net.scheduler_client import SchedulerClient
 
         deadline = time.monotonic() + timeout
         with SchedulerClient(self.scheduler_url, self.initiator) as client:
@@ -154,7 +155,7 @@ class LocalCluster:
 
     def wait_for_executor(self, address: str, timeout: float = START_TIMEOUT) -> None:
         """Until the executor has registered itself with the scheduler."""
-        from teeflow.core.scheduler_client import SchedulerClient
+        from teeflow.net.scheduler_client import SchedulerClient
 
         deadline = time.monotonic() + timeout
         with SchedulerClient(self.scheduler_url, self.initiator) as client:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core.errors import ConfigError, InputError, TeeflowError
-from teeflow.core.files import read_capped
+from teeflow.files import read_capped
 
 console = Console()
 err_console = Console(stderr=True)
@@ -88,7 +88,7 @@ def _client(ctx: click.Context, policy: Path | None = None, name: str | None = N
 @click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
 def scheduler(db: Path, listen: str, port_file: str | None) -> None:
     """Run the scheduler (HTTP JSON API over a SQLite file)."""
-    from teeflow.core.listen import parse_listen
+    from teeflow.net.listen import parse_listen
     from teeflow.scheduler.server import serve
 
     _setup_logging(False)
@@ -127,8 +127,8 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
              tsm_root: str | None, memory_budget: str | None, spill_dir: str | None) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
-    from teeflow.core.listen import parse_listen
     from teeflow.executor.server import serve
+    from teeflow.net.listen import parse_listen
 
     _setup_logging(False)
     host, port = parse_listen(listen)
@@ -256,7 +256,8 @@ def _write_result(client, task_id: str, out: Path) -> None:
 @click.pass_context
 def init(ctx: click.Context, name: str | None) -> None:
     """Make your key pair (owner-only file) and optionally register it with the scheduler."""
-    from teeflow.core.crypto import key_id, load_or_create_key
+    from teeflow.core.crypto import key_id
+    from teeflow.files.keys import load_or_create_key
     from teeflow.sdk.client import DEFAULT_HOME
 
     path = (ctx.obj["key"] or DEFAULT_HOME / "key.pem").expanduser()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import os
-from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -20,13 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from teeflow.core.errors import AuthError, ConfigError
-from teeflow.core.files import read_capped
+from teeflow.core.errors import AuthError
 
 # The name the executor's certificate carries; clients pin the certificate
 # itself, so the name only has to match what they ask gRPC to check.
 EXECUTOR_TLS_NAME = "teeflow-executor"
-MAX_KEY_FILE = 16 * 1024
 
 
 class Signer(Protocol):
@@ -85,31 +81,6 @@ class KeySigner:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-
-
-def save_key(signer: KeySigner, path: Path) -> None:
-    """Write a private key readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(signer.private_pem())
-
-
-def load_key(path: Path) -> KeySigner:
-    data = read_capped(path, MAX_KEY_FILE, "key file")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except ValueError as exc:
-        raise ConfigError(f"key file {path}: not a PEM private key") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"key file {path}: not an Ed25519 key")
-    return KeySigner(key)
-
-
-def load_or_create_key(path: Path) -> KeySigner:
-    if not path.exists():
-        save_key(KeySigner.generate(), path)
-    return load_key(path)
 
 
 def verify_signature(public_key_b64: str, signature: bytes, message: bytes) -> None:

@@ -21,9 +21,9 @@ from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.errors import InputError, TeeflowError
-from teeflow.core.flight_errors import to_flight
-from teeflow.core.listen import write_port_file
 from teeflow.executor.service import Executor, FlRequest, UploadRequest
+from teeflow.net.flight_errors import to_flight
+from teeflow.net.listen import write_port_file
 
 log = logging.getLogger("teeflow.executor")
 MAX_ACTION_BODY = 1024 * 1024
@@ -170,7 +170,7 @@ def announce(scheduler: str, address: str) -> None:
     """Register with a scheduler under a node key made in this process. The scheduler
     reads the RA-TLS certificate served at `address`; owners still appraise it live."""
     from teeflow.core.crypto import KeySigner, key_id
-    from teeflow.core.scheduler_client import SchedulerClient
+    from teeflow.net.scheduler_client import SchedulerClient
 
     identity = KeySigner.generate()
     for attempt in range(30):

@@ -26,7 +26,6 @@ from teeflow.attestation.evidence import NONCE_LEN, Evidence, bind_report_data
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import audit, wire
 from teeflow.core.crypto import verify_signature
-from teeflow.core.datasets import schema_fingerprint
 from teeflow.core.errors import (
     AuthError,
     ComputeError,
@@ -36,6 +35,7 @@ from teeflow.core.errors import (
     TeeflowError,
     UnknownTask,
 )
+from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import SUITE_NAME, seal
 from teeflow.executor import compute
 from teeflow.executor.compute import federated

@@ -11,7 +11,7 @@ from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
-from teeflow.core.files import read_capped
+from teeflow.files import read_capped
 from teeflow.provider.consent import ApprovalRule, load_rules
 
 MAX_CONFIG = 1024 * 1024

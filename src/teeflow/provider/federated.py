@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from teeflow.core.crypto import Signer
-from teeflow.core.datasets import iter_batches, read_schema
 from teeflow.core.errors import ComputeError, TaskFailed
-from teeflow.core.executor_client import ExecutorClient
 from teeflow.executor.compute import federated
+from teeflow.files.datasets import iter_batches, read_schema
+from teeflow.net.executor_client import ExecutorClient
 
 POLL = 0.05
 ROUND_TIMEOUT = 600.0

@@ -20,14 +20,7 @@ import pyarrow as pa
 from teeflow.attestation.policy import load_policy, satisfies
 from teeflow.attestation.registry import make_verifiers
 from teeflow.core import audit, wire
-from teeflow.core.crypto import Identity, load_or_create_key
-from teeflow.core.datasets import (
-    count_rows,
-    iter_batches,
-    read_schema,
-    schema_fingerprint,
-    schema_to_b64,
-)
+from teeflow.core.crypto import Identity
 from teeflow.core.errors import (
     AttestationError,
     AuthError,
@@ -36,9 +29,12 @@ from teeflow.core.errors import (
     TeeflowError,
     Unreachable,
 )
-from teeflow.core.executor_client import attested_connect
-from teeflow.core.scheduler_client import SchedulerClient
+from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.executor import compute
+from teeflow.files.datasets import count_rows, iter_batches, read_schema
+from teeflow.files.keys import load_or_create_key
+from teeflow.net.executor_client import attested_connect
+from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
 from teeflow.provider.federated import take_part

@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 
 from teeflow.core import auth
 from teeflow.core.crypto import check_encryption_key, check_public_key
-from teeflow.core.datasets import schema_fingerprint, schema_from_b64
 from teeflow.core.errors import (
     AuthError,
     InputError,
@@ -31,6 +30,7 @@ from teeflow.core.errors import (
     UnknownDataset,
     UnknownTask,
 )
+from teeflow.core.schemas import schema_fingerprint, schema_from_b64
 from teeflow.scheduler.executors import register_executor
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store

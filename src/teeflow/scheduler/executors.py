@@ -8,7 +8,7 @@ from typing import Any
 
 from teeflow.attestation.describe import claimed_measurements
 from teeflow.attestation.ratls import read_certificate_evidence
-from teeflow.core.executor_client import fetch_certificate, parse_address
+from teeflow.net.executor_client import fetch_certificate, parse_address
 from teeflow.scheduler.store import Store
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from teeflow.core.listen import bind, write_port_file
+from teeflow.net.listen import bind, write_port_file
 from teeflow.scheduler.app import create_app
 from teeflow.scheduler.store import Store
 

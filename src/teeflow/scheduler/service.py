@@ -15,7 +15,6 @@ from typing import Any, Protocol
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core import audit, wire
 from teeflow.core.crypto import check_encryption_key, check_public_key, verify_signature
-from teeflow.core.datasets import schema_from_b64
 from teeflow.core.errors import (
     AuthError,
     ConfigError,
@@ -25,8 +24,9 @@ from teeflow.core.errors import (
     TeeflowError,
     Unreachable,
 )
-from teeflow.core.executor_client import ExecutorClient, parse_address
+from teeflow.core.schemas import schema_from_b64
 from teeflow.executor import compute
+from teeflow.net.executor_client import ExecutorClient, parse_address
 from teeflow.scheduler.store import Store, Task
 
 log = logging.getLogger("teeflow.scheduler")

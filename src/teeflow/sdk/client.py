@@ -27,12 +27,13 @@ from teeflow.attestation.evidence import Claims
 from teeflow.attestation.policy import AppraisalPolicy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.core import audit, wire
-from teeflow.core.crypto import Identity, load_or_create_key
+from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
-from teeflow.core.executor_client import attested_connect
-from teeflow.core.scheduler_client import SchedulerClient
 from teeflow.core.seal import open_sealed
 from teeflow.executor import compute
+from teeflow.files.keys import load_or_create_key
+from teeflow.net.executor_client import attested_connect
+from teeflow.net.scheduler_client import SchedulerClient
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
 FAILED = ("failed", "cancelled", "rejected")

@@ -6,9 +6,6 @@ both re-cut to about BATCH_ROWS rows.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +13,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from teeflow.core.errors import ConfigError, InputError
+from teeflow.core.errors import ConfigError
 
 BATCH_ROWS = 64 * 1024
-MAX_SCHEMA = 64 * 1024
 
 
 def _kind(path: Path) -> str:
@@ -70,22 +66,3 @@ def count_rows(path: Path) -> int:
     if _kind(path) == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
     return sum(b.num_rows for b in iter_batches(path))
-
-
-def schema_fingerprint(schema: pa.Schema) -> str:
-    """SHA-256 over column names, types and nullability; metadata does not count."""
-    fields = [[f.name, str(f.type), f.nullable] for f in schema]
-    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
-
-
-def schema_to_b64(schema: pa.Schema) -> str:
-    return base64.b64encode(schema.serialize().to_pybytes()).decode()
-
-
-def schema_from_b64(text: str) -> pa.Schema:
-    if len(text) > MAX_SCHEMA:
-        raise InputError(f"schema larger than {MAX_SCHEMA} bytes")
-    try:
-        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text, validate=True)))
-    except (ValueError, OSError, pa.ArrowException) as exc:
-        raise InputError("schema is not a base64 Arrow IPC schema") from exc

@@ -24,7 +24,7 @@ from teeflow.attestation.ratls import read_certificate_evidence
 from teeflow.core import wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
 from teeflow.core.errors import InputError, TeeflowError, Unreachable
-from teeflow.core.flight_errors import from_flight
+from teeflow.net.flight_errors import from_flight
 
 CALL_TIMEOUT = 30.0
 
