@@ -44,13 +44,14 @@ import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench import Options, Row, median_range
+from teeflow import compute
+from teeflow import plaintext as reference
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
+from teeflow.compute import federated
 from teeflow.core import audit, seal, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.schemas import schema_fingerprint
-from teeflow.executor import compute
-from teeflow.executor.compute import federated, reference
 from teeflow.executor.service import Executor, FlRequest, UploadRequest
 from teeflow.files.datasets import BATCH_ROWS
 
@@ -279,11 +280,11 @@ def make_cases(rows: int) -> list[Case]:
         "federated_logistic_regression", "federated_logistic_regression",
         {"label": "y_bin", "features": features, **{k: str(v) for k, v in FED_PARAMS.items()}},
         [("a", fed_schema), ("b", fed_schema)],
-        lambda: federated.train_plaintext(parts, FEATURES, fed_checked),
+        lambda: reference.plaintext_federated(parts, FEATURES, fed_checked),
         _agree_linear("federated", 1e-12, 1e-12),
         f"{FED_PARAMS['rounds']} rounds x {FED_PARAMS['local_epochs']} local epochs; no "
         "upload, so no compute-only path; whole path: both providers' local steps in-process "
-        "+ signed fl-model/fl-update through Executor; plain: federated.train_plaintext",
+        "+ signed fl-model/fl-update through Executor; plain: reference.plaintext_federated",
         compute_path=False, fed_parts=parts))
     return cases
 

@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from bench import Options, Row
+from teeflow import compute
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.schemas import schema_fingerprint
-from teeflow.executor import compute
 from teeflow.net.executor_client import ExecutorClient, attested_connect
 
 MiB = 2**20

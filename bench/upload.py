@@ -42,13 +42,13 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from bench import Options, Row, median_range
+from teeflow import compute
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, KeySigner, make_tls_identity
 from teeflow.core.schemas import schema_fingerprint
-from teeflow.executor import compute
 from teeflow.files.datasets import BATCH_ROWS
 from teeflow.net.executor_client import ExecutorClient, attested_connect
 

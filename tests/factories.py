@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 
+from teeflow import compute
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
-from teeflow.executor import compute
 
 
 def simulated_policy(measurement: str | None = None) -> dict:

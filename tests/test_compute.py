@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from sklearn.datasets import load_breast_cancer
 
+from teeflow import compute
 from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
-from teeflow.executor import compute
-from teeflow.executor.compute.reference import plaintext_fedavg, plaintext_logistic_regression
+from teeflow.plaintext import plaintext_fedavg, plaintext_logistic_regression
 
 LOGREG = compute.get("logistic_regression")
 FEDAVG = compute.get("model_aggregation")
@@ -68,14 +68,16 @@ def test_registry():
 
 def test_code_digest_covers_shared_code():
     src = Path(compute.__file__).parent
-    assert [Path(p).name for p in LOGREG.sources] == ["logreg.py", "_common.py"]
+    shared = ["columns.py", "metrics.py", "params.py", "rows.py"]
+    assert [Path(p).name for p in LOGREG.sources] == ["logreg.py", *shared]
     assert [Path(p).name for p in compute.get("vertical").sources] == [
-        "vertical.py", "_common.py", "logreg.py", "linreg.py", "xgb.py"
+        "vertical.py", "columns.py", "params.py", "logreg.py", "metrics.py", "rows.py",
+        "linreg.py", "xgb.py"
     ]
     h = hashlib.sha256()
-    for name in ("logreg.py", "_common.py"):
+    for module, name in zip(LOGREG.modules, ("logreg.py", *shared), strict=True):
         data = (src / name).read_bytes()
-        h.update(b"%d:%s%d:" % (len(name), name.encode(), len(data)) + data)
+        h.update(b"%d:%s%d:" % (len(module), module.encode(), len(data)) + data)
     assert LOGREG.code_digest == h.hexdigest()
 
 

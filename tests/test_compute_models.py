@@ -22,10 +22,10 @@ import pytest
 import xgboost
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
+from teeflow import compute
+from teeflow import plaintext as reference
+from teeflow.compute.params import Param, parse_params
 from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
-from teeflow.executor import compute
-from teeflow.executor.compute import reference
-from teeflow.executor.compute._common import Param, parse_params
 
 LOGREG_TOL = 1e-6
 LINREG_REL = 1e-6

@@ -14,8 +14,9 @@ import pyarrow.compute as pc
 import pytest
 from sklearn.datasets import load_diabetes
 
+from teeflow.compute import sql
+from teeflow.compute.sql import session as sql_session
 from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
-from teeflow.executor.compute import sql
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +335,10 @@ def _compressibility(data: bytes) -> float:
 
 
 def test_spill_is_encrypted_and_removed(tmp_path):
-    if sql._httpfs_extension() is None:
+    if sql_session._httpfs_extension() is None:
         pytest.skip("duckdb-extension-httpfs for this DuckDB is not installed")
     big = _marked(1_000_000)
-    session = sql._Session([("big", big)], "32MB", spill=True)
+    session = sql_session._Session([("big", big)], "32MB", spill=True)
     try:
         assert session.spill == "encrypted"
         tempdir = session.tempdir
@@ -367,7 +368,7 @@ def test_spill_is_encrypted_and_removed(tmp_path):
 
 
 def test_query_beyond_memory_limit_spills():
-    if sql._httpfs_extension() is None:
+    if sql_session._httpfs_extension() is None:
         pytest.skip("duckdb-extension-httpfs for this DuckDB is not installed")
     table = _marked(1_000_000).append_column("g", pa.array(np.arange(1_000_000) // 10))
     got = _run([("big", table)], "SELECT g, count(*) AS n, sum(v) AS s FROM big "
@@ -378,8 +379,8 @@ def test_query_beyond_memory_limit_spills():
 
 
 def test_without_encryption_nothing_spills(monkeypatch):
-    monkeypatch.setattr(sql, "_httpfs_extension", lambda: None)
-    session = sql._Session([("big", _marked(1_000_000))], "32MB", spill=True)
+    monkeypatch.setattr(sql_session, "_httpfs_extension", lambda: None)
+    session = sql_session._Session([("big", _marked(1_000_000))], "32MB", spill=True)
     try:
         assert session.spill == "disabled" and session.tempdir is None
         with pytest.raises(duckdb.OutOfMemoryException):

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from teeflow import plaintext as reference
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party, policy_toml
 from teeflow.cli.demo import make_party_data
 from teeflow.core.errors import TaskFailed, UnknownTask
-from teeflow.executor.compute import reference
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
 

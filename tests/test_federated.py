@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_breast_cancer
 
+from teeflow import compute
+from teeflow import plaintext as reference
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
@@ -20,8 +22,6 @@ from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, InputError, StateError
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
-from teeflow.executor import compute
-from teeflow.executor.compute import federated
 from teeflow.executor.server import build
 from teeflow.net.executor_client import attested_connect
 from teeflow.provider.federated import load_xy, take_part
@@ -95,7 +95,7 @@ def test_rounds_equal_plaintext_and_rows_stay_home(executor, parties):
                                        initiator.encryption_private_key(), spec.digest()),
                            "result")["result"]
     data = [load_xy(p, checked) for p in parties]
-    ref = federated.train_plaintext([(x, y) for x, y, _ in data], data[0][2], checked)
+    ref = reference.plaintext_federated([(x, y) for x, y, _ in data], data[0][2], checked)
     assert body["coefficients"].keys() == ref["coefficients"].keys()
     for k, v in ref["coefficients"].items():
         assert body["coefficients"][k] == pytest.approx(v, abs=TOLERANCE)

@@ -124,8 +124,8 @@ def test_computation_that_needs_memory_says_so(tmp_path):
 
 
 def test_aggregation_over_budget_equals_in_memory(tmp_path):
-    from teeflow.executor import compute
-    from teeflow.executor.compute._common import Source
+    from teeflow import compute
+    from teeflow.compute.rows import Source
 
     rng = np.random.default_rng(3)
     names = [f"w{i}" for i in range(5000)]

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 from sklearn.datasets import load_breast_cancer
 
+from teeflow.compute import usercode
 from teeflow.core.errors import ComputeError, ParameterError
 from teeflow.executor import sandbox
-from teeflow.executor.compute import usercode
 
 MEANS = """
 import pyarrow as pa

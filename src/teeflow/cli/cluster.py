@@ -36,7 +36,7 @@ def _toml_str(value: str) -> str:
 def approve_toml(datasets: list[str], receivers: list[str]) -> str:
     """A rule that signs any computation on these datasets whose result goes only to
     these receivers."""
-    from teeflow.executor import compute
+    from teeflow import compute
 
     quote = ", ".join
     return ("\n[[approve]]\n"

@@ -53,7 +53,7 @@ def _read(path: Path) -> pd.DataFrame:
 def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
                     value: dict[str, Any]) -> float | None:
     """Largest absolute difference from the same computation on the concatenated data."""
-    from teeflow.executor.compute import reference
+    from teeflow import plaintext as reference
 
     frames = [_read(p.path) for p in parties]
     if compute == "logistic_regression":
@@ -65,13 +65,12 @@ def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
         diffs = [abs(ref["coefficients"][k] - v) for k, v in value["coefficients"].items()]
         return max(diffs + [abs(ref["intercept"] - value["intercept"])])
     if compute == "federated_logistic_regression":
-        from teeflow.executor import compute as registry
-        from teeflow.executor.compute import federated
+        from teeflow import compute as registry
         from teeflow.provider.federated import load_xy
 
         checked = registry.get(compute).check_params(dict(params))
         parts = [load_xy(p.path, checked) for p in parties]
-        ref = federated.train_plaintext([(x, y) for x, y, _ in parts], parts[0][2], checked)
+        ref = reference.plaintext_federated([(x, y) for x, y, _ in parts], parts[0][2], checked)
         diffs = [abs(ref["coefficients"][k] - v) for k, v in value["coefficients"].items()]
         return max(diffs + [abs(ref["intercept"] - value["intercept"])])
     if compute == "model_aggregation":

@@ -17,10 +17,12 @@ import pyarrow.flight as fl
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from teeflow import compute
 from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.errors import InputError, TeeflowError
+from teeflow.core.schemas import schema_from_b64
 from teeflow.executor.service import Executor, FlRequest, UploadRequest
 from teeflow.net.flight_errors import to_flight
 from teeflow.net.listen import write_port_file
@@ -49,6 +51,7 @@ class ExecutorFlightServer(fl.FlightServerBase):
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
         return [
             ("info", "TEE type and whether it is simulated"),
+            ("catalog", "the computations this executor runs: parameters and code digests"),
             ("certificate", "the executor's TLS certificate (PEM)"),
             ("evidence", "evidence binding the TLS key and the body's nonce"),
             ("challenge", "a single-use value to sign for upload or result"),
@@ -74,6 +77,8 @@ class ExecutorFlightServer(fl.FlightServerBase):
         ex = self.executor
         if kind == "info":
             return _json({"tee": ex.backend.tee, "simulated": ex.simulated})
+        if kind == "catalog":
+            return _json(compute.describe_all())
         if kind == "certificate":
             return [fl.Result(pa.py_buffer(self.cert_pem))]
         if kind == "evidence":
@@ -86,7 +91,12 @@ class ExecutorFlightServer(fl.FlightServerBase):
             if not isinstance(req.get("spec"), dict) or not isinstance(approvals, list) or \
                     not all(isinstance(a, dict) for a in approvals):
                 raise InputError("create-task: needs spec and a list of approvals")
-            ex.create_task(wire.TaskSpec.from_dict(req["spec"]), approvals)
+            schemas = req.get("schemas", {})
+            if not isinstance(schemas, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in schemas.items()):
+                raise InputError("create-task: schemas must map dataset names to schemas")
+            ex.create_task(wire.TaskSpec.from_dict(req["spec"]), approvals,
+                           {k: schema_from_b64(v) for k, v in schemas.items()})
             return _json({"accepted": True})
         if kind == "run":
             return _json({"status": ex.run(_task_id(body))})

@@ -22,8 +22,11 @@ import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from teeflow import compute
 from teeflow.attestation.evidence import NONCE_LEN, Evidence, bind_report_data
 from teeflow.attestation.registry import TeeBackend
+from teeflow.compute import federated
+from teeflow.compute.rows import Source
 from teeflow.core import audit, wire
 from teeflow.core.crypto import verify_signature
 from teeflow.core.errors import (
@@ -37,9 +40,6 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import SUITE_NAME, seal
-from teeflow.executor import compute
-from teeflow.executor.compute import federated
-from teeflow.executor.compute._common import Source
 from teeflow.executor.spill import SealedSpill
 
 log = logging.getLogger("teeflow.executor")
@@ -175,14 +175,27 @@ class Executor:
                            "signature": audit.sign_p256(self._tls_key, payload)})
 
     # -- tasks -------------------------------------------------------------
-    def create_task(self, spec: wire.TaskSpec, approvals: list[dict[str, str]]) -> None:
-        """Accept a task only with every owner's signature on its digest."""
+    def create_task(self, spec: wire.TaskSpec, approvals: list[dict[str, str]],
+                    schemas: dict[str, pa.Schema] | None = None) -> None:
+        """Accept a task only with every owner's signature on its digest. The full checks
+        (the SQL output policy among them) run here, before any data moves: the parameters,
+        and, given the catalogued schemas (each must have the fingerprint the owners signed),
+        the schemas too."""
         comp = compute.get(spec.compute)
         if spec.code_digest != comp.code_digest:
             raise AuthError(f"computation {spec.compute}: the spec names code "
                             f"{spec.code_digest[:16]}, this executor runs "
                             f"{comp.code_digest[:16]}")
         params = comp.check_params(dict(spec.params))
+        if schemas:
+            if sorted(schemas) != sorted(d.name for d in spec.datasets):
+                raise InputError(f"task {spec.task_id}: schemas must be given for every "
+                                 "dataset of the spec, or for none")
+            for ref in spec.datasets:
+                if schema_fingerprint(schemas[ref.name]) != ref.fingerprint:
+                    raise SchemaMismatch(f"dataset {ref.name!r}: the schema given is not the "
+                                         "one its owner signed")
+            comp.check_schemas({d.name: schemas[d.name] for d in spec.datasets}, params)
         body = {"spec_digest": spec.digest()}
         signed = set()
         for approval in approvals:

@@ -23,7 +23,7 @@ from teeflow.attestation.policy import AppraisalPolicy, Verifier, appraise
 from teeflow.attestation.ratls import read_certificate_evidence
 from teeflow.core import wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
-from teeflow.core.errors import InputError, TeeflowError, Unreachable
+from teeflow.core.errors import InputError, PeerError, TeeflowError, Unreachable
 from teeflow.net.flight_errors import from_flight
 
 CALL_TIMEOUT = 30.0
@@ -138,6 +138,17 @@ class ExecutorClient:
         if update is not None:
             body["update"] = update
         return self.action_json(kind, wire.canonical(body))
+
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        """The computations this executor runs, by name, with the digest of their code. Only
+        worth trusting over an attested, pinned channel (``attested_connect``): then it comes
+        from the measured code itself."""
+        listing = self.action_json("catalog")
+        if not isinstance(listing, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("name"), str)
+                and isinstance(c.get("code_digest"), str) for c in listing):
+            raise PeerError("executor catalog: not a list of computations with code digests")
+        return {c["name"]: c for c in listing}
 
     def take_result(self, task_id: str, signer: Signer) -> bytes:
         """The result envelope sealed to `signer`'s identity (a receiver of the task)."""

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teeflow.compute import federated
 from teeflow.core.crypto import Signer
 from teeflow.core.errors import ComputeError, TaskFailed
-from teeflow.executor.compute import federated
 from teeflow.files.datasets import iter_batches, read_schema
 from teeflow.net.executor_client import ExecutorClient
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from teeflow import compute
 from teeflow.attestation.policy import load_policy, satisfies
 from teeflow.attestation.registry import make_verifiers
 from teeflow.core import audit, wire
@@ -30,7 +31,6 @@ from teeflow.core.errors import (
     Unreachable,
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
-from teeflow.executor import compute
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
@@ -170,7 +170,7 @@ class Provider:
                 comp = compute.get(spec.compute)
                 if comp.layout == "federated":  # rows stay here; only updates leave
                     receipt = take_part(client, task_id, name, dataset.path,
-                                        comp.check_params(dict(spec.params)), self.identity)
+                                        comp.precheck(dict(spec.params)), self.identity)
                 else:
                     receipt = client.upload(task_id, name, self.identity,
                                             read_schema(dataset.path),

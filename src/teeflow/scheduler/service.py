@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from teeflow import compute
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core import audit, wire
 from teeflow.core.crypto import check_encryption_key, check_public_key, verify_signature
@@ -25,7 +26,6 @@ from teeflow.core.errors import (
     Unreachable,
 )
 from teeflow.core.schemas import schema_from_b64
-from teeflow.executor import compute
 from teeflow.net.executor_client import ExecutorClient, parse_address
 from teeflow.scheduler.store import Store, Task
 
@@ -92,7 +92,7 @@ class Scheduler:
         except ConfigError as exc:
             raise InputError(str(exc)) from exc
         comp = compute.get(spec.compute)
-        checked = comp.check_params(dict(spec.params))
+        comp.precheck(dict(spec.params))  # the executor runs the full checks
         schemas = {}
         for ref in spec.datasets:
             entry = self.store.dataset(ref.name)
@@ -101,7 +101,7 @@ class Scheduler:
                 raise InputError(f"dataset {ref.name!r}: the spec's owner or schema is not "
                                  "the catalogued one")
             schemas[ref.name] = schema_from_b64(entry["schema_b64"])
-        comp.check_schemas(schemas, checked)
+        comp.precheck(dict(spec.params), schemas)
         executor = str(body.get("executor") or "") or self._pick_executor(policy)
         parse_address(executor)
         self.store.create_task(spec.to_dict(), digest, executor, signature)
@@ -142,8 +142,12 @@ class Scheduler:
         try:
             link = self._connect(task.executor)
             try:
-                link.action("create-task", wire.canonical({"spec": task.spec,
-                                                           "approvals": approvals}))
+                link.action("create-task", wire.canonical({
+                    "spec": task.spec, "approvals": approvals,
+                    # catalogued schemas, so the executor checks the task fully before any
+                    # data moves (it checks each against the fingerprint its owner signed)
+                    "schemas": {d["name"]: self.store.dataset(d["name"])["schema_b64"]
+                                for d in task.spec["datasets"]}}))
             finally:
                 link.close()
         except TeeflowError as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teeflow import compute
 from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.evidence import Claims
 from teeflow.attestation.policy import AppraisalPolicy
@@ -30,7 +31,6 @@ from teeflow.core import audit, wire
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.seal import open_sealed
-from teeflow.executor import compute
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
@@ -61,6 +61,16 @@ class Result:
                     items.append(("intercept", self.value["intercept"]))
                 return pd.DataFrame(items, columns=["name", "value"])
         return pd.json_normalize(self.value)
+
+
+def _param_text(value: Any) -> str:
+    """A parameter as the string the spec carries: lists and tuples of names comma-joined
+    (``features=["age", "bmi"]`` is ``"age,bmi"``), booleans lower-case."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 class Client:
@@ -99,7 +109,11 @@ class Client:
     def build_spec(self, datasets: Sequence[str], compute_name: str,
                    params: dict[str, Any] | None = None,
                    receivers: Sequence[wire.Receiver] | None = None,
-                   policy: AppraisalPolicy | None = None) -> wire.TaskSpec:
+                   policy: AppraisalPolicy | None = None,
+                   code_digest: str = "") -> wire.TaskSpec:
+        """The spec to sign. ``code_digest`` is the one the chosen executor published for
+        ``compute_name`` (see ``executor_catalog``); the parameters and the catalogued
+        schemas are checked here first, as far as the catalog can without the engine."""
         catalog = {d["name"]: d for d in self.scheduler.datasets()}
         refs = []
         for name in datasets:
@@ -108,23 +122,57 @@ class Client:
             d = catalog[name]
             refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"]))
         comp = compute.get(compute_name)
+        raw = {k: _param_text(v) for k, v in (params or {}).items()}
+        comp.precheck(raw)
         me = wire.Receiver(self.identity.public_key(), self.identity.encryption_public_key())
         return wire.TaskSpec(
-            task_id=secrets.token_hex(8), compute=comp.name, code_digest=comp.code_digest,
-            params={k: str(v) for k, v in (params or {}).items()}, datasets=tuple(refs),
+            task_id=secrets.token_hex(8), compute=comp.name, code_digest=code_digest,
+            params=raw, datasets=tuple(refs),
             executor_policy=self._policy(policy).to_dict(),
             receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key())
+
+    def executor_catalog(self, executor: str,
+                         policy: AppraisalPolicy | None = None) -> dict[str, dict[str, Any]]:
+        """The computations an executor runs, with their code digests, read over a channel
+        pinned to the key its evidence binds, after appraising it with your policy."""
+        client, _ = attested_connect(executor, self._policy(policy), self.verifiers)
+        with client:
+            return client.catalog()
+
+    def choose_executor(self, policy: AppraisalPolicy | None = None) -> str:
+        """The first registered executor that your policy accepts when you appraise it now
+        (a dead or refused one is skipped)."""
+        reasons = []
+        for ex in self.scheduler.executors():
+            try:
+                client, _ = attested_connect(ex["address"], self._policy(policy),
+                                             self.verifiers)
+            except TeeflowError as exc:
+                reasons.append(f"{ex['address']}: {exc}")
+                continue
+            client.close()
+            return str(ex["address"])
+        detail = "; ".join(reasons) if reasons else "none is registered"
+        raise InputError(f"no registered executor satisfies your policy ({detail})")
 
     def submit(self, datasets: Sequence[str], executor: str | None, compute: str,
                params: dict[str, Any] | None = None,
                receivers: Sequence[wire.Receiver] | None = None) -> dict[str, Any]:
-        """Sign and submit a task; owners then approve it. `executor=None`: the scheduler
-        picks a registered one that the task's executor policy accepts."""
-        spec = self.build_spec(datasets, compute, params, receivers)
+        """Sign and submit a task; owners then approve it. `executor=None`: the first
+        registered executor your policy accepts, appraised by you now. The spec names the
+        code digest that executor publishes over its attested channel."""
+        address = executor or self.choose_executor()
+        catalog = self.executor_catalog(address)
+        if compute not in catalog:
+            known = ", ".join(sorted(catalog))
+            raise InputError(f"computation {compute!r}: executor {address} does not run it "
+                             f"(it runs: {known})")
+        spec = self.build_spec(datasets, compute, params, receivers,
+                               code_digest=catalog[compute]["code_digest"])
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
         signature = base64.b64encode(self.identity.sign(payload)).decode()
-        return self.scheduler.submit(spec.to_dict(), signature, executor)
+        return self.scheduler.submit(spec.to_dict(), signature, address)
 
     def tasks(self) -> list[dict[str, Any]]:
         return self.scheduler.tasks()

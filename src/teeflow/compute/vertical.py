@@ -24,9 +24,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teeflow.compute import linreg, logreg, xgb
+from teeflow.compute.columns import columns_of, is_string
+from teeflow.compute.params import Param, parse_params
+from teeflow.compute.rows import Rows
 from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
-from teeflow.executor.compute import _common, linreg, logreg, xgb
-from teeflow.executor.compute._common import Param, Rows
 
 NAME = "vertical"
 DESCRIPTION = (
@@ -38,7 +40,13 @@ LAYOUT = "columns"
 MIN_DATASETS = 2
 
 MODELS: dict[str, ModuleType] = {m.NAME: m for m in (logreg, linreg, xgb)}
-USES = (_common, logreg, linreg, xgb)
+USES = (
+    "teeflow.compute.columns",
+    "teeflow.compute.params",
+    "teeflow.compute.logreg",
+    "teeflow.compute.linreg",
+    "teeflow.compute.xgb",
+)
 
 PARAMS = (
     Param("id", "str", required=True, help="the ID column present in every dataset"),
@@ -52,7 +60,7 @@ def check_params(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParameterError(f"{NAME}: parameters must be a mapping of names to strings")
     own = {p.name for p in PARAMS}
-    checked = _common.parse_params(NAME, PARAMS, {k: v for k, v in raw.items() if k in own})
+    checked = parse_params(NAME, PARAMS, {k: v for k, v in raw.items() if k in own})
     model = MODELS[checked["model"]]
     model_params = model.check_params({k: v for k, v in raw.items() if k not in own})
     id_col = checked["id"]
@@ -75,7 +83,7 @@ def _joined_columns(
     schemas: dict[str, pa.Schema], id_col: str
 ) -> tuple[dict[str, pa.DataType], dict[str, str]]:
     """(column → type, column → dataset) of the joined table, ID excluded, in dataset order."""
-    cols = {ds: _common.columns_of(ds, schema) for ds, schema in schemas.items()}
+    cols = {ds: columns_of(ds, schema) for ds, schema in schemas.items()}
     if all(id_col not in c for c in cols.values()):
         raise ParameterError(
             f"parameter 'id': no column {id_col!r} in any dataset "
@@ -88,7 +96,7 @@ def _joined_columns(
         if id_col not in c:
             raise SchemaMismatch(f"dataset {ds!r}: missing the id column {id_col!r}")
         t = c[id_col]
-        if not (pa.types.is_integer(t) or _common.is_string(t)):
+        if not (pa.types.is_integer(t) or is_string(t)):
             raise SchemaMismatch(
                 f"dataset {ds!r}: id column {id_col!r} has type {t}; need integer or string"
             )

@@ -18,9 +18,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teeflow.compute.columns import (
+    check_label_and_features,
+    columns_of,
+    is_numeric,
+    resolve_features,
+    same_schema,
+)
+from teeflow.compute.params import (
+    FEATURES,
+    LABEL,
+    Param,
+    check_label_not_feature,
+    make_check_params,
+)
 from teeflow.core.errors import ComputeError
-from teeflow.executor.compute import _common
-from teeflow.executor.compute._common import FEATURES, LABEL, Param
 
 NAME = "federated_logistic_regression"
 DESCRIPTION = (
@@ -29,7 +41,10 @@ DESCRIPTION = (
 )
 LAYOUT = "federated"
 MIN_DATASETS = 1
-USES = (_common,)
+USES = (
+    "teeflow.compute.columns",
+    "teeflow.compute.params",
+)
 PARAMS = (
     LABEL,
     FEATURES,
@@ -41,19 +56,19 @@ PARAMS = (
 )
 MAX_FEATURES = 10_000
 
-check_params = _common.make_check_params(NAME, PARAMS, _common.check_label_not_feature)
+check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
-    cols, owner = _common.same_schema(NAME, schemas, params)
-    _common.check_label_and_features(cols, owner, params, _common.is_numeric,
+    cols, owner = same_schema(NAME, schemas, params)
+    check_label_and_features(cols, owner, params, is_numeric,
                                      "a numeric 0/1 label")
 
 
 def features_for(schema: pa.Schema, params: dict[str, Any]) -> list[str]:
     """The model's features for a dataset schema (same rule on every party)."""
     check_schemas({"local": schema}, params)
-    return _common.resolve_features(_common.columns_of("local", schema), params)
+    return resolve_features(columns_of("local", schema), params)
 
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
@@ -114,16 +129,3 @@ def result(features: list[str], weights: np.ndarray, history: list[dict[str, Any
     return {"coefficients": {f: float(w) for f, w in zip(features, weights[:-1], strict=True)},
             "intercept": float(weights[-1]), "features": features,
             "rounds": params["rounds"], "n_samples": n_samples, "history": history}
-
-
-def train_plaintext(parts: list[tuple[np.ndarray, np.ndarray]], features: list[str],
-                    params: dict[str, Any]) -> dict[str, Any]:
-    """The same rounds in one process, for checking the federated run."""
-    weights = np.zeros(len(features) + 1)
-    history = []
-    for r in range(params["rounds"]):
-        updates = [(*local_update(x, y, weights, params), x.shape[0]) for x, y in parts]
-        weights, loss = aggregate([(w, n, loss) for w, loss, n in updates])
-        history.append({"round": r, "loss": loss})
-    return result(features, weights, history, sum(x.shape[0] for x, _ in parts), params)
-

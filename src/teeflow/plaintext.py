@@ -1,6 +1,8 @@
 """Plaintext reference versions of the computations, for tests and the demo.
 
-These deliberately share no code with the executor's computations: they take pandas
+Not part of any computation's code digest: nothing here runs in the executor. Apart from the
+federated rounds (which replay the providers' own local step), these share no code with the
+computations: they take pandas
 DataFrames holding all rows in one process and do the straightforward thing (scikit-learn,
 pandas merge, xgboost on a numpy array), so comparing the two is meaningful. The held-out split
 follows the same written rule: the test rows are the first ceil(test_fraction * n) of
@@ -22,6 +24,8 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
+
+from teeflow.compute import federated
 
 
 def _py(value: Any) -> Any:
@@ -210,3 +214,16 @@ def plaintext_fedavg(frames: list[pd.DataFrame]) -> dict[str, Any]:
         "n_samples": sum(counts),
         "parties": len(frames),
     }
+
+
+def plaintext_federated(parts: list[tuple[np.ndarray, np.ndarray]], features: list[str],
+                    params: dict[str, Any]) -> dict[str, Any]:
+    """The same rounds in one process, for checking the federated run."""
+    weights = np.zeros(len(features) + 1)
+    history = []
+    for r in range(params["rounds"]):
+        updates = [(*federated.local_update(x, y, weights, params), x.shape[0]) for x, y in parts]
+        weights, loss = federated.aggregate([(w, n, loss) for w, loss, n in updates])
+        history.append({"round": r, "loss": loss})
+    return federated.result(features, weights, history, sum(x.shape[0] for x, _ in parts), params)
+

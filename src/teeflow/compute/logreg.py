@@ -10,7 +10,7 @@ Parameters (all strings on the wire):
 - ``C`` (float > 0, default 1.0): inverse regularisation strength, as in scikit-learn.
 - ``max_iter`` (int, 1..100000, default 1000): L-BFGS iteration limit.
 - ``test_fraction`` (0 <= f < 1, default 0) and ``seed`` (default 0): held-out split, see
-  ``_common.split``.
+  ``split``.
 
 The result carries the fitted coefficients and intercept, and accuracy, log loss and ROC AUC
 on the training rows (``metrics``) and on the held-out rows (``test_metrics``, when
@@ -25,12 +25,33 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
+from teeflow.compute.columns import (
+    check_label_and_features,
+    is_class_label,
+    is_numeric,
+    same_schema,
+)
+from teeflow.compute.metrics import classification_metrics, with_metrics
+from teeflow.compute.params import (
+    FEATURES,
+    LABEL,
+    SEED,
+    TEST_FRACTION,
+    Param,
+    check_label_not_feature,
+    make_check_params,
+)
+from teeflow.compute.rows import (
+    Rows,
+    Source,
+    binary_label,
+    feature_matrix,
+    gather_rows,
+    split,
+    stream_xy,
+)
 from teeflow.core.errors import ComputeError
-from teeflow.executor.compute import _common
-from teeflow.executor.compute._common import FEATURES, LABEL, SEED, TEST_FRACTION, Param, Rows
 
 NAME = "logistic_regression"
 DESCRIPTION = (
@@ -39,7 +60,12 @@ DESCRIPTION = (
 )
 LAYOUT = "rows"
 MIN_DATASETS = 1
-USES = (_common,)
+USES = (
+    "teeflow.compute.columns",
+    "teeflow.compute.metrics",
+    "teeflow.compute.params",
+    "teeflow.compute.rows",
+)
 
 PARAMS = (
     LABEL,
@@ -52,31 +78,34 @@ PARAMS = (
 )
 _TOL = 1e-10
 
-check_params = _common.make_check_params(NAME, PARAMS, _common.check_label_not_feature)
+check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 
 def check_columns(
     cols: dict[str, pa.DataType], owner: dict[str, str], params: dict[str, Any]
 ) -> list[str]:
     """Check the combined columns against the params; returns the features."""
-    return _common.check_label_and_features(
-        cols, owner, params, _common.is_class_label,
+    return check_label_and_features(
+        cols, owner, params, is_class_label,
         "an integer, floating, boolean or string column",
     )
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
     """Check the datasets' schemas against each other and the (checked) params."""
-    check_columns(*_common.same_schema(NAME, schemas, params), params)
+    check_columns(*same_schema(NAME, schemas, params), params)
 
 
 def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
     """Train on ``rows`` (already combined); ``params['features']`` must be resolved."""
+    from sklearn.exceptions import ConvergenceWarning  # heavy: only inside the executor
+    from sklearn.linear_model import LogisticRegression
+
     features = list(params["features"])
     n = rows.table.num_rows
-    train, test = _common.split(n, params["test_fraction"], params["seed"])
-    y, classes = _common.binary_label(rows, params["label"])
-    x = _common.feature_matrix(rows, features)
+    train, test = split(n, params["test_fraction"], params["seed"])
+    y, classes = binary_label(rows, params["label"])
+    x = feature_matrix(rows, features)
 
     model = LogisticRegression(
         C=params["C"], solver="lbfgs", tol=_TOL, max_iter=params["max_iter"]
@@ -99,44 +128,44 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
         "n_iter": n_iter,
         "converged": n_iter < params["max_iter"],
     }
-    return _common.with_metrics(
-        result, n, train, test, lambda idx: _common.classification_metrics(y[idx], p[idx])
+    return with_metrics(
+        result, n, train, test, lambda idx: classification_metrics(y[idx], p[idx])
     )
 
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
-    cols, owner = _common.same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
+    cols, owner = same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
     features = check_columns(cols, owner, params)
-    rows = _common.gather_rows(inputs, [params["label"], *features])
+    rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
     return fit(rows, {**params, "features": features})
 
 
-def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
     """The same model for inputs larger than memory: L-BFGS on the same objective
     (sum of log losses + ||w||^2 / (2C), intercept unpenalised), each step one streamed
     pass over the rows. Agrees with the in-memory fit to the solver's tolerance; only a
     numeric two-valued label is supported here."""
     from scipy.optimize import minimize
 
-    cols, owner = _common.same_schema(NAME, {s.name: s.schema for s in sources}, params)
+    cols, owner = same_schema(NAME, {s.name: s.schema for s in sources}, params)
     features = check_columns(cols, owner, params)
-    if not _common.is_numeric(cols[params["label"]]):
+    if not is_numeric(cols[params["label"]]):
         raise ComputeError(f"{NAME}: a label streamed from disk must be numeric")
     label = params["label"]
     n = sum(s.rows for s in sources)
     if n == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
     values: set[float] = set()
-    for _, _, y in _common.stream_xy(sources, features, label):
+    for _, _, y in stream_xy(sources, features, label):
         values.update(np.unique(y).tolist())
         if len(values) > 2:
             break
     if len(values) != 2:
         raise ComputeError(f"{NAME}: label {label!r} must have exactly two values")
     low, high = sorted(values)
-    train, test = _common.split(n, params["test_fraction"], params["seed"])
+    train, test = split(n, params["test_fraction"], params["seed"])
     is_train = np.zeros(n, dtype=bool)
     is_train[train] = True
     c, p = params["C"], len(features)
@@ -145,7 +174,7 @@ def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[st
         w, b = wb[:p], wb[p]
         loss, grad = 0.5 * float(w @ w) / c, np.zeros(p + 1)
         grad[:p] = w / c
-        for offset, x, y in _common.stream_xy(sources, features, label):
+        for offset, x, y in stream_xy(sources, features, label):
             keep = is_train[offset : offset + len(y)]
             x, t = x[keep], (y[keep] == high).astype(np.float64)
             z = x @ w + b
@@ -159,7 +188,7 @@ def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[st
                       options={"maxiter": params["max_iter"], "gtol": 1e-8, "ftol": 1e-15})
     w, b = solved.x[:p], float(solved.x[p])
     prob, truth = np.empty(n), np.empty(n, dtype=np.int8)
-    for offset, x, y in _common.stream_xy(sources, features, label):
+    for offset, x, y in stream_xy(sources, features, label):
         prob[offset : offset + len(y)] = 0.5 * (1.0 + np.tanh(0.5 * (x @ w + b)))
         truth[offset : offset + len(y)] = y == high
     result: dict[str, Any] = {
@@ -171,8 +200,8 @@ def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[st
         "converged": bool(solved.success),
         "streamed": True,
     }
-    return _common.with_metrics(
-        result, n, train, test, lambda idx: _common.classification_metrics(truth[idx], prob[idx])
+    return with_metrics(
+        result, n, train, test, lambda idx: classification_metrics(truth[idx], prob[idx])
     )
 
 

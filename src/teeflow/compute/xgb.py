@@ -14,7 +14,7 @@ Parameters (all strings on the wire):
   ``eta`` (0 < eta <= 1, default 0.3), ``subsample`` (0 < s <= 1, default 1),
   ``min_child_weight`` (>= 0, default 1), ``reg_lambda`` (L2 on leaf weights, >= 0, default 1).
 - ``test_fraction`` (0 <= f < 1, default 0) and ``seed`` (default 0): held-out split, see
-  ``_common.split``; ``seed`` also seeds XGBoost.
+  ``split``; ``seed`` also seeds XGBoost.
 
 Training uses the ``hist`` tree method on one thread, so the same rows and parameters give the
 same model. The result is ``model``, the booster in XGBoost's JSON format
@@ -31,9 +31,31 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teeflow.compute.columns import (
+    check_label_and_features,
+    is_class_label,
+    is_numeric,
+    same_schema,
+)
+from teeflow.compute.metrics import classification_metrics, regression_metrics, with_metrics
+from teeflow.compute.params import (
+    FEATURES,
+    LABEL,
+    SEED,
+    TEST_FRACTION,
+    Param,
+    check_label_not_feature,
+    make_check_params,
+)
+from teeflow.compute.rows import (
+    Rows,
+    binary_label,
+    column_vector,
+    feature_matrix,
+    gather_rows,
+    split,
+)
 from teeflow.core.errors import ComputeError
-from teeflow.executor.compute import _common
-from teeflow.executor.compute._common import FEATURES, LABEL, SEED, TEST_FRACTION, Param, Rows
 
 NAME = "xgboost"
 DESCRIPTION = (
@@ -43,7 +65,12 @@ DESCRIPTION = (
 )
 LAYOUT = "rows"
 MIN_DATASETS = 1
-USES = (_common,)
+USES = (
+    "teeflow.compute.columns",
+    "teeflow.compute.metrics",
+    "teeflow.compute.params",
+    "teeflow.compute.rows",
+)
 
 OBJECTIVES = ("binary:logistic", "reg:squarederror")
 PARAMS = (
@@ -63,7 +90,7 @@ PARAMS = (
     SEED,
 )
 
-check_params = _common.make_check_params(NAME, PARAMS, _common.check_label_not_feature)
+check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 
 def check_columns(
@@ -71,18 +98,18 @@ def check_columns(
 ) -> list[str]:
     """Check the combined columns against the params; returns the features."""
     if params["objective"] == "binary:logistic":
-        return _common.check_label_and_features(
-            cols, owner, params, _common.is_class_label,
+        return check_label_and_features(
+            cols, owner, params, is_class_label,
             "an integer, floating, boolean or string column",
         )
-    return _common.check_label_and_features(
-        cols, owner, params, _common.is_numeric, "an integer or floating column"
+    return check_label_and_features(
+        cols, owner, params, is_numeric, "an integer or floating column"
     )
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
     """Check the datasets' schemas against each other and the (checked) params."""
-    check_columns(*_common.same_schema(NAME, schemas, params), params)
+    check_columns(*same_schema(NAME, schemas, params), params)
 
 
 def booster_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -110,15 +137,15 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
 
     features = list(params["features"])
     n = rows.table.num_rows
-    train, test = _common.split(n, params["test_fraction"], params["seed"])
+    train, test = split(n, params["test_fraction"], params["seed"])
     binary = params["objective"] == "binary:logistic"
     result: dict[str, Any] = {}
     if binary:
-        y, classes = _common.binary_label(rows, params["label"])
+        y, classes = binary_label(rows, params["label"])
         result["classes"] = classes
     else:
-        y = _common.column_vector(rows, params["label"], "label")
-    x = _common.feature_matrix(rows, features)
+        y = column_vector(rows, params["label"], "label")
+    x = feature_matrix(rows, features)
 
     try:
         dtrain = xgboost.DMatrix(x[train], label=y[train], nthread=1)
@@ -133,12 +160,12 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
 
     if binary:
         def metric(idx: np.ndarray) -> dict[str, float]:
-            return _common.classification_metrics(y[idx], pred[idx])
+            return classification_metrics(y[idx], pred[idx])
     else:
         def metric(idx: np.ndarray) -> dict[str, float]:
             r = y[idx] - pred[idx]
             d = y[idx] - y[idx].mean()
-            return _common.regression_metrics(float(r @ r), float(d @ d), len(idx))
+            return regression_metrics(float(r @ r), float(d @ d), len(idx))
 
     result.update(
         model=model,
@@ -146,13 +173,13 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
         objective=params["objective"],
         n_estimators=params["n_estimators"],
     )
-    return _common.with_metrics(result, n, train, test, metric)
+    return with_metrics(result, n, train, test, metric)
 
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
-    cols, owner = _common.same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
+    cols, owner = same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
     features = check_columns(cols, owner, params)
-    rows = _common.gather_rows(inputs, [params["label"], *features])
+    rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
     return fit(rows, {**params, "features": features})

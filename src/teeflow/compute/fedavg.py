@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teeflow.compute.params import Param, make_check_params
+from teeflow.compute.rows import Source
 from teeflow.core.errors import ComputeError, SchemaMismatch
-from teeflow.executor.compute import _common
 
 NAME = "model_aggregation"
 DESCRIPTION = (
@@ -38,10 +39,13 @@ _COLUMNS: dict[str, tuple[str, Any]] = {
 
 LAYOUT = "rows"
 MIN_DATASETS = 1
-USES = (_common,)
-PARAMS: tuple[_common.Param, ...] = ()
+USES = (
+    "teeflow.compute.params",
+    "teeflow.compute.rows",
+)
+PARAMS: tuple[Param, ...] = ()
 
-check_params = _common.make_check_params(NAME, PARAMS)
+check_params = make_check_params(NAME, PARAMS)
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
@@ -121,7 +125,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     }
 
 
-def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
     """The same average with one party's table in memory at a time (plus the running sums),
     for when all parties together exceed the executor's budget."""
     check_schemas({s.name: s.schema for s in sources}, params)

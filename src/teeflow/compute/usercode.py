@@ -31,9 +31,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from teeflow.compute.params import Param, parse_params
 from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
-from teeflow.executor import sandbox
-from teeflow.executor.compute import _common
 
 NAME = "user_code"
 DESCRIPTION = (
@@ -43,26 +42,29 @@ DESCRIPTION = (
 )
 LAYOUT = "any"
 MIN_DATASETS = 1
-USES = (_common, sandbox)
+USES = (
+    "teeflow.compute.params",
+    "teeflow.executor.sandbox",
+)
 
-MAX_CODE_BYTES = sandbox.MAX_CODE_BYTES
+MAX_CODE_BYTES = 256 << 10  # the sandbox frame limit; tests check the two agree
 MAX_CELLS = 5_000_000
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
-PARAMS: tuple[_common.Param, ...] = (
-    _common.Param(
+PARAMS: tuple[Param, ...] = (
+    Param(
         "code_sha256", "str", required=True,
         help="SHA-256 (hex) of the code's UTF-8 text, as signed by the owners",
     ),
-    _common.Param(
+    Param(
         "code", "str", required=True,
         help=f"the Python source defining run(tables), at most {MAX_CODE_BYTES} bytes",
     ),
-    _common.Param(
+    Param(
         "cpu_seconds", "int", default=60, low=1, high=3600,
         help="CPU time the code may use; it is stopped at the limit",
     ),
-    _common.Param(
+    Param(
         "memory_mb", "int", default=2048, low=64, high=1 << 20,
         help="memory (MiB) the code's process may allocate, inputs included",
     ),
@@ -94,7 +96,7 @@ def check_params(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParameterError(f"{NAME}: parameters must be a mapping of names to strings")
     digest = verify_digest(raw.get("code"), raw.get("code_sha256"))  # before anything else
-    checked = _common.parse_params(NAME, PARAMS, raw)
+    checked = parse_params(NAME, PARAMS, raw)
     checked["code"] = raw["code"]  # the exact text the digest covers, not a stripped copy
     checked["code_sha256"] = digest
     try:
@@ -117,6 +119,8 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     code = params["code"]
     digest = verify_digest(code, params["code_sha256"])
     check_schemas({ds: t.schema for ds, t in inputs}, params)
+    from teeflow.executor import sandbox  # the child process: only inside the executor
+
     limits = sandbox.Limits(
         cpu_seconds=int(params.get("cpu_seconds", 60)),
         memory_mb=int(params.get("memory_mb", 2048)),

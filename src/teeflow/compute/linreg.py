@@ -9,7 +9,7 @@ Parameters (all strings on the wire):
 - ``alpha`` (float >= 0, default 0): ridge penalty ``alpha * ||w||^2`` on the coefficients, not
   on the intercept (as scikit-learn's Ridge); 0 is ordinary least squares.
 - ``test_fraction`` (0 <= f < 1, default 0) and ``seed`` (default 0): held-out split, see
-  ``_common.split``.
+  ``split``.
 
 The fit never holds more than one record batch as a matrix: one pass over the batches merges
 each batch's means and centered cross-products (X'X, X'y, y'y) into running totals (Chan et
@@ -26,9 +26,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teeflow.compute.columns import check_label_and_features, is_numeric, same_schema
+from teeflow.compute.metrics import regression_metrics
+from teeflow.compute.params import (
+    FEATURES,
+    LABEL,
+    SEED,
+    TEST_FRACTION,
+    Param,
+    check_label_not_feature,
+    make_check_params,
+)
+from teeflow.compute.rows import (
+    Rows,
+    Source,
+    column_vector,
+    feature_matrix,
+    gather_rows,
+    split,
+    stream_xy,
+)
 from teeflow.core.errors import ComputeError
-from teeflow.executor.compute import _common
-from teeflow.executor.compute._common import FEATURES, LABEL, SEED, TEST_FRACTION, Param, Rows
 
 NAME = "linear_regression"
 DESCRIPTION = (
@@ -37,7 +55,12 @@ DESCRIPTION = (
 )
 LAYOUT = "rows"
 MIN_DATASETS = 1
-USES = (_common,)
+USES = (
+    "teeflow.compute.columns",
+    "teeflow.compute.metrics",
+    "teeflow.compute.params",
+    "teeflow.compute.rows",
+)
 
 PARAMS = (
     LABEL,
@@ -48,21 +71,21 @@ PARAMS = (
     SEED,
 )
 
-check_params = _common.make_check_params(NAME, PARAMS, _common.check_label_not_feature)
+check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 
 def check_columns(
     cols: dict[str, pa.DataType], owner: dict[str, str], params: dict[str, Any]
 ) -> list[str]:
     """Check the combined columns against the params; returns the features."""
-    return _common.check_label_and_features(
-        cols, owner, params, _common.is_numeric, "an integer or floating column"
+    return check_label_and_features(
+        cols, owner, params, is_numeric, "an integer or floating column"
     )
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
     """Check the datasets' schemas against each other and the (checked) params."""
-    check_columns(*_common.same_schema(NAME, schemas, params), params)
+    check_columns(*same_schema(NAME, schemas, params), params)
 
 
 class _Moments:
@@ -103,8 +126,8 @@ def _batches(rows: Rows, params: dict[str, Any]):
     for batch in rows.table.to_batches():
         if batch.num_rows == 0:
             continue
-        x = _common.feature_matrix(rows, params["features"], offset, batch)
-        y = _common.column_vector(rows, params["label"], "label", offset, batch)
+        x = feature_matrix(rows, params["features"], offset, batch)
+        y = column_vector(rows, params["label"], "label", offset, batch)
         yield offset, x, y
         offset += batch.num_rows
 
@@ -114,14 +137,14 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
     return _fit(lambda: _batches(rows, params), rows.table.num_rows, params)
 
 
-def run_stream(sources: list[_common.Source], params: dict[str, Any]) -> dict[str, Any]:
+def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
     """The same model in two streamed passes, for inputs larger than memory."""
-    cols, owner = _common.same_schema(NAME, {s.name: s.schema for s in sources}, params)
+    cols, owner = same_schema(NAME, {s.name: s.schema for s in sources}, params)
     features = check_columns(cols, owner, params)
     n = sum(s.rows for s in sources)
     if n == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
-    return _fit(lambda: _common.stream_xy(sources, features, params["label"]), n,
+    return _fit(lambda: stream_xy(sources, features, params["label"]), n,
                 {**params, "features": features})
 
 
@@ -129,7 +152,7 @@ def _fit(passes, n: int, params: dict[str, Any]) -> dict[str, Any]:
     """Normal equations from one pass over `passes()`, residuals from a second."""
     features = list(params["features"])
     p = len(features)
-    train, test = _common.split(n, params["test_fraction"], params["seed"])
+    train, test = split(n, params["test_fraction"], params["seed"])
     is_test = np.zeros(n, dtype=bool)
     is_test[test] = True
 
@@ -160,7 +183,7 @@ def _fit(passes, n: int, params: dict[str, Any]) -> dict[str, Any]:
         sse["train"] += float(r[~t] @ r[~t])
 
     def metric(part: str) -> dict[str, float]:
-        return _common.regression_metrics(sse[part], moments[part].cyy, moments[part].n)
+        return regression_metrics(sse[part], moments[part].cyy, moments[part].n)
 
     result = {
         "coefficients": {f: float(v) for f, v in zip(features, w, strict=True)},
@@ -179,9 +202,9 @@ def _fit(passes, n: int, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
-    cols, owner = _common.same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
+    cols, owner = same_schema(NAME, {ds: t.schema for ds, t in inputs}, params)
     features = check_columns(cols, owner, params)
-    rows = _common.gather_rows(inputs, [params["label"], *features])
+    rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
         raise ComputeError(f"{NAME}: the datasets have no rows")
     return fit(rows, {**params, "features": features})

@@ -1,0 +1,162 @@
+"""Rows a computation runs on, inside the executor: streamed inputs, the union of the parties'
+rows with their provenance (for errors that name a dataset, never a value), and the held-out
+split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from teeflow.core.errors import ComputeError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input, streamed: each call of `batches()` is a fresh pass over its rows in order.
+    What a computation gets when the input did not fit the executor's memory budget."""
+
+    name: str
+    schema: pa.Schema
+    rows: int
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+
+    @classmethod
+    def of_table(cls, name: str, table: pa.Table) -> Source:
+        return cls(name, table.schema, table.num_rows, lambda: iter(table.to_batches()))
+
+
+def stream_xy(sources: list[Source], features: list[str], label: str
+              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, x, y) per batch over all sources in order, float64, refusing nulls,
+    NaN and infinity (naming the dataset, never a value)."""
+    offset = 0
+    for src in sources:
+        for batch in src.batches():
+            if batch.num_rows == 0:
+                continue
+            cols = []
+            for name in [*features, label]:
+                col = batch.column(name)
+                if col.null_count:
+                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has null values")
+                values = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+                if not np.isfinite(values).all():
+                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has a "
+                                       "non-finite value (NaN or infinity)")
+                cols.append(values)
+            yield offset, np.column_stack(cols[:-1]), cols[-1]
+            offset += batch.num_rows
+
+
+
+@dataclass
+class Rows:
+    """The rows a model trains on, with enough bookkeeping to name the dataset in errors.
+
+    Rows layout: ``spans`` gives each dataset's range of rows in ``table``. Columns layout
+    (a join): ``owner`` names the dataset of each column, and rows have no meaningful position.
+    """
+
+    table: pa.Table
+    spans: list[tuple[str, int, int]] | None = None
+    owner: dict[str, str] = field(default_factory=dict)
+
+    def where(self, column: str, row: int) -> tuple[str, str]:
+        """("dataset '...'", position text) for a bad value of ``column`` at ``row``."""
+        if self.spans is not None:
+            ds, start = next((ds, s) for ds, s, e in self.spans if s <= row < e)
+            return f"dataset {ds!r}", f"at row {row - start}"
+        return f"dataset {self.owner.get(column, '?')!r}", "in the joined rows"
+
+
+def gather_rows(inputs: list[tuple[str, pa.Table]], columns: list[str]) -> Rows:
+    """The union of the datasets' rows over ``columns`` (zero-copy where the types agree),
+    refusing nulls. Types follow the first dataset; nullability and metadata are dropped."""
+    first = inputs[0][1].schema
+    common = pa.schema([pa.field(n, first.field(n).type) for n in columns])
+    parts = []
+    spans: list[tuple[str, int, int]] = []
+    start = 0
+    for ds, table in inputs:
+        part = table.select(columns)
+        for name in columns:
+            nulls = part[name].null_count
+            if nulls:
+                raise ComputeError(f"dataset {ds!r}: column {name!r} has {nulls} null value(s)")
+        parts.append(part.cast(common))
+        spans.append((ds, start, start + part.num_rows))
+        start += part.num_rows
+    return Rows(pa.concat_tables(parts), spans=spans)
+
+
+def column_vector(
+    rows: Rows, name: str, kind: str, offset: int = 0, data: Any = None
+) -> np.ndarray:
+    """float64 values of one column (of ``data``, a table or batch starting at row ``offset``
+    of ``rows``; default the whole table), refusing NaN and infinity."""
+    col = (rows.table if data is None else data).column(name)
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    out = np.empty(len(col), dtype=np.float64)
+    i = 0
+    for chunk in chunks:
+        out[i : i + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
+        i += len(chunk)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        ds, pos = rows.where(name, offset + row)
+        raise ComputeError(
+            f"{ds}: {kind} column {name!r} has a non-finite value (NaN or infinity) {pos}"
+        )
+    return out
+
+
+def feature_matrix(
+    rows: Rows, features: list[str], offset: int = 0, data: Any = None
+) -> np.ndarray:
+    """float64 (n, p) matrix of the features, column by column, refusing NaN and infinity."""
+    n = (rows.table if data is None else data).num_rows
+    x = np.empty((n, len(features)), dtype=np.float64, order="F")
+    for j, name in enumerate(features):
+        x[:, j] = column_vector(rows, name, "feature", offset, data)
+    return x
+
+
+def binary_label(rows: Rows, label: str) -> tuple[np.ndarray, list[Any]]:
+    """(y in {0, 1} as int8, sorted classes); the label must have exactly two values."""
+    col = rows.table[label]
+    if pa.types.is_floating(col.type):
+        column_vector(rows, label, "label")
+    classes = sorted(pc.unique(col).to_pylist())
+    if len(classes) != 2:
+        shown = classes[:10] + (["..."] if len(classes) > 10 else [])
+        raise ComputeError(
+            f"label column {label!r} must have exactly two distinct values, found "
+            f"{len(classes)}: {shown}"
+        )
+    y = pc.equal(col, pa.scalar(classes[1], type=col.type)).to_numpy(zero_copy_only=False)
+    return y.astype(np.int8), classes
+
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices, each ascending. The test rows are the first
+    ceil(test_fraction * n) of numpy ``default_rng(seed).permutation(n)``; none when the
+    fraction is 0."""
+    if n == 0:
+        raise ComputeError("the datasets have no rows")
+    if test_fraction <= 0:
+        return np.arange(n), np.arange(0)
+    n_test = math.ceil(test_fraction * n)
+    if n_test >= n:
+        raise ComputeError(
+            f"test_fraction {test_fraction} of {n} rows leaves no rows to train on"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
