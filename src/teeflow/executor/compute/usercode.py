@@ -43,7 +43,7 @@ DESCRIPTION = (
 )
 LAYOUT = "any"
 MIN_DATASETS = 1
-USES = (_common, sandbox)
+USES = (_common, *sandbox.MODULES)
 
 MAX_CODE_BYTES = sandbox.MAX_CODE_BYTES
 MAX_CELLS = 5_000_000
