@@ -6,20 +6,26 @@ import base64
 import datetime as dt
 import decimal
 import hashlib
+import io
 import json
 import os
 import socket
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_breast_cancer
 
 from teeflow.compute import usercode
 from teeflow.core.errors import ComputeError, ParameterError
 from teeflow.executor import sandbox
+from teeflow.executor.sandbox import frames
+from teeflow.executor.sandbox import parent as sandbox_parent
 
 MEANS = """
 import pyarrow as pa
@@ -220,7 +226,7 @@ def test_errors_report_the_type_only(inputs):
 
 
 def test_wall_clock_limit(inputs, monkeypatch):
-    monkeypatch.setattr(sandbox, "STARTUP_SECONDS", 0.5)
+    monkeypatch.setattr(sandbox_parent, "STARTUP_SECONDS", 0.5)
     with pytest.raises(ComputeError, match=r"wall-clock limit of 2.5 s"):
         _run(inputs, """
             import time
@@ -234,6 +240,71 @@ def test_result_size_capped(inputs):
     limits = sandbox.Limits(cpu_seconds=10, memory_mb=512, max_result_bytes=1 << 20)
     with pytest.raises(ComputeError, match="larger than 1048576 bytes"):
         sandbox.run_code(code, inputs, limits)
+
+
+def test_child_imports_no_parent_side(inputs):
+    got = _run(inputs, """
+        import json, sys
+        def run(tables):
+            return json.dumps(sorted(m for m in sys.modules if m.startswith("teeflow"))).encode()
+    """)
+    loaded = json.loads(base64.b64decode(got["base64"]))
+    assert loaded == ["teeflow", "teeflow.executor", "teeflow.executor.sandbox",
+                      "teeflow.executor.sandbox.child", "teeflow.executor.sandbox.frames"]
+
+
+def test_child_runs_this_source_tree(inputs):
+    got = _run(inputs, """
+        import sys
+        def run(tables):
+            return sys.modules["teeflow.executor.sandbox.child"].__file__.encode()
+    """)
+    assert base64.b64decode(got["base64"]).decode() == os.path.join(
+        os.path.dirname(sandbox.__file__), "child.py"
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(1, 64))
+def test_frames_round_trip(chunks, read_size):
+    pipe = io.BytesIO()
+    sink = frames.FramedSink(pipe)
+    for chunk in chunks:
+        sink.write(chunk)
+    sink.end()
+    pipe.write(frames.frame(b"next"))
+    pipe.seek(0)
+    source = frames.FramedSource(pipe)
+    got = b""
+    while part := source.read(read_size):
+        got += part
+    assert got == b"".join(chunks)
+    assert frames.read_frame(pipe, 4) == b"next"  # the source stopped at its end frame
+
+
+def test_frames_caps_and_malformed_messages():
+    with pytest.raises(ValueError, match="frame too large"):
+        frames.read_frame(io.BytesIO(frames.frame(b"12345")), 4)
+    with pytest.raises(EOFError):
+        frames.read_frame(io.BytesIO(frames.frame(b"12345")[:-1]), 8)
+    message = frames.frame(b'{"ok": true}') + b"payload"
+    assert frames.take_message(message) == ({"ok": True}, b"payload")
+    too_large = frames.frame(b" " * frames.MAX_MESSAGE_BYTES + b"{}")
+    for bad in (b"", message[:3], message[:8], frames.frame(b"[1]"), frames.frame(b"{"),
+                too_large):
+        assert frames.take_message(bad) is None
+
+
+def test_code_digest_covers_the_whole_sandbox():
+    from teeflow import compute
+
+    sources = [Path(p) for p in compute.get("user_code").sources]
+    package = Path(sandbox.__file__).parent
+    assert [p.name for p in sources] == [
+        "usercode.py", "params.py", "__init__.py", "frames.py", "parent.py", "child.py"
+    ]
+    assert sorted(sources[2:]) == sorted(package.glob("*.py"))
+    assert usercode.MAX_CODE_BYTES == sandbox.MAX_CODE_BYTES  # one limit, stated twice
 
 
 def test_table_json_values():

@@ -44,7 +44,11 @@ LAYOUT = "any"
 MIN_DATASETS = 1
 USES = (
     "teeflow.compute.params",
+    # the whole sandbox: what runs the code is part of what the owners sign
     "teeflow.executor.sandbox",
+    "teeflow.executor.sandbox.frames",
+    "teeflow.executor.sandbox.parent",
+    "teeflow.executor.sandbox.child",
 )
 
 MAX_CODE_BYTES = 256 << 10  # the sandbox frame limit; tests check the two agree
