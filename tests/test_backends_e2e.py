@@ -27,6 +27,10 @@ What each case proves, and what it cannot:
   the VCEK is valid, and the appraisal refuses at the key binding (the report
   cannot be re-signed over our key). The guest ran with its debug bit set, so
   the policy allows debug: otherwise `debug` would be refused after the binding.
+- sev-snp-own-root: the same path accepting in full. The kernel stand-in signs a
+  report over the report data it is given with a throw-away ARK/ASK/VCEK chain
+  (tests/test_sevsnp.py) that the client trusts instead of AMD's. It proves the
+  SNP binding and fresh-nonce path end to end; it proves nothing about AMD's keys.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class ReplayBackend:
 class Case:
     """One backend's run: how to make its executor, and what a client holds to judge it."""
 
+    tee: str
     backend: TeeBackend
     policy: AppraisalPolicy
     verifiers: dict[str, Verifier]
@@ -122,7 +127,7 @@ class Case:
 def _simulated(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
     m = code_measurement()
     return Case(
-        backend=make_backend("simulated"),
+        tee="simulated", backend=make_backend("simulated"),
         policy=load_policy({"tee_types": ["simulated"], "allow_simulated": True,
                             "simulated": {"measurement": [m]}}),
         verifiers=make_verifiers(), at=int(time.time()),
@@ -135,7 +140,7 @@ def _sgx(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
     with pytest.raises(EvidenceFormatError, match="does not carry the report data just written"):
         build(gramine)  # the real quote is over "Hello, world!", not over our key
     return Case(
-        backend=ReplayBackend("sgx", quote),
+        tee="sgx", backend=ReplayBackend("sgx", quote),
         policy=load_policy({"tee_types": ["sgx"], "accepted_tcb_status": [SGX_STATUS],
                             "sgx": {"mrenclave": [MRENCLAVE]}}),
         verifiers=make_verifiers(BundleCollateral(VECTORS / "sgx_quote_collateral.json")),
@@ -149,7 +154,7 @@ def _tdx(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
     root.mkdir(parents=True)
     kernel(root, "tdx_guest", lambda inblob: (quote, None))
     return Case(
-        backend=make_backend("tdx", tsm_root=str(root)),
+        tee="tdx", backend=make_backend("tdx", tsm_root=str(root)),
         policy=load_policy({"tee_types": ["tdx"], "tdx": {"mrtd": [MRTD]}}),
         verifiers=make_verifiers(BundleCollateral(VECTORS / "tdx_quote_collateral.json")),
         at=TDX_AT, measurements={"mrtd": MRTD}, full_accept=False, device={"quote": quote})
@@ -162,7 +167,7 @@ def _sev_snp(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
     root.mkdir(parents=True)
     kernel(root, "sev_guest", lambda inblob: (v["report"], table))
     return Case(
-        backend=make_backend("sev-snp", tsm_root=str(root)),
+        tee="sev-snp", backend=make_backend("sev-snp", tsm_root=str(root)),
         policy=load_policy({"tee_types": ["sev-snp"], "allow_debug": True,
                             "sev-snp": {"measurement": [SNP_MEASUREMENT]}}),
         verifiers=make_verifiers(amd_root=v["milan_ark"]), at=SNP_AT,
@@ -170,7 +175,32 @@ def _sev_snp(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
         device={"report": v["report"], "auxblob": table})
 
 
-CASES = {"simulated": _simulated, "sgx": _sgx, "tdx": _tdx, "sev-snp": _sev_snp}
+def _sev_snp_own_root(tmp: Path, kernel: Callable[..., FakeTsmKernel]) -> Case:
+    base = _snp_vectors()["report"]
+    from tests.test_sevsnp import MILAN_SPL, Chain, _report
+
+    chain = Chain("Milan")
+    chip = b"\xc1" * 64
+    table = _cert_table(chain.vcek(chip, MILAN_SPL), chain.ask_der)
+
+    def respond(inblob: bytes) -> tuple[bytes, bytes | None]:
+        report = bytearray(_report(base, chip=chip))  # not debug
+        report[0x50:0x90] = inblob
+        return chain.sign(bytes(report)), table
+
+    root = tmp / "tsm" / "report"
+    root.mkdir(parents=True)
+    kernel(root, "sev_guest", respond)
+    return Case(
+        tee="sev-snp", backend=make_backend("sev-snp", tsm_root=str(root)),
+        policy=load_policy({"tee_types": ["sev-snp"],
+                            "sev-snp": {"measurement": [SNP_MEASUREMENT]}}),
+        verifiers=make_verifiers(amd_root=chain.ark_der), at=SNP_AT,
+        measurements={"measurement": SNP_MEASUREMENT}, full_accept=True)
+
+
+CASES = {"simulated": _simulated, "sgx": _sgx, "tdx": _tdx, "sev-snp": _sev_snp,
+         "sev-snp-own-root": _sev_snp_own_root}
 
 
 @pytest.fixture(scope="module")
@@ -211,18 +241,19 @@ def serve() -> Iterator[Callable[[ExecutorFlightServer], str]]:
         thread.join(timeout=10)
 
 
-@pytest.mark.parametrize("tee", list(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_backend_registers_and_is_appraised(
-    tee: str, tmp_path: Path, scheduler: str, kernel: Callable[..., FakeTsmKernel],
+    name: str, tmp_path: Path, scheduler: str, kernel: Callable[..., FakeTsmKernel],
     serve: Callable[[ExecutorFlightServer], str],
 ) -> None:
-    case = CASES[tee](tmp_path, kernel)
+    case = CASES[name](tmp_path, kernel)
+    tee = case.tee
     address = serve(build(case.backend))
 
     # The certificate carries the device's evidence, read back as it was made.
     found = read_certificate_evidence(fetch_certificate(address))
     assert (found.tee, found.format) == (tee, "dice")
-    if tee == "sev-snp":
+    if "report" in case.device:
         assert split_snp_evidence(found.quote) == (case.device["report"], case.device["auxblob"])
     elif "quote" in case.device:
         assert found.quote == case.device["quote"]
@@ -230,7 +261,7 @@ def test_backend_registers_and_is_appraised(
     # A real scheduler registers it and lists what its certificate claims.
     identity = KeySigner.generate()
     with SchedulerClient(scheduler, identity) as client:
-        client.register_node(f"executor-{tee}")
+        client.register_node(f"executor-{name}")
         registered = client.register_executor(address)
         listed = {e["address"]: e for e in client.executors()}
     assert registered["tee"] == tee and listed[address]["tee"] == tee
@@ -244,7 +275,7 @@ def test_backend_registers_and_is_appraised(
         connection.close()
         assert claims.tee == tee and claims.measurements["measurement"] == case.measurements[
             "measurement"]
-        assert claims.simulated
+        assert claims.simulated == (tee == "simulated") and not claims.debug
         return
     with pytest.raises(PolicyRefused) as refused:
         attested_connect(address, case.policy, case.verifiers, at=case.at)
