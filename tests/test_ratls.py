@@ -21,7 +21,6 @@ from teeflow.attestation.ratls import (
     legacy_report_data,
     make_claims,
     make_ratls_identity,
-    quote_tee,
     read_certificate_evidence,
     report_data_for_claims,
 )
@@ -329,21 +328,8 @@ def test_dice_preferred_and_not_fallen_back_from():
         read_certificate_evidence(_pem(self_signed_certificate(key, broken)))
 
 
-def test_quote_tee():
-    assert quote_tee(SimulatedBackend().evidence(bytes(64)).quote) == "simulated"
-    header = bytearray(48)
-    header[0] = 3
-    assert quote_tee(bytes(header)) == "sgx"
-    header[0], header[4] = 4, 0x81
-    assert quote_tee(bytes(header)) == "tdx"
-    header[0] = 3
-    with pytest.raises(EvidenceFormatError, match="TEE type 0x81"):
-        quote_tee(bytes(header))
-    header[0], header[4] = 2, 0
-    with pytest.raises(EvidenceFormatError, match="version 2"):
-        quote_tee(bytes(header))
-    with pytest.raises(EvidenceFormatError, match="neither simulated nor"):
-        quote_tee(b"short")
+def test_extension_tee_must_match_the_quote():
+    # which TEE a quote is from is formats.evidence_tee's (tests/test_formats.py)
     with pytest.raises(EvidenceFormatError, match="evidence says TEE 'sgx'"):
         evidence_extension("sgx", SimulatedBackend().evidence(bytes(64)).quote, b"\xa0")
 

@@ -41,11 +41,12 @@ Framing of SEV-SNP evidence. `Evidence.quote` is one byte string, but a SEV-SNP
 report is checked against the certificates of the host's table, so both
 travel together in this container (all integers big-endian):
 
-    b"TFSNPEV1" | u32 len(report) | report | u32 len(auxblob) | auxblob
+    SNP_MAGIC ("TFSNPEV1") | u32 len(report) | report | u32 len(auxblob) | auxblob
 
 `join_snp_evidence` builds it, `split_snp_evidence` takes it apart (strictly:
-exact lengths, no trailing bytes). TDX evidence is the raw outblob, a quote the
-DCAP verifier reads directly.
+exact lengths, no trailing bytes); the magic, like every format's, belongs to
+`formats`, which names the TEE of evidence bytes for everyone. TDX evidence is
+the raw outblob, a quote the DCAP verifier reads directly.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import uuid
 from pathlib import Path
 
 from teeflow.attestation.evidence import Evidence, check_report_data
+from teeflow.attestation.formats import SNP_MAGIC, require_tee
 from teeflow.core.errors import ConfigError, EvidenceFormatError, VerificationError
 
 __all__ = [
@@ -78,7 +80,6 @@ PROVIDERS = {"tdx": "tdx_guest", "sev-snp": "sev_guest"}
 MAX_OUTBLOB = 64 * 1024  # the kernel's own cap is 32 KiB (TSM_OUTBLOB_MAX)
 MAX_AUXBLOB = 64 * 1024
 _MAX_ATTR = 64  # generation and provider are short text
-SNP_MAGIC = b"TFSNPEV1"
 _LEN = struct.Struct(">I")
 _serial = itertools.count()
 
@@ -100,9 +101,7 @@ def split_snp_evidence(quote: bytes) -> tuple[bytes, bytes]:
     """(report, auxblob) from a container made by `join_snp_evidence`."""
     if not isinstance(quote, bytes | bytearray):
         raise EvidenceFormatError(f"SEV-SNP evidence must be bytes, not {type(quote).__name__}")
-    data = bytes(quote)
-    if not data.startswith(SNP_MAGIC):
-        raise EvidenceFormatError("not SEV-SNP evidence (no TFSNPEV1 header)")
+    data = require_tee(quote, "sev-snp")
     at = len(SNP_MAGIC)
     parts: list[bytes] = []
     for what, cap in (("report", MAX_OUTBLOB), ("certificate table", MAX_AUXBLOB)):

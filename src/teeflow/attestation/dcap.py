@@ -39,6 +39,7 @@ from teeflow.attestation.collateral import (
     CollateralSource,
 )
 from teeflow.attestation.evidence import REPORT_DATA_LEN, Claims
+from teeflow.attestation.formats import TEE_TYPE_SGX, TEE_TYPE_TDX, evidence_tee
 from teeflow.core.errors import (
     AttestationError,
     ConfigError,
@@ -62,8 +63,6 @@ __all__ = [
 ]
 
 MAX_QUOTE = 64 * 1024
-TEE_TYPE_SGX = 0x00000000
-TEE_TYPE_TDX = 0x00000081
 _TEE_BY_TYPE = {TEE_TYPE_SGX: "sgx", TEE_TYPE_TDX: "tdx"}
 _MAX_AT = 2**63 - 1
 SGX_ATTR_DEBUG = 0x02  # bit 1 of the first byte of SGX ATTRIBUTES.FLAGS
@@ -161,9 +160,12 @@ def inspect_quote(quote: bytes, *, require_fmspc: bool = True) -> QuoteInfo:
         return str(parsed.fmspc()).upper(), str(parsed.ca())
 
     tee_type, version = _call("quote header does not parse", EvidenceFormatError, header)
-    tee = _TEE_BY_TYPE.get(tee_type)
-    if tee is None:
-        raise EvidenceFormatError(f"quote has unknown TEE type {tee_type:#x}")
+    tee = evidence_tee(raw)
+    if tee not in ("sgx", "tdx"):
+        raise EvidenceFormatError(f"quote is {tee} evidence, not an SGX or TDX DCAP quote")
+    if _TEE_BY_TYPE.get(tee_type) != tee:  # our header reading and dcap_qvl's must agree
+        raise EvidenceFormatError(
+            f"quote header is {tee.upper()} but dcap_qvl reads TEE type {tee_type:#x}")
     try:
         fmspc, ca = _call("quote's PCK certificate does not parse", EvidenceFormatError, pck)
     except EvidenceFormatError:
@@ -316,7 +318,7 @@ class DcapVerifier:
 
     def verify(self, quote: bytes, at: int) -> Claims:
         _check_at(at)
-        kind = inspect_quote(quote, require_fmspc=False).tee
+        kind = evidence_tee(_check_quote(quote))
         if kind != self.tee:
             raise EvidenceFormatError(
                 f"quote is a {kind.upper()} quote; this verifier checks {self.tee.upper()}"

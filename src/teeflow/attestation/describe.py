@@ -1,10 +1,15 @@
-"""Decode evidence for people, without judging it: nothing here verifies anything."""
+"""Decode evidence for people, without judging it: nothing here verifies anything.
+
+Which TEE made the bytes is `formats.evidence_tee`'s to say; this module only reads
+the fields of the format it names.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from teeflow.attestation import dcap, simulated
+from teeflow.attestation.formats import evidence_tee
 from teeflow.core.errors import EvidenceFormatError
 
 
@@ -31,52 +36,65 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 
 def describe_quote(quote: bytes) -> dict[str, Any]:
-    """The fields of a simulated, SGX or TDX quote, as JSON-ready values."""
-    if quote[:8] == b"TFSNPEV1":
-        from teeflow.attestation import sevsnp
-
-        report, _ = sevsnp.split_snp_evidence(quote)
-        parsed = sevsnp.parse_report(report)
-        return {"tee": "sev-snp", **{k: _plain(v) for k, v in vars(parsed).items()
-                                     if not k.startswith("_")}}
-    if quote[:8] == simulated.MAGIC:
+    """The fields of simulated, SEV-SNP, SGX or TDX evidence, as JSON-ready values."""
+    tee = evidence_tee(quote)
+    if tee == "sev-snp":
+        parsed = _snp_report(quote)
+        return {"tee": tee, **{k: _plain(v) for k, v in vars(parsed).items()
+                               if not k.startswith("_")}}
+    if tee == "simulated":
         body = quote[: len(quote) - simulated.SIG_LEN]
         if len(quote) != simulated.QUOTE_LEN:
             raise EvidenceFormatError("simulated quote has the wrong length")
         flags = body[8]
-        return {"tee": "simulated", "debug": bool(flags & simulated.FLAG_DEBUG),
+        return {"tee": tee, "debug": bool(flags & simulated.FLAG_DEBUG),
                 "measurement": body[9:41].hex(), "report_data": body[41:105].hex(),
                 "note": "software-signed: proves nothing about hardware"}
     info = dcap.inspect_quote(quote, require_fmspc=False)
-    import dcap_qvl
-
-    try:
-        parsed = dcap_qvl.parse_quote(quote)
-    except Exception as exc:  # parsing only; the verifier names real failures
-        raise EvidenceFormatError(f"quote does not parse: {exc}") from exc
+    parsed = _dcap_parse(quote)
     return {"tee": info.tee, "version": info.version, "fmspc": info.fmspc, "pck_ca": info.ca,
             "header": _fields(parsed.header), "report": _fields(parsed.report)}
 
 
 def claimed_measurements(tee: str, quote: bytes) -> dict[str, str]:
-    """The identity values a quote states, unverified (for listings and routing only)."""
+    """The identity values a quote states, unverified (for listings and routing only).
+
+    The names are the policy's (`policy.MEASUREMENT_FIELDS`); `tee` must be the
+    TEE whose format the quote has.
+    """
+    found = evidence_tee(quote)
+    if found != tee:
+        raise EvidenceFormatError(f"evidence says TEE {tee!r} but the quote is {found!r}")
     if tee == "simulated":
         return {"measurement": describe_quote(quote)["measurement"]}
-    import dcap_qvl
-
-    try:
-        report = dcap_qvl.parse_quote(quote).report
-    except Exception as exc:
-        raise EvidenceFormatError(f"quote does not parse: {exc}") from exc
+    if tee == "sev-snp":
+        return {"measurement": _snp_report(quote).measurement.hex()}
+    dcap.inspect_quote(quote, require_fmspc=False)  # capped, and the header cross-checked
+    report = _dcap_parse(quote).report
     if tee == "sgx":
         return {"mrenclave": bytes(report.mr_enclave).hex(),
                 "mrsigner": bytes(report.mr_signer).hex()}
-    if tee == "tdx":
-        out = {"mrtd": bytes(report.mr_td).hex()}
-        for i in range(4):
-            out[f"rtmr{i}"] = bytes(getattr(report, f"rt_mr{i}")).hex()
-        return out
-    raise EvidenceFormatError(f"no measurements known for TEE type {tee!r}")
+    out = {"mrtd": bytes(report.mr_td).hex()}
+    for i in range(4):
+        out[f"rtmr{i}"] = bytes(getattr(report, f"rt_mr{i}")).hex()
+    return out
+
+
+def _snp_report(quote: bytes) -> Any:
+    from teeflow.attestation import sevsnp
+    from teeflow.attestation.configfs_tsm import split_snp_evidence
+
+    report, _ = split_snp_evidence(quote)
+    return sevsnp.parse_report(report)
+
+
+def _dcap_parse(quote: bytes) -> Any:
+    import dcap_qvl
+
+    try:
+        return dcap_qvl.parse_quote(quote)
+    except Exception as exc:  # parsing only; the verifier names real failures
+        raise EvidenceFormatError(f"quote does not parse: {exc}") from exc
 
 
 def describe_certificate(cert: bytes) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence, check_report_data
+from teeflow.attestation.formats import TEE_TYPE_TDX, evidence_tee
 from teeflow.core.errors import ConfigError, EvidenceFormatError
 
 TEE = "sgx"
@@ -112,14 +113,15 @@ class GramineSgxBackend:
 
 def _check_report_data(quote: bytes, report_data: bytes) -> None:
     """The quote read must be the one over the report data just written."""
-    if len(quote) < _HEADER_LEN:
-        raise EvidenceFormatError(f"Gramine quote is {len(quote)} bytes, shorter than a header")
-    version, _, tee_type = struct.unpack_from("<HHI", quote)
-    if tee_type != 0:
-        raise EvidenceFormatError(f"Gramine quote has TEE type {tee_type:#x}, not SGX")
-    at = _REPORT_DATA_AT.get(version)
-    if at is None:
-        raise EvidenceFormatError(f"Gramine quote has unknown version {version}")
+    try:
+        tee = evidence_tee(quote)
+    except EvidenceFormatError as exc:
+        raise EvidenceFormatError(f"Gramine quote: {exc}") from exc
+    if tee != TEE:
+        kind = f"TEE type {TEE_TYPE_TDX:#x}" if tee == "tdx" else f"the format of {tee}"
+        raise EvidenceFormatError(f"Gramine quote has {kind}, not SGX")
+    (version,) = struct.unpack_from("<H", quote)
+    at = _REPORT_DATA_AT[version]  # every SGX version formats.py accepts
     if quote[at : at + REPORT_DATA_LEN] != report_data:
         raise EvidenceFormatError(
             "Gramine quote does not carry the report data just written "

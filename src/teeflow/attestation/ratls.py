@@ -47,6 +47,13 @@ find_oid_in_cert_extensions), ra_tls.h and ra_tls_common.h (OIDs, tag, hash ids)
   accept the pinned self-signed certificate as its own root); only the
   standard extension is written.
 
+The "quote" is the evidence of whichever TEE made it, named by
+`formats.evidence_tee` (the certificate says nothing else about it): an SGX
+or TDX DCAP quote, a simulated quote, or for SEV-SNP the configfs-tsm frame
+holding the ATTESTATION_REPORT and the host's certificate table, so the
+verifier finds the VCEK and ASK in the certificate itself (Gramine has no
+SEV-SNP; the frame is this project's). Each is capped at MAX_QUOTE here.
+
 Stricter than Gramine's verifier: "pubkey-hash" is required (Gramine would
 accept a claims map without it), duplicate map keys, indefinite lengths,
 floats and trailing bytes are refused. Decoding uses a small strict CBOR
@@ -58,7 +65,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +73,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teeflow.attestation.dcap import TEE_TYPE_SGX, TEE_TYPE_TDX
 from teeflow.attestation.evidence import REPORT_DATA_LEN, Evidence
-from teeflow.attestation.simulated import MAGIC as SIMULATED_MAGIC
+from teeflow.attestation.formats import evidence_tee
 from teeflow.core.crypto import self_signed_certificate
 from teeflow.core.errors import EvidenceFormatError, PolicyRefused
 
@@ -84,7 +89,6 @@ __all__ = [
     "legacy_report_data",
     "make_claims",
     "make_ratls_identity",
-    "quote_tee",
     "read_certificate_evidence",
     "report_data_for_claims",
 ]
@@ -107,8 +111,6 @@ MAX_QUOTE = 64 * 1024
 MAX_CLAIMS = 4 * 1024
 MAX_NONCE = 64
 _MAX_DEPTH = 8
-_DCAP_HEADER = struct.Struct("<HHI")  # version, attestation key type, TEE type
-_DCAP_HEADER_LEN = 48
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class CertEvidence:
     """What an RA-TLS certificate says, extracted and cross-checked but not yet believed."""
 
     format: str  # "dice" (2.23.133.5.4.9) or "legacy" (raw quote)
-    tee: str  # "simulated", "sgx" or "tdx", from the quote's header
+    tee: str  # "simulated", "sgx", "tdx" or "sev-snp", by `formats.evidence_tee`
     quote: bytes
     report_data: bytes  # the 64 bytes the verified quote must carry
     spki_sha256: bytes  # SHA-256 of this certificate's DER SubjectPublicKeyInfo
@@ -156,27 +158,10 @@ def legacy_report_data(spki_der: bytes) -> bytes:
     return digest + bytes(REPORT_DATA_LEN - len(digest))
 
 
-def quote_tee(quote: bytes) -> str:
-    """The TEE type a quote's header names (not verified): simulated, sgx or tdx."""
-    if quote.startswith(SIMULATED_MAGIC):
-        return "simulated"
-    if len(quote) < _DCAP_HEADER_LEN:
-        raise EvidenceFormatError(
-            f"quote is {len(quote)} bytes: neither simulated nor a DCAP quote header")
-    version, _, tee_type = _DCAP_HEADER.unpack_from(quote)
-    if tee_type == TEE_TYPE_SGX and version in (3, 4, 5):
-        return "sgx"
-    if tee_type == TEE_TYPE_TDX and version in (4, 5):
-        return "tdx"
-    raise EvidenceFormatError(
-        f"quote is neither simulated nor an SGX/TDX DCAP quote "
-        f"(version {version}, TEE type {tee_type:#x})")
-
-
 def evidence_extension(tee: str, quote: bytes, claims_cbor: bytes) -> x509.UnrecognizedExtension:
     """The standard RA-TLS extension: 60000([quote, claims]) under 2.23.133.5.4.9."""
     _check_sizes(quote, claims_cbor)
-    found = quote_tee(quote)
+    found = evidence_tee(quote)
     if found != tee:
         raise EvidenceFormatError(f"evidence says TEE {tee!r} but the quote is {found!r}")
     value = cbor2.dumps(cbor2.CBORTag(CBOR_TAG_TEE_QUOTE, [bytes(quote), bytes(claims_cbor)]))
@@ -295,7 +280,7 @@ def _read_dice(value: bytes, spki: bytes) -> CertEvidence:
         raise EvidenceFormatError(f"RA-TLS claims: nonce is not a 1 to {MAX_NONCE} byte string")
     return CertEvidence(
         format="dice",
-        tee=quote_tee(quote),
+        tee=evidence_tee(quote),
         quote=quote,
         report_data=report_data_for_claims(claims_cbor),
         spki_sha256=hashlib.sha256(spki).digest(),
@@ -332,7 +317,7 @@ def _read_legacy(quote: bytes, spki: bytes) -> CertEvidence:
         raise EvidenceFormatError(f"RA-TLS quote is {len(quote)} bytes, more than {MAX_QUOTE}")
     return CertEvidence(
         format="legacy",
-        tee=quote_tee(quote),
+        tee=evidence_tee(quote),
         quote=quote,
         report_data=legacy_report_data(spki),
         spki_sha256=hashlib.sha256(spki).digest(),

@@ -17,10 +17,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teeflow.attestation.evidence import REPORT_DATA_LEN, Claims, Evidence
+from teeflow.attestation.formats import SIMULATED_MAGIC
 from teeflow.core.errors import EvidenceFormatError, VerificationError
 
 TEE = "simulated"
-MAGIC = b"TFSIMQ01"
+MAGIC = SIMULATED_MAGIC  # formats.py tells the formats apart
 _HEADER = struct.Struct(">8sB32s64s")  # magic, flags, measurement, report data
 SIG_LEN = 64
 QUOTE_LEN = _HEADER.size + SIG_LEN
