@@ -56,9 +56,9 @@ from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import EvidenceFormatError, PolicyRefused, VerificationError
-from teeflow.core.executor_client import attested_connect, fetch_certificate  # network client
-from teeflow.core.scheduler_client import SchedulerClient  # network client
 from teeflow.executor.server import ExecutorFlightServer, build
+from teeflow.net.executor_client import attested_connect, fetch_certificate  # network client
+from teeflow.net.scheduler_client import SchedulerClient  # network client
 from tests.standins import FakeTsmKernel, attestation_dir
 
 pytestmark = pytest.mark.e2e
