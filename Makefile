@@ -3,16 +3,28 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/executor.lock
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench lint venv clean lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The runtime dependencies come from the lock, exactly (versions and hashes): the executor's
+# environment, and so its measurement, can be rebuilt. Dev tools are added on top.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Re-pin the runtime dependencies after a change to pyproject.toml's dependencies.
+lock:
+	test -x build/lockenv/bin/pip-compile || ($(PYTHON) -m venv build/lockenv && \
+	  build/lockenv/bin/pip install --quiet pip-tools)
+	build/lockenv/bin/pip-compile --quiet --generate-hashes --strip-extras --no-header \
+	  --no-emit-index-url --no-emit-find-links \
+	  --output-file $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/teeflow demo
