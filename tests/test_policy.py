@@ -199,3 +199,22 @@ def test_bad_config_names_the_field(config_doc, tmp_path, how, field):
     _mutate(config_doc, how)
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}:"):
         check_config(config_doc, base=tmp_path)
+
+
+def test_policy_defaults_are_the_dataclass_defaults():
+    # load_policy takes what a table leaves out from AppraisalPolicy, nowhere else.
+    policy = load_policy({"tee_types": ["sgx"], "sgx": {"mrenclave": ["00" * 32]}})
+    default = AppraisalPolicy()
+    assert policy.allow_simulated == default.allow_simulated is False
+    assert policy.allow_debug == default.allow_debug is False
+    assert policy.accepted_tcb_status == default.accepted_tcb_status == ("UpToDate",)
+    assert policy.refused_advisories == default.refused_advisories == ()
+    assert policy.min_isv_svn == default.min_isv_svn == 0
+    assert policy.isv_prod_id is None
+
+
+def test_policy_input_is_not_changed():
+    raw = {"tee_types": ["sgx"], "sgx": {"mrenclave": ["00" * 32]}}
+    before = copy.deepcopy(raw)
+    load_policy(raw)
+    assert raw == before

@@ -100,15 +100,24 @@ def _hex_list(raw: Any, where: str) -> tuple[str, ...]:
 
 
 def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
-    """Check a policy table (from TOML or JSON), naming the bad field."""
+    """Check a policy table (from TOML or JSON), naming the bad field.
+
+    What the table leaves out gets the default of `AppraisalPolicy`, the one place
+    those are written; everything after that is checking.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
+    default = AppraisalPolicy()
+    raw = {"tee_types": list(default.tee_types), "allow_simulated": default.allow_simulated,
+           "allow_debug": default.allow_debug,
+           "accepted_tcb_status": list(default.accepted_tcb_status),
+           "refused_advisories": list(default.refused_advisories), **raw}
     known = {"tee_types", "allow_simulated", "allow_debug", "accepted_tcb_status",
              "refused_advisories", *KNOWN_TEES}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown field")
-    tee_types = _str_list(raw.get("tee_types", []), f"{where}.tee_types")
+    tee_types = _str_list(raw["tee_types"], f"{where}.tee_types")
     if not tee_types:
         raise ConfigError(f"{where}.tee_types: name at least one accepted TEE type")
     for tee in tee_types:
@@ -139,23 +148,21 @@ def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
     isv_prod_id = None
     if "isv_prod_id" in sgx:
         isv_prod_id = _uint(sgx["isv_prod_id"], f"{where}.sgx.isv_prod_id")
-    min_isv_svn = _uint(sgx.get("min_isv_svn", 0), f"{where}.sgx.min_isv_svn")
+    min_isv_svn = _uint(sgx.get("min_isv_svn", default.min_isv_svn), f"{where}.sgx.min_isv_svn")
     if measurements.get("sgx", {}).get("mrsigner") and isv_prod_id is None:
         raise ConfigError(f"{where}.sgx.isv_prod_id: required with mrsigner (a signer signs "
                           "many products)")
-    tcb = _str_list(raw.get("accepted_tcb_status", ["UpToDate"]), f"{where}.accepted_tcb_status")
+    tcb = _str_list(raw["accepted_tcb_status"], f"{where}.accepted_tcb_status")
     for status in tcb:
         if status not in TCB_STATUSES:
             raise ConfigError(f"{where}.accepted_tcb_status: unknown status {status!r} "
                               f"(known: {', '.join(TCB_STATUSES)})")
     policy = AppraisalPolicy(
         tee_types=tee_types,
-        allow_simulated=_bool(raw.get("allow_simulated", False), f"{where}.allow_simulated"),
-        allow_debug=_bool(raw.get("allow_debug", False), f"{where}.allow_debug"),
+        allow_simulated=_bool(raw["allow_simulated"], f"{where}.allow_simulated"),
+        allow_debug=_bool(raw["allow_debug"], f"{where}.allow_debug"),
         accepted_tcb_status=tcb,
-        refused_advisories=_str_list(
-            raw.get("refused_advisories", []), f"{where}.refused_advisories"
-        ),
+        refused_advisories=_str_list(raw["refused_advisories"], f"{where}.refused_advisories"),
         measurements=measurements,
         isv_prod_id=isv_prod_id,
         min_isv_svn=min_isv_svn,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from teeflow.cli.common import load_policy_file
 from teeflow.core.errors import InputError
 from teeflow.files import read_capped
 
@@ -39,7 +40,6 @@ def verify(quote_file: Path, collateral: Path | None, amd_ark: Path | None, at: 
     from teeflow.attestation.evidence import Evidence
     from teeflow.attestation.policy import appraise
     from teeflow.attestation.registry import make_verifiers
-    from teeflow.cli.main import load_policy_file
 
     quote = _read(quote_file, "quote")
     tee = describe_quote(quote)["tee"]

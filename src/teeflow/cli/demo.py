@@ -20,15 +20,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
 from rich.table import Table
 
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party
+from teeflow.cli.common import console, kv, wait_with_progress
 from teeflow.core.errors import InputError
 
-console = Console()
 N_FEATURES = 10
 TRUE_WEIGHTS = np.linspace(-1.5, 1.5, N_FEATURES)
 
@@ -91,13 +90,12 @@ def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
 def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: int,
          out: Path | None, workdir: Path | None, keep: bool) -> None:
     """Run a local cluster (scheduler, providers, simulated TEE executor) on one task."""
-    from teeflow.cli.main import _kv, _wait_with_progress
     from teeflow.sdk import Client
 
     started = time.monotonic()
     work = workdir or Path(tempfile.mkdtemp(prefix="teeflow-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    param_map = _kv(params, "--param")
+    param_map = kv(params, "--param")
     party_list: list[Party] = []
     for spec in parties:
         name, sep, file = spec.partition("=")
@@ -134,7 +132,7 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
             console.print(f"task [bold]{task['id']}[/] submitted: {compute} over {names}; "
                           f"the scheduler picked executor {task['executor']}; owners sign "
                           "by their config rules")
-            _wait_with_progress(client, task["id"])
+            wait_with_progress(client, task["id"])
             result = client.result(task["id"])
             for entry in client.audit_log(task["id"]):
                 signer = entry.signer.split(":")[0]

@@ -1,7 +1,13 @@
-"""A provider's config file (TOML): load, give defaults, then check with named fields."""
+"""A provider's config file (TOML), in three steps: `read_config` parses it (capped),
+`with_defaults` fills what it leaves out from the one table `DEFAULTS`, and
+`check_fields` checks the result, raising ConfigError that names the bad field.
+
+`load_config(path)` runs all three; `check_config(doc, base)` the last two.
+"""
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,63 @@ class ProviderConfig:
         return next((d for d in self.datasets if d.name == name), None)
 
 
+# The one table of defaults: field (dotted; `[]` means each table of an array) ->
+# what a config that leaves it out gets. A table is given defaults only if present:
+# a missing required table stays missing, for the check to name. Values a config
+# built in code also gets come from the dataclasses, so the two cannot disagree.
+DEFAULTS: dict[str, Any] = {
+    "node.poll_wait": ProviderConfig.poll_wait,
+    "datasets": [],
+    "approve": [],
+    "approve[].code_digests": list(ApprovalRule.code_digests),
+}
+SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
+NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second")
+DATASET_FIELDS = ("name", "path")
+
+
+def load_config(path: Path) -> ProviderConfig:
+    return check_config(read_config(path), base=path.parent)
+
+
+def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
+    """A parsed config file, given its defaults and checked; `base` resolves relative paths."""
+    return check_fields(with_defaults(doc), base)
+
+
+# -- 1. read -----------------------------------------------------------------------------------
+def read_config(path: Path) -> dict[str, Any]:
+    raw = read_capped(path, MAX_CONFIG, "config")
+    try:
+        return tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
+
+
+# -- 2. defaults -------------------------------------------------------------------------------
+def with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `doc` with every field of `DEFAULTS` it leaves out filled in.
+
+    Checks nothing: a table of the wrong type is left as it is, for `check_fields`.
+    """
+    out = copy.deepcopy(doc)
+    for field, value in DEFAULTS.items():
+        section, _, name = field.partition(".")
+        if not name:
+            out.setdefault(section, copy.deepcopy(value))
+            continue
+        if section.endswith("[]"):
+            items = out.get(section[:-2])
+            tables = [t for t in items if isinstance(t, dict)] if isinstance(items, list) else []
+        else:
+            table = out.get(section)
+            tables = [table] if isinstance(table, dict) else []
+        for t in tables:
+            t.setdefault(name, copy.deepcopy(value))
+    return out
+
+
+# -- 3. check ----------------------------------------------------------------------------------
 def _str(table: dict[str, Any], key: str, where: str) -> str:
     value = table.get(key)
     if not isinstance(value, str) or not value:
@@ -47,32 +110,28 @@ def _str(table: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def load_config(path: Path) -> ProviderConfig:
-    raw = read_capped(path, MAX_CONFIG, "config")
-    try:
-        doc = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
-    return check_config(doc, base=path.parent)
+def _unknown(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown field")
 
 
-def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
+def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
+    """Check a config that `with_defaults` has filled in; the error names the bad field."""
     for key in doc:
-        if key not in ("node", "datasets", "policy", "collateral", "approve"):
+        if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section")
     node = doc.get("node")
     if not isinstance(node, dict):
         raise ConfigError("node: required table with name, key_file, scheduler")
-    for key in node:
-        if key not in ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second"):
-            raise ConfigError(f"node.{key}: unknown field")
-    poll_wait = node.get("poll_wait", 20.0)
+    _unknown(node, NODE_FIELDS, "node")
+    poll_wait = node["poll_wait"]
     if not isinstance(poll_wait, (int, float)) or not 0 < poll_wait <= 60:
         raise ConfigError("node.poll_wait: a number of seconds in (0, 60]")
     rate = node.get("upload_rows_per_second")
     if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
         raise ConfigError("node.upload_rows_per_second: a positive number (or leave it out)")
-    datasets = doc.get("datasets", [])
+    datasets = doc["datasets"]
     if not isinstance(datasets, list):
         raise ConfigError("datasets: expected an array of tables [[datasets]]")
     checked: list[DatasetConfig] = []
@@ -80,9 +139,7 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         where = f"datasets[{i}]"
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a table")
-        for key in d:
-            if key not in ("name", "path"):
-                raise ConfigError(f"{where}.{key}: unknown field")
+        _unknown(d, DATASET_FIELDS, where)
         p = Path(_str(d, "path", where))
         p = p if p.is_absolute() else base / p
         if not p.is_file():
@@ -103,5 +160,5 @@ def check_config(doc: dict[str, Any], base: Path) -> ProviderConfig:
         upload_rows_per_second=float(rate) if rate is not None else None,
         collateral=collateral_source(doc.get("collateral"), base),
         amd_ark=amd_ark(doc.get("collateral"), base),
-        approve=load_rules(doc.get("approve")),
+        approve=load_rules(doc["approve"]),
     )

@@ -30,9 +30,11 @@ class ApprovalRule:
                 and (not self.code_digests or spec.code_digest in self.code_digests))
 
 
+RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests")
+
+
 def load_rules(raw: Any) -> tuple[ApprovalRule, ...]:
-    if raw is None:
-        return ()
+    """Check the config's [[approve]] tables, defaults already given (provider/config.py)."""
     if not isinstance(raw, list):
         raise ConfigError("approve: expected an array of tables [[approve]]")
     rules = []
@@ -41,11 +43,11 @@ def load_rules(raw: Any) -> tuple[ApprovalRule, ...]:
         if not isinstance(r, dict):
             raise ConfigError(f"{where}: expected a table")
         for key in r:
-            if key not in ("compute", "datasets", "receivers", "code_digests"):
+            if key not in RULE_FIELDS:
                 raise ConfigError(f"{where}.{key}: unknown field")
         fields = {}
-        for key in ("compute", "datasets", "receivers", "code_digests"):
-            value = r.get(key, [] if key == "code_digests" else None)
+        for key in RULE_FIELDS:
+            value = r.get(key)
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

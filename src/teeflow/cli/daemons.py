@@ -1,0 +1,95 @@
+"""`teeflow scheduler`, `teeflow provider`, `teeflow executor`: the three node roles.
+
+Each command parses its flags and hands over to the role's own package; a daemon
+runs until it is stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from teeflow.cli.common import SCHEDULER_LISTEN, console, setup_logging
+from teeflow.core.errors import InputError
+
+EXECUTOR_LISTEN = "127.0.0.1:8815"
+
+
+@click.command()
+@click.option("--db", required=True, type=click.Path(path_type=Path), help="SQLite file.")
+@click.option("--listen", default=SCHEDULER_LISTEN, show_default=True)
+@click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
+def scheduler(db: Path, listen: str, port_file: str | None) -> None:
+    """Run the scheduler (HTTP JSON API over a SQLite file)."""
+    from teeflow.net.listen import parse_listen
+    from teeflow.scheduler.server import serve
+
+    setup_logging(False)
+    host, port = parse_listen(listen)
+    serve(str(db), host, port, port_file)
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def provider(config_path: Path) -> None:
+    """Run a data provider node from its TOML config."""
+    from teeflow.provider.config import load_config
+    from teeflow.provider.node import Provider
+
+    setup_logging(False)
+    node = Provider(load_config(config_path))
+    console.print(f"teeflow provider {node.config.name} polling {node.config.scheduler}")
+    node.run_forever()
+
+
+@click.command()
+@click.option("--tee", default="simulated", show_default=True, help="TEE backend.")
+@click.option("--listen", default=EXECUTOR_LISTEN, show_default=True)
+@click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
+@click.option("--debug-enclave", is_flag=True, help="Simulated only: mark evidence debug.")
+@click.option("--register", "register_with", default=None,
+              help="Scheduler URL to register this executor with.")
+@click.option("--advertise", default=None, help="HOST:PORT others reach this executor at.")
+@click.option("--attestation-dir", default=None, help="sgx: Gramine's /dev/attestation.")
+@click.option("--tsm-root", default=None, help="tdx, sev-snp: the configfs-tsm report dir.")
+@click.option("--memory-budget", default=None,
+              help="Input bytes held in memory (e.g. 2GiB); beyond it inputs spill, sealed.")
+@click.option("--spill-dir", default=None, help="Where sealed spill files go (default: TMPDIR).")
+def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
+             register_with: str | None, advertise: str | None, attestation_dir: str | None,
+             tsm_root: str | None, memory_budget: str | None, spill_dir: str | None) -> None:
+    """Run a TEE executor (Flight over TLS, key made inside this process)."""
+    from teeflow.attestation.registry import make_backend
+    from teeflow.executor.server import serve
+    from teeflow.net.listen import parse_listen
+
+    setup_logging(False)
+    host, port = parse_listen(listen)
+    options: dict[str, Any] = {"debug": True} if debug_enclave else {}
+    if tee == "sgx":
+        options = {"attestation_dir": attestation_dir}
+    elif tee in ("tdx", "sev-snp"):
+        options = {"tsm_root": tsm_root}
+    budget = parse_size(memory_budget) if memory_budget else None
+    serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
+          budget, spill_dir)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '512MB', '2GiB', '1000000'."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIKMG")
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise InputError(f"--memory-budget {text!r} is not a size like 512MB or 2GiB") from None
+    if value < 1:
+        raise InputError("--memory-budget must be positive")
+    return int(value)
+
+
+COMMANDS = (scheduler, provider, executor)
