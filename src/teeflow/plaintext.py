@@ -12,6 +12,7 @@ follows the same written rule: the test rows are the first ceil(test_fraction * 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -178,7 +179,7 @@ def plaintext_xgboost(
     return _with_metrics(result, len(df), train, test, metric)
 
 
-PLAINTEXT_MODELS = {
+PLAINTEXT_MODELS: dict[str, Callable[..., dict[str, Any]]] = {
     "logistic_regression": plaintext_logistic_regression,
     "linear_regression": plaintext_linear_regression,
     "xgboost": plaintext_xgboost,

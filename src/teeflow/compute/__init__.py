@@ -157,7 +157,7 @@ def _declared_uses(name: str) -> tuple[str, ...]:
 
 def _from_module(module: ModuleType) -> Computation:
     name: str = module.NAME
-    layout = getattr(module, "LAYOUT", "any")
+    layout: Layout = getattr(module, "LAYOUT", "any")
     if layout not in LAYOUTS:
         raise ValueError(f"computation {name!r}: unknown layout {layout!r}")
     min_datasets = int(getattr(module, "MIN_DATASETS", 1))
@@ -183,7 +183,9 @@ def _from_module(module: ModuleType) -> Computation:
 
     def run_stream(inputs: list[Source], params: dict[str, Any]) -> dict[str, Any]:
         enough(len(inputs))
-        return streamed(inputs, params)
+        assert streamed is not None
+        result: dict[str, Any] = streamed(inputs, params)
+        return result
 
     pre_schemas = getattr(module, "precheck_schemas", None)
     return Computation(

@@ -50,7 +50,7 @@ class Provider:
         self.identity = identity or load_or_create_key(config.key_file)
         self.scheduler = SchedulerClient(config.scheduler, self.identity)
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
-        self._busy: set[tuple[str, str]] = set()
+        self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
 

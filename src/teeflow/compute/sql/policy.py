@@ -109,7 +109,7 @@ def _parse(query: str) -> dict[str, Any]:
         raw = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()
     finally:
         con.close()
-    tree = json.loads(raw[0]) if raw else {"error": True}
+    tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
     if tree.get("error"):
         detail = tree.get("error_message", "not serializable")
         raise _refuse(f"only a plain SELECT statement is allowed ({detail})")
