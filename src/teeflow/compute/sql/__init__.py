@@ -83,7 +83,8 @@ MIN_DATASETS = 1
 # What this computation's code digest covers (names, not imports: the engine loads lazily).
 USES = (
     "teeflow.compute.params", "teeflow.compute.rows", "teeflow.compute.usercode",
-    "teeflow.compute.sql.policy", "teeflow.compute.sql.rewrite", "teeflow.compute.sql.session",
+    "teeflow.compute.sql.policy",
+    "teeflow.compute.sql.tree", "teeflow.compute.sql.rewrite", "teeflow.compute.sql.session",
 )
 
 MAX_QUERY = 64 * 1024
