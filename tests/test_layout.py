@@ -137,3 +137,30 @@ def test_shared_packages_import_no_role():
         if name.startswith(("teeflow.compute", "teeflow.core", "teeflow.attestation",
                             "teeflow.net", "teeflow.files")):
             assert not [i for i in imports if i.startswith(roles)], name
+
+
+def _all_imports(path: Path) -> set[str]:
+    """teeflow modules a file imports anywhere (lazy imports inside functions too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("teeflow"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("teeflow"):
+            base = node.module or ""
+            out.update(f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base
+                       for a in node.names)
+    return out
+
+
+def test_code_digests_cover_all_the_code_they_run():
+    """Every teeflow module a computation's code imports (eagerly or lazily) is part of its
+    digest, except the pure shared core (errors, wire): owners sign what actually runs."""
+    from teeflow import compute
+
+    for name in compute.names():
+        comp = compute.get(name)
+        for module, path in zip(comp.modules, comp.sources, strict=True):
+            missing = {m for m in _all_imports(Path(path))
+                       if not m.startswith(("teeflow.core", "teeflow.errors")) and m != "teeflow"
+                       and m not in comp.modules}
+            assert not missing, f"{name}: {module} runs {sorted(missing)}, not in its digest"
