@@ -23,7 +23,14 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner, make_tls_identity, spki_sha256
-from teeflow.core.errors import AuthError, InputError, PolicyRefused, StateError, Unreachable
+from teeflow.core.errors import (
+    AuthError,
+    InputError,
+    PolicyRefused,
+    StateError,
+    UnknownTask,
+    Unreachable,
+)
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor.server import ExecutorFlightServer, build
@@ -288,3 +295,23 @@ def test_result_only_to_initiator(serve):
         assert status["status"] == "released" and status["inputs_held"] == []
         with pytest.raises(StateError):
             client.take_result(TASK, initiator)  # once
+
+
+def _raw_action(address: str, kind: str, body: bytes) -> None:
+    client = ExecutorClient(address, fetch_certificate(address))
+    with client:
+        client.action(kind, body)
+
+
+def test_create_task_with_a_mistyped_approval_is_an_input_error(serve):
+    """An approval field of the wrong type is named, not an AttributeError from inside."""
+    running = serve(build(SimulatedBackend()))
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    spec = _spec(owner, initiator)
+    body = wire.canonical({"spec": spec.to_dict(),
+                           "approvals": [{"signer": 5, "signature": []}]})
+    with pytest.raises(InputError, match="create-task.*approvals.0.signer") as err:
+        _raw_action(running.address, "create-task", body)
+    assert "AttributeError" not in str(err.value)
+    with pytest.raises(UnknownTask):
+        running.server.executor.status(TASK)

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,15 @@ from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
-from teeflow.executor.service import Executor, FlRequest, UploadRequest
+from teeflow.executor.messages import (
+    CancelRequest,
+    CreateTask,
+    FlModel,
+    FlUpdate,
+    ResultRequest,
+    UploadRequest,
+)
+from teeflow.executor.service import Executor
 from teeflow.net.flight_errors import to_flight
 from teeflow.net.listen import write_port_file
 
@@ -42,6 +51,86 @@ def _json(obj: Any) -> list[fl.Result]:
     return [fl.Result(pa.py_buffer(json.dumps(obj).encode()))]
 
 
+def _raw(data: bytes) -> list[fl.Result]:
+    return [fl.Result(pa.py_buffer(data))]
+
+
+Handler = Callable[["ExecutorFlightServer", bytes], list[fl.Result]]
+
+
+def _info(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated})
+
+
+def _catalog(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _json(compute.describe_all())
+
+
+def _certificate(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _raw(server.cert_pem)
+
+
+def _evidence(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _raw(server.executor.evidence(body).encode())
+
+
+def _challenge(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _raw(server.executor.challenge())
+
+
+def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = CreateTask.decode(body)
+    server.executor.create_task(wire.TaskSpec.from_dict(req.spec), req.approvals,
+                                {k: schema_from_b64(v) for k, v in req.schemas.items()})
+    return _json({"accepted": True})
+
+
+def _run(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _json({"status": server.executor.run(_task_id(body))})
+
+
+def _status(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _json(server.executor.status(_task_id(body)))
+
+
+def _result(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = ResultRequest.decode(body)
+    return _raw(server.executor.take_result(req.task_id, req.receiver, req.challenge,
+                                            req.signature))
+
+
+def _fl_model(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    return _json(server.executor.fl_model(FlModel.decode(body).request()))
+
+
+def _fl_update(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = FlUpdate.decode(body)
+    return _json(server.executor.fl_update(req.request(), req.update))
+
+
+def _cancel(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = CancelRequest.decode(body)
+    server.executor.cancel(req.task_id, req.key, req.signature)
+    return _json({"cancelled": True})
+
+
+# action name -> (what it does, its handler)
+ACTIONS: dict[str, tuple[str, Handler]] = {
+    "info": ("TEE type and whether it is simulated", _info),
+    "catalog": ("the computations this executor runs: parameters and code digests", _catalog),
+    "certificate": ("the executor's TLS certificate (PEM)", _certificate),
+    "evidence": ("evidence binding the TLS key and the body's nonce", _evidence),
+    "challenge": ("a single-use value to sign for upload or result", _challenge),
+    "create-task": ("register a task spec (JSON)", _create_task),
+    "run": ("start the computation of a task whose inputs are all in", _run),
+    "status": ("a task's status; never any data", _status),
+    "result": ("the result, to the initiator only (signed challenge)", _result),
+    "fl-model": ("a federated task's global model, to an owner (signed)", _fl_model),
+    "fl-update": ("an owner's update for the current round (signed)", _fl_update),
+    "cancel": ("cancel a task and wipe its inputs (initiator or owner, signed)", _cancel),
+}
+
+
 class ExecutorFlightServer(fl.FlightServerBase):
     def __init__(self, executor: Executor, location: str, cert_pem: bytes, key_pem: bytes):
         super().__init__(location, tls_certificates=[fl.CertKeyPair(cert_pem, key_pem)])
@@ -49,89 +138,19 @@ class ExecutorFlightServer(fl.FlightServerBase):
         self.cert_pem = cert_pem
 
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
-        return [
-            ("info", "TEE type and whether it is simulated"),
-            ("catalog", "the computations this executor runs: parameters and code digests"),
-            ("certificate", "the executor's TLS certificate (PEM)"),
-            ("evidence", "evidence binding the TLS key and the body's nonce"),
-            ("challenge", "a single-use value to sign for upload or result"),
-            ("create-task", "register a task spec (JSON)"),
-            ("run", "start the computation of a task whose inputs are all in"),
-            ("status", "a task's status; never any data"),
-            ("result", "the result, to the initiator only (signed challenge)"),
-            ("fl-model", "a federated task's global model, to an owner (signed)"),
-            ("fl-update", "an owner's update for the current round (signed)"),
-            ("cancel", "cancel a task and wipe its inputs (initiator or owner, signed)"),
-        ]
+        return [(name, about) for name, (about, _) in ACTIONS.items()]
 
     def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> list[fl.Result]:
         body = action.body.to_pybytes() if action.body is not None else b""
         try:
             if len(body) > MAX_ACTION_BODY:
                 raise InputError(f"action body larger than {MAX_ACTION_BODY} bytes")
-            return self._dispatch(action.type, body)
+            entry = ACTIONS.get(action.type)
+            if entry is None:
+                raise InputError(f"unknown action {action.type!r}")
+            return entry[1](self, body)
         except TeeflowError as exc:
             raise to_flight(exc) from None
-
-    def _dispatch(self, kind: str, body: bytes) -> list[fl.Result]:
-        ex = self.executor
-        if kind == "info":
-            return _json({"tee": ex.backend.tee, "simulated": ex.simulated})
-        if kind == "catalog":
-            return _json(compute.describe_all())
-        if kind == "certificate":
-            return [fl.Result(pa.py_buffer(self.cert_pem))]
-        if kind == "evidence":
-            return [fl.Result(pa.py_buffer(ex.evidence(body).encode()))]
-        if kind == "challenge":
-            return [fl.Result(pa.py_buffer(ex.challenge()))]
-        if kind == "create-task":
-            req = wire.parse_json(body, "create-task")
-            approvals = req.get("approvals")
-            if not isinstance(req.get("spec"), dict) or not isinstance(approvals, list) or \
-                    not all(isinstance(a, dict) for a in approvals):
-                raise InputError("create-task: needs spec and a list of approvals")
-            schemas = req.get("schemas", {})
-            if not isinstance(schemas, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in schemas.items()):
-                raise InputError("create-task: schemas must map dataset names to schemas")
-            ex.create_task(wire.TaskSpec.from_dict(req["spec"]), approvals,
-                           {k: schema_from_b64(v) for k, v in schemas.items()})
-            return _json({"accepted": True})
-        if kind == "run":
-            return _json({"status": ex.run(_task_id(body))})
-        if kind == "status":
-            return _json(ex.status(_task_id(body)))
-        if kind == "result":
-            req = wire.parse_json(body, "result request")
-            try:
-                task_id, receiver = str(req["task_id"]), str(req["receiver"])
-                challenge = bytes.fromhex(req["challenge"])
-                signature = bytes.fromhex(req["signature"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(
-                    "result request: needs task_id, receiver, challenge, signature") from exc
-            envelope = ex.take_result(task_id, receiver, challenge, signature)
-            return [fl.Result(pa.py_buffer(envelope))]
-        if kind in ("fl-model", "fl-update"):
-            req = wire.parse_json(body, kind)
-            request = FlRequest.from_dict(kind, req)
-            if kind == "fl-model":
-                return _json(ex.fl_model(request))
-            update = req.get("update")
-            if not isinstance(update, dict):
-                raise InputError("fl-update: needs the update")
-            return _json(ex.fl_update(request, update))
-        if kind == "cancel":
-            req = wire.parse_json(body, "cancel")
-            try:
-                task_id, key = str(req["task_id"]), str(req["key"])
-                signature = bytes.fromhex(req["signature"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError("cancel: needs task_id, key and signature") from exc
-            ex.cancel(task_id, key, signature)
-            return _json({"cancelled": True})
-        raise InputError(f"unknown action {kind!r}")
 
     def do_put(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor,
                reader: fl.MetadataRecordBatchReader, writer: fl.FlightMetadataWriter) -> None:

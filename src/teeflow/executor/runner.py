@@ -1,0 +1,85 @@
+"""Running a task's computation over its held inputs, once every input is in; then the
+inputs are wiped, whatever the outcome. A crash inside the computation is reported by
+its type only: no message from inside may leave the enclave.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pyarrow as pa
+
+from teeflow import compute
+from teeflow.compute.rows import Source
+from teeflow.core.errors import ComputeError, StateError, TeeflowError
+from teeflow.executor.inputs import batches_of
+from teeflow.executor.release import Release
+from teeflow.executor.states import TASK, TaskEvent, TaskState, missing_inputs
+from teeflow.executor.tasks import Task, Tasks
+
+log = logging.getLogger("teeflow.executor")
+
+
+class Runner:
+    def __init__(self, tasks: Tasks, release: Release) -> None:
+        self.tasks = tasks
+        self.release = release
+
+    def run(self, task_id: str, background: bool = True) -> str:
+        with self.tasks.lock:
+            task = self.tasks.get(task_id)
+            if not TASK.allows(task.status, TaskEvent.RUN) or task.fed is not None:
+                return str(task.status)  # a federated task finishes with its last round
+            missing = missing_inputs(task.uploads)
+            if missing:
+                raise StateError(f"task {task_id}: still waiting for {missing}")
+            task.step(TaskEvent.RUN)
+        if background:
+            threading.Thread(target=self._compute, args=(task,), daemon=True).start()
+        else:
+            self._compute(task)
+        return str(TaskState.RUNNING)
+
+    def _compute(self, task: Task) -> None:
+        spec = task.spec
+        self.tasks.settle(task)  # every input's `received` entry is in before the run
+        try:
+            comp = compute.get(spec.compute)
+            comp.check_schemas({d.name: task.schemas[d.name] for d in spec.datasets},
+                               task.params)
+            if task.spills:  # larger than the memory budget: stream it
+                value = self._run_streamed(task, comp)
+            else:
+                tables = [(d.name, pa.Table.from_batches(task.inputs[d.name],
+                                                         task.schemas[d.name]))
+                          for d in spec.datasets]
+                value = comp.run(tables, task.params)
+                del tables
+            plaintext, sealed = self.release.seal_all(task, value)
+        except TeeflowError as exc:
+            with self.tasks.lock:
+                self.tasks.fail(task, str(exc))
+            return
+        except Exception as exc:  # never let an inner message leave the enclave
+            log.exception("task %s: computation crashed", spec.task_id)
+            with self.tasks.lock:
+                self.tasks.fail(task, f"computation {spec.compute} failed ({type(exc).__name__})")
+            return
+        with self.tasks.lock:
+            self.tasks.wipe(task, "computed")
+            if TASK.allows(task.status, TaskEvent.FINISH):  # not cancelled meanwhile
+                self.release.done(task, TaskEvent.FINISH, plaintext, sealed)
+        log.info("task %s done; inputs wiped", spec.task_id)
+
+    def _run_streamed(self, task: Task, comp: compute.Computation) -> dict[str, Any]:
+        budget = self.tasks.memory.limit
+        if comp.run_stream is None:
+            total = sum(v["bytes"] for v in task.received.values())
+            raise ComputeError(f"{comp.name} needs its whole input in memory ({total} bytes), "
+                               f"more than the executor's budget of {budget} bytes")
+        sources = [Source(d.name, task.schemas[d.name], task.received[d.name]["rows"],
+                          batches_of(task.inputs[d.name], task.spills.get(d.name)))
+                   for d in task.spec.datasets]
+        return comp.run_stream(sources, {**task.params, "_memory_budget": f"{budget}B"})
