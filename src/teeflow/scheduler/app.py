@@ -130,8 +130,13 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
                     raise Unauthenticated(str(exc)) from None
                 if registered and store.node_by_key(key) is None:
                     raise Unauthenticated("request signed by a key that is not registered")
-                request.scope[CALLER] = key
-                return await decode_and_handle(Request(request.scope, _replay(raw)))
+                # every body is JSON whatever content-type it claims (as the signature
+                # covers the body, not that header), so FastAPI decodes it as JSON
+                headers = [(k, v) for k, v in request.scope["headers"]
+                           if k.lower() != b"content-type"]
+                scope = {**request.scope, CALLER: key,
+                         "headers": [*headers, (b"content-type", b"application/json")]}
+                return await decode_and_handle(Request(scope, _replay(raw)))
 
             return handler
 
