@@ -471,7 +471,8 @@ def test_from_dict_rejects_a_version_that_only_equals_one(version):
 
 _text = st.text(max_size=12)
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**53, 2**53) | _text,
+    # RFC 8785 (I-JSON) integers: what a double holds exactly, +/-(2**53 - 1)
+    st.none() | st.booleans() | st.integers(-(2**53 - 1), 2**53 - 1) | _text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
     max_leaves=8)
 _refs = st.lists(st.builds(wire.DatasetRef, _text, _text, _text, _text), min_size=1,

@@ -1,26 +1,83 @@
-"""Typed wire models with one canonical encoding (sorted-key compact JSON)."""
+"""Typed wire models with one canonical encoding: the JSON Canonicalization Scheme (JCS,
+RFC 8785) for everything signed or hashed.
+
+JCS has no NaN or infinity and keeps integers to what an IEEE double holds exactly; such a
+value in content to be signed is refused with an InputError naming where it is, never what
+it is (it may be derived from data).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
+
+import rfc8785
 
 from teeflow.core.errors import InputError
 
 MAX_MESSAGE = 1024 * 1024
+MAX_SAFE_INTEGER = 2**53 - 1  # RFC 8785 / I-JSON (RFC 7493): integers a double holds exactly
+
+
+def _refuse_unrepresentable(obj: Any, path: str) -> None:
+    """InputError naming the first value, by its path, that JCS cannot encode."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise InputError(f"{path}: NaN or infinity cannot be signed (RFC 8785 JSON)")
+    elif isinstance(obj, int):
+        if abs(obj) > MAX_SAFE_INTEGER:
+            raise InputError(f"{path}: integer beyond +/-(2**53 - 1) cannot be signed "
+                             "(RFC 8785 JSON)")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise InputError(f"{path}: an object key that is not a string")
+            _refuse_unrepresentable(value, f"{path}.{key}")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            _refuse_unrepresentable(value, f"{path}[{i}]")
+    else:
+        raise InputError(f"{path}: a {type(obj).__name__} is not JSON")
 
 
 def canonical(obj: Any) -> bytes:
+    """RFC 8785 (JCS) bytes of a JSON value: what every signature and digest is taken over."""
+    _refuse_unrepresentable(obj, "$")
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:  # e.g. a lone surrogate in a string
+        raise InputError(f"not representable in RFC 8785 JSON: {type(exc).__name__}") from None
+
+
+def compact_json(obj: Any) -> bytes:
+    """Sorted-key compact JSON that is neither signed nor re-encoded to be checked, so may
+    hold NaN or infinity (written as Python's json writes them), e.g. a result's metrics.
+    Not canonical: never sign or compare what this returns."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def jcs_int(text: str) -> int | float:
+    """A JSON integer as JCS means it: a double. Exact beyond 2**53 only as a float (JCS
+    writes a float such as 1e17 without an exponent, which json.loads would make an int)."""
+    value = int(text)
+    return value if abs(value) <= MAX_SAFE_INTEGER else float(value)
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON as canonical() writes it back: integers beyond 2**53 become the doubles they are."""
+    return json.loads(data, parse_int=jcs_int)
 
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE:
         raise InputError(f"{what}: larger than {MAX_MESSAGE} bytes")
     try:
-        body = json.loads(data)
+        body = loads(data)
     except (ValueError, RecursionError) as exc:
         raise InputError(f"{what}: not JSON") from exc
     if not isinstance(body, dict):
@@ -118,6 +175,8 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> TaskSpec:
         w = "task spec"
+        if not isinstance(body, dict):
+            raise InputError("task spec: expected a JSON object")
         if type(body.get("version")) is not int or body["version"] != SPEC_VERSION:
             raise InputError(f"task spec: version must be {SPEC_VERSION}")
         params = _field(body, "params", dict, w)

@@ -1,6 +1,8 @@
 """HTTP client of the scheduler's API, shared by providers, executors, the SDK and CLI.
 
-Every request is signed with the caller's node key (core/auth.py).
+Every request is signed with the caller's node key (core/auth.py). Bodies are built from
+the API's models (core/api.py) and answers checked against them; methods still return
+plain JSON values, as their callers expect.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from collections.abc import Generator
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
-from teeflow.core import auth
+from teeflow.core import api, auth
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import PeerError, Unreachable, from_code
 from teeflow.core.wire import cancel_message
@@ -47,7 +50,12 @@ class SchedulerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, timeout: float | None = None, **kw: Any) -> Any:
+    def _call(self, method: str, path: str, timeout: float | None = None,
+              body: BaseModel | None = None, answer: Any = None, **kw: Any) -> Any:
+        """`body` is sent as its JSON; the reply is checked against the `answer` type."""
+        if body is not None:
+            kw["content"] = body.model_dump_json(by_alias=True).encode()
+            kw["headers"] = {"content-type": "application/json"}
         try:
             if timeout is not None:
                 kw["timeout"] = timeout
@@ -62,63 +70,78 @@ class SchedulerClient:
                 raise PeerError(f"scheduler answered {resp.status_code}: {resp.text[:200]}") \
                     from None
             raise from_code("auth" if code == "unauthenticated" else code, message)
-        return resp.json()
+        try:
+            reply = resp.json()
+        except ValueError:
+            raise PeerError(f"scheduler answered {method} {path} with no JSON") from None
+        if answer is not None:
+            api.response(answer, reply, f"scheduler {method} {path}")
+        return reply
 
     def register_node(self, name: str) -> None:
-        self._call("POST", "/v1/nodes", json={
+        self._call("POST", "/v1/nodes", body=api.request(api.RegisterNode, {
             "name": name, "public_key": self.identity.public_key(),
-            "enc_key": self.identity.encryption_public_key()})
+            "enc_key": self.identity.encryption_public_key()}, "register node"),
+            answer=api.NodeRegistered)
 
     def nodes(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/nodes")
+        return self._call("GET", "/v1/nodes", answer=list[api.Node])
 
     def register_executor(self, address: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/executors", json={"address": address})
+        return self._call("POST", "/v1/executors", body=api.RegisterExecutor(address=address),
+                          answer=api.ExecutorRegistered)
 
     def executors(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/executors")
+        return self._call("GET", "/v1/executors", answer=list[api.Executor])
 
     def add_dataset(self, owner: str, name: str, schema_b64: str, rows: int) -> dict[str, Any]:
-        return self._call("POST", "/v1/datasets",
-                          json={"owner": owner, "name": name, "schema": schema_b64, "rows": rows})
+        body = api.request(api.AddDataset, {"owner": owner, "name": name, "schema": schema_b64,
+                                            "rows": rows}, "add dataset")
+        return self._call("POST", "/v1/datasets", body=body, answer=api.DatasetAdded)
 
     def datasets(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/datasets")
+        return self._call("GET", "/v1/datasets", answer=list[api.Dataset])
 
     def work(self, node: str, wait: float) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/nodes/{node}/work", params={"wait": wait},
-                          timeout=wait + 30)
+                          timeout=wait + 30, answer=list[api.WorkItem])
 
     def report(self, task_id: str, dataset: str, state: str, rows: int = 0,
                error: str | None = None, attested: dict[str, Any] | None = None) -> None:
-        body: dict[str, Any] = {"state": state, "rows": rows, "error": error,
-                                "attested": attested}
+        fields: dict[str, Any] = {"state": state, "rows": rows, "error": error,
+                                  "attested": attested}
         if state == "failed":  # an owner's failure stops the task at the executor too
-            body["cancel_signature"] = self.identity.sign(cancel_message(task_id)).hex()
-        self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}", json=body)
+            fields["cancel_signature"] = self.identity.sign(cancel_message(task_id)).hex()
+        self._call("POST", f"/v1/tasks/{task_id}/assignments/{dataset}",
+                   body=api.request(api.Report, fields, "report"), answer=api.Ok)
 
     def submit(self, spec: dict[str, Any], signature: str,
                executor: str | None = None) -> dict[str, Any]:
-        return self._call("POST", "/v1/tasks", timeout=120,
-                          json={"spec": spec, "signature": signature, "executor": executor})
+        body = api.request(api.SubmitTask, {"spec": spec, "signature": signature,
+                                            "executor": executor}, "submit")
+        return self._call("POST", "/v1/tasks", timeout=120, body=body, answer=api.TaskView)
 
     def decide(self, task_id: str, decision: str, signature: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/tasks/{task_id}/decision",
-                          json={"decision": decision, "signature": signature}, timeout=120)
+        body = api.request(api.Decision, {"decision": decision, "signature": signature},
+                           "decision")
+        return self._call("POST", f"/v1/tasks/{task_id}/decision", body=body, timeout=120,
+                          answer=api.TaskView)
 
     def tasks(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/tasks")
+        return self._call("GET", "/v1/tasks", answer=list[api.TaskView])
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/tasks/{task_id}")
+        return self._call("GET", f"/v1/tasks/{task_id}", answer=api.TaskDetail)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Signed for the executor too, so the scheduler can pass it on but not forge it."""
         signature = self.identity.sign(cancel_message(task_id)).hex()
-        return self._call("POST", f"/v1/tasks/{task_id}/cancel", json={"signature": signature})
+        return self._call("POST", f"/v1/tasks/{task_id}/cancel",
+                          body=api.Cancel(signature=signature), answer=api.TaskView)
 
     def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None)
+        return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None,
+                          answer=list[api.AuditEntry])
 
 
 __all__ = ["SchedulerClient"]

@@ -2,24 +2,29 @@
 
 Every request but /v1/health is signed by a registered node key (core/auth.py);
 registration itself is signed by the key being registered. Anything else gets
-401 and changes nothing.
+401 and changes nothing. The signature is checked over the raw body before it is
+decoded; then every body and answer is a model of core/api.py (the OpenAPI schema
+at /openapi.json), and one that does not fit is a 400 "input" error naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from teeflow.core import auth
+from teeflow.core import api, auth
 from teeflow.core.crypto import check_encryption_key, check_public_key
 from teeflow.core.errors import (
     AuthError,
@@ -39,6 +44,7 @@ log = logging.getLogger("teeflow.scheduler")
 MAX_BODY = 1024 * 1024
 MAX_WAIT = 60.0
 TICK = 0.5
+CALLER = "teeflow.caller"  # scope key: the verified key of a signed request
 
 
 class Unauthenticated(AuthError):
@@ -75,34 +81,69 @@ async def _raw(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError) as exc:
-        raise InputError("request body is not JSON") from exc
-    if not isinstance(body, dict):
-        raise InputError("request body must be a JSON object")
-    return body
+def _replay(raw: bytes) -> Callable[[], Coroutine[Any, Any, dict[str, Any]]]:
+    """An ASGI receive that hands FastAPI the body already read (and verified)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return receive
+
+
+def _caller(request: Request) -> str:
+    return str(request.scope[CALLER])
+
+
+Caller = Annotated[str, Depends(_caller)]
 
 
 def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = TICK,
                clock=time.time) -> FastAPI:
     sched = scheduler or Scheduler(store)
 
-    async def signed(request: Request, registered: bool = True) -> tuple[str, dict[str, Any]]:
-        """(caller key, JSON body) of a request signed by a (registered) key."""
-        raw = await _raw(request)
-        target = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        if request.url.query:
-            target += "?" + request.url.query
-        try:
-            key = auth.verify_request(request.method, target, request.headers, raw,
-                                      int(clock()), store.fresh_nonce)
-        except AuthError as exc:
-            raise Unauthenticated(str(exc)) from None
-        if registered and store.node_by_key(key) is None:
-            raise Unauthenticated("request signed by a key that is not registered")
-        return key, _json(raw)
+    class Signed(APIRoute):
+        """A route whose request must be signed by a registered key. The signature is
+        checked over the raw body (capped at MAX_BODY) before FastAPI decodes it into the
+        route's model; the caller's key is the `Caller` dependency."""
+
+        registered = True
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            decode_and_handle = super().get_route_handler()
+            registered = self.registered
+
+            async def handler(request: Request) -> Response:
+                raw = await _raw(request)
+                target = request.scope.get("raw_path", b"").decode("latin-1") or \
+                    request.url.path
+                if request.url.query:
+                    target += "?" + request.url.query
+                try:
+                    key = auth.verify_request(request.method, target, request.headers, raw,
+                                              int(clock()), store.fresh_nonce)
+                except AuthError as exc:
+                    raise Unauthenticated(str(exc)) from None
+                if registered and store.node_by_key(key) is None:
+                    raise Unauthenticated("request signed by a key that is not registered")
+                # every body is JSON whatever content-type it claims (as the signature
+                # covers the body, not that header), so FastAPI decodes it as JSON
+                headers = [(k, v) for k, v in request.scope["headers"]
+                           if k.lower() != b"content-type"]
+                scope = {**request.scope, CALLER: key,
+                         "headers": [*headers, (b"content-type", b"application/json")]}
+                return await decode_and_handle(Request(scope, _replay(raw)))
+
+            return handler
+
+    class SignedByNewKey(Signed):
+        """Registration: signed by the key being registered."""
+
+        registered = False
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,6 +157,8 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         job.cancel()
 
     app = FastAPI(title="teeflow scheduler", lifespan=lifespan)
+    signed = APIRouter(route_class=Signed)
+    joining = APIRouter(route_class=SignedByNewKey)
 
     @app.exception_handler(TeeflowError)
     async def teeflow_error(request: Request, exc: TeeflowError) -> JSONResponse:
@@ -123,106 +166,94 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         return JSONResponse({"error": {"code": code, "message": str(exc)}},
                             status_code=_status(exc))
 
-    @app.get("/v1/health")
-    async def health() -> dict[str, Any]:
-        return {"ok": True}
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A body or query that does not fit its model: the 400 "input" error, naming the
+        field (never echoing the value)."""
+        message = "request " + api.describe(list(exc.errors()))
+        return JSONResponse({"error": {"code": InputError.code, "message": message}},
+                            status_code=400)
 
-    @app.post("/v1/nodes")
-    async def register_node(request: Request) -> dict[str, Any]:
-        key, body = await signed(request, registered=False)
-        name = str(body.get("name", ""))
-        if not name or len(name) > 64:
-            raise InputError("name: give a node name of 1 to 64 characters")
-        if body.get("public_key") != key:
+    @app.get("/v1/health")
+    async def health() -> api.Health:
+        return api.Health(ok=True)
+
+    @joining.post("/v1/nodes")
+    async def register_node(body: api.RegisterNode, key: Caller) -> api.NodeRegistered:
+        if body.public_key != key:
             raise Unauthenticated("a node registers its own key: sign with the key you register")
         try:
             check_public_key(key)
-            enc_key = check_encryption_key(str(body.get("enc_key", "")))
+            enc_key = check_encryption_key(body.enc_key)
         except AuthError as exc:
             raise InputError(str(exc)) from exc
-        store.register_node(name, key, enc_key)
-        return {"name": name}
+        store.register_node(body.name, key, enc_key)
+        return api.NodeRegistered(name=body.name)
 
-    @app.get("/v1/nodes")
-    async def list_nodes(request: Request) -> list[dict[str, Any]]:
-        await signed(request)
-        return store.nodes()
+    @signed.get("/v1/nodes")
+    async def list_nodes(key: Caller) -> list[api.Node]:
+        return [api.Node(**n) for n in store.nodes()]
 
-    @app.post("/v1/executors")
-    async def add_executor(request: Request) -> dict[str, Any]:
-        _, body = await signed(request)
-        return await run_in_threadpool(register_executor, store, str(body.get("address", "")))
+    @signed.post("/v1/executors")
+    async def add_executor(body: api.RegisterExecutor, key: Caller) -> api.ExecutorRegistered:
+        return api.ExecutorRegistered(
+            **await run_in_threadpool(register_executor, store, body.address))
 
-    @app.get("/v1/executors")
-    async def list_executors(request: Request) -> list[dict[str, Any]]:
-        await signed(request)
-        return store.executors()
+    @signed.get("/v1/executors")
+    async def list_executors(key: Caller) -> list[api.Executor]:
+        return [api.Executor(**e) for e in store.executors()]
 
-    @app.post("/v1/datasets")
-    async def add_dataset(request: Request) -> dict[str, Any]:
-        key, body = await signed(request)
-        name, owner = str(body.get("name", "")), str(body.get("owner", ""))
-        if not name or len(name) > 128:
-            raise InputError("name: give a dataset name of 1 to 128 characters")
-        if store.node_key(owner) != key:
-            raise AuthError(f"only node {owner!r} can catalog its datasets")
-        schema_b64 = str(body.get("schema", ""))
-        fingerprint = schema_fingerprint(schema_from_b64(schema_b64))
-        rows = body.get("rows")
-        if not isinstance(rows, int) or rows < 0:
-            raise InputError("rows: give the dataset's row count")
-        store.add_dataset(owner, name, schema_b64, fingerprint, rows)
-        return {"name": name, "fingerprint": fingerprint}
+    @signed.post("/v1/datasets")
+    async def add_dataset(body: api.AddDataset, key: Caller) -> api.DatasetAdded:
+        if store.node_key(body.owner) != key:
+            raise AuthError(f"only node {body.owner!r} can catalog its datasets")
+        fingerprint = schema_fingerprint(schema_from_b64(body.schema_))
+        store.add_dataset(body.owner, body.name, body.schema_, fingerprint, body.rows)
+        return api.DatasetAdded(name=body.name, fingerprint=fingerprint)
 
-    @app.get("/v1/datasets")
-    async def list_datasets(request: Request) -> list[dict[str, Any]]:
-        await signed(request)
-        return [{k: d[k] for k in ("name", "owner", "owner_key", "fingerprint", "rows",
-                                   "schema_b64")} for d in store.datasets()]
+    @signed.get("/v1/datasets")
+    async def list_datasets(key: Caller) -> list[api.Dataset]:
+        return [api.Dataset(**{k: d[k] for k in api.Dataset.model_fields})
+                for d in store.datasets()]
 
-    @app.post("/v1/tasks", status_code=201)
-    async def submit(request: Request) -> dict[str, Any]:
-        key, body = await signed(request)
-        task = await run_in_threadpool(sched.submit, key, body)
-        return task.to_dict()
+    @signed.post("/v1/tasks", status_code=201)
+    async def submit(body: api.SubmitTask, key: Caller) -> api.TaskView:
+        task = await run_in_threadpool(sched.submit, key, body.model_dump())
+        return api.TaskView(**task.to_dict())
 
-    @app.get("/v1/tasks")
-    async def list_tasks(request: Request) -> list[dict[str, Any]]:
-        await signed(request)
-        return [t.to_dict() for t in store.tasks()]
+    @signed.get("/v1/tasks")
+    async def list_tasks(key: Caller) -> list[api.TaskView]:
+        return [api.TaskView(**t.to_dict()) for t in store.tasks()]
 
-    @app.get("/v1/tasks/{task_id}")
-    async def get_task(task_id: str, request: Request) -> dict[str, Any]:
-        await signed(request)
+    @signed.get("/v1/tasks/{task_id}")
+    async def get_task(task_id: str, key: Caller) -> api.TaskDetail:
         task = store.task(task_id)
-        return {**task.to_dict(), "spec": task.spec, "assignments": store.assignments(task_id),
-                "approvals": store.approvals(task_id), "events": store.events(task_id)}
+        return api.TaskDetail.model_validate({
+            **task.to_dict(), "spec": task.spec, "assignments": store.assignments(task_id),
+            "approvals": store.approvals(task_id), "events": store.events(task_id)})
 
-    @app.post("/v1/tasks/{task_id}/decision")
-    async def decide(task_id: str, request: Request) -> dict[str, Any]:
-        key, body = await signed(request)
-        return (await run_in_threadpool(sched.decide, key, task_id, body)).to_dict()
+    @signed.post("/v1/tasks/{task_id}/decision")
+    async def decide(task_id: str, body: api.Decision, key: Caller) -> api.TaskView:
+        task = await run_in_threadpool(sched.decide, key, task_id, body.model_dump())
+        return api.TaskView(**task.to_dict())
 
-    @app.post("/v1/tasks/{task_id}/cancel")
-    async def cancel(task_id: str, request: Request) -> dict[str, Any]:
-        key, body = await signed(request)
-        return (await run_in_threadpool(sched.cancel, key, task_id, body)).to_dict()
+    @signed.post("/v1/tasks/{task_id}/cancel")
+    async def cancel(task_id: str, body: api.Cancel, key: Caller) -> api.TaskView:
+        task = await run_in_threadpool(sched.cancel, key, task_id, body.model_dump())
+        return api.TaskView(**task.to_dict())
 
-    @app.post("/v1/tasks/{task_id}/assignments/{dataset}")
-    async def report(task_id: str, dataset: str, request: Request) -> dict[str, Any]:
-        key, body = await signed(request)
-        await run_in_threadpool(sched.report, key, task_id, dataset, body)
-        return {"ok": True}
+    @signed.post("/v1/tasks/{task_id}/assignments/{dataset}")
+    async def report(task_id: str, dataset: str, body: api.Report, key: Caller) -> api.Ok:
+        await run_in_threadpool(sched.report, key, task_id, dataset, body.model_dump())
+        return api.Ok(ok=True)
 
-    @app.get("/v1/audit")
-    async def audit_log(request: Request, task: str | None = None) -> list[dict[str, Any]]:
-        await signed(request)
-        return [e.to_dict() for e in store.audit_log(task)]
+    @signed.get("/v1/audit")
+    async def audit_log(key: Caller, task: str | None = None) -> list[api.AuditEntry]:
+        return [api.AuditEntry(**e.to_dict()) for e in store.audit_log(task)]
 
-    @app.get("/v1/nodes/{node}/work")
-    async def work(node: str, request: Request, wait: float = 0.0) -> list[dict[str, Any]]:
+    @signed.get("/v1/nodes/{node}/work")
+    async def work(node: str, key: Caller, wait: float = 0.0) -> list[api.WorkItem]:
         """Long poll: a node's approval requests and uploads, as soon as there are any."""
-        key, _ = await signed(request)
         if store.node_key(node) != key:
             raise AuthError(f"only node {node!r} can take its own work")
         if not math.isfinite(wait):
@@ -232,7 +263,12 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         while True:
             items = store.approval_requests(key) + store.pending_for(node)
             if items or loop.time() >= deadline:
-                return items
+                return [_WORK.validate_python(i) for i in items]
             await asyncio.sleep(0.1)
 
+    app.include_router(joining)
+    app.include_router(signed)
     return app
+
+
+_WORK: TypeAdapter[api.WorkItem] = TypeAdapter(api.WorkItem)

@@ -1,0 +1,261 @@
+"""The scheduler's HTTP API as typed, frozen models: every request body and response.
+
+Shared by the server (scheduler/app.py, which publishes them as its OpenAPI schema) and
+its client (net/scheduler_client.py). Pure: pydantic only, no network, no files.
+
+Validation is strict (no coercion: "3" is not 3) and closed (an unknown field is an
+error), so what a model accepts is exactly what a signature was made over. Errors name
+the field and what was expected, never the value sent (`describe`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from teeflow.core.errors import InputError, PeerError
+
+AssignmentState = Literal["pending", "started", "uploaded", "failed"]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+# -- the task spec, as JSON (wire.TaskSpec is the checked value; docs/task-spec.md) ---------
+
+class SpecDataset(Model):
+    name: str
+    owner: str
+    owner_key: str
+    fingerprint: str
+
+
+class SpecReceiver(Model):
+    sign_key: str
+    enc_key: str
+
+
+class TaskSpecBody(Model):
+    """A task spec as sent and signed; `wire.TaskSpec.from_dict` checks the rest."""
+
+    version: int
+    task_id: str
+    compute: str
+    code_digest: str
+    params: dict[str, str]
+    datasets: list[SpecDataset] = Field(min_length=1)
+    executor_policy: dict[str, Any]
+    receivers: list[SpecReceiver] = Field(min_length=1)
+    initiator_key: str
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+class RegisterNode(Model):
+    name: str = Field(min_length=1, max_length=64)
+    public_key: str
+    enc_key: str
+
+
+class RegisterExecutor(Model):
+    address: str
+
+
+class AddDataset(Model):
+    name: str = Field(min_length=1, max_length=128)
+    owner: str
+    schema_: str = Field(alias="schema")  # base64 Arrow IPC schema
+    rows: int = Field(ge=0)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+
+class SubmitTask(Model):
+    spec: TaskSpecBody
+    signature: str
+    executor: str | None = None
+
+
+class Decision(Model):
+    decision: Literal["approved", "rejected"]
+    signature: str
+
+
+class Cancel(Model):
+    signature: str  # over wire.cancel_message, for the executor
+
+
+class Attested(Model):
+    body: dict[str, Any]
+    signature: str
+
+
+class Report(Model):
+    state: AssignmentState
+    rows: int = Field(0, ge=0)
+    error: str | None = None
+    attested: Attested | None = None
+    cancel_signature: str | None = None
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+class Health(Model):
+    ok: bool
+
+
+class Ok(Model):
+    ok: bool
+
+
+class NodeRegistered(Model):
+    name: str
+
+
+class Node(Model):
+    name: str
+    public_key: str
+    enc_key: str
+    registered_at: float
+
+
+class ExecutorRegistered(Model):
+    address: str
+    tee: str
+    measurements: dict[str, str]
+
+
+class Executor(ExecutorRegistered):
+    cert_pem: str
+    registered_at: float
+
+
+class DatasetAdded(Model):
+    name: str
+    fingerprint: str
+
+
+class Dataset(Model):
+    name: str
+    owner: str
+    owner_key: str
+    fingerprint: str
+    rows: int
+    schema_b64: str
+
+
+class TaskView(Model):
+    id: str
+    state: str
+    compute: str
+    params: dict[str, str]
+    executor: str
+    datasets: list[str]
+    spec_digest: str
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+class Assignment(Model):
+    task_id: str
+    dataset: str
+    node: str
+    state: AssignmentState
+    rows: int
+    error: str | None
+    updated_at: float
+
+
+class Approval(Model):
+    task_id: str
+    owner_key: str
+    decision: Literal["approved", "rejected"]
+    signature: str
+    at: float
+
+
+class Event(Model):
+    seq: int
+    at: float
+    event: str
+    detail: dict[str, Any]
+    signer: str
+
+
+class TaskDetail(TaskView):
+    spec: TaskSpecBody
+    assignments: list[Assignment]
+    approvals: list[Approval]
+    events: list[Event]
+
+
+class AuditEntry(Model):
+    seq: int
+    task_id: str
+    kind: str
+    body: dict[str, Any]
+    signer: str
+    signature: str
+    prev_hash: str
+    hash: str
+
+
+class ApproveWork(Model):
+    """A task using this node's data that waits for its decision."""
+
+    kind: Literal["approve"]
+    task_id: str
+    spec: TaskSpecBody
+    spec_digest: str
+
+
+class UploadWork(Model):
+    """An approved task's input this node should stream to the executor."""
+
+    kind: Literal["upload"]
+    task_id: str
+    dataset: str
+    executor: str
+    compute: str
+    spec: TaskSpecBody
+    spec_digest: str
+    approvals: list[Approval]
+
+
+WorkItem = Annotated[ApproveWork | UploadWork, Field(discriminator="kind")]
+
+
+# -- validation errors -------------------------------------------------------------------------
+
+def describe(errors: list[Any], skip: tuple[str, ...] = ()) -> str:
+    """Which fields were wrong and how; never the values (they may be anyone's data)."""
+    parts = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if str(p) not in skip]
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+M = TypeVar("M")
+
+
+def request(model: type[M], data: Any, what: str) -> M:
+    """A request model built locally; a bad value is the caller's fault (InputError)."""
+    try:
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as exc:
+        raise InputError(f"{what}: {describe(exc.errors())}") from None
+
+
+def response(model: Any, data: Any, what: str) -> Any:
+    """A peer's answer checked against its model; a mismatch is the peer's fault."""
+    try:
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as exc:
+        raise PeerError(f"{what}: answer does not fit the API: {describe(exc.errors())}") \
+            from None
