@@ -34,7 +34,8 @@ class Release:
     def seal_all(self, task: Task, value: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
         """The result's plaintext (to hash, never to send) and its envelope per receiver."""
         spec = task.spec
-        plaintext = wire.canonical({
+        # compact, not canonical: a result may hold NaN (a metric), and nobody re-encodes it
+        plaintext = wire.compact_json({
             "task_id": spec.task_id,
             "compute": spec.compute,
             "code_digest": compute.get(spec.compute).code_digest,
