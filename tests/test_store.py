@@ -10,20 +10,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, sign_entry, submit_signature
+from tests.factories import make_spec, p256_signer, sign_entry, submit_signature
 
 ALICE, BOB, INITIATOR, MALLORY = (KeySigner.generate() for _ in range(4))
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
-EXECUTOR_SPKI = EXECUTOR_KEY.public_key().public_bytes(
-    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-EXECUTOR_SIGNER = audit.p256_signer(EXECUTOR_SPKI)
+EXECUTOR_SIGNER = p256_signer(EXECUTOR_KEY)
 ADDRESS = "127.0.0.1:9"
 
 
