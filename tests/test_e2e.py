@@ -260,7 +260,8 @@ def test_provider_killed_mid_upload_leaves_nothing(own_cluster, tmp_path):
 
 def test_scheduler_restart_mid_task(own_cluster, tmp_path):
     c = own_cluster()
-    _slow_cluster(c, tmp_path, rows=4 * 65536)
+    rows = 5 * 65536  # bob uploads for ~5 s: longer than the scheduler's stop and start
+    _slow_cluster(c, tmp_path, rows=rows)
     with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
@@ -274,7 +275,7 @@ def test_scheduler_restart_mid_task(own_cluster, tmp_path):
         assert known["state"] == "uploading"
         client.wait(task["id"], timeout=120)
         result = client.result(task["id"])
-        assert result.value["n_samples"] == 2000 + 4 * 65536
+        assert result.value["n_samples"] == 2000 + rows
         events = [e["event"] for e in client.task(task["id"])["events"]]
         assert events[0] == "submitted" and "run" in events
 
