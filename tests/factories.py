@@ -1,15 +1,37 @@
-"""Builders for signed task specs, approvals and executors, shared by the tests."""
+"""Builders shared by the tests: signed task specs and approvals, executor keys and entries,
+Flight servers on port 0, and a signed client of the scheduler's app."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import json
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlencode
+
+import pyarrow.flight as fl
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow import compute
-from teeflow.attestation.policy import load_policy
+from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
-from teeflow.core import audit, wire
+from teeflow.core import audit, auth, wire
 from teeflow.core.crypto import KeySigner
+from teeflow.net.executor_client import ExecutorClient, attested_connect
+from teeflow.scheduler.app import create_app
+from teeflow.scheduler.service import Scheduler
+from teeflow.scheduler.store import Store
+
+with warnings.catch_warnings():
+    # starlette warns at import when it finds httpx rather than httpx2; nothing we can act on
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
 
 
 def simulated_policy(measurement: str | None = None) -> dict:
@@ -50,3 +72,99 @@ def approval(spec: wire.TaskSpec, owner: KeySigner, decision: str = "approved") 
     return {"signer": audit.ed25519_signer(owner.public_key()),
             "signature": sign_entry(owner, spec.task_id, decision,
                                     {"spec_digest": spec.digest()})}
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def p256_signer(key: ec.EllipticCurvePrivateKey) -> str:
+    """The audit signer name of an executor's P-256 (TLS) key."""
+    return audit.p256_signer(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def executor_entry(key: ec.EllipticCurvePrivateKey, task_id: str, kind: str,
+                   body: dict) -> dict:
+    """An audit entry signed by an executor's key, as the executor's status carries it."""
+    return {"kind": kind, "body": body, "signer": p256_signer(key),
+            "signature": audit.sign_p256(key, audit.signed_payload(task_id, kind, body))}
+
+
+# -- executors -----------------------------------------------------------------------------
+
+
+def appraisal_policy(measurement: str | None = None) -> AppraisalPolicy:
+    """A policy that accepts the simulated executor of this tree (or `measurement`)."""
+    return load_policy(simulated_policy(measurement))
+
+
+def attested_client(address: str, policy: AppraisalPolicy | None = None) -> ExecutorClient:
+    """A client of the executor at `address`, attested under `policy` as a provider would."""
+    client, _ = attested_connect(address, policy or appraisal_policy(), make_verifiers())
+    return client
+
+
+class Serving:
+    """A Flight server on port 0, served from a thread until stop()."""
+
+    def __init__(self, server: fl.FlightServerBase) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.serve, daemon=True)
+        self.thread.start()
+        self.address = f"127.0.0.1:{server.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+
+# -- the scheduler's HTTP API --------------------------------------------------------------
+
+
+class SignedClient:
+    """The scheduler app behind a TestClient, called with requests signed as core/auth.py
+    signs them (or, for the tests of that, unsigned)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    @staticmethod
+    def signed(signer: KeySigner, method: str, target: str, body: object = None,
+               now: float | None = None) -> tuple[dict[str, str], bytes]:
+        """(headers, body bytes) of a signed request."""
+        raw = b"" if body is None else json.dumps(body).encode()
+        return auth.sign_request(signer, method, target, raw,
+                                 int(time.time() if now is None else now)), raw
+
+    def call(self, signer: KeySigner, method: str, path: str, body: object = None,
+             params: dict | None = None, raw: bytes | None = None, now: float | None = None):
+        content = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
+        target = path + ("?" + urlencode(params) if params else "")
+        headers = auth.sign_request(signer, method, target, content,
+                                    int(time.time() if now is None else now))
+        if content:
+            headers["content-type"] = "application/json"
+        return self.client.request(method, target, content=content, headers=headers)
+
+    def send(self, method: str, target: str, body: object = None,
+             headers: dict[str, str] | None = None):
+        """Unsigned, or with headers made by hand."""
+        raw = b"" if body is None else json.dumps(body).encode()
+        return self.client.request(method, target, content=raw, headers={
+            "content-type": "application/json", **(headers or {})})
+
+    def register_node(self, name: str, key: KeySigner, signer: KeySigner | None = None,
+                      **overrides):
+        """POST /v1/nodes for `key`, signed by `signer` (by `key` itself unless given)."""
+        return self.call(signer or key, "POST", "/v1/nodes", {
+            "name": name, "public_key": key.public_key(),
+            "enc_key": key.encryption_public_key(), **overrides})
+
+
+@contextmanager
+def scheduler_app(store: Store, scheduler: Scheduler | None = None,
+                  **app_args: Any) -> Iterator[SignedClient]:
+    """The app with its lifespan running; a long tick, so its monitor runs once at start
+    and the tests call tick() themselves."""
+    with TestClient(create_app(store, scheduler, **{"tick": 3600, **app_args})) as client:
+        yield SignedClient(client)

@@ -10,7 +10,6 @@ import sqlite3
 from collections.abc import Callable
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,20 +19,15 @@ from teeflow.core.audit import AuditError, Entry
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import InputError
 from teeflow.scheduler.store import Store
-from tests.factories import approval, make_spec, sign_entry, submit_signature
+from tests.factories import approval, make_spec, p256_signer, sign_entry, submit_signature
 
 INITIATOR, ALICE, BOB, MALLORY = (KeySigner.generate() for _ in range(4))
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
 ROGUE_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-def _p256(key: ec.EllipticCurvePrivateKey) -> str:
-    return audit.p256_signer(key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
-
-
-EXECUTOR = _p256(EXECUTOR_KEY)
-ROGUE = _p256(ROGUE_KEY)
+EXECUTOR = p256_signer(EXECUTOR_KEY)
+ROGUE = p256_signer(ROGUE_KEY)
 SPEC = make_spec([("a_data", "alice", ALICE, "fa"), ("b_data", "bob", BOB, "fb")], INITIATOR,
                  task_id="task0001", receivers=[INITIATOR, ALICE])
 # mallory's own task: she owns its data, which makes her no owner of task0001's
@@ -68,7 +62,7 @@ def attested(spec: wire.TaskSpec, by: KeySigner, executor: str = EXECUTOR) -> St
 
 def by_executor(spec: wire.TaskSpec, kind: str, body: dict,
                 key: ec.EllipticCurvePrivateKey = EXECUTOR_KEY) -> Step:
-    return spec.task_id, kind, body, _p256(key), audit.sign_p256(
+    return spec.task_id, kind, body, p256_signer(key), audit.sign_p256(
         key, audit.signed_payload(spec.task_id, kind, body))
 
 

@@ -4,9 +4,6 @@ that nothing in it changed on the way, and that it is not a replay."""
 from __future__ import annotations
 
 import base64
-import json
-import time
-import warnings
 
 import pyarrow as pa
 import pytest
@@ -15,14 +12,9 @@ from teeflow.core import auth
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, Unreachable
 from teeflow.core.schemas import schema_to_b64
-from teeflow.scheduler.app import create_app
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, submit_signature
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from fastapi.testclient import TestClient
+from tests.factories import SignedClient, make_spec, scheduler_app, submit_signature
 
 NOW = 1_700_000_000
 ALICE, BOB, MALLORY = (KeySigner.generate() for _ in range(3))
@@ -210,32 +202,15 @@ class Link:
         raise Unreachable(f"executor {address} unreachable")
 
 
-class App:
-    def __init__(self, client: TestClient, store: Store, link: Link) -> None:
-        self.client, self.store, self.link = client, store, link
+class App(SignedClient):
+    """The scheduler app, its store, and the executor link it must never use here."""
 
-    def send(self, method: str, target: str, body: object = None,
-             headers: dict[str, str] | None = None):
-        raw = b"" if body is None else json.dumps(body).encode()
-        return self.client.request(method, target, content=raw, headers={
-            "content-type": "application/json", **(headers or {})})
-
-    def signed(self, signer: KeySigner, method: str, target: str, body: object = None,
-               now: float | None = None) -> tuple[dict[str, str], bytes]:
-        raw = b"" if body is None else json.dumps(body).encode()
-        return auth.sign_request(signer, method, target, raw,
-                                 int(time.time() if now is None else now)), raw
-
-    def call(self, signer: KeySigner, method: str, target: str, body: object = None,
-             now: float | None = None):
-        headers, raw = self.signed(signer, method, target, body, now)
-        return self.client.request(method, target, content=raw, headers={
-            "content-type": "application/json", **headers})
+    def __init__(self, api: SignedClient, store: Store, link: Link) -> None:
+        super().__init__(api.client)
+        self.store, self.link = store, link
 
     def register(self, name: str, key: KeySigner):
-        r = self.call(key, "POST", "/v1/nodes", {
-            "name": name, "public_key": key.public_key(),
-            "enc_key": key.encryption_public_key()})
+        r = self.register_node(name, key)
         assert r.status_code == 200, r.text
 
 
@@ -243,9 +218,8 @@ class App:
 def app():
     store = Store(":memory:")
     link = Link()
-    with TestClient(create_app(store, Scheduler(store, connect=link.connect),
-                               tick=3600)) as client:
-        yield App(client, store, link)
+    with scheduler_app(store, Scheduler(store, connect=link.connect)) as api:
+        yield App(api, store, link)
     store.close()
 
 
@@ -352,8 +326,8 @@ def test_registration_signed_by_another_key(app: App):
 def test_app_clock_bounds_the_window():
     store = Store(":memory:")
     try:
-        with TestClient(create_app(store, tick=3600, clock=lambda: NOW)) as client:
-            a = App(client, store, Link())
+        with scheduler_app(store, clock=lambda: NOW) as api:
+            a = App(api, store, Link())
             r = a.call(ALICE, "POST", "/v1/nodes", {
                 "name": "alice", "public_key": ALICE.public_key(),
                 "enc_key": ALICE.encryption_public_key()}, now=NOW - auth.WINDOW - 1)

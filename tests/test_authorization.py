@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,22 +16,24 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
-from fastapi.testclient import TestClient
 
-from teeflow.attestation.policy import load_policy
-from teeflow.attestation.registry import make_verifiers
-from teeflow.attestation.simulated import SimulatedBackend, code_measurement
-from teeflow.core import audit, auth, wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import TeeflowError
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.core.seal import open_sealed
-from teeflow.executor.server import build
-from teeflow.net.executor_client import ExecutorClient, attested_connect
+from teeflow.net.executor_client import ExecutorClient
 from teeflow.scheduler.app import create_app
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, submit_signature
+from tests.factories import (
+    Serving,
+    SignedClient,
+    TestClient,
+    attested_client,
+    make_spec,
+    submit_signature,
+)
 
 TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
 FP = schema_fingerprint(TABLE.schema)
@@ -48,20 +49,18 @@ ALLOWED = {
     "read_audit": {"initiator", "owner_a", "owner_b", "outsider", "operator"},
     "cancel": {"initiator", "owner_a", "owner_b"},
 }
-POLICY = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
-                      "simulated": {"measurement": [code_measurement()]}})
 
 
 class World:
-    def __init__(self, tmp: Path) -> None:
-        self.server = build(SimulatedBackend())
-        self.thread = threading.Thread(target=self.server.serve, daemon=True)
-        self.thread.start()
-        self.address = f"127.0.0.1:{self.server.port}"
+    def __init__(self, tmp: Path, executor: Serving) -> None:
+        self.server = executor.server
+        self.address = executor.address
         self.db = tmp / "scheduler.sqlite"
         self.store = Store(self.db)
         self.scheduler = Scheduler(self.store, lambda a: ExecutorClient(a, None))
-        self.client = TestClient(create_app(self.store, self.scheduler))  # no monitor thread
+        # not entered: no lifespan, so no monitor thread
+        self.api = SignedClient(TestClient(create_app(self.store, self.scheduler)))
+        self.client = self.api.client
         self.keys = {a: KeySigner.generate() for a in ACTORS}
         for actor, name in (("initiator", "carol"), ("owner_a", "alice"), ("owner_b", "bob"),
                             ("outsider", "mallory")):
@@ -78,8 +77,6 @@ class World:
     def close(self) -> None:
         self.client.close()
         self.store.close()
-        self.server.shutdown()
-        self.thread.join(timeout=10)
 
     @staticmethod
     def ok(response) -> dict:
@@ -87,11 +84,7 @@ class World:
         return response.json()
 
     def call(self, actor: str, method: str, path: str, body: object = None):
-        content = b"" if body is None else json.dumps(body).encode()
-        headers = auth.sign_request(self.keys[actor], method, path, content, int(time.time()))
-        if content:
-            headers["content-type"] = "application/json"
-        return self.client.request(method, path, content=content, headers=headers)
+        return self.api.call(self.keys[actor], method, path, body)
 
     # -- stages of one task ------------------------------------------------------------------
     def spec(self, initiator: str = "initiator") -> wire.TaskSpec:
@@ -122,8 +115,7 @@ class World:
         return spec
 
     def executor_client(self) -> ExecutorClient:
-        client, _ = attested_connect(self.address, POLICY, make_verifiers())
-        return client
+        return attested_client(self.address)
 
     def upload(self, spec: wire.TaskSpec, dataset: str, actor: str) -> None:
         with self.executor_client() as client:
@@ -237,8 +229,8 @@ def _verifies(store: Store) -> bool:
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
+def world(tmp_path, executor_server):
+    w = World(tmp_path, executor_server)
     yield w
     w.close()
 

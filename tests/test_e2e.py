@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,20 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from teeflow import plaintext as reference
-from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party, policy_toml
 from teeflow.cli.demo import make_party_data
 from teeflow.core.errors import TaskFailed, UnknownTask
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
+from tests.factories import appraisal_policy
 
 pytestmark = pytest.mark.e2e
 
-
-def _policy():
-    return load_policy({"tee_types": ["simulated"], "allow_simulated": True,
-                        "simulated": {"measurement": [code_measurement()]}})
+# A provider's long poll of the scheduler, in seconds. The scheduler's shutdown waits for the
+# polls open at the time, so a short one keeps each cluster's stop (and restart) short.
+POLL_WAIT = 1
 
 
 def _wait_state(client: Client, task_id: str, states: set[str], timeout: float = 60) -> dict:
@@ -44,29 +45,82 @@ def _wait_state(client: Client, task_id: str, states: set[str], timeout: float =
 
 def _client(c: LocalCluster) -> Client:
     """The cluster's initiator: the receiver its providers' approval rules accept."""
-    return Client(c.scheduler_url, key=c.initiator_key, policy=_policy(), name=c.initiator_name)
+    return Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy(),
+                  name=c.initiator_name)
+
+
+def _start_provider(c: LocalCluster, party: Party, policy: str | None = None,
+                    approve: bool = True, node_settings: str = "") -> None:
+    """As LocalCluster.start_provider, with a short long poll and extra [node] settings."""
+    config = c.write_provider_config(party, policy, approve)
+    text = config.read_text()
+    assert "poll_wait = 5\n" in text
+    config.write_text(text.replace("poll_wait = 5\n",
+                                   f"poll_wait = {POLL_WAIT}\n{node_settings}"))
+    c._spawn(f"provider-{party.node}", "provider", "--config", str(config))
+
+
+def _stop(c: LocalCluster) -> None:
+    """Signal every process first, then wait for each: they shut down side by side."""
+    for proc in c.processes.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    c.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of a test's own, for a test that kills or restarts one of its processes;
+    every process it started is stopped, also when its start failed half way."""
+    made: list[LocalCluster] = []
+
+    def make() -> LocalCluster:
+        made.append(LocalCluster(tmp_path / f"c{len(made)}"))
+        return made[-1]
+
+    yield make
+    for c in made:
+        _stop(c)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """One cluster for every test that only submits tasks: each test's tasks, and so its
+    checks, are its own. Providers:
+    - alice, bob: training data; carol, dave: model parameters; each approves by rule;
+    - erin: a policy that accepts no executor this tree can start;
+    - frank approves by rule, grace has no rule (consent by hand)."""
     work = tmp_path_factory.mktemp("cluster")
     make_party_data(work / "alice.csv", 30_000, seed=11)
     make_party_data(work / "bob.parquet", 25_000, seed=12)
     for name, n, seed in (("carol", 50, 3), ("dave", 150, 4)):
         pq.write_table(pa.table({"name": ["w0", "w1", "b"], "value": [seed * 0.1, -1.0, 2.5 + seed],
                                  "n_samples": [n] * 3}), work / f"{name}.parquet")
+    make_party_data(work / "erin.csv", 1000, seed=1)
+    make_party_data(work / "frank.csv", 500, seed=1)
+    make_party_data(work / "grace.csv", 500, seed=2)
     parties = [Party("alice", "train_party_1", work / "alice.csv"),
                Party("bob", "train_party_2", work / "bob.parquet"),
                Party("carol", "params_carol", work / "carol.parquet"),
                Party("dave", "params_dave", work / "dave.parquet")]
+    refusing = Party("erin", "refused_d1", work / "erin.csv")
+    by_rule = Party("frank", "consent_d1", work / "frank.csv")
+    by_hand = Party("grace", "consent_d2", work / "grace.csv")
     with LocalCluster(work) as c:
         c.start_scheduler()
         c.start_executor()
-        for p in parties:
-            c.start_provider(p)
-        c.wait_for_datasets([p.dataset for p in parties])
-        c.parties = {p.dataset: p for p in parties}
-        yield c
+        for p in [*parties, by_rule]:
+            _start_provider(c, p)
+        _start_provider(c, refusing, policy=policy_toml("ab" * 32))
+        _start_provider(c, by_hand, approve=False)
+        everyone = [*parties, refusing, by_rule, by_hand]
+        c.wait_for_datasets([p.dataset for p in everyone])
+        c.wait_for_executor(c.executor_address)
+        c.parties = {p.dataset: p for p in everyone}
+        try:
+            yield c
+        finally:
+            _stop(c)
 
 
 def test_logistic_regression_matches_plaintext(cluster, tmp_path):
@@ -146,42 +200,33 @@ def test_cli_failures_exit_nonzero(cluster, tmp_path):
     assert refused.returncode != 0
 
 
-def test_provider_refuses_wrong_measurement(tmp_path):
+def test_provider_refuses_wrong_measurement(cluster):
     """A provider whose policy does not accept the executor sends nothing; the task fails."""
-    make_party_data(tmp_path / "a.csv", 1000, seed=1)
-    with LocalCluster(tmp_path / "c") as c:
-        c.start_scheduler()
-        c.start_executor()
-        c.start_provider(Party("alice", "d1", tmp_path / "a.csv"), policy=policy_toml("ab" * 32))
-        c.wait_for_datasets(["d1"])
-        with _client(c) as client:
-            task = client.submit(["d1"], c.executor_address, "logistic_regression",
-                                 {"label": "y"})
-            with pytest.raises(TaskFailed, match="attestation refused: measurement"):
-                client.wait(task["id"], timeout=60)
-        with ExecutorClient(c.executor_address, None) as ex:
-            status = ex.status(task["id"])
-        assert status["received"] == {} and status["inputs_held"] == []
-        assert status["status"] == "cancelled"
+    c = cluster
+    with _client(c) as client:
+        task = client.submit(["refused_d1"], c.executor_address, "logistic_regression",
+                             {"label": "y"})
+        with pytest.raises(TaskFailed, match="attestation refused: measurement"):
+            client.wait(task["id"], timeout=60)
+    with ExecutorClient(c.executor_address, None) as ex:
+        status = ex.status(task["id"])
+    assert status["received"] == {} and status["inputs_held"] == []
+    assert status["status"] == "cancelled"
 
 
-def _slow_cluster(tmp_path: Path, rows: int) -> tuple[LocalCluster, list[Party]]:
+def _slow_cluster(c: LocalCluster, tmp_path: Path, rows: int) -> list[Party]:
+    """Alice uploads at full speed, bob paced at one 64K-row batch a second."""
     make_party_data(tmp_path / "a.parquet", 2000, seed=1)
     make_party_data(tmp_path / "b.parquet", rows, seed=2)
-    c = LocalCluster(tmp_path / "c")
     c.start_scheduler()
     c.start_executor()
     parties = [Party("alice", "d1", tmp_path / "a.parquet"),
                Party("bob", "d2", tmp_path / "b.parquet")]
-    c.start_provider(parties[0])
-    slow = policy_toml(code_measurement())
-    config = c.write_provider_config(parties[1], slow)
-    text = config.read_text().replace("poll_wait = 5\n",
-                                      "poll_wait = 5\nupload_rows_per_second = 65536\n")
-    config.write_text(text)
-    c._spawn("provider-bob", "provider", "--config", str(config))
+    _start_provider(c, parties[0])
+    _start_provider(c, parties[1], policy_toml(code_measurement()),
+                    node_settings="upload_rows_per_second = 65536\n")
     c.wait_for_datasets(["d1", "d2"])
-    return c, parties
+    return parties
 
 
 def _wait_uploading(client: Client, task_id: str, node: str) -> None:
@@ -196,9 +241,10 @@ def _wait_uploading(client: Client, task_id: str, node: str) -> None:
     raise AssertionError(f"{node} never started uploading: {client.task(task_id)}")
 
 
-def test_provider_killed_mid_upload_leaves_nothing(tmp_path):
-    c, _ = _slow_cluster(tmp_path, rows=6 * 65536)
-    with c, _client(c) as client:
+def test_provider_killed_mid_upload_leaves_nothing(own_cluster, tmp_path):
+    c = own_cluster()
+    _slow_cluster(c, tmp_path, rows=6 * 65536)
+    with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
@@ -212,9 +258,11 @@ def test_provider_killed_mid_upload_leaves_nothing(tmp_path):
         assert status["inputs_held"] == [] and status["receiving"] == []
 
 
-def test_scheduler_restart_mid_task(tmp_path):
-    c, _ = _slow_cluster(tmp_path, rows=4 * 65536)
-    with c, _client(c) as client:
+def test_scheduler_restart_mid_task(own_cluster, tmp_path):
+    c = own_cluster()
+    rows = 5 * 65536  # bob uploads for ~5 s: longer than the scheduler's stop and start
+    _slow_cluster(c, tmp_path, rows=rows)
+    with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
@@ -227,70 +275,63 @@ def test_scheduler_restart_mid_task(tmp_path):
         assert known["state"] == "uploading"
         client.wait(task["id"], timeout=120)
         result = client.result(task["id"])
-        assert result.value["n_samples"] == 2000 + 4 * 65536
+        assert result.value["n_samples"] == 2000 + rows
         events = [e["event"] for e in client.task(task["id"])["events"]]
         assert events[0] == "submitted" and "run" in events
 
 
-def test_consent_by_hand_reject_and_audit(tmp_path):
+def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
     """No approval rule: the task waits for `teeflow approve`; a rejected task never runs;
     the audit log of the whole run verifies offline, and an edited row is caught."""
-    make_party_data(tmp_path / "a.csv", 500, seed=1)
-    make_party_data(tmp_path / "b.csv", 500, seed=2)
-    with LocalCluster(tmp_path / "c") as c:
-        c.start_scheduler()
-        c.start_executor()
-        alice = Party("alice", "d1", tmp_path / "a.csv")
-        bob = Party("bob", "d2", tmp_path / "b.csv")
-        c.start_provider(alice)
-        c.start_provider(bob, approve=False)
-        c.wait_for_datasets(["d1", "d2"])
-        c.wait_for_executor(c.executor_address)
-        env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
-               "TEEFLOW_KEY": str(c.workdir / "bob.key"), "COLUMNS": "200"}
+    c = cluster  # frank (consent_d1) approves by rule; grace (consent_d2) has no rule
+    env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
+           "TEEFLOW_KEY": str(c.workdir / "grace.key"), "COLUMNS": "200"}
 
-        def bob_cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                                  capture_output=True, text=True, timeout=120)
+    def grace_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
 
-        with _client(c) as client:
-            task = client.submit(["d1", "d2"], None, "logistic_regression", {"label": "y"})
-            waiting = _wait_state(client, task["id"], {"submitted"})
-            time.sleep(1.0)  # alice's rule signs; bob has none
-            waiting = client.task(task["id"])
-            assert waiting["state"] == "submitted"
-            assert [a["decision"] for a in waiting["approvals"]] == ["approved"]
-            approved = bob_cli("approve", task["id"])
-            assert approved.returncode == 0, approved.stderr
-            client.wait(task["id"], timeout=120)
-            assert client.result(task["id"]).value["n_samples"] == 1000
+    datasets = ["consent_d1", "consent_d2"]
+    with _client(c) as client:
+        task = client.submit(datasets, None, "logistic_regression", {"label": "y"})
+        waiting = _wait_state(client, task["id"], {"submitted"})
+        time.sleep(1.0)  # frank's rule signs; grace has none
+        waiting = client.task(task["id"])
+        assert waiting["state"] == "submitted"
+        assert [a["decision"] for a in waiting["approvals"]] == ["approved"]
+        approved = grace_cli("approve", task["id"])
+        assert approved.returncode == 0, approved.stderr
+        client.wait(task["id"], timeout=120)
+        assert client.result(task["id"]).value["n_samples"] == 1000
 
-            second = client.submit(["d1", "d2"], None, "logistic_regression", {"label": "y"})
-            rejected = bob_cli("reject", second["id"])
-            assert rejected.returncode == 0, rejected.stderr
-            with pytest.raises(TaskFailed, match="rejected"):
-                client.wait(second["id"], timeout=30)
-            with ExecutorClient(c.executor_address, None) as ex, pytest.raises(UnknownTask):
-                ex.status(second["id"])  # the executor never heard of it
-            _wait_state(client, task["id"], {"released"})
-            listing = subprocess.run(
-                [sys.executable, "-m", "teeflow.cli.main", "executors"],
-                env={**env, "TEEFLOW_KEY": str(c.initiator_key),
-                     "TEEFLOW_POLICY": str(c.workdir / "alice.toml")},
-                capture_output=True, text=True, timeout=60)
-            assert listing.returncode == 0 and "accepted" in listing.stdout
-        db = c.workdir / "scheduler.sqlite"
-        ok = bob_cli("audit", "verify", "--db", str(db))
-        assert ok.returncode == 0 and "audit log OK" in ok.stdout
-        import sqlite3
+        second = client.submit(datasets, None, "logistic_regression", {"label": "y"})
+        rejected = grace_cli("reject", second["id"])
+        assert rejected.returncode == 0, rejected.stderr
+        with pytest.raises(TaskFailed, match="rejected"):
+            client.wait(second["id"], timeout=30)
+        with ExecutorClient(c.executor_address, None) as ex, pytest.raises(UnknownTask):
+            ex.status(second["id"])  # the executor never heard of it
+        _wait_state(client, task["id"], {"released"})
+        listing = subprocess.run(
+            [sys.executable, "-m", "teeflow.cli.main", "executors"],
+            env={**env, "TEEFLOW_KEY": str(c.initiator_key),
+                 "TEEFLOW_POLICY": str(c.workdir / "frank.toml")},
+            capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0 and "accepted" in listing.stdout
+    db = c.workdir / "scheduler.sqlite"
+    ok = grace_cli("audit", "verify", "--db", str(db))
+    assert ok.returncode == 0 and "audit log OK" in ok.stdout
 
-        edited = tmp_path / "edited.sqlite"
-        src = sqlite3.connect(db)
-        src.backup(dst := sqlite3.connect(edited))
-        src.close()
-        seq = dst.execute("SELECT seq FROM audit WHERE kind='received' LIMIT 1").fetchone()[0]
-        dst.execute("UPDATE audit SET body = replace(body, '500', '501') WHERE seq=?", (seq,))
-        dst.commit()
-        dst.close()
-        caught = bob_cli("audit", "verify", "--db", str(edited))
-        assert caught.returncode != 0 and f"entry {seq}:" in caught.stderr
+    edited = tmp_path / "edited.sqlite"
+    src = sqlite3.connect(db)
+    src.backup(dst := sqlite3.connect(edited))
+    src.close()
+    # this task's first received entry: 500 rows, whichever test's tasks come before it
+    seq, body = dst.execute("SELECT seq, body FROM audit WHERE kind='received' AND task_id=? "
+                            "ORDER BY seq LIMIT 1", (task["id"],)).fetchone()
+    assert "500" in body  # so the edit below changes the row
+    dst.execute("UPDATE audit SET body = replace(body, '500', '501') WHERE seq=?", (seq,))
+    dst.commit()
+    dst.close()
+    caught = grace_cli("audit", "verify", "--db", str(edited))
+    assert caught.returncode != 0 and f"entry {seq}:" in caught.stderr

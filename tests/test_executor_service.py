@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.evidence import bind_report_data
-from teeflow.attestation.policy import appraise, load_policy
+from teeflow.attestation.policy import appraise
 from teeflow.attestation.simulated import SimulatedBackend, SimulatedVerifier
 from teeflow.core import audit, seal, wire
 from teeflow.core.crypto import KeySigner
@@ -29,7 +29,7 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.service import Executor, UploadRequest
-from tests.factories import approval, make_spec, sign_entry, submit_signature
+from tests.factories import appraisal_policy, approval, make_spec, sign_entry, submit_signature
 
 TASK = "task0001"
 SCHEMA = pa.schema([("name", pa.string()), ("value", pa.float64()), ("n_samples", pa.int64())])
@@ -573,8 +573,7 @@ def test_evidence_binds_the_tls_key_and_nonce():
     ex = Executor(SimulatedBackend(), TLS_KEY)
     assert ex.tls_spki_hash == SPKI
     nonce = b"z" * 32
-    policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
-                          "simulated": {"measurement": [ex.backend.measurement]}})
+    policy = appraisal_policy(ex.backend.measurement)
     claims = appraise(ex.evidence(nonce), policy, {"simulated": SimulatedVerifier()},
                       expected_report_data=bind_report_data(SPKI, nonce), at=0)
     assert claims.simulated

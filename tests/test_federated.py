@@ -14,18 +14,13 @@ from sklearn.datasets import load_breast_cancer
 
 from teeflow import compute
 from teeflow import plaintext as reference
-from teeflow.attestation.policy import load_policy
-from teeflow.attestation.registry import make_verifiers
-from teeflow.attestation.simulated import SimulatedBackend, code_measurement
 from teeflow.core import wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, InputError, StateError
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
-from teeflow.executor.server import build
-from teeflow.net.executor_client import attested_connect
 from teeflow.provider.federated import load_xy, take_part
-from tests.factories import approval, make_spec
+from tests.factories import approval, attested_client, make_spec
 
 PARAMS = {"label": "y", "rounds": "6", "local_epochs": "3", "lr": "0.5", "l2": "0.01"}
 TOLERANCE = 1e-9  # same float operations in the same order: equal up to summation noise
@@ -46,20 +41,12 @@ def parties(tmp_path):
 
 
 @pytest.fixture
-def executor():
-    server = build(SimulatedBackend())
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    thread.join(timeout=10)
+def executor(executor_server):
+    return executor_server.server
 
 
 def _connect(server):
-    policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
-                          "simulated": {"measurement": [code_measurement()]}})
-    client, _ = attested_connect(f"127.0.0.1:{server.port}", policy, make_verifiers())
-    return client
+    return attested_client(f"127.0.0.1:{server.port}")
 
 
 def test_rounds_equal_plaintext_and_rows_stay_home(executor, parties):

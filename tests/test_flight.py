@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from teeflow.attestation.evidence import bind_report_data
-from teeflow.attestation.policy import AppraisalPolicy, load_policy
+from teeflow.attestation.policy import AppraisalPolicy
 from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
@@ -33,12 +33,19 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
-from teeflow.executor.server import ExecutorFlightServer, build
+from teeflow.executor.server import ExecutorFlightServer
 from teeflow.executor.service import Executor
 from teeflow.net.executor_client import ExecutorClient, attested_connect, fetch_certificate
 from teeflow.provider.config import DatasetConfig, ProviderConfig
 from teeflow.provider.node import Provider
-from tests.factories import approval, make_spec, simulated_policy
+from tests.factories import (
+    Serving,
+    appraisal_policy,
+    approval,
+    attested_client,
+    make_spec,
+    simulated_policy,
+)
 
 TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
 
@@ -47,33 +54,7 @@ def _policy(measurement: str | None = None, allow_simulated: bool = True) -> App
     if not allow_simulated:
         return AppraisalPolicy(tee_types=("simulated",), allow_simulated=False,
                                measurements={"simulated": {"measurement": (code_measurement(),)}})
-    return load_policy({"tee_types": ["simulated"], "allow_simulated": True,
-                        "simulated": {"measurement": [measurement or code_measurement()]}})
-
-
-class Serving:
-    def __init__(self, server: fl.FlightServerBase) -> None:
-        self.server = server
-        self.thread = threading.Thread(target=server.serve, daemon=True)
-        self.thread.start()
-        self.address = f"127.0.0.1:{server.port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.thread.join(timeout=10)
-
-
-@pytest.fixture
-def serve():
-    running: list[Serving] = []
-
-    def start(server: fl.FlightServerBase) -> Serving:
-        running.append(Serving(server))
-        return running[-1]
-
-    yield start
-    for s in running:
-        s.stop()
+    return appraisal_policy(measurement)
 
 
 class CountingServer(ExecutorFlightServer):
@@ -210,16 +191,16 @@ def test_provider_checks_the_spec_policy_too(serve, tmp_path):
         "attestation refused: measurement.measurement")
 
 
-def test_pinned_client_refuses_a_different_certificate(serve):
-    running = serve(build(SimulatedBackend()))
+def test_pinned_client_refuses_a_different_certificate(executor_server):
+    running = executor_server
     other, _, _ = make_tls_identity()
     with ExecutorClient(running.address, other) as client, pytest.raises(Unreachable):
         client.action("info")
     assert fetch_certificate(running.address) == running.server.cert_pem
 
 
-def test_attested_connect_returns_claims(serve):
-    running = serve(build(SimulatedBackend()))
+def test_attested_connect_returns_claims(executor_server):
+    running = executor_server
     client, claims = attested_connect(running.address, _policy(), make_verifiers())
     with client:
         assert claims.simulated and claims.measurements["measurement"] == code_measurement()
@@ -230,13 +211,13 @@ def test_attested_connect_returns_claims(serve):
 
 def _uploaded(running: Serving, owner: KeySigner, initiator: KeySigner) -> ExecutorClient:
     _create(running.server, owner, initiator)
-    client, _ = attested_connect(running.address, _policy(), make_verifiers())
+    client = attested_client(running.address)
     client.upload(TASK, "d1", owner, TABLE.schema, TABLE.to_batches())
     return client
 
 
-def test_no_one_can_read_inputs_back(serve):
-    running = serve(build(SimulatedBackend()))
+def test_no_one_can_read_inputs_back(executor_server):
+    running = executor_server
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     client = _uploaded(running, owner, initiator)
     raw = fl.FlightClient(f"grpc+tls://{running.address}", disable_server_verification=True)
@@ -258,11 +239,11 @@ def test_no_one_can_read_inputs_back(serve):
     raw.close()
 
 
-def test_upload_by_a_non_owner_is_refused(serve):
-    running = serve(build(SimulatedBackend()))
+def test_upload_by_a_non_owner_is_refused(executor_server):
+    running = executor_server
     owner, initiator, outsider = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
     _create(running.server, owner, initiator)
-    client, _ = attested_connect(running.address, _policy(), make_verifiers())
+    client = attested_client(running.address)
     with client:
         with pytest.raises(AuthError, match="signature"):
             client.upload(TASK, "d1", outsider, TABLE.schema, TABLE.to_batches())
@@ -271,8 +252,8 @@ def test_upload_by_a_non_owner_is_refused(serve):
         assert client.status(TASK)["received"] == {}
 
 
-def test_result_only_to_initiator(serve):
-    running = serve(build(SimulatedBackend()))
+def test_result_only_to_initiator(executor_server):
+    running = executor_server
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     with _uploaded(running, owner, initiator) as client:
         assert client.action_json("run", TASK.encode())["status"] == "running"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 
 import cbor2
@@ -351,23 +350,18 @@ class _Ping(fl.FlightServerBase):
         return [fl.Result(b"pong:" + action.body.to_pybytes())]
 
 
-def test_grpc_accepts_the_ratls_certificate(identity):
+def test_grpc_accepts_the_ratls_certificate(identity, serve):
     cert_pem, key_pem = identity
-    server = _Ping("grpc+tls://127.0.0.1:0", tls_certificates=[fl.CertKeyPair(cert_pem, key_pem)])
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        client = fl.FlightClient(f"grpc+tls://127.0.0.1:{server.port}", tls_root_certs=cert_pem,
-                                 override_hostname=EXECUTOR_TLS_NAME)
-        with client:
-            results = list(client.do_action(fl.Action("ping", b"x")))
-        assert [r.body.to_pybytes() for r in results] == [b"pong:x"]
-        # pinning matters: another self-signed certificate is not accepted as root
-        other, _ = make_ratls_identity(SimulatedBackend())
-        stranger = fl.FlightClient(f"grpc+tls://127.0.0.1:{server.port}", tls_root_certs=other,
-                                   override_hostname=EXECUTOR_TLS_NAME)
-        with stranger, pytest.raises(fl.FlightUnavailableError):
-            list(stranger.do_action(fl.Action("ping", b"x"), fl.FlightCallOptions(timeout=5)))
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
+    server = serve(_Ping("grpc+tls://127.0.0.1:0",
+                         tls_certificates=[fl.CertKeyPair(cert_pem, key_pem)]))
+    client = fl.FlightClient(f"grpc+tls://{server.address}", tls_root_certs=cert_pem,
+                             override_hostname=EXECUTOR_TLS_NAME)
+    with client:
+        results = list(client.do_action(fl.Action("ping", b"x")))
+    assert [r.body.to_pybytes() for r in results] == [b"pong:x"]
+    # pinning matters: another self-signed certificate is not accepted as root
+    other, _ = make_ratls_identity(SimulatedBackend())
+    stranger = fl.FlightClient(f"grpc+tls://{server.address}", tls_root_certs=other,
+                               override_hostname=EXECUTOR_TLS_NAME)
+    with stranger, pytest.raises(fl.FlightUnavailableError):
+        list(stranger.do_action(fl.Action("ping", b"x"), fl.FlightCallOptions(timeout=5)))

@@ -10,36 +10,35 @@ import dataclasses
 import json
 import threading
 import time
-import warnings
-from urllib.parse import urlencode
 
 import pyarrow as pa
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.simulated import SimulatedBackend, code_measurement
-from teeflow.core import audit, auth, wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner, verify_signature
 from teeflow.core.errors import Unreachable
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.executor.service import Executor
-from teeflow.scheduler.app import MAX_BODY, create_app
+from teeflow.scheduler.app import MAX_BODY
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, sign_entry, submit_signature
-
-with warnings.catch_warnings():
-    # starlette warns at import when it finds httpx rather than httpx2; nothing we can act on
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from fastapi.testclient import TestClient
+from tests import factories
+from tests.factories import (
+    SignedClient,
+    make_spec,
+    p256_signer,
+    scheduler_app,
+    sign_entry,
+    submit_signature,
+)
 
 EXECUTOR = "127.0.0.1:9999"
 SCHEMA = pa.schema([("name", pa.string()), ("value", pa.float64()), ("n_samples", pa.int64())])
 FP = schema_fingerprint(SCHEMA)
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
-EXECUTOR_SIGNER = audit.p256_signer(EXECUTOR_KEY.public_key().public_bytes(
-    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+EXECUTOR_SIGNER = p256_signer(EXECUTOR_KEY)
 
 
 class FakeExecutor:
@@ -83,16 +82,14 @@ class FakeExecutor:
 def executor_entry(task_id: str, kind: str, body: dict,
                    key: ec.EllipticCurvePrivateKey = EXECUTOR_KEY) -> dict:
     """An audit entry as the executor's status carries it."""
-    spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    return {"kind": kind, "body": body, "signer": audit.p256_signer(spki),
-            "signature": audit.sign_p256(key, audit.signed_payload(task_id, kind, body))}
+    return factories.executor_entry(key, task_id, kind, body)
 
 
 class World:
-    def __init__(self, client: TestClient, store: Store, scheduler: Scheduler,
+    def __init__(self, api: SignedClient, store: Store, scheduler: Scheduler,
                  fake: FakeExecutor) -> None:
-        self.client, self.store, self.scheduler, self.fake = client, store, scheduler, fake
+        self.api, self.client = api, api.client
+        self.store, self.scheduler, self.fake = store, scheduler, fake
         self.alice, self.bob, self.carol, self.dave, self.mallory = (
             KeySigner.generate() for _ in range(5))
         self.initiator = self.carol
@@ -103,18 +100,10 @@ class World:
     def call(self, who: str | KeySigner, method: str, path: str, body: object = None,
              params: dict | None = None, raw: bytes | None = None):
         signer = self.keys[who] if isinstance(who, str) else who
-        content = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
-        target = path + ("?" + urlencode(params) if params else "")
-        headers = auth.sign_request(signer, method, target, content, int(time.time()))
-        if content:
-            headers["content-type"] = "application/json"
-        return self.client.request(method, target, content=content, headers=headers)
+        return self.api.call(signer, method, path, body, params=params, raw=raw)
 
     def register_node(self, name: str, signer: KeySigner | None = None, **overrides):
-        key = signer or self.keys[name]
-        body = {"name": name, "public_key": key.public_key(),
-                "enc_key": key.encryption_public_key(), **overrides}
-        return self.call(key, "POST", "/v1/nodes", body)
+        return self.api.register_node(name, signer or self.keys[name], **overrides)
 
     def register(self) -> None:
         for name in ("alice", "bob", "carol", "dave"):
@@ -177,9 +166,8 @@ def world():
     store = Store(":memory:")
     fake = FakeExecutor()
     scheduler = Scheduler(store, connect=fake.connect)
-    # a long tick: the lifespan's monitor runs once at start; the tests call tick() themselves
-    with TestClient(create_app(store, scheduler, tick=3600)) as client:
-        yield World(client, store, scheduler, fake)
+    with scheduler_app(store, scheduler) as api:
+        yield World(api, store, scheduler, fake)
     store.close()
 
 

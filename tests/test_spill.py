@@ -20,8 +20,8 @@ from teeflow.executor.service import Executor, UploadRequest
 from teeflow.executor.spill import SealedSpill
 from tests.factories import approval, make_spec
 
-ROWS, BATCH = 40_000, 4_096
-BUDGET = 1_000_000  # bytes; each party's input is ~3.5 MB
+ROWS, BATCH = 20_000, 2_048
+BUDGET = 500_000  # bytes; each party's input is ~1.7 MB in 10 batches, the budget ~2.3 of them
 
 
 def _party(seed: int) -> pa.Table:

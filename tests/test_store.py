@@ -1,24 +1,26 @@
-"""The scheduler store, one suite run against both backends (in-memory and SQLite file)."""
+"""The scheduler store: one contract (StoreContract) run against every backend.
+
+Each backend is a subclass that provides the `store` fixture, as Flower's LinkState tests
+do; a backend's own behaviour (a file store survives a reopen) lives in its subclass.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, sign_entry, submit_signature
+from tests.factories import make_spec, p256_signer, sign_entry, submit_signature
 
 ALICE, BOB, INITIATOR, MALLORY = (KeySigner.generate() for _ in range(4))
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
-EXECUTOR_SPKI = EXECUTOR_KEY.public_key().public_bytes(
-    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-EXECUTOR_SIGNER = audit.p256_signer(EXECUTOR_SPKI)
+EXECUTOR_SIGNER = p256_signer(EXECUTOR_KEY)
 ADDRESS = "127.0.0.1:9"
 
 
@@ -64,23 +66,21 @@ def _register(store: Store, name: str, key: KeySigner) -> None:
     store.register_node(name, key.public_key(), key.encryption_public_key())
 
 
-@pytest.fixture(params=["memory", "file"])
-def store(request, tmp_path):
-    s = Store(":memory:") if request.param == "memory" else Store(tmp_path / "s.sqlite")
-    yield s
-    s.close()
+class StoreContract:
+    """What every store backend must do. A subclass provides `store`, a fresh, empty one."""
 
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:
+        raise NotImplementedError("a backend's subclass provides the store")
 
-@pytest.fixture
-def catalog(store: Store) -> Store:
-    _register(store, "alice", ALICE)
-    _register(store, "bob", BOB)
-    store.add_dataset("alice", "a_data", "c2NoZW1h", "fa", 10)
-    store.add_dataset("bob", "b_data", "c2NoZW1h", "fb", 20)
-    return store
+    @pytest.fixture
+    def catalog(self, store: Store) -> Store:
+        _register(store, "alice", ALICE)
+        _register(store, "bob", BOB)
+        store.add_dataset("alice", "a_data", "c2NoZW1h", "fa", 10)
+        store.add_dataset("bob", "b_data", "c2NoZW1h", "fb", 20)
+        return store
 
-
-class TestStore:
     # -- nodes ---------------------------------------------------------------------------------
     def test_register_node_idempotent_with_same_key(self, store: Store):
         _register(store, "alice", ALICE)
@@ -383,38 +383,57 @@ class TestStore:
             catalog.update_assignment("nope", "a_data", "alice", "started")
 
 
-def test_file_store_survives_reopen(tmp_path):
-    path = tmp_path / "s.sqlite"
-    store = Store(path)
-    _register(store, "alice", ALICE)
-    _register(store, "bob", BOB)
-    store.add_dataset("alice", "a_data", "c2NoZW1h", "fa", 10)
-    spec = _consented(store)
-    store.transition("task0001", "accept", {"executor": "x"})
-    store.transition("task0001", "upload")
-    store.update_assignment("task0001", "a_data", "alice", "uploaded", rows=10)
-    assert store.fresh_nonce("K1", "ab" * 8, int(time.time()) + 600)
-    task, events, log = store.task("task0001"), store.events("task0001"), store.audit_log()
-    approvals = store.approvals("task0001")
-    store.close()
+class TestMemoryStore(StoreContract):
+    """SQLite in memory: the scheduler's store for tests and one-off runs."""
 
-    again = Store(path)
-    try:
-        assert again.task("task0001") == task
-        assert again.task("task0001").state == "uploading"
-        assert again.task("task0001").spec_digest == spec.digest()
-        assert again.events("task0001") == events
-        assert [e["event"] for e in events] == [
-            "submitted", "approved", "approved", "consented", "accept", "upload"]
-        assert again.audit_log() == log
-        assert again.approvals("task0001") == approvals
-        assert again.assignments("task0001")[0]["state"] == "uploaded"
-        assert again.node_key("alice") == ALICE.public_key()
-        assert again.node("alice")["enc_key"] == ALICE.encryption_public_key()
-        assert again.dataset("a_data")["rows"] == 10
-        assert again.fresh_nonce("K1", "ab" * 8, int(time.time()) + 600) is False  # a replay
-        assert again.transition("task0001", "run") == "running"
-        assert again.audit_log()[-1].prev_hash == log[-1].hash
-        assert audit.verify_chain(again.audit_log()) == len(log) + 1
-    finally:
-        again.close()
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:
+        s = Store(":memory:")
+        yield s
+        s.close()
+
+
+class TestFileStore(StoreContract):
+    """SQLite in a file: the scheduler's default, which must survive a restart."""
+
+    @pytest.fixture
+    def store(self, tmp_path) -> Iterator[Store]:
+        s = Store(tmp_path / "s.sqlite")
+        yield s
+        s.close()
+
+    def test_survives_reopen(self, tmp_path):
+        path = tmp_path / "s.sqlite"
+        store = Store(path)
+        _register(store, "alice", ALICE)
+        _register(store, "bob", BOB)
+        store.add_dataset("alice", "a_data", "c2NoZW1h", "fa", 10)
+        spec = _consented(store)
+        store.transition("task0001", "accept", {"executor": "x"})
+        store.transition("task0001", "upload")
+        store.update_assignment("task0001", "a_data", "alice", "uploaded", rows=10)
+        assert store.fresh_nonce("K1", "ab" * 8, int(time.time()) + 600)
+        task, events, log = store.task("task0001"), store.events("task0001"), store.audit_log()
+        approvals = store.approvals("task0001")
+        store.close()
+
+        again = Store(path)
+        try:
+            assert again.task("task0001") == task
+            assert again.task("task0001").state == "uploading"
+            assert again.task("task0001").spec_digest == spec.digest()
+            assert again.events("task0001") == events
+            assert [e["event"] for e in events] == [
+                "submitted", "approved", "approved", "consented", "accept", "upload"]
+            assert again.audit_log() == log
+            assert again.approvals("task0001") == approvals
+            assert again.assignments("task0001")[0]["state"] == "uploaded"
+            assert again.node_key("alice") == ALICE.public_key()
+            assert again.node("alice")["enc_key"] == ALICE.encryption_public_key()
+            assert again.dataset("a_data")["rows"] == 10
+            assert again.fresh_nonce("K1", "ab" * 8, int(time.time()) + 600) is False  # a replay
+            assert again.transition("task0001", "run") == "running"
+            assert again.audit_log()[-1].prev_hash == log[-1].hash
+            assert audit.verify_chain(again.audit_log()) == len(log) + 1
+        finally:
+            again.close()
