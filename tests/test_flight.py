@@ -284,9 +284,9 @@ def _raw_action(address: str, kind: str, body: bytes) -> None:
         client.action(kind, body)
 
 
-def test_create_task_with_a_mistyped_approval_is_an_input_error(serve):
+def test_create_task_with_a_mistyped_approval_is_an_input_error(executor_server):
     """An approval field of the wrong type is named, not an AttributeError from inside."""
-    running = serve(build(SimulatedBackend()))
+    running = executor_server
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     spec = _spec(owner, initiator)
     body = wire.canonical({"spec": spec.to_dict(),
