@@ -189,8 +189,8 @@ def fetch_result(w: World, actor: str) -> bool:
 
     def take() -> bool:
         with w.executor_client() as client:
-            envelope = wire.parse_json(client.take_result(spec.task_id, key), "result")
-        opened = open_sealed(base64.b64decode(envelope["sealed"]),
+            envelope = client.take_result(spec.task_id, key)
+        opened = open_sealed(base64.b64decode(envelope.sealed),
                              key.encryption_private_key(), spec.digest())
         return b"parameters" in opened
 

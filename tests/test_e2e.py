@@ -147,7 +147,7 @@ def test_logistic_regression_matches_plaintext(cluster, tmp_path):
     assert {"run", "computed", "wiped", "finish", "released"} <= set(events)
     with ExecutorClient(cluster.executor_address, None) as ex:
         status = ex.status(task["id"])
-    assert status["status"] == "released" and status["inputs_held"] == []
+    assert status.status == "released" and status.inputs_held == []
 
 
 def _cli(cluster, tmp_path, *args, policy: str | None = None) -> subprocess.CompletedProcess:
@@ -210,8 +210,8 @@ def test_provider_refuses_wrong_measurement(cluster):
             client.wait(task["id"], timeout=60)
     with ExecutorClient(c.executor_address, None) as ex:
         status = ex.status(task["id"])
-    assert status["received"] == {} and status["inputs_held"] == []
-    assert status["status"] == "cancelled"
+    assert status.received == {} and status.inputs_held == []
+    assert status.status == "cancelled"
 
 
 def _slow_cluster(c: LocalCluster, tmp_path: Path, rows: int) -> list[Party]:
@@ -254,8 +254,8 @@ def test_provider_killed_mid_upload_leaves_nothing(own_cluster, tmp_path):
         assert "d2" in (final["error"] or "")
         with ExecutorClient(c.executor_address, None) as ex:
             status = ex.status(task["id"])
-        assert status["status"] == "failed"
-        assert status["inputs_held"] == [] and status["receiving"] == []
+        assert status.status == "failed"
+        assert status.inputs_held == [] and status.receiving == []
 
 
 def test_scheduler_restart_mid_task(own_cluster, tmp_path):

@@ -77,8 +77,8 @@ def test_rounds_equal_plaintext_and_rows_stay_home(executor, parties):
     received = [e for e in status["audit"] if e["kind"] == "received"]
     assert len(received) == 2 * 6 and all("round" in e["body"] for e in received)
     with _connect(executor) as client:
-        envelope = wire.parse_json(client.take_result(spec.task_id, initiator), "result")
-    body = wire.parse_json(open_sealed(base64.b64decode(envelope["sealed"]),
+        envelope = client.take_result(spec.task_id, initiator)
+    body = wire.parse_json(open_sealed(base64.b64decode(envelope.sealed),
                                        initiator.encryption_private_key(), spec.digest()),
                            "result")["result"]
     data = [load_xy(p, checked) for p in parties]

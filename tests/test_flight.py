@@ -231,8 +231,8 @@ def test_no_one_can_read_inputs_back(executor_server):
         with pytest.raises(fl.FlightError):
             raw.get_flight_info(fl.FlightDescriptor.for_path(TASK, "d1"))
         status = client.status(TASK)
-        assert status["received"] == {"d1": {"rows": 2, "bytes": TABLE.nbytes}}
-        assert "value" not in str(status) and "w" not in status["received"]
+        assert status.received == {"d1": {"rows": 2, "bytes": TABLE.nbytes}}
+        assert "value" not in str(status) and "w" not in status.received
         # The owner itself cannot take the "result" either: it is not a receiver.
         with pytest.raises(AuthError):
             client.take_result(TASK, owner)
@@ -249,7 +249,7 @@ def test_upload_by_a_non_owner_is_refused(executor_server):
             client.upload(TASK, "d1", outsider, TABLE.schema, TABLE.to_batches())
         with pytest.raises(InputError, match="not an input"):
             client.upload(TASK, "nope", owner, TABLE.schema, TABLE.to_batches())
-        assert client.status(TASK)["received"] == {}
+        assert client.status(TASK).received == {}
 
 
 def test_result_only_to_initiator(executor_server):
@@ -258,22 +258,22 @@ def test_result_only_to_initiator(executor_server):
     with _uploaded(running, owner, initiator) as client:
         assert client.action_json("run", TASK.encode())["status"] == "running"
         for _ in range(200):
-            if client.status(TASK)["status"] == "done":
+            if client.status(TASK).status == "done":
                 break
             threading.Event().wait(0.05)
         with pytest.raises(AuthError):
             client.take_result(TASK, owner)
-        envelope = wire.parse_json(client.take_result(TASK, initiator), "result")
+        envelope = client.take_result(TASK, initiator)
         digest = _spec(owner, initiator).digest()
-        sealed = base64.b64decode(envelope["sealed"])
+        sealed = base64.b64decode(envelope.sealed)
         with pytest.raises(AuthError):
             open_sealed(sealed, owner.encryption_private_key(), digest)
         body = wire.parse_json(open_sealed(sealed, initiator.encryption_private_key(), digest),
                                "result")
         assert body["result"]["parameters"] == {"w": 1.0, "b": 2.0}
-        assert body["simulated"] is True and envelope["simulated"] is True
+        assert body["simulated"] is True and envelope.simulated is True
         status = client.status(TASK)
-        assert status["status"] == "released" and status["inputs_held"] == []
+        assert status.status == "released" and status.inputs_held == []
         with pytest.raises(StateError):
             client.take_result(TASK, initiator)  # once
 

@@ -41,6 +41,12 @@ EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
 EXECUTOR_SIGNER = p256_signer(EXECUTOR_KEY)
 
 
+# what a real executor's status carries besides what a test sets (core.answers.TaskStatus)
+STATUS_FIELDS = {"error": None, "expected": [], "received": {}, "receiving": [],
+                 "inputs_held": [], "spilled": {}, "digesting": [], "simulated": True,
+                 "taken_by": [], "audit": []}
+
+
 class FakeExecutor:
     """Stands in for every executor: records actions, answers with canned JSON."""
 
@@ -59,7 +65,8 @@ class FakeExecutor:
         with self._lock:
             self.calls.append((kind, body))
         if kind == "status":
-            return json.dumps({"task_id": body.decode(), **self.status}).encode()
+            return json.dumps({**STATUS_FIELDS, "task_id": body.decode(),
+                               **self.status}).encode()
         if kind == "run":
             return b'{"status": "running"}'
         if kind == "cancel":
@@ -584,6 +591,27 @@ def test_executor_reports_failure(world: World):
     world.scheduler.tick()
     task = world.store.task(spec.task_id)
     assert task.state == "failed" and task.error == "schema mismatch"
+
+
+@pytest.mark.parametrize("status", [
+    {"status": "exploded"},                              # a state no executor has
+    {"status": "done", "received": ["a_data"]},          # a list where a map belongs
+    {"status": "waiting", "audit": [{"kind": "wiped"}]},  # an entry without its signature
+    {"status": "waiting", "surprise": 1},                # a field no executor sends
+    {"received": {}},                                    # no status at all (was a KeyError)
+    {"status": "waiting", "audit": "entries"},           # was an AttributeError
+])
+def test_a_malformed_executor_status_changes_nothing(world: World, status):
+    """A broken or hostile executor's answer is a named PeerError at the edge: the task
+    keeps its state (until the executor is given up on), nothing is recorded from it."""
+    spec = _consented(world)
+    before = world.store.task(spec.task_id)
+    entries = len(world.store.audit_log(spec.task_id))
+    world.fake.status = status
+    world.scheduler.tick()
+    task = world.store.task(spec.task_id)
+    assert task.state == before.state and task.error is None
+    assert len(world.store.audit_log(spec.task_id)) == entries
 
 
 # -- cancel and the audit log ----------------------------------------------------------------

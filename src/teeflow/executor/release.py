@@ -13,6 +13,7 @@ from typing import Any
 
 from teeflow import compute
 from teeflow.core import wire
+from teeflow.core.answers import ResultEnvelope
 from teeflow.core.crypto import verify_signature
 from teeflow.core.errors import AuthError, StateError
 from teeflow.core.seal import SUITE_NAME, seal
@@ -68,10 +69,10 @@ class Release:
         body = {"spec_digest": spec.digest(), "receiver": receiver.sign_key,
                 "sealed_sha256": hashlib.sha256(sealed).hexdigest()}
         notary = self.tasks.notary
-        return wire.canonical({
-            "task_id": spec.task_id, "tee": self.tee, "simulated": self.simulated,
-            "suite": SUITE_NAME, "sealed": base64.b64encode(sealed).decode(), **body,
-            "signer": notary.signer, "signature": notary.sign(spec.task_id, "result", body)})
+        return wire.canonical(ResultEnvelope(
+            task_id=spec.task_id, tee=self.tee, simulated=self.simulated, suite=SUITE_NAME,
+            sealed=base64.b64encode(sealed).decode(), **body, signer=notary.signer,
+            signature=notary.sign(spec.task_id, "result", body)).model_dump())
 
     def take(self, task_id: str, receiver_key: str, challenge: bytes,
              signature: bytes) -> bytes:

@@ -17,11 +17,13 @@ import pyarrow as pa
 import pyarrow.flight as fl
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
 
 from teeflow import compute
 from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
+from teeflow.core.answers import Catalog, CatalogEntry, TaskStatus
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
 from teeflow.executor.messages import (
@@ -62,8 +64,14 @@ def _info(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated})
 
 
+def _answer(answer: BaseModel) -> list[fl.Result]:
+    """A typed answer (core.answers), in the form its readers decode."""
+    return [fl.Result(pa.py_buffer(answer.model_dump_json().encode()))]
+
+
 def _catalog(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _json(compute.describe_all())
+    return _answer(Catalog(computations=[CatalogEntry.model_validate(c)
+                                         for c in compute.describe_all()]))
 
 
 def _certificate(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
@@ -90,7 +98,7 @@ def _run(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 
 def _status(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _json(server.executor.status(_task_id(body)))
+    return _answer(TaskStatus.model_validate(server.executor.status(_task_id(body))))
 
 
 def _result(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:

@@ -21,9 +21,10 @@ import pyarrow.flight as fl
 from teeflow.attestation.evidence import Claims, Evidence, bind_report_data
 from teeflow.attestation.policy import AppraisalPolicy, Verifier, appraise
 from teeflow.attestation.ratls import read_certificate_evidence
-from teeflow.core import wire
+from teeflow.core import answers, wire
+from teeflow.core.answers import Catalog, CatalogEntry, ResultEnvelope, TaskStatus
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
-from teeflow.core.errors import InputError, PeerError, TeeflowError, Unreachable
+from teeflow.core.errors import InputError, TeeflowError, Unreachable
 from teeflow.net.flight_errors import from_flight
 
 CALL_TIMEOUT = 30.0
@@ -94,8 +95,9 @@ class ExecutorClient:
     def evidence(self, nonce: bytes) -> Evidence:
         return Evidence.decode(self.action("evidence", nonce))
 
-    def status(self, task_id: str) -> dict[str, Any]:
-        return self.action_json("status", task_id.encode())
+    def status(self, task_id: str) -> TaskStatus:
+        return answers.decode(TaskStatus, self.action("status", task_id.encode()),
+                              "executor status")
 
     def upload(self, task_id: str, dataset: str, signer: Signer, schema: pa.Schema,
                batches: Iterable[pa.RecordBatch], progress=None) -> dict[str, Any]:
@@ -139,24 +141,21 @@ class ExecutorClient:
             body["update"] = update
         return self.action_json(kind, wire.canonical(body))
 
-    def catalog(self) -> dict[str, dict[str, Any]]:
+    def catalog(self) -> dict[str, CatalogEntry]:
         """The computations this executor runs, by name, with the digest of their code. Only
         worth trusting over an attested, pinned channel (``attested_connect``): then it comes
         from the measured code itself."""
-        listing = self.action_json("catalog")
-        if not isinstance(listing, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("name"), str)
-                and isinstance(c.get("code_digest"), str) for c in listing):
-            raise PeerError("executor catalog: not a list of computations with code digests")
-        return {c["name"]: c for c in listing}
+        listing = answers.decode(Catalog, self.action("catalog"), "executor catalog")
+        return {c.name: c for c in listing.computations}
 
-    def take_result(self, task_id: str, signer: Signer) -> bytes:
-        """The result envelope sealed to `signer`'s identity (a receiver of the task)."""
+    def take_result(self, task_id: str, signer: Signer) -> ResultEnvelope:
+        """The result envelope sealed to `signer`'s identity (a receiver of the task); its
+        signature and seal are for the caller to check (`sdk.Client.result`)."""
         challenge = self.action("challenge")
         signature = signer.sign(wire.result_message(task_id, challenge, self.tls_key_hash))
-        return self.action("result", wire.canonical(
+        return answers.decode(ResultEnvelope, self.action("result", wire.canonical(
             {"task_id": task_id, "receiver": signer.public_key(), "challenge": challenge.hex(),
-             "signature": signature.hex()}))
+             "signature": signature.hex()})), "result envelope")
 
 
 def attested_connect(address: str, policy: AppraisalPolicy, verifiers: Mapping[str, Verifier],

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 from teeflow import compute
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
-from teeflow.core import audit, wire
+from teeflow.core import answers, audit, wire
+from teeflow.core.answers import ExecutorEntry, TaskStatus
 from teeflow.core.crypto import check_encryption_key, check_public_key, verify_signature
 from teeflow.core.errors import (
     AuthError,
@@ -237,17 +238,24 @@ class Scheduler:
             except TeeflowError as exc:
                 log.warning("task %s: %s", task.id, exc)
 
-    def _record_executor_entries(self, task: Task, entries: list[dict[str, Any]]) -> None:
+    def _status(self, executor: str, task_id: str) -> TaskStatus:
+        link = self._connect(executor)
+        try:
+            return answers.decode(TaskStatus, link.action("status", task_id.encode()),
+                                  "executor status")
+        finally:
+            link.close()
+
+    def _record_executor_entries(self, task: Task, entries: list[ExecutorEntry]) -> None:
         """Append the executor's signed entries, but only from a key an owner attested
         (others wait for a later tick; the chain must always verify)."""
         attested = {str(e.body.get("tls_key_sha256")) for e in self.store.audit_log(task.id)
                     if e.kind == "attested"}
         for e in entries:
-            signature = str(e.get("signature", ""))
+            kind, body, signer, signature = e.kind, e.body, e.signer, e.signature
             if not signature or self.store.has_signature(signature):
                 continue
-            kind, body, signer = str(e.get("kind")), e.get("body"), str(e.get("signer", ""))
-            if kind not in audit.EXECUTOR_KINDS or not isinstance(body, dict) or \
+            if kind not in audit.EXECUTOR_KINDS or \
                     not signer.startswith("p256:") or audit.p256_key_hash(signer) not in attested:
                 continue
             try:
@@ -261,7 +269,7 @@ class Scheduler:
         if task.state in ("submitted", "approved"):
             return
         try:
-            status = self._tell_executor(task.executor, "status", task.id)
+            status = self._status(task.executor, task.id)
         except (Unreachable, PeerError) as exc:
             first = self._unreachable_since.setdefault(task.id, time.time())
             if time.time() - first > UNREACHABLE_GRACE:
@@ -269,21 +277,21 @@ class Scheduler:
                                       error=f"executor lost: {exc}")
             return
         self._unreachable_since.pop(task.id, None)
-        self._record_executor_entries(task, status.get("audit") or [])
-        remote = status["status"]
+        self._record_executor_entries(task, status.audit)
+        remote = status.status
         if remote == "failed":
-            self.store.transition(task.id, "fail", {"reason": status.get("error")},
-                                  error=status.get("error") or "executor failed the task")
+            self.store.transition(task.id, "fail", {"reason": status.error},
+                                  error=status.error or "executor failed the task")
         elif remote == "cancelled":
             self.store.transition(task.id, "cancel", {"by": "executor"})
         elif task.state == "uploading" and remote == "waiting":
             assignments = self.store.assignments(task.id)
             if all(a["state"] == "uploaded" for a in assignments) and \
-                    sorted(status["received"]) == sorted(a["dataset"] for a in assignments):
+                    sorted(status.received) == sorted(a["dataset"] for a in assignments):
                 self._tell_executor(task.executor, "run", task.id)
-                self.store.transition(task.id, "run", {"inputs": status["received"]})
+                self.store.transition(task.id, "run", {"inputs": status.received})
         elif task.state == "uploading" and remote in ("running", "done", "released"):
-            self.store.transition(task.id, "run", {"inputs": status["received"]})
+            self.store.transition(task.id, "run", {"inputs": status.received})
         elif task.state == "running" and remote in ("done", "released"):
             self.store.transition(task.id, "finish", {})
         elif task.state == "done" and remote == "released":

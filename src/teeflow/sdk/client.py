@@ -28,6 +28,7 @@ from teeflow.attestation.evidence import Claims
 from teeflow.attestation.policy import AppraisalPolicy
 from teeflow.attestation.registry import make_verifiers
 from teeflow.core import audit, wire
+from teeflow.core.answers import CatalogEntry
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.seal import open_sealed
@@ -132,7 +133,7 @@ class Client:
             receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key())
 
     def executor_catalog(self, executor: str,
-                         policy: AppraisalPolicy | None = None) -> dict[str, dict[str, Any]]:
+                         policy: AppraisalPolicy | None = None) -> dict[str, CatalogEntry]:
         """The computations an executor runs, with their code digests, read over a channel
         pinned to the key its evidence binds, after appraising it with your policy."""
         client, _ = attested_connect(executor, self._policy(policy), self.verifiers)
@@ -168,7 +169,7 @@ class Client:
             raise InputError(f"computation {compute!r}: executor {address} does not run it "
                              f"(it runs: {known})")
         spec = self.build_spec(datasets, compute, params, receivers,
-                               code_digest=catalog[compute]["code_digest"])
+                               code_digest=catalog[compute].code_digest)
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
         signature = base64.b64encode(self.identity.sign(payload)).decode()
@@ -217,17 +218,20 @@ class Client:
         client, claims = attested_connect(task["executor"], self._policy(policy),
                                           self.verifiers)
         with client:
-            envelope = json.loads(client.take_result(task_id, self.identity))
+            envelope = client.take_result(task_id, self.identity)
             executor_key = client.tls_key_hash.hex()
-        sealed = base64.b64decode(envelope["sealed"])
-        body = {"spec_digest": envelope["spec_digest"], "receiver": envelope["receiver"],
-                "sealed_sha256": envelope["sealed_sha256"]}
-        if audit.p256_key_hash(envelope["signer"]) != executor_key or \
-                hashlib.sha256(sealed).hexdigest() != body["sealed_sha256"]:
+        try:
+            sealed = base64.b64decode(envelope.sealed, validate=True)
+        except ValueError:
+            raise AuthError("result envelope: the sealed result is not base64") from None
+        body = envelope.signed_body()
+        if not envelope.signer.startswith("p256:") or \
+                audit.p256_key_hash(envelope.signer) != executor_key or \
+                hashlib.sha256(sealed).hexdigest() != envelope.sealed_sha256:
             raise AuthError("result is not signed by the executor you appraised")
-        audit.verify_entry_signature(task_id, "result", body, envelope["signer"],
-                                     envelope["signature"])
-        if envelope["spec_digest"] != task["spec_digest"]:
+        audit.verify_entry_signature(task_id, "result", body, envelope.signer,
+                                     envelope.signature)
+        if envelope.spec_digest != task["spec_digest"]:
             raise AuthError("result is sealed for another task spec")
         raw = open_sealed(sealed, self.identity.encryption_private_key(), task["spec_digest"])
         opened = json.loads(raw)
