@@ -111,7 +111,7 @@ def test_round_messages_are_authenticated(executor, parties):
             client.federated("fl-update", spec.task_id, "p0", 0, owner,
                              {**update, "weights": [0.0] * 5})
         assert client.federated("fl-update", spec.task_id, "p0", 0, owner,
-                                update)["closed"] is True
+                                update).closed is True  # type: ignore[union-attr]
         with pytest.raises(StateError, match="not the current round"):
             client.federated("fl-update", spec.task_id, "p0", 0, owner, update)  # replay
         with pytest.raises(InputError, match="federated"):

@@ -98,6 +98,23 @@ class ResultEnvelope(Model):
                 "sealed_sha256": self.sealed_sha256}
 
 
+class GlobalModel(Model):
+    """A federated task's global model, to one of its owners (`fl-model`)."""
+
+    round: int = Field(ge=0)
+    rounds: int = Field(ge=1)
+    status: TaskStatusName
+    weights: list[float] | None
+    sent: bool
+
+
+class RoundReceipt(Model):
+    """What the executor says of an owner's update (`fl-update`)."""
+
+    round: int = Field(ge=0)
+    closed: bool
+
+
 def decode(model: type[A], data: bytes | str, what: str) -> A:
     """An executor's JSON answer as `model`; PeerError naming the field if it does not fit."""
     if len(data) > MAX_ANSWER:

@@ -23,7 +23,13 @@ from teeflow import compute
 from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
-from teeflow.core.answers import Catalog, CatalogEntry, TaskStatus
+from teeflow.core.answers import (
+    Catalog,
+    CatalogEntry,
+    GlobalModel,
+    RoundReceipt,
+    TaskStatus,
+)
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
 from teeflow.executor.messages import (
@@ -108,12 +114,14 @@ def _result(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 
 def _fl_model(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _json(server.executor.fl_model(FlModel.decode(body).request()))
+    return _answer(GlobalModel.model_validate(
+        server.executor.fl_model(FlModel.decode(body).request())))
 
 
 def _fl_update(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = FlUpdate.decode(body)
-    return _json(server.executor.fl_update(req.request(), req.update))
+    return _answer(RoundReceipt.model_validate(
+        server.executor.fl_update(req.request(), req.update)))
 
 
 def _cancel(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:

@@ -22,7 +22,14 @@ from teeflow.attestation.evidence import Claims, Evidence, bind_report_data
 from teeflow.attestation.policy import AppraisalPolicy, Verifier, appraise
 from teeflow.attestation.ratls import read_certificate_evidence
 from teeflow.core import answers, wire
-from teeflow.core.answers import Catalog, CatalogEntry, ResultEnvelope, TaskStatus
+from teeflow.core.answers import (
+    Catalog,
+    CatalogEntry,
+    GlobalModel,
+    ResultEnvelope,
+    RoundReceipt,
+    TaskStatus,
+)
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, MAX_CERT, Signer, load_cert, spki_sha256
 from teeflow.core.errors import InputError, TeeflowError, Unreachable
 from teeflow.net.flight_errors import from_flight
@@ -129,8 +136,9 @@ class ExecutorClient:
         return fl.FlightCallOptions(timeout=3600.0)
 
     def federated(self, kind: str, task_id: str, dataset: str, round_: int, signer: Signer,
-                  update: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A signed federated-round call: `fl-model` (read the global model) or `fl-update`."""
+                  update: dict[str, Any] | None = None) -> GlobalModel | RoundReceipt:
+        """A signed federated-round call: `fl-model` (read the global model) or `fl-update`
+        (send this owner's update), answered with a GlobalModel or a RoundReceipt."""
         challenge = self.action("challenge")
         payload = wire.canonical(update) if update is not None else b""
         signature = signer.sign(wire.fl_message(kind, task_id, dataset, round_, challenge,
@@ -139,7 +147,10 @@ class ExecutorClient:
                                 "challenge": challenge.hex(), "signature": signature.hex()}
         if update is not None:
             body["update"] = update
-        return self.action_json(kind, wire.canonical(body))
+        data = self.action(kind, wire.canonical(body))
+        if kind == "fl-model":
+            return answers.decode(GlobalModel, data, kind)
+        return answers.decode(RoundReceipt, data, kind)
 
     def catalog(self) -> dict[str, CatalogEntry]:
         """The computations this executor runs, by name, with the digest of their code. Only

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from teeflow.compute import federated
+from teeflow.core.answers import GlobalModel
 from teeflow.core.crypto import Signer
 from teeflow.core.errors import ComputeError, TaskFailed
 from teeflow.files.datasets import iter_batches, read_schema
@@ -41,15 +42,19 @@ def take_part(client: ExecutorClient, task_id: str, dataset: str, path: Path,
         deadline = time.monotonic() + ROUND_TIMEOUT
         while True:
             state = client.federated("fl-model", task_id, dataset, round_, signer)
-            if state["status"] in ("failed", "cancelled"):
-                raise TaskFailed(f"task {task_id} {state['status']} during round {round_}")
-            if state["round"] == round_ and not state["sent"]:
+            assert isinstance(state, GlobalModel)
+            if state.status in ("failed", "cancelled"):
+                raise TaskFailed(f"task {task_id} {state.status} during round {round_}")
+            if state.round == round_ and not state.sent:
                 break
             if time.monotonic() > deadline:
                 raise TaskFailed(f"round {round_} did not open within {ROUND_TIMEOUT:.0f}s")
             time.sleep(POLL)
-        weights = (np.zeros(len(features) + 1) if state["weights"] is None
-                   else np.asarray(state["weights"], dtype=np.float64))
+        if state.weights is not None and len(state.weights) != len(features) + 1:
+            raise TaskFailed(f"task {task_id}: the executor's model has "
+                             f"{len(state.weights)} weights, not {len(features) + 1}")
+        weights = (np.zeros(len(features) + 1) if state.weights is None
+                   else np.asarray(state.weights, dtype=np.float64))
         new, loss = federated.local_update(x, y, weights, params)
         client.federated("fl-update", task_id, dataset, round_, signer, {
             "weights": new.tolist(), "n_samples": int(x.shape[0]), "loss": loss,
