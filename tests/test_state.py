@@ -7,7 +7,18 @@ import itertools
 import pytest
 
 from teeflow.core.errors import StateError
-from teeflow.scheduler.state import EVENTS, FINAL, LIVE, STATES, TRANSITIONS, next_state
+from teeflow.scheduler.state import (
+    ASSIGNMENT_FINAL,
+    ASSIGNMENT_STATES,
+    ASSIGNMENT_TRANSITIONS,
+    EVENTS,
+    FINAL,
+    LIVE,
+    STATES,
+    TRANSITIONS,
+    next_assignment,
+    next_state,
+)
 
 # Two owners sign, the last signature completes consent, then the run.
 HAPPY = [
@@ -115,3 +126,55 @@ def test_every_pair_not_in_the_table_raises(state, event):
 def test_unknown_state_raises():
     with pytest.raises(StateError):
         next_state("paused", "run")
+
+
+# -- a provider's upload of one dataset, as it reports it --------------------------------------
+
+ASSIGNMENT_EDGES = {
+    ("pending", "started"): "started",
+    ("started", "started"): "started",
+    ("pending", "uploaded"): "uploaded",
+    ("started", "uploaded"): "uploaded",
+    ("pending", "failed"): "failed",
+    ("started", "failed"): "failed",
+}
+
+
+REPORTS = (*ASSIGNMENT_STATES, "done", "")
+
+
+@pytest.mark.parametrize("state,reported", list(itertools.product(ASSIGNMENT_STATES, REPORTS)))
+def test_every_assignment_report(state, reported):
+    """Every (state, report) pair: exactly the listed edges exist; the rest are refused,
+    naming why."""
+    if (state, reported) in ASSIGNMENT_EDGES:
+        assert next_assignment(state, reported, "d") == ASSIGNMENT_EDGES[(state, reported)]
+        return
+    if reported not in ASSIGNMENT_STATES:
+        match = "unknown assignment state"
+    elif state in ASSIGNMENT_FINAL:
+        match = f"already {state}"
+    else:
+        match = f"cannot go from {state} to {reported}"
+    with pytest.raises(StateError, match=match):
+        next_assignment(state, reported, "d")
+
+
+def test_assignment_table_is_the_listed_edges():
+    assert ASSIGNMENT_TRANSITIONS == ASSIGNMENT_EDGES
+
+
+def test_no_upload_is_undone_or_resumed_after_it_ended():
+    """Reachability: from a final state nothing is reachable; `pending` is never re-entered,
+    so an upload that started cannot be offered to its provider again as new work."""
+    reachable = {"pending"}
+    frontier = ["pending"]
+    while frontier:
+        state = frontier.pop()
+        for (before, _), after in ASSIGNMENT_TRANSITIONS.items():
+            if before == state and after not in reachable:
+                reachable.add(after)
+                frontier.append(after)
+    assert reachable == set(ASSIGNMENT_STATES)
+    assert not [e for e in ASSIGNMENT_TRANSITIONS if e[0] in ASSIGNMENT_FINAL]
+    assert "pending" not in ASSIGNMENT_TRANSITIONS.values()

@@ -19,7 +19,7 @@ from typing import Any
 
 from teeflow.core import audit
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
-from teeflow.scheduler.state import FINAL, next_state
+from teeflow.scheduler.state import ASSIGNMENT_STATES, FINAL, next_assignment, next_state
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -54,7 +54,6 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_task ON audit(task_id);
 """
 
-ASSIGNMENT_STATES = ("pending", "started", "uploaded", "failed")
 
 
 @dataclass(frozen=True)
@@ -325,8 +324,7 @@ class Store:
                 raise UnknownTask(f"no assignment of {dataset!r} in task {task_id!r}")
             if row["node"] != node:
                 raise AuthError(f"assignment of {dataset!r} belongs to {row['node']!r}")
-            if row["state"] in ("uploaded", "failed"):
-                raise StateError(f"assignment of {dataset!r} is already {row['state']}")
+            state = next_assignment(row["state"], state, dataset)
             db.execute("UPDATE assignments SET state=?, rows=?, error=?, updated_at=? "
                        "WHERE task_id=? AND dataset=?",
                        (state, rows, error, time.time(), task_id, dataset))
