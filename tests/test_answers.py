@@ -21,7 +21,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size
 FIELDS = sorted(set(TaskStatus.model_fields) | set(ResultEnvelope.model_fields))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.sampled_from([Catalog, TaskStatus, ResultEnvelope]),
        st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), JSON, max_size=12))
 def test_any_json_object_decodes_or_is_a_peer_error(model, body):
