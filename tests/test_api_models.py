@@ -8,6 +8,8 @@ import time
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from teeflow.core import api, auth
 from teeflow.core.crypto import KeySigner
@@ -146,3 +148,34 @@ def test_client_builds_bodies_from_the_models_and_checks_answers(app_client):
         sched.register_node("x" * 65)  # refused before it is sent
     with pytest.raises(InputError, match="rows"):
         sched.add_dataset("alice", "d", "schema", -1)
+
+
+# -- properties: every request and answer model takes any JSON as itself or a named error -----
+
+SECRET = "value-never-echoed-42"
+REQUESTS = [api.RegisterNode, api.RegisterExecutor, api.AddDataset, api.SubmitTask,
+            api.Decision, api.Cancel, api.Report]
+ANSWERS = [api.Node, api.Executor, api.Dataset, api.TaskView, api.TaskDetail, api.AuditEntry,
+           api.ApproveWork, api.UploadWork]
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**60, 2**60) | st.text(max_size=8)
+                    | st.just(SECRET),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=15)
+
+
+def _fields(model) -> list[str]:
+    return sorted({f.alias or name for name, f in model.model_fields.items()})
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(REQUESTS + ANSWERS), st.data())
+def test_any_json_body_is_the_model_or_a_named_error(model, data):
+    body = data.draw(st.dictionaries(st.sampled_from(_fields(model)) | st.text(max_size=6),
+                                     JSON, max_size=8))
+    try:
+        if model in REQUESTS:
+            assert isinstance(api.request(model, body, "body"), model)
+        else:
+            assert isinstance(api.response(model, body, "answer"), model)
+    except (InputError, PeerError) as exc:
+        assert SECRET not in str(exc)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from teeflow.core import wire
@@ -101,3 +103,36 @@ def test_built_in_python_positionally():
     assert FlModel.decode(json.dumps(GOOD[FlModel]).encode()).request().kind == "fl-model"
     with pytest.raises(TypeError):
         UploadRequest("t1", "d1", b"", b"", "extra")
+
+
+# -- properties: any body is the model or a named InputError that echoes nothing -------------
+
+VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                      | st.text(max_size=8) | st.just(SECRET),
+                      lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(GOOD, key=lambda m: m.__name__)), st.data())
+def test_any_mutation_of_a_body_decodes_or_is_named(model, data):
+    body = dict(GOOD[model])
+    for key in data.draw(st.lists(st.sampled_from(sorted(body)) | st.text(max_size=6),
+                                  max_size=3)):
+        if data.draw(st.booleans()):
+            body.pop(key, None)
+        else:
+            body[key] = data.draw(VALUES)
+    try:
+        assert isinstance(model.decode(json.dumps(body).encode()), model)
+    except InputError as exc:
+        assert SECRET not in str(exc) and exc.__cause__ is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(GOOD, key=lambda m: m.__name__)), st.binary(max_size=120))
+def test_any_bytes_decode_or_are_an_input_error(model, data):
+    try:
+        model.decode(data)
+    except InputError:
+        pass
