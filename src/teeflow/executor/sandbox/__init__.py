@@ -43,32 +43,23 @@ parent side only when one of its names is asked for: the child process never imp
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 from teeflow.executor.sandbox.frames import MAX_CODE_BYTES
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from teeflow.executor.sandbox.parent import Limits, Outcome, run_code
 
-    MODULES: tuple[ModuleType, ...]
-
-__all__ = ["MAX_CODE_BYTES", "MODULES", "Limits", "Outcome", "run_code"]
+__all__ = ["MAX_CODE_BYTES", "Limits", "Outcome", "run_code"]
 
 _PARENT = frozenset({"Limits", "Outcome", "run_code"})
 
 
 def __getattr__(name: str) -> Any:
-    """The parent side's names, imported on first use (never in the child); and ``MODULES``,
-    every module of this package, for a code digest (``compute.USES``) that covers them all."""
+    """The parent side's names, imported on first use (never in the child). (user_code's
+    digest names every module of this package: ``compute/usercode.py`` USES.)"""
     if name in _PARENT:
         from teeflow.executor.sandbox import parent
 
         return getattr(parent, name)
-    if name == "MODULES":
-        from teeflow.executor.sandbox import child, frames, parent
-
-        return (sys.modules[__name__], frames, parent, child)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
