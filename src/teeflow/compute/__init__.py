@@ -132,27 +132,20 @@ def _source_file(module: str) -> str:
 
 
 def _reach(module: ModuleType) -> tuple[str, ...]:
-    """The module and everything its USES reach, depth first, each once."""
+    """The module and everything its USES reach, depth first, each once (the USES of a
+    computation it runs, such as vertical's models, included)."""
     out: list[str] = []
 
     def visit(name: str) -> None:
         if name in out:
             return
         out.append(name)
-        if name == module.__name__:
-            uses = getattr(module, "USES", ())
-        else:  # a module that is not a computation may still declare USES
-            uses = _declared_uses(name)
-        for used in uses:
+        declaring = module if name == module.__name__ else _LOADED.get(name)
+        for used in getattr(declaring, "USES", ()):
             visit(used)
 
     visit(module.__name__)
     return tuple(out)
-
-
-def _declared_uses(name: str) -> tuple[str, ...]:
-    loaded = _LOADED.get(name)
-    return tuple(getattr(loaded, "USES", ())) if loaded is not None else ()
 
 
 def _from_module(module: ModuleType) -> Computation:
