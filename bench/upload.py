@@ -7,7 +7,10 @@ share a GIL), all fed the same in-memory float64 table cut into BATCH_ROWS-row b
 - plain grpc+tls do_put to the same kind of server (TLS alone);
 - teeflow: `ExecutorClient.upload` (challenge, Ed25519 signature, batches, end marker,
   receipt) over the attested, certificate-pinned channel to a real executor started
-  with `python -m teeflow.cli.main executor --tee simulated`, into a real task.
+  with `python -m teeflow.cli.main executor --tee simulated`, into a real task. That
+  executor validates every batch in full (`intake.check_batch`), as every executor does;
+- the same upload to the same executor code built with `validate_batches=False` in a
+  spawned child (the only place that option is used), for the cost of that validation.
 
 Every path waits for the server's receipt, so a timing covers the whole transfer.
 The executor holds uploaded batches in memory; each repeat gets a fresh task which is
@@ -49,6 +52,7 @@ from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, wire
 from teeflow.core.crypto import EXECUTOR_TLS_NAME, KeySigner, make_tls_identity
 from teeflow.core.schemas import schema_fingerprint
+from teeflow.executor.intake import MAX_BATCH_BYTES, check_batch
 from teeflow.files.datasets import BATCH_ROWS
 from teeflow.net.executor_client import ExecutorClient, attested_connect
 
@@ -96,23 +100,49 @@ def _serve_drain(scheme: str, conn: Any) -> None:
     server.serve()
 
 
+def _serve_unvalidated(conn: Any) -> None:
+    """Child process entry: the executor `teeflow executor` runs (as `server.build` makes
+    it), but with `validate_batches=False`; sends its port, serves."""
+    from cryptography.hazmat.primitives import serialization
+
+    from teeflow.attestation.ratls import make_ratls_identity
+    from teeflow.attestation.simulated import SimulatedBackend
+    from teeflow.executor.server import ExecutorFlightServer
+    from teeflow.executor.service import Executor
+
+    backend = SimulatedBackend()
+    cert_pem, key_pem = make_ratls_identity(backend)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    executor = Executor(backend, key, validate_batches=False)  # type: ignore[arg-type]
+    server = ExecutorFlightServer(executor, "grpc+tls://127.0.0.1:0", cert_pem, key_pem)
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    conn.send((server.port, cert_pem))
+    conn.close()
+    server.serve()
+
+
 @contextlib.contextmanager
-def drain_server(scheme: str) -> Iterator[tuple[int, bytes | None]]:
+def child_server(target: Callable[..., None], *args: Any, name: str
+                 ) -> Iterator[tuple[int, bytes | None]]:
+    """A server in a spawned child: `target(*args, conn)` sends (port, cert) and serves."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_serve_drain, args=(scheme, child), daemon=True,
-                       name=f"bench-drain-{scheme}")
+    proc = ctx.Process(target=target, args=(*args, child), daemon=True, name=name)
     proc.start()
     child.close()
     try:
         if not parent.poll(START_TIMEOUT):
-            raise RuntimeError(f"{scheme} drain server did not start "
-                               f"(exit code {proc.exitcode})")
+            raise RuntimeError(f"{name} did not start (exit code {proc.exitcode})")
         port, cert = parent.recv()
         yield port, cert
     finally:
         parent.close()
         _stop(proc.pid, proc.join, lambda: proc.exitcode is not None)
+
+
+def drain_server(scheme: str) -> contextlib.AbstractContextManager[tuple[int, bytes | None]]:
+    return child_server(_serve_drain, scheme, name=f"bench-drain-{scheme}")
 
 
 def _stop(pid: int | None, join: Callable[[float], Any], exited: Callable[[], bool]) -> None:
@@ -264,6 +294,9 @@ def run(opts: Options) -> list[Row]:
         tcp_port, _ = stack.enter_context(drain_server("grpc+tcp"))
         tls_port, tls_cert = stack.enter_context(drain_server("grpc+tls"))
         address = stack.enter_context(executor_process(workdir))
+        bare_port, _ = stack.enter_context(child_server(_serve_unvalidated,
+                                                        name="bench-executor-unvalidated"))
+        bare_address = f"127.0.0.1:{bare_port}"
 
         # The measurement is computed here, from the same source files the child hashed.
         policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
@@ -282,6 +315,9 @@ def run(opts: Options) -> list[Row]:
         pinned, _ = attested_connect(address, policy, verifiers)
         uploader = AttestedUploader(address, pinned, table.schema)
         stack.callback(uploader.close)
+        bare_pinned, _ = attested_connect(bare_address, policy, verifiers)
+        bare = AttestedUploader(bare_address, bare_pinned, table.schema)
+        stack.callback(bare.close)
         tcp = fl.FlightClient(f"grpc+tcp://127.0.0.1:{tcp_port}")
         stack.callback(tcp.close)
         tls = fl.FlightClient(f"grpc+tls://127.0.0.1:{tls_port}", tls_root_certs=tls_cert,
@@ -292,6 +328,7 @@ def run(opts: Options) -> list[Row]:
             "plain grpc+tcp": _timed_plain(tcp, table.schema, batches, "plain tcp"),
             "plain grpc+tls": _timed_plain(tls, table.schema, batches, "plain tls"),
             "attested (teeflow)": lambda: uploader.upload(batches),
+            "attested, validation off": lambda: bare.upload(batches),
         }
         for once in paths.values():  # warm-up: connections up, allocators primed; untimed
             once()
@@ -300,6 +337,14 @@ def run(opts: Options) -> list[Row]:
         for r in range(repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 seconds[name].append(paths[name]())
+
+    # The check alone, in this process: the same work the executor does per batch.
+    check_s: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, batch in enumerate(batches):
+            check_batch(batch, table.schema, "bench", i, MAX_BATCH_BYTES)
+        check_s.append(time.perf_counter() - t0)
 
     out = [Row("payload", f"{payload / MB:,.1f} MB",
                f"{rows:,} rows x {COLUMNS} float64, {len(batches)} batches of <= {BATCH_ROWS:,} "
@@ -317,6 +362,17 @@ def run(opts: Options) -> list[Row]:
                    "ratio of medians"))
     out.append(Row("ratio tls / plain tcp", f"{mbps['plain grpc+tls'] / tcp_rate:.2f}",
                    "ratio of medians"))
+    validated, unvalidated = mbps["attested (teeflow)"], mbps["attested, validation off"]
+    out.append(Row("ratio attested / attested without validation",
+                   f"{validated / unvalidated:.2f}",
+                   f"ratio of medians; full batch validation costs "
+                   f"{(1 - validated / unvalidated) * 100:+.1f}% of throughput "
+                   "(negative: within noise)"))
+    check_med = median_range(check_s)[0]
+    attested_med = median_range(seconds["attested (teeflow)"])[0]
+    out.append(Row("full validation alone (check_batch)", f"{check_med * 1e3:,.2f} ms",
+                   f"median of {repeats}, in process, over the same batches; "
+                   f"{check_med / attested_med * 100:.2f}% of the attested upload's median"))
     out.append(Row("ratio attested / plain tls",
                    f"{mbps['attested (teeflow)'] / mbps['plain grpc+tls']:.2f}",
                    "ratio of medians; teeflow's own cost over TLS"))
@@ -325,6 +381,6 @@ def run(opts: Options) -> list[Row]:
                    f"median of {ATTEST_REPEATS}; range {lo:.1f}-{hi:.1f} ms; one-time per "
                    "provider and executor"))
     out.append(Row("servers", "child processes",
-                   "drain servers: multiprocessing spawn; executor: python -m teeflow.cli.main "
-                   "executor --tee simulated"))
+                   "drain servers and the executor without validation: multiprocessing "
+                   "spawn; executor: python -m teeflow.cli.main executor --tee simulated"))
     return out

@@ -29,7 +29,7 @@ from teeflow.core import wire
 from teeflow.core.errors import InputError
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.inputs import MemoryBudget
-from teeflow.executor.intake import Intake
+from teeflow.executor.intake import MAX_BATCH_BYTES, UPLOAD_IDLE_TIMEOUT, Intake
 from teeflow.executor.messages import Approval, FlRequest, UploadRequest
 from teeflow.executor.notary import Notary
 from teeflow.executor.release import Release
@@ -45,9 +45,14 @@ class Executor:
 
     def __init__(self, backend: TeeBackend, tls_key: ec.EllipticCurvePrivateKey,
                  clock: Callable[[], float] = time.monotonic, memory_budget: int | None = None,
-                 spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None, upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, validate_batches: bool = True) -> None:
         """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
-        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount)."""
+        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount).
+        `upload_idle_timeout`: seconds an upload may go without a message before it is
+        cut and its task failed. `max_batch_bytes`: the largest record batch taken.
+        `validate_batches=False` skips the full check of each batch's Arrow structure:
+        only for measuring what that check costs (bench/upload.py), never in service."""
         self.backend = backend
         self.memory_budget = memory_budget
         self.spill_dir = spill_dir
@@ -56,7 +61,8 @@ class Executor:
         self.signer = notary.signer
         self._challenges = Challenges(clock)
         self._tasks = Tasks(notary, MemoryBudget(memory_budget))
-        self._intake = Intake(self._tasks, self._challenges, spill_dir)
+        self._intake = Intake(self._tasks, self._challenges, spill_dir, validate_batches,
+                              max_batch_bytes, upload_idle_timeout)
         self._release = Release(self._tasks, self._challenges, backend.tee)
         self._runner = Runner(self._tasks, self._release)
         self._rounds = Rounds(self._tasks, self._challenges, self._release)
