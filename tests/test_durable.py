@@ -29,7 +29,7 @@ from teeflow.executor.spill import RunDir
 from teeflow.executor.store import ResultStore
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, sign_entry
+from tests.factories import appraisal_policy, attested_client, sign_entry
 from tests.test_executor_service import TASK, TLS_KEY, Parties, _upload
 
 KEY1 = TLS_KEY  # the key test_executor_service signs uploads for
@@ -211,7 +211,7 @@ def test_killed_executor_restarts_and_serves_the_result_and_wipes_leftovers(clus
                 name=c.initiator_name) as client:
         task = client.submit(["d1", "d2"], address, "logistic_regression", {"label": "y"})
         client.wait(task["id"], timeout=120)
-        with ExecutorClient(address, None) as ex:
+        with attested_client(address) as ex:
             first_key = ex.tls_key_hash
         c.stop_process("executor", signal.SIGKILL)
         (dead,) = spill.glob("run-*")
@@ -222,7 +222,7 @@ def test_killed_executor_restarts_and_serves_the_result_and_wipes_leftovers(clus
         c._spawn("executor", "executor", "--tee", "simulated", "--listen", address,
                  "--port-file", str(port_file), "--spill-dir", str(spill))
         assert c._wait_port("executor", port_file) == address
-        with ExecutorClient(address, None) as ex:
+        with attested_client(address) as ex:
             assert ex.tls_key_hash != first_key  # a new key, made at start
             info = ex.action_json("info")
         assert info["startup"]["wiped"] == {"runs": 1, "spill_files": 1, "sql_dirs": 1}
