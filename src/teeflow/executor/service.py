@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -56,6 +57,12 @@ SQL_TEMP_ROOT_ENV = "TEEFLOW_SQL_TEMP_ROOT"  # compute/sql/session.py reads it
 __all__ = ["Executor", "FlRequest", "UploadRequest"]
 
 
+def _unset_sql_root(path: str) -> None:
+    """Once a run's directory is gone, DuckDB goes back to TMPDIR (tests make many)."""
+    if os.environ.get(SQL_TEMP_ROOT_ENV) == path:
+        del os.environ[SQL_TEMP_ROOT_ENV]
+
+
 class Executor:
     """All state of one executor process. Thread-safe; Flight calls come concurrently."""
 
@@ -74,6 +81,7 @@ class Executor:
         self._run_dir = RunDir(spill_dir)
         self.spill_dir = str(self._run_dir.spill)
         os.environ[SQL_TEMP_ROOT_ENV] = str(self._run_dir.sql)
+        weakref.finalize(self, _unset_sql_root, str(self._run_dir.sql))
         notary = Notary(tls_key)
         self.tls_spki_hash = notary.tls_spki_hash
         self.signer = notary.signer
@@ -97,6 +105,7 @@ class Executor:
     def close(self) -> None:
         """Remove this run's spill directory (also done when the object is collected)."""
         self._run_dir.close()
+        _unset_sql_root(str(self._run_dir.sql))
 
     @property
     def simulated(self) -> bool:
