@@ -535,12 +535,41 @@ def test_audit_entries_are_signed_by_the_attested_key(ex, p):
                                                       p.bob.public_key()]
 
 
-def test_computed_entry_commits_to_the_sealed_result(ex, p):
+def _guesses(ex: Executor, p: Parties, computed: dict, value: dict) -> list[str]:
+    """What an auditor without the result can hash: the plaintext as the executor lays it
+    out (every field but the result is public: spec, tee, row counts in `received`), with a
+    guessed result, each as the SHA-256 an unsalted entry would carry."""
+    doc = {"task_id": TASK, "compute": p.spec.compute, "code_digest": p.spec.code_digest,
+           "spec_digest": p.spec.digest(), "tee": "simulated", "simulated": True,
+           "inputs": {"a_data": 2, "b_data": 2}, "result": value}
+    return [hashlib.sha256(wire.compact_json(doc)).hexdigest()]
+
+
+def test_computed_entry_lets_nobody_test_a_guess_of_the_result(ex, p):
+    """Attack: the audit log and the true result (the best guess there is) confirm nothing
+    to someone who has not opened an envelope; an unsalted hash of the plaintext did."""
     _done(ex, p)
-    plaintext = seal.open_sealed(base64.b64decode(_take(ex, p, p.initiator)["sealed"]),
-                                 p.initiator.encryption_private_key(), p.spec.digest())
-    computed = next(e for e in _audit(ex) if e["kind"] == "computed")
-    assert computed["body"]["result_sha256"] == hashlib.sha256(plaintext).hexdigest()
+    computed = next(e for e in _audit(ex) if e["kind"] == "computed")["body"]
+    value = _open(_take(ex, p, p.initiator), p.initiator, p.spec.digest())["result"]
+    published = {v for v in computed.values() if isinstance(v, str)} | \
+        {v for d in computed.values() if isinstance(d, dict) for v in d.values()}
+    assert not published & set(_guesses(ex, p, computed, value))
+    assert "result_sha256" not in computed
+
+
+def test_computed_entry_commits_to_the_result_and_each_envelope(ex, p):
+    """A receiver can check the commitment (its plaintext holds the salt); the entry also
+    names each receiver's sealed ciphertext, which the envelope's signature covers."""
+    _done(ex, p)
+    computed = next(e for e in _audit(ex) if e["kind"] == "computed")["body"]
+    for receiver in (p.initiator, p.bob):
+        envelope = _take(ex, p, receiver)
+        sealed = base64.b64decode(envelope["sealed"])
+        plaintext = seal.open_sealed(sealed, receiver.encryption_private_key(), p.spec.digest())
+        assert computed["result_commitment"] == hashlib.sha256(plaintext).hexdigest()
+        assert len(bytes.fromhex(json.loads(plaintext)["salt"])) == 32
+        assert computed["sealed_sha256"][receiver.public_key()] == \
+            hashlib.sha256(sealed).hexdigest() == envelope["sealed_sha256"]
 
 
 def test_audit_entries_verify_in_a_chain(ex, p):
@@ -586,7 +615,8 @@ def test_evidence_binds_the_tls_key_and_nonce():
 
 # fl_model hands an owner the averaged global model only; fl_update takes an update in.
 PUBLIC_METHODS = {"evidence", "challenge", "create_task", "status", "cancel",
-                  "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update"}
+                  "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update",
+                  "close", "expire_results"}
 
 
 def test_public_surface_is_exactly_known():
@@ -598,7 +628,8 @@ def test_public_surface_is_exactly_known():
     assert properties == {"simulated"}
     ex = Executor(SimulatedBackend(), TLS_KEY)
     public_attrs = {name for name in vars(ex) if not name.startswith("_")}
-    assert public_attrs == {"backend", "tls_spki_hash", "signer", "memory_budget", "spill_dir"}
+    assert public_attrs == {"backend", "tls_spki_hash", "signer", "memory_budget", "spill_dir",
+                            "startup"}
     assert isinstance(ex.signer, str) and ex.signer.startswith("p256:")  # a public key only
 
 

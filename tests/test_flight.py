@@ -204,7 +204,10 @@ def test_attested_connect_returns_claims(executor_server):
     client, claims = attested_connect(running.address, _policy(), make_verifiers())
     with client:
         assert claims.simulated and claims.measurements["measurement"] == code_measurement()
-        assert client.action_json("info") == {"tee": "simulated", "simulated": True}
+        info = client.action_json("info")
+        assert {k: info[k] for k in ("tee", "simulated")} == {"tee": "simulated",
+                                                             "simulated": True}
+        assert set(info["startup"]) == {"wiped", "results", "durable"}
     with pytest.raises(PolicyRefused):
         attested_connect(running.address, _policy("ab" * 32), make_verifiers())
 

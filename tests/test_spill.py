@@ -4,6 +4,7 @@ gone when wiped; results equal the in-memory run."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,10 @@ def _run(compute: str, params: dict, budget: int | None, spill_dir) -> tuple[dic
     ex.run(spec.task_id, background=False)
     status = ex.status(spec.task_id)
     assert ex.held_bytes(spec.task_id) == 0 and status["inputs_held"] == []
-    assert list(spill_dir.iterdir()) == []  # spill files deleted with the inputs
+    run_dir = Path(ex.spill_dir)  # this run's own directory under spill_dir
+    assert run_dir.parent == spill_dir
+    assert sorted(f.name for f in run_dir.iterdir()) == ["lock", "sql"]  # spills deleted
+    assert list((run_dir / "sql").iterdir()) == []  # and DuckDB's temp folders
     if status["status"] != "done":
         raise ComputeError(status["error"])
     envelope = ex.take_result(spec.task_id, initiator.public_key(), *_signed(ex, spec,

@@ -56,10 +56,19 @@ def provider(config_path: Path) -> None:
 @click.option("--tsm-root", default=None, help="tdx, sev-snp: the configfs-tsm report dir.")
 @click.option("--memory-budget", default=None,
               help="Input bytes held in memory (e.g. 2GiB); beyond it inputs spill, sealed.")
-@click.option("--spill-dir", default=None, help="Where sealed spill files go (default: TMPDIR).")
+@click.option("--spill-dir", default=None,
+              help="Root of sealed spill files (default: TMPDIR); dead runs' are wiped at start.")
+@click.option("--state-dir", default=None,
+              help="Where finished results wait, sealed, across restarts "
+                   "(default: SPILL_DIR/state with --spill-dir, else memory only).")
+@click.option("--result-ttl", default="7d", show_default=True,
+              help="How long an untaken result is kept (e.g. 12h, 7d, 3600s).")
+@click.option("--upload-idle-timeout", default="60s", show_default=True,
+              help="An upload silent this long is cut and its task failed (e.g. 30s, 5m).")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
              register_with: str | None, advertise: str | None, attestation_dir: str | None,
-             tsm_root: str | None, memory_budget: str | None, spill_dir: str | None) -> None:
+             tsm_root: str | None, memory_budget: str | None, spill_dir: str | None,
+             state_dir: str | None, result_ttl: str, upload_idle_timeout: str) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.executor.server import serve
@@ -74,7 +83,21 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
     serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
-          budget, spill_dir)
+          budget, spill_dir, state_dir=state_dir, result_ttl=parse_duration(result_ttl),
+          upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
+
+
+def parse_duration(text: str, option: str = "--result-ttl") -> float:
+    """Seconds from '3600', '90s', '30m', '12h', '7d'."""
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    number = text.strip().lower().rstrip("smhd")
+    try:
+        value = float(number) * units[text.strip().lower()[len(number):]]
+    except (ValueError, KeyError):
+        raise InputError(f"{option} {text!r} is not a duration like 12h or 7d") from None
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"{option} must be a positive, finite duration")
+    return value
 
 
 def parse_size(text: str) -> int:

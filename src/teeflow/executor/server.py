@@ -67,7 +67,8 @@ Handler = Callable[["ExecutorFlightServer", bytes], list[fl.Result]]
 
 
 def _info(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated})
+    return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated,
+                  "startup": server.executor.startup})
 
 
 def _answer(answer: BaseModel) -> list[fl.Result]:
@@ -201,13 +202,16 @@ def _messages(reader: fl.MetadataRecordBatchReader):
 
 
 def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
-          memory_budget: int | None = None, spill_dir: str | None = None
-          ) -> ExecutorFlightServer:
+          memory_budget: int | None = None, spill_dir: str | None = None,
+          **options: Any) -> ExecutorFlightServer:
+    """`options`: the Executor's other keyword options (state_dir, result_ttl,
+    upload_idle_timeout, ...)."""
     cert_pem, key_pem = make_ratls_identity(backend)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError("RA-TLS identity must be an EC key")
-    executor = Executor(backend, key, memory_budget=memory_budget, spill_dir=spill_dir)
+    executor = Executor(backend, key, memory_budget=memory_budget, spill_dir=spill_dir,
+                        **options)
     return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
 
 
@@ -246,10 +250,11 @@ def _return_freed_memory() -> None:
 
 def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None,
           scheduler: str | None = None, advertise: str | None = None,
-          memory_budget: int | None = None, spill_dir: str | None = None) -> None:
+          memory_budget: int | None = None, spill_dir: str | None = None,
+          **options: Any) -> None:
     if memory_budget is not None:
         _return_freed_memory()
-    server = build(backend, host, port, memory_budget, spill_dir)
+    server = build(backend, host, port, memory_budget, spill_dir, **options)
     address = f"{host}:{server.port}"
     write_port_file(port_file, address)
     if scheduler:

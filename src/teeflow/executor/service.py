@@ -7,16 +7,27 @@
     runner      run a computation over the held inputs, then wipe them
     rounds      federated rounds
     release     seal the result to each receiver, hand it over once
+    store       finished results (ciphertext only) on disk, re-signed after a restart
+    spill       sealed spill files, in this run's own directory; a start wipes dead runs'
     states      every lifecycle above as a table
 
 Runs inside the enclave. It must never hand an input back to anyone: no method here
 returns input rows. The result goes only to the task's receivers, sealed, and inputs
 are dropped as soon as the computation ends.
+
+At start (`__init__`): what a dead run left in the spill root (its spill files and DuckDB
+temp folders, unreadable since its keys died with it) is removed, and the counts are in
+`startup` (the `info` action) and a log line: those runs' tasks are unknown now, so there
+is no task to record an audit entry under. Finished results in the state dir are loaded
+and re-signed with this run's key, each with a `restored` entry (see store.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,9 +46,21 @@ from teeflow.executor.notary import Notary
 from teeflow.executor.release import Release
 from teeflow.executor.rounds import Rounds
 from teeflow.executor.runner import Runner
+from teeflow.executor.spill import RunDir
+from teeflow.executor.states import RESULT, ResultEvent, TaskState
+from teeflow.executor.store import DEFAULT_TTL, ResultStore
 from teeflow.executor.tasks import Tasks
 
+log = logging.getLogger("teeflow.executor")
+SQL_TEMP_ROOT_ENV = "TEEFLOW_SQL_TEMP_ROOT"  # compute/sql/session.py reads it
+
 __all__ = ["Executor", "FlRequest", "UploadRequest"]
+
+
+def _unset_sql_root(path: str) -> None:
+    """Once a run's directory is gone, DuckDB goes back to TMPDIR (tests make many)."""
+    if os.environ.get(SQL_TEMP_ROOT_ENV) == path:
+        del os.environ[SQL_TEMP_ROOT_ENV]
 
 
 class Executor:
@@ -45,27 +68,50 @@ class Executor:
 
     def __init__(self, backend: TeeBackend, tls_key: ec.EllipticCurvePrivateKey,
                  clock: Callable[[], float] = time.monotonic, memory_budget: int | None = None,
-                 spill_dir: str | None = None, upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
+                 spill_dir: str | None = None, state_dir: str | None = None,
+                 result_ttl: float = DEFAULT_TTL, wall: Callable[[], float] = time.time,
+                 upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
                  max_batch_bytes: int = MAX_BATCH_BYTES, validate_batches: bool = True) -> None:
         """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
-        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount).
+        are spilled, sealed, to this run's directory under `spill_dir` (default: under
+        TMPDIR; under Gramine: the encrypted mount). `state_dir`: where finished results
+        wait, sealed, for their receivers across restarts, for `result_ttl` seconds
+        (default: `<spill_dir>/state` if a spill dir is given, else memory only).
         `upload_idle_timeout`: seconds an upload may go without a message before it is
         cut and its task failed. `max_batch_bytes`: the largest record batch taken.
         `validate_batches=False` skips the full check of each batch's Arrow structure:
         only for measuring what that check costs (bench/upload.py), never in service."""
         self.backend = backend
         self.memory_budget = memory_budget
-        self.spill_dir = spill_dir
+        self._run_dir = RunDir(spill_dir)
+        self.spill_dir = str(self._run_dir.spill)
+        os.environ[SQL_TEMP_ROOT_ENV] = str(self._run_dir.sql)
+        weakref.finalize(self, _unset_sql_root, str(self._run_dir.sql))
         notary = Notary(tls_key)
         self.tls_spki_hash = notary.tls_spki_hash
         self.signer = notary.signer
         self._challenges = Challenges(clock)
         self._tasks = Tasks(notary, MemoryBudget(memory_budget))
-        self._intake = Intake(self._tasks, self._challenges, spill_dir, validate_batches,
+        if state_dir is None and spill_dir is not None:
+            state_dir = os.path.join(spill_dir, "state")
+        self._store = ResultStore(state_dir, result_ttl, wall) if state_dir else None
+        self._intake = Intake(self._tasks, self._challenges, self.spill_dir, validate_batches,
                               max_batch_bytes, upload_idle_timeout)
-        self._release = Release(self._tasks, self._challenges, backend.tee)
+        self._release = Release(self._tasks, self._challenges, backend.tee, self._store)
         self._runner = Runner(self._tasks, self._release)
         self._rounds = Rounds(self._tasks, self._challenges, self._release)
+        loaded = self._store.load(self._tasks, backend.tee) if self._store else {}
+        self.startup: dict[str, Any] = {"wiped": self._run_dir.wiped.as_dict(),
+                                        "results": loaded, "durable": self._store is not None}
+        log.info("executor start: removed %d dead run(s): %d spill file(s), %d SQL temp "
+                 "folder(s); results %s", self._run_dir.wiped.runs,
+                 self._run_dir.wiped.spill_files, self._run_dir.wiped.sql_dirs,
+                 loaded or "kept in memory only (no state dir)")
+
+    def close(self) -> None:
+        """Remove this run's spill directory (also done when the object is collected)."""
+        self._run_dir.close()
+        _unset_sql_root(str(self._run_dir.sql))
 
     @property
     def simulated(self) -> bool:
@@ -91,6 +137,10 @@ class Executor:
 
     def cancel(self, task_id: str, signer_key: str, signature: bytes) -> None:
         self._tasks.cancel(task_id, signer_key, signature)
+        if self._store is not None:
+            with self._tasks.lock:
+                if self._tasks.get(task_id).status == TaskState.CANCELLED:
+                    self._store.forget(task_id)
 
     def held_bytes(self, task_id: str) -> int:
         return self._tasks.held_bytes(task_id)
@@ -111,4 +161,21 @@ class Executor:
 
     def take_result(self, task_id: str, receiver_key: str, challenge: bytes,
                     signature: bytes) -> bytes:
+        self.expire_results()
         return self._release.take(task_id, receiver_key, challenge, signature)
+
+    def expire_results(self) -> list[str]:
+        """Drop the envelopes of every finished task past its expiry, here and on disk."""
+        if self._store is None:
+            return []
+        gone = self._store.expired()
+        with self._tasks.lock:
+            for task_id in gone:
+                task = self._tasks.get(task_id)
+                task.sealed.clear()
+                for receiver, state in task.results.items():
+                    if RESULT.allows(state, ResultEvent.DROP):
+                        task.step_result(receiver, ResultEvent.DROP)
+                self._tasks.record(task, "expired", {"spec_digest": task.spec.digest()})
+                self._store.forget(task_id)
+        return gone

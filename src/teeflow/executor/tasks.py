@@ -151,6 +151,11 @@ class Tasks:
         log.info("task %s created: %s over %s", spec.task_id, spec.compute,
                  [d.name for d in spec.datasets])
 
+    def adopt(self, task: Task) -> None:
+        """Hold a task restored from disk (executor/store.py), unless its id is taken."""
+        with self.lock:
+            self._tasks.setdefault(task.spec.task_id, task)
+
     def get(self, task_id: str) -> Task:
         task = self._tasks.get(task_id)
         if task is None:

@@ -234,10 +234,36 @@ class Client:
         if envelope.spec_digest != task["spec_digest"]:
             raise AuthError("result is sealed for another task spec")
         raw = open_sealed(sealed, self.identity.encryption_private_key(), task["spec_digest"])
+        self._check_commitment(task_id, envelope.sealed_sha256, raw)
         opened = json.loads(raw)
         return Result(task_id=task_id, value=opened["result"],
                       simulated=bool(opened["simulated"]), tee=opened["tee"], claims=claims,
                       raw=raw)
+
+    def _check_commitment(self, task_id: str, sealed_sha256: str, raw: bytes) -> None:
+        """The opened result must be the one the `computed` entry commits to, signed by an
+        executor key an owner of the task attested: its salted hash, and this receiver's
+        ciphertext. That entry is what vouches for an envelope a restarted executor
+        re-signed with its new key (executor/store.py)."""
+        entries = self.audit_log(task_id)
+        owners = {audit.ed25519_signer(d["owner_key"]) for e in entries
+                  if e.kind == "submitted" for d in e.body.get("spec", {}).get("datasets", [])}
+        attested = set()
+        for e in entries:
+            if e.kind == "attested" and e.signer in owners:
+                audit.verify_entry_signature(task_id, e.kind, e.body, e.signer, e.signature)
+                attested.add(str(e.body.get("tls_key_sha256")))
+        computed = [e for e in entries if e.kind == "computed" and e.signer.startswith("p256:")
+                    and audit.p256_key_hash(e.signer) in attested]
+        if not computed:
+            raise AuthError("the audit log has no computed entry by an attested executor key")
+        for e in computed:
+            audit.verify_entry_signature(task_id, e.kind, e.body, e.signer, e.signature)
+            if e.body.get("result_commitment") != hashlib.sha256(raw).hexdigest() or \
+                    e.body.get("sealed_sha256", {}).get(self.identity.public_key()) != \
+                    sealed_sha256:
+                raise AuthError("result is not the one the executor's computed entry "
+                                "commits to")
 
     # -- executors and audit -------------------------------------------------
     def executors(self, policy: AppraisalPolicy | None = None) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ encrypted, and the group-size check on its output. Errors never quote an input v
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,10 @@ from teeflow.compute.sql import MAX_ROWS, NAME
 from teeflow.compute.sql.policy import analyze
 from teeflow.compute.sql.rewrite import _quote, _rid, check_columns, counting_query, view_names
 from teeflow.core.errors import ComputeError, ParameterError
+
+# The executor names its own directory for DuckDB's temp folders, so that a start can
+# remove what a killed run left (executor/spill.py `RunDir`); unset, the system's TMPDIR.
+TEMP_ROOT_ENV = "TEEFLOW_SQL_TEMP_ROOT"
 
 
 def check_binds(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
@@ -92,7 +97,8 @@ class _Session:
             except duckdb.Error:
                 extension = None
         if extension is not None:
-            self.tempdir = tempfile.mkdtemp(prefix="teeflow-sql-")
+            self.tempdir = tempfile.mkdtemp(prefix="teeflow-sql-",
+                                            dir=os.environ.get(TEMP_ROOT_ENV) or None)
             con.execute(f"SET temp_directory = {_literal(self.tempdir)}")
             con.execute("SET temp_file_encryption = true")
             self.spill = "encrypted"
