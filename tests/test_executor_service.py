@@ -74,8 +74,9 @@ def ex(p: Parties) -> Executor:
 
 def _request(ex: Executor, p: Parties, dataset: str, signer: KeySigner | None = None,
              challenge: bytes | None = None) -> UploadRequest:
-    challenge = ex.challenge() if challenge is None else challenge
     signer = signer or p.owners[dataset]
+    owner = p.owners.get(dataset, signer)
+    challenge = ex.challenge(TASK, owner.public_key()) if challenge is None else challenge
     sig = signer.sign(wire.upload_message(p.spec.task_id, dataset, challenge, SPKI))
     return UploadRequest(p.spec.task_id, dataset, challenge, sig)
 
@@ -96,7 +97,7 @@ def _upload(ex: Executor, p: Parties, dataset: str, **kw) -> dict[str, int]:
 
 def _take(ex: Executor, p: Parties, signer: KeySigner, as_key: str | None = None) -> dict:
     """The envelope `signer` takes (claiming `as_key`, by default its own key)."""
-    challenge = ex.challenge()
+    challenge = ex.challenge(TASK, as_key or signer.public_key())
     sig = signer.sign(wire.result_message(p.spec.task_id, challenge, SPKI))
     return json.loads(ex.take_result(p.spec.task_id, as_key or signer.public_key(), challenge,
                                      sig))
@@ -184,9 +185,14 @@ def test_create_task_code_digest_mismatch(p):
 
 
 def test_create_task_conflicts_and_unknown_compute(ex, p):
+    # Another spec under the same id is another task (held under its digest); it neither
+    # replaces nor blocks the first, and the bare id no longer names either.
     other = dataclasses.replace(p.spec, datasets=p.spec.datasets[:1])
-    with pytest.raises(StateError, match="another spec"):
-        ex.create_task(other, [approval(other, p.alice)])
+    ex.create_task(other, [approval(other, p.alice)])
+    assert ex.status(p.spec.digest())["expected"] == ["a_data", "b_data"]
+    assert ex.status(other.digest())["expected"] == ["a_data"]
+    with pytest.raises(UnknownTask, match="spec digest"):
+        ex.status(TASK)
     bad = dataclasses.replace(p.spec, task_id="task0002", compute="nope")
     with pytest.raises(ParameterError):
         ex.create_task(bad, [approval(bad, p.alice), approval(bad, p.bob)])
@@ -220,7 +226,7 @@ def test_upload_signed_by_another_key(ex, p):
 
 
 def test_challenge_reused(ex, p):
-    challenge = ex.challenge()
+    challenge = ex.challenge(TASK, p.alice.public_key())
     _upload(ex, p, "a_data", challenge=challenge)
     held = ex.held_bytes(TASK)
     with pytest.raises(AuthError, match="challenge"):
@@ -239,7 +245,7 @@ def test_expired_challenge(p):
     now = [1000.0]
     ex = Executor(SimulatedBackend(), TLS_KEY, clock=lambda: now[0])
     ex.create_task(p.spec, p.approvals)
-    challenge = ex.challenge()
+    challenge = ex.challenge(TASK, p.alice.public_key())
     now[0] += 10_000
     with pytest.raises(AuthError, match="expired"):
         _upload(ex, p, "a_data", challenge=challenge)
@@ -437,12 +443,12 @@ def test_take_result_before_done(ex, p):
 
 def test_take_result_needs_a_fresh_challenge(ex, p):
     _done(ex, p)
-    challenge = ex.challenge()
+    challenge = ex.challenge(TASK, p.initiator.public_key())
     sig = p.initiator.sign(wire.result_message(TASK, challenge, SPKI))
     ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
     with pytest.raises(AuthError, match="challenge"):
         ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
-    challenge = ex.challenge()
+    challenge = ex.challenge(TASK, p.bob.public_key())
     other_key = hashlib.sha256(b"another executor").digest()
     sig = p.bob.sign(wire.result_message(TASK, challenge, other_key))  # meant for another TEE
     with pytest.raises(AuthError, match="signature"):
@@ -586,7 +592,8 @@ def test_evidence_binds_the_tls_key_and_nonce():
 
 # fl_model hands an owner the averaged global model only; fl_update takes an update in.
 PUBLIC_METHODS = {"evidence", "challenge", "create_task", "status", "cancel",
-                  "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update"}
+                  "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update",
+                  "reap", "close"}
 
 
 def test_public_surface_is_exactly_known():

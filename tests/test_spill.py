@@ -62,7 +62,7 @@ def _run(compute: str, params: dict, budget: int | None, spill_dir) -> tuple[dic
                      compute_name=compute, params=params)
     ex.create_task(spec, [approval(spec, o) for o in owners])
     for i, table in enumerate(PARTIES):
-        challenge = ex.challenge()
+        challenge = ex.challenge(spec.task_id, owners[i].public_key())
         signature = owners[i].sign(wire.upload_message(spec.task_id, f"p{i}", challenge,
                                                        ex.tls_spki_hash))
         batches = table.to_batches(max_chunksize=BATCH)
@@ -86,7 +86,7 @@ def _run(compute: str, params: dict, budget: int | None, spill_dir) -> tuple[dic
 
 
 def _signed(ex, spec, who):
-    challenge = ex.challenge()
+    challenge = ex.challenge(spec.task_id, who.public_key())
     return challenge, who.sign(wire.result_message(spec.task_id, challenge, ex.tls_spki_hash))
 
 

@@ -1,8 +1,8 @@
 """The TEE executor, with no networking: one facade over its parts.
 
-    tasks       the task records: create (only with every owner's signature), status,
-                fail, cancel, wipe
-    challenges  single-use challenges that callers sign
+    tasks       the task records, under their spec digests: create (only with every
+                owner's signature), status, fail, cancel, wipe; budgets and deadlines
+    challenges  single-use challenges that callers sign, per (task, key) with a cap each
     intake      uploads: authenticate, stream, end marker, hold or spill, digest
     runner      run a computation over the held inputs, then wipe them
     rounds      federated rounds
@@ -11,13 +11,18 @@
 
 Runs inside the enclave. It must never hand an input back to anyone: no method here
 returns input rows. The result goes only to the task's receivers, sealed, and inputs
-are dropped as soon as the computation ends.
+are dropped as soon as the computation ends, or when the task's deadline passes.
+
+Admission: every call but `evidence` names a task this executor holds and a key that task
+names; what one key may hold at once (challenges, uploads, bytes, live tasks) is capped
+(`tasks.Budgets`), so one client cannot lock out another.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from teeflow.attestation.evidence import Evidence, bind_report_data
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
-from teeflow.core.errors import InputError
+from teeflow.core.crypto import verify_signature
+from teeflow.core.errors import AuthError, InputError, StateError
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.inputs import MemoryBudget
 from teeflow.executor.intake import Intake
@@ -35,7 +41,8 @@ from teeflow.executor.notary import Notary
 from teeflow.executor.release import Release
 from teeflow.executor.rounds import Rounds
 from teeflow.executor.runner import Runner
-from teeflow.executor.tasks import Tasks
+from teeflow.executor.states import TASK, TaskEvent
+from teeflow.executor.tasks import Budgets, Task, Tasks, UploadSlots
 
 __all__ = ["Executor", "FlRequest", "UploadRequest"]
 
@@ -45,9 +52,14 @@ class Executor:
 
     def __init__(self, backend: TeeBackend, tls_key: ec.EllipticCurvePrivateKey,
                  clock: Callable[[], float] = time.monotonic, memory_budget: int | None = None,
-                 spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None, budgets: Budgets | None = None,
+                 now: Callable[[], float] = time.time, reap_every: float | None = None
+                 ) -> None:
         """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
-        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount)."""
+        are spilled, sealed, to `spill_dir` (under Gramine: the encrypted mount).
+        `clock` times challenges; `now` (unix seconds) is what deadlines are read against;
+        `reap_every`: seconds between passes of a thread that fails tasks past their
+        deadline (None: no thread, call `reap`)."""
         self.backend = backend
         self.memory_budget = memory_budget
         self.spill_dir = spill_dir
@@ -55,7 +67,12 @@ class Executor:
         self.tls_spki_hash = notary.tls_spki_hash
         self.signer = notary.signer
         self._challenges = Challenges(clock)
-        self._tasks = Tasks(notary, MemoryBudget(memory_budget))
+        self._tasks = Tasks(notary, MemoryBudget(memory_budget), budgets, now)
+        self._uploads = UploadSlots(self._tasks.budgets)
+        self._stop = threading.Event()
+        if reap_every is not None:
+            threading.Thread(target=self._reaper, args=(reap_every,), daemon=True,
+                             name="teeflow-reaper").start()
         self._intake = Intake(self._tasks, self._challenges, spill_dir)
         self._release = Release(self._tasks, self._challenges, backend.tee)
         self._runner = Runner(self._tasks, self._release)
@@ -71,9 +88,31 @@ class Executor:
             raise InputError("nonce must be 16 to 64 bytes")
         return self.backend.evidence(bind_report_data(self.tls_spki_hash, nonce))
 
-    def challenge(self) -> bytes:
-        """A single-use random value a caller signs to prove who it is."""
-        return self._challenges.issue()
+    def challenge(self, task: str, key: str) -> bytes:
+        """A single-use random value `key` signs to act on `task` (spec digest, or an
+        unambiguous id): only for an owner or a receiver the task names, a few at a time."""
+        with self._tasks.lock:
+            held = self._tasks.get(task, key)
+            spec = held.spec
+            if key not in spec.owner_keys() and spec.receiver(key) is None:
+                raise AuthError(f"this key is not an owner and not a receiver of task "
+                                f"{spec.task_id}: its signature counts for nothing there")
+        return self._challenges.issue(held.digest, key)
+
+    # -- deadlines -------------------------------------------------------------
+    def reap(self) -> list[str]:
+        """Fail and wipe every task waiting past its deadline (the digests reaped)."""
+        reaped = self._tasks.reap()
+        for digest in reaped:
+            self._challenges.forget(digest)
+        return reaped
+
+    def _reaper(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.reap()
+
+    def close(self) -> None:
+        self._stop.set()
 
     # -- tasks -------------------------------------------------------------
     def create_task(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
@@ -92,7 +131,25 @@ class Executor:
     # -- data, runs, rounds, results ------------------------------------------
     def receive(self, request: UploadRequest, schema: pa.Schema,
                 messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]) -> dict[str, int]:
-        return self._intake.receive(request, schema, messages)
+        """An upload, admitted first: signed by the dataset's owner (checked here, spent
+        by intake), within the concurrent-upload caps (refused at once, the task
+        untouched), and its bytes within the task's and the initiator's budgets."""
+        with self._tasks.lock:
+            task = self._tasks.get(request.ref)
+            owner = task.spec.dataset(request.dataset).owner_key
+        verify_signature(owner, request.signature, wire.upload_message(
+            task.spec.task_id, request.dataset, request.challenge, self.tls_spki_hash))
+        if not TASK.allows(task.status, TaskEvent.UPLOAD):
+            raise StateError(f"task {task.spec.task_id} is {task.status}, not taking uploads")
+        with self._uploads.slot(task.digest, owner):
+            return self._intake.receive(request, schema, self._charged(task, messages))
+
+    def _charged(self, task: Task, messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]
+                 ) -> Iterator[tuple[pa.RecordBatch | None, bytes | None]]:
+        for batch, meta in messages:
+            if batch is not None:
+                self._tasks.charge(task, batch.nbytes)
+            yield batch, meta
 
     def run(self, task_id: str, background: bool = True) -> str:
         return self._runner.run(task_id, background)
