@@ -29,7 +29,14 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.service import Executor, UploadRequest
-from tests.factories import appraisal_policy, approval, make_spec, sign_entry, submit_signature
+from tests.factories import (
+    appraisal_policy,
+    approval,
+    challenge_for,
+    make_spec,
+    sign_entry,
+    submit_signature,
+)
 
 TASK = "task0001"
 SCHEMA = pa.schema([("name", pa.string()), ("value", pa.float64()), ("n_samples", pa.int64())])
@@ -76,7 +83,7 @@ def _request(ex: Executor, p: Parties, dataset: str, signer: KeySigner | None = 
              challenge: bytes | None = None) -> UploadRequest:
     signer = signer or p.owners[dataset]
     owner = p.owners.get(dataset, signer)
-    challenge = ex.challenge(TASK, owner.public_key()) if challenge is None else challenge
+    challenge = challenge_for(ex, TASK, owner) if challenge is None else challenge
     sig = signer.sign(wire.upload_message(p.spec.task_id, dataset, challenge, SPKI))
     return UploadRequest(p.spec.task_id, dataset, challenge, sig)
 
@@ -97,7 +104,7 @@ def _upload(ex: Executor, p: Parties, dataset: str, **kw) -> dict[str, int]:
 
 def _take(ex: Executor, p: Parties, signer: KeySigner, as_key: str | None = None) -> dict:
     """The envelope `signer` takes (claiming `as_key`, by default its own key)."""
-    challenge = ex.challenge(TASK, as_key or signer.public_key())
+    challenge = challenge_for(ex, TASK, signer, as_key)
     sig = signer.sign(wire.result_message(p.spec.task_id, challenge, SPKI))
     return json.loads(ex.take_result(p.spec.task_id, as_key or signer.public_key(), challenge,
                                      sig))
@@ -226,7 +233,7 @@ def test_upload_signed_by_another_key(ex, p):
 
 
 def test_challenge_reused(ex, p):
-    challenge = ex.challenge(TASK, p.alice.public_key())
+    challenge = challenge_for(ex, TASK, p.alice)
     _upload(ex, p, "a_data", challenge=challenge)
     held = ex.held_bytes(TASK)
     with pytest.raises(AuthError, match="challenge"):
@@ -245,7 +252,7 @@ def test_expired_challenge(p):
     now = [1000.0]
     ex = Executor(SimulatedBackend(), TLS_KEY, clock=lambda: now[0])
     ex.create_task(p.spec, p.approvals)
-    challenge = ex.challenge(TASK, p.alice.public_key())
+    challenge = challenge_for(ex, TASK, p.alice)
     now[0] += 10_000
     with pytest.raises(AuthError, match="expired"):
         _upload(ex, p, "a_data", challenge=challenge)
@@ -443,12 +450,12 @@ def test_take_result_before_done(ex, p):
 
 def test_take_result_needs_a_fresh_challenge(ex, p):
     _done(ex, p)
-    challenge = ex.challenge(TASK, p.initiator.public_key())
+    challenge = challenge_for(ex, TASK, p.initiator)
     sig = p.initiator.sign(wire.result_message(TASK, challenge, SPKI))
     ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
     with pytest.raises(AuthError, match="challenge"):
         ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
-    challenge = ex.challenge(TASK, p.bob.public_key())
+    challenge = challenge_for(ex, TASK, p.bob)
     other_key = hashlib.sha256(b"another executor").digest()
     sig = p.bob.sign(wire.result_message(TASK, challenge, other_key))  # meant for another TEE
     with pytest.raises(AuthError, match="signature"):

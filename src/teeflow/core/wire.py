@@ -223,6 +223,13 @@ def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: b
          "executor_key": executor_key.hex()})
 
 
+def challenge_message(task_id: str, executor_key: bytes, at: int) -> bytes:
+    """What a task's owner or receiver signs to be issued a challenge (`at`: unix seconds,
+    so a request is good for a short while only; `executor_key`: for this TEE only)."""
+    return b"teeflow-challenge-v1\x00" + canonical(
+        {"task_id": task_id, "executor_key": executor_key.hex(), "at": at})
+
+
 def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes:
     """What a receiver signs to take the sealed result."""
     return b"teeflow-result-v1\x00" + canonical(

@@ -115,6 +115,8 @@ class ChallengeRequest(_TaskMessage):
     KIND: ClassVar[str] = "challenge request"
     task_id: str
     key: str
+    at: int
+    signature: HexBytes  # by `key`, over wire.challenge_message
     spec_digest: str | None = None
 
 

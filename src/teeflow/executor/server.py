@@ -93,7 +93,7 @@ def _evidence(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 def _challenge(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = ChallengeRequest.decode(body)
-    return _raw(server.executor.challenge(req.ref, req.key))
+    return _raw(server.executor.challenge(req.ref, req.key, req.at, req.signature))
 
 
 def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:

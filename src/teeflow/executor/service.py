@@ -46,6 +46,8 @@ from teeflow.executor.tasks import Budgets, Task, Tasks, UploadSlots
 
 __all__ = ["Executor", "FlRequest", "UploadRequest"]
 
+CHALLENGE_REQUEST_SKEW = 300.0  # seconds a signed challenge request is good for
+
 
 class Executor:
     """All state of one executor process. Thread-safe; Flight calls come concurrently."""
@@ -88,15 +90,21 @@ class Executor:
             raise InputError("nonce must be 16 to 64 bytes")
         return self.backend.evidence(bind_report_data(self.tls_spki_hash, nonce))
 
-    def challenge(self, task: str, key: str) -> bytes:
+    def challenge(self, task: str, key: str, at: int, signature: bytes) -> bytes:
         """A single-use random value `key` signs to act on `task` (spec digest, or an
-        unambiguous id): only for an owner or a receiver the task names, a few at a time."""
+        unambiguous id): only for an owner or a receiver the task names, asking with its
+        signature (so nobody spends another key's allowance), a few at a time."""
         with self._tasks.lock:
             held = self._tasks.get(task, key)
             spec = held.spec
-            if key not in spec.owner_keys() and spec.receiver(key) is None:
-                raise AuthError(f"this key is not an owner and not a receiver of task "
-                                f"{spec.task_id}: its signature counts for nothing there")
+        if key not in spec.owner_keys() and spec.receiver(key) is None:
+            raise AuthError(f"this key is not an owner and not a receiver of task "
+                            f"{spec.task_id}: its signature counts for nothing there")
+        if abs(at - self._tasks.now()) > CHALLENGE_REQUEST_SKEW:
+            raise AuthError(f"challenge request not timed within {CHALLENGE_REQUEST_SKEW:.0f}s "
+                            "of the executor's clock")
+        verify_signature(key, signature, wire.challenge_message(spec.task_id,
+                                                                self.tls_spki_hash, at))
         return self._challenges.issue(held.digest, key)
 
     # -- deadlines -------------------------------------------------------------

@@ -107,17 +107,20 @@ class ExecutorClient:
         return answers.decode(TaskStatus, self.action("status", task.encode()),
                               "executor status")
 
-    def challenge(self, task_id: str, key: str, spec_digest: str | None = None) -> bytes:
-        """A single-use challenge for `key`, an owner or receiver of the task, to sign."""
+    def challenge(self, task_id: str, signer: Signer, spec_digest: str | None = None) -> bytes:
+        """A single-use challenge for `signer`, an owner or receiver of the task, to sign."""
+        at = int(time.time())
+        signature = signer.sign(wire.challenge_message(task_id, self.tls_key_hash, at))
         return self.action("challenge", wire.canonical(_named(
-            {"task_id": task_id, "key": key}, spec_digest)))
+            {"task_id": task_id, "key": signer.public_key(), "at": at,
+             "signature": signature.hex()}, spec_digest)))
 
     def upload(self, task_id: str, dataset: str, signer: Signer, schema: pa.Schema,
                batches: Iterable[pa.RecordBatch], progress=None,
                spec_digest: str | None = None) -> dict[str, Any]:
         """Stream batches under a signed, single-use challenge. Returns the executor's receipt.
         Name the task by its `spec_digest` too: its task id alone may be taken by another."""
-        challenge = self.challenge(task_id, signer.public_key(), spec_digest)
+        challenge = self.challenge(task_id, signer, spec_digest)
         signature = signer.sign(wire.upload_message(task_id, dataset, challenge,
                                                     self.tls_key_hash))
         command = wire.canonical(_named({"task_id": task_id, "dataset": dataset,
@@ -149,7 +152,7 @@ class ExecutorClient:
                   ) -> GlobalModel | RoundReceipt:
         """A signed federated-round call: `fl-model` (read the global model) or `fl-update`
         (send this owner's update), answered with a GlobalModel or a RoundReceipt."""
-        challenge = self.challenge(task_id, signer.public_key(), spec_digest)
+        challenge = self.challenge(task_id, signer, spec_digest)
         payload = wire.canonical(update) if update is not None else b""
         signature = signer.sign(wire.fl_message(kind, task_id, dataset, round_, challenge,
                                                 self.tls_key_hash, payload))
@@ -173,7 +176,7 @@ class ExecutorClient:
                     spec_digest: str | None = None) -> ResultEnvelope:
         """The result envelope sealed to `signer`'s identity (a receiver of the task); its
         signature and seal are for the caller to check (`sdk.Client.result`)."""
-        challenge = self.challenge(task_id, signer.public_key(), spec_digest)
+        challenge = self.challenge(task_id, signer, spec_digest)
         signature = signer.sign(wire.result_message(task_id, challenge, self.tls_key_hash))
         return answers.decode(ResultEnvelope, self.action("result", wire.canonical(_named(
             {"task_id": task_id, "receiver": signer.public_key(), "challenge": challenge.hex(),
