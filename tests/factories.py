@@ -168,3 +168,13 @@ def scheduler_app(store: Store, scheduler: Scheduler | None = None,
     and the tests call tick() themselves."""
     with TestClient(create_app(store, scheduler, **{"tick": 3600, **app_args})) as client:
         yield SignedClient(client)
+
+
+def challenge_for(executor: Any, task: str, signer: KeySigner, as_key: str | None = None,
+                  at: int | None = None) -> bytes:
+    """A challenge from `executor` (an `Executor`), asked for by `signer` (claiming
+    `as_key`, by default its own key) for `task` (spec digest or task id)."""
+    when = int(time.time()) if at is None else at
+    task_id = executor.status(task)["task_id"]
+    signature = signer.sign(wire.challenge_message(task_id, executor.tls_spki_hash, when))
+    return executor.challenge(task, as_key or signer.public_key(), when, signature)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ from teeflow.executor.spill import RunDir
 from teeflow.executor.store import ResultStore
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, attested_client, sign_entry
+from tests.factories import appraisal_policy, attested_client, challenge_for, sign_entry
 from tests.test_executor_service import TASK, TLS_KEY, Parties, _upload
 
 KEY1 = TLS_KEY  # the key test_executor_service signs uploads for
@@ -52,7 +53,7 @@ def _finished(p: Parties, spill: Path, **kw) -> Executor:
 
 
 def _take(ex: Executor, signer: KeySigner) -> dict:
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, signer)
     sig = signer.sign(wire.result_message(TASK, challenge, ex.tls_spki_hash))
     return json.loads(ex.take_result(TASK, signer.public_key(), challenge, sig))
 
@@ -94,15 +95,15 @@ def test_a_restarted_executor_serves_untaken_results_re_signed(p, tmp_path):
 
 
 def test_results_expire(p, tmp_path):
-    now = [1000.0]
-    _finished(p, tmp_path, result_ttl=60, wall=lambda: now[0])
+    now = [time.time()]  # the clock of deadlines, challenges and expiry alike
+    _finished(p, tmp_path, result_ttl=60, now=lambda: now[0])
     now[0] += 61
-    later = Executor(SimulatedBackend(), KEY2, spill_dir=str(tmp_path), wall=lambda: now[0])
+    later = Executor(SimulatedBackend(), KEY2, spill_dir=str(tmp_path), now=lambda: now[0])
     assert later.startup["results"]["expired"] == 1
     assert list((tmp_path / "state" / "results").iterdir()) == []
 
     other = Parties()
-    live = _finished(other, tmp_path / "b", result_ttl=60, wall=lambda: now[0])
+    live = _finished(other, tmp_path / "b", result_ttl=60, now=lambda: now[0])
     now[0] += 61
     with pytest.raises(StateError):
         _take(live, other.initiator)

@@ -29,7 +29,14 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.service import Executor, UploadRequest
-from tests.factories import appraisal_policy, approval, make_spec, sign_entry, submit_signature
+from tests.factories import (
+    appraisal_policy,
+    approval,
+    challenge_for,
+    make_spec,
+    sign_entry,
+    submit_signature,
+)
 
 TASK = "task0001"
 SCHEMA = pa.schema([("name", pa.string()), ("value", pa.float64()), ("n_samples", pa.int64())])
@@ -74,8 +81,9 @@ def ex(p: Parties) -> Executor:
 
 def _request(ex: Executor, p: Parties, dataset: str, signer: KeySigner | None = None,
              challenge: bytes | None = None) -> UploadRequest:
-    challenge = ex.challenge() if challenge is None else challenge
     signer = signer or p.owners[dataset]
+    owner = p.owners.get(dataset, signer)
+    challenge = challenge_for(ex, TASK, owner) if challenge is None else challenge
     sig = signer.sign(wire.upload_message(p.spec.task_id, dataset, challenge, SPKI))
     return UploadRequest(p.spec.task_id, dataset, challenge, sig)
 
@@ -96,7 +104,7 @@ def _upload(ex: Executor, p: Parties, dataset: str, **kw) -> dict[str, int]:
 
 def _take(ex: Executor, p: Parties, signer: KeySigner, as_key: str | None = None) -> dict:
     """The envelope `signer` takes (claiming `as_key`, by default its own key)."""
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, signer, as_key)
     sig = signer.sign(wire.result_message(p.spec.task_id, challenge, SPKI))
     return json.loads(ex.take_result(p.spec.task_id, as_key or signer.public_key(), challenge,
                                      sig))
@@ -184,9 +192,14 @@ def test_create_task_code_digest_mismatch(p):
 
 
 def test_create_task_conflicts_and_unknown_compute(ex, p):
+    # Another spec under the same id is another task (held under its digest); it neither
+    # replaces nor blocks the first, and the bare id no longer names either.
     other = dataclasses.replace(p.spec, datasets=p.spec.datasets[:1])
-    with pytest.raises(StateError, match="another spec"):
-        ex.create_task(other, [approval(other, p.alice)])
+    ex.create_task(other, [approval(other, p.alice)])
+    assert ex.status(p.spec.digest())["expected"] == ["a_data", "b_data"]
+    assert ex.status(other.digest())["expected"] == ["a_data"]
+    with pytest.raises(UnknownTask, match="spec digest"):
+        ex.status(TASK)
     bad = dataclasses.replace(p.spec, task_id="task0002", compute="nope")
     with pytest.raises(ParameterError):
         ex.create_task(bad, [approval(bad, p.alice), approval(bad, p.bob)])
@@ -220,7 +233,7 @@ def test_upload_signed_by_another_key(ex, p):
 
 
 def test_challenge_reused(ex, p):
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, p.alice)
     _upload(ex, p, "a_data", challenge=challenge)
     held = ex.held_bytes(TASK)
     with pytest.raises(AuthError, match="challenge"):
@@ -239,7 +252,7 @@ def test_expired_challenge(p):
     now = [1000.0]
     ex = Executor(SimulatedBackend(), TLS_KEY, clock=lambda: now[0])
     ex.create_task(p.spec, p.approvals)
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, p.alice)
     now[0] += 10_000
     with pytest.raises(AuthError, match="expired"):
         _upload(ex, p, "a_data", challenge=challenge)
@@ -437,12 +450,12 @@ def test_take_result_before_done(ex, p):
 
 def test_take_result_needs_a_fresh_challenge(ex, p):
     _done(ex, p)
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, p.initiator)
     sig = p.initiator.sign(wire.result_message(TASK, challenge, SPKI))
     ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
     with pytest.raises(AuthError, match="challenge"):
         ex.take_result(TASK, p.initiator.public_key(), challenge, sig)
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, TASK, p.bob)
     other_key = hashlib.sha256(b"another executor").digest()
     sig = p.bob.sign(wire.result_message(TASK, challenge, other_key))  # meant for another TEE
     with pytest.raises(AuthError, match="signature"):
@@ -616,7 +629,7 @@ def test_evidence_binds_the_tls_key_and_nonce():
 # fl_model hands an owner the averaged global model only; fl_update takes an update in.
 PUBLIC_METHODS = {"evidence", "challenge", "create_task", "status", "cancel",
                   "receive", "run", "take_result", "held_bytes", "fl_model", "fl_update",
-                  "close", "expire_results"}
+                  "close", "expire_results", "reap"}
 
 
 def test_public_surface_is_exactly_known():
@@ -639,5 +652,8 @@ def test_status_carries_no_data(ex, p):
     # Signatures are random base64 and may spell anything; the bodies are what could leak.
     bodies = [e["body"] for e in status.pop("audit")]
     text = json.dumps(status) + json.dumps(bodies)
+    # Public keys are random base64 too (receivers name who took what): not data.
+    for key in {r.sign_key for r in p.spec.receivers} | set(p.spec.owner_keys()):
+        text = text.replace(key, "<key>")
     assert "w1" not in text and "w2" not in text
     assert "parameters" not in text

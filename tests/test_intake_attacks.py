@@ -116,7 +116,7 @@ def _task(running: Serving, attacker: KeySigner, honest: KeySigner, schema: pa.S
 
 def _open(client: ExecutorClient, owner: KeySigner, dataset: str, schema: pa.Schema):
     """A do_put under a correctly signed, single-use upload request (as `upload` makes it)."""
-    challenge = client.action("challenge")
+    challenge = client.challenge(TASK, owner)
     signature = owner.sign(wire.upload_message(TASK, dataset, challenge, client.tls_key_hash))
     command = wire.canonical({"task_id": TASK, "dataset": dataset,
                               "challenge": challenge.hex(), "signature": signature.hex()})

@@ -501,7 +501,8 @@ def test_upload_progress_then_run(world: World):
     world.fake.status = {"status": "waiting", "audit": received, "received": {
         "a_data": {"rows": 2, "bytes": 9}, "b_data": {"rows": 2, "bytes": 9}}}
     world.scheduler.tick()
-    assert world.fake.kinds("run") == [task_id.encode()]
+    # the executor's id for the task: its spec digest (a task id alone may be squatted)
+    assert world.fake.kinds("run") == [world.store.task(task_id).spec_digest.encode()]
     assert world.state(task_id) == "running"
 
     done = [*received, executor_entry(task_id, "wiped", {"inputs": ["a_data", "b_data"]}),
@@ -582,7 +583,8 @@ def test_failed_upload_fails_the_task_and_cancels_on_the_executor(world: World):
     task = world.store.task(task_id)
     assert task.state == "failed" and "disk on fire" in task.error
     assert [json.loads(b) for b in world.fake.kinds("cancel")] == [
-        {"task_id": task_id, "key": world.alice.public_key(), "signature": alice_cancel}]
+        {"task_id": task_id, "key": world.alice.public_key(), "signature": alice_cancel,
+         "spec_digest": task.spec_digest}]
 
 
 def test_executor_reports_failure(world: World):

@@ -19,7 +19,7 @@ from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor.service import Executor, UploadRequest
 from teeflow.executor.spill import SealedSpill
-from tests.factories import approval, make_spec
+from tests.factories import approval, challenge_for, make_spec
 
 ROWS, BATCH = 20_000, 2_048
 BUDGET = 500_000  # bytes; each party's input is ~1.7 MB in 10 batches, the budget ~2.3 of them
@@ -63,7 +63,7 @@ def _run(compute: str, params: dict, budget: int | None, spill_dir) -> tuple[dic
                      compute_name=compute, params=params)
     ex.create_task(spec, [approval(spec, o) for o in owners])
     for i, table in enumerate(PARTIES):
-        challenge = ex.challenge()
+        challenge = challenge_for(ex, spec.task_id, owners[i])
         signature = owners[i].sign(wire.upload_message(spec.task_id, f"p{i}", challenge,
                                                        ex.tls_spki_hash))
         batches = table.to_batches(max_chunksize=BATCH)
@@ -90,7 +90,7 @@ def _run(compute: str, params: dict, budget: int | None, spill_dir) -> tuple[dic
 
 
 def _signed(ex, spec, who):
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, spec.task_id, who)
     return challenge, who.sign(wire.result_message(spec.task_id, challenge, ex.tls_spki_hash))
 
 

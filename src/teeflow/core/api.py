@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from teeflow.core.errors import InputError, PeerError
 
@@ -49,6 +57,14 @@ class TaskSpecBody(Model):
     executor_policy: dict[str, Any]
     receivers: list[SpecReceiver] = Field(min_length=1)
     initiator_key: str
+    deadline: int | None = None  # unix seconds; absent, not null, when not given
+
+    @model_serializer(mode="wrap")
+    def _absent_deadline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("deadline") is None:  # a spec without one keeps its digest
+            data.pop("deadline", None)
+        return data
 
 
 # -- requests ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
     │   └── PolicyRefused          verified, but the appraisal policy says no
     ├── AuthError              a request is not from who it claims to be
     ├── StateError             an illegal task state transition
+    │   └── OverBudget         refused: a task's, an initiator's or the executor's budget is spent
     ├── ComputeError           the computation itself failed
     ├── TaskFailed             a task ended failed or cancelled (carries its reason)
     └── PeerError              a remote node failed or could not be reached
@@ -83,6 +84,13 @@ class AuthError(TeeflowError):
 
 class StateError(TeeflowError):
     code = "state"
+
+
+class OverBudget(StateError):
+    """A budget (held bytes, live tasks, concurrent uploads, challenges) is spent; the
+    request may succeed later."""
+
+    code = "over_budget"
 
 
 class ComputeError(TeeflowError):

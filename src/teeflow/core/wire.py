@@ -144,14 +144,18 @@ class TaskSpec:
     receivers: tuple[Receiver, ...]
     initiator_key: str
     version: int = SPEC_VERSION
+    deadline: int | None = None  # unix seconds; absent: the executor's default
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "task_id": self.task_id, "compute": self.compute,
+        body = {"version": self.version, "task_id": self.task_id, "compute": self.compute,
                 "code_digest": self.code_digest, "params": dict(self.params),
                 "datasets": [d.to_dict() for d in self.datasets],
                 "executor_policy": self.executor_policy,
                 "receivers": [r.to_dict() for r in self.receivers],
                 "initiator_key": self.initiator_key}
+        if self.deadline is not None:  # absent, not null: older specs keep their digest
+            body["deadline"] = self.deadline
+        return body
 
     def encode(self) -> bytes:
         return canonical(self.to_dict())
@@ -196,9 +200,13 @@ class TaskSpec:
         task_id = _field(body, "task_id", str, w)
         if not 8 <= len(task_id) <= 64 or not task_id.isalnum():
             raise InputError("task spec: task_id must be 8 to 64 letters or digits")
+        deadline = body.get("deadline")
+        if "deadline" in body and (type(deadline) is not int
+                                   or not 0 < deadline <= MAX_SAFE_INTEGER):
+            raise InputError("task spec: deadline must be a positive integer (unix seconds)")
         spec = cls(task_id, _field(body, "compute", str, w), _field(body, "code_digest", str, w),
                    params, datasets, _field(body, "executor_policy", dict, w), receivers,
-                   _field(body, "initiator_key", str, w))
+                   _field(body, "initiator_key", str, w), deadline=deadline)
         if spec.to_dict() != body:
             raise InputError("task spec: unknown or extra fields")
         return spec
@@ -213,6 +221,13 @@ def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: b
     return b"teeflow-upload-v1\x00" + canonical(
         {"task_id": task_id, "dataset": dataset, "challenge": challenge.hex(),
          "executor_key": executor_key.hex()})
+
+
+def challenge_message(task_id: str, executor_key: bytes, at: int) -> bytes:
+    """What a task's owner or receiver signs to be issued a challenge (`at`: unix seconds,
+    so a request is good for a short while only; `executor_key`: for this TEE only)."""
+    return b"teeflow-challenge-v1\x00" + canonical(
+        {"task_id": task_id, "executor_key": executor_key.hex(), "at": at})
 
 
 def result_message(task_id: str, challenge: bytes, executor_key: bytes) -> bytes:

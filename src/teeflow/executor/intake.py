@@ -139,11 +139,12 @@ class Intake:
 
     def _begin(self, request: UploadRequest, schema: pa.Schema) -> Task:
         """Authenticate an upload and check its schema before any batch is read."""
-        self.challenges.take(request.challenge)
         with self.tasks.lock:
-            task = self.tasks.get(request.task_id)
+            task = self.tasks.get(request.ref)
             ref = task.spec.dataset(request.dataset)
-            message = wire.upload_message(request.task_id, request.dataset, request.challenge,
+        self.challenges.take(request.challenge, task.digest, ref.owner_key)
+        with self.tasks.lock:
+            message = wire.upload_message(task.spec.task_id, request.dataset, request.challenge,
                                           self.tasks.notary.tls_spki_hash)
             verify_signature(ref.owner_key, request.signature, message)
             if not TASK.allows(task.status, TaskEvent.UPLOAD):

@@ -15,6 +15,7 @@ from teeflow.core import wire
 from teeflow.core.errors import InputError
 
 MAX_REPORTED = 3  # validation errors named in one message
+KEYWORD_ONLY = frozenset({"spec_digest"})  # optional fields, never given by position
 
 
 def _hex(value: object) -> bytes:
@@ -42,9 +43,10 @@ class Message(BaseModel):
     KIND: ClassVar[str] = "message"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) > len(type(self).model_fields):
+        positional = [f for f in type(self).model_fields if f not in KEYWORD_ONLY]
+        if len(args) > len(positional):
             raise TypeError(f"{type(self).__name__}: too many arguments")
-        super().__init__(**dict(zip(type(self).model_fields, args, strict=False)), **kwargs)
+        super().__init__(**dict(zip(positional, args, strict=False)), **kwargs)
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
@@ -85,7 +87,18 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(named) + (f"; and {more} more" if more > 0 else "")
 
 
-class UploadRequest(Message):
+class _TaskMessage(Message):
+    """A body about one task: named by its spec digest (the executor's id for it), or by
+    its task id alone where that is unambiguous on this executor. Each subclass declares
+    `task_id` and `spec_digest` (keyword-only)."""
+
+    @property
+    def ref(self) -> str:
+        fields = self.__dict__
+        return str(fields.get("spec_digest") or fields["task_id"])
+
+
+class UploadRequest(_TaskMessage):
     """The do_put descriptor: which input, under a signed single-use challenge."""
 
     KIND: ClassVar[str] = "upload request"
@@ -93,12 +106,24 @@ class UploadRequest(Message):
     dataset: str
     challenge: HexBytes
     signature: HexBytes
+    spec_digest: str | None = None
+
+
+class ChallengeRequest(_TaskMessage):
+    """Ask for a challenge for `key` (an owner or receiver of the task) to sign."""
+
+    KIND: ClassVar[str] = "challenge request"
+    task_id: str
+    key: str
+    at: int
+    signature: HexBytes  # by `key`, over wire.challenge_message
+    spec_digest: str | None = None
 
 
 FlKind = Literal["fl-model", "fl-update"]
 
 
-class FlRequest(Message):
+class FlRequest(_TaskMessage):
     """The signed part of a federated-round call, as the executor checks it."""
 
     KIND: ClassVar[str] = "federated request"
@@ -108,6 +133,7 @@ class FlRequest(Message):
     round: int
     challenge: HexBytes
     signature: HexBytes
+    spec_digest: str | None = None
 
 
 class _FlCall(Message):
@@ -116,11 +142,13 @@ class _FlCall(Message):
     round: int
     challenge: HexBytes
     signature: HexBytes
+    spec_digest: str | None = None
 
     def request(self) -> FlRequest:
         kind: FlKind = "fl-update" if isinstance(self, FlUpdate) else "fl-model"
         return FlRequest(kind=kind, task_id=self.task_id, dataset=self.dataset,
-                         round=self.round, challenge=self.challenge, signature=self.signature)
+                         round=self.round, challenge=self.challenge, signature=self.signature,
+                         spec_digest=self.spec_digest)
 
 
 class FlModel(_FlCall):
@@ -153,7 +181,7 @@ class CreateTask(Message):
     schemas: dict[str, str] = {}
 
 
-class ResultRequest(Message):
+class ResultRequest(_TaskMessage):
     """A receiver asks for its sealed result, under a signed single-use challenge."""
 
     KIND: ClassVar[str] = "result request"
@@ -161,12 +189,14 @@ class ResultRequest(Message):
     receiver: str
     challenge: HexBytes
     signature: HexBytes
+    spec_digest: str | None = None
 
 
-class CancelRequest(Message):
+class CancelRequest(_TaskMessage):
     """The initiator or an owner cancels a task."""
 
     KIND: ClassVar[str] = "cancel"
     task_id: str
     key: str
     signature: HexBytes
+    spec_digest: str | None = None

@@ -95,11 +95,13 @@ class Release:
     def take(self, task_id: str, receiver_key: str, challenge: bytes,
              signature: bytes) -> bytes:
         """A receiver's sealed result, once; when every receiver has it, nothing is left."""
-        self.challenges.take(challenge)
         with self.tasks.lock:
-            task = self.tasks.get(task_id)
+            task = self.tasks.get(task_id, receiver_key)  # spec digest, or an unambiguous id
+            task_id = task.spec.task_id
             if task.spec.receiver(receiver_key) is None:
                 raise AuthError(f"this key is not a receiver of task {task_id}")
+        self.challenges.take(challenge, task.digest, receiver_key)
+        with self.tasks.lock:
             message = wire.result_message(task_id, challenge, self.tasks.notary.tls_spki_hash)
             verify_signature(receiver_key, signature, message)
             if not RESULT.allows(task.results[receiver_key], ResultEvent.TAKE):

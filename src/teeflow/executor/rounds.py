@@ -37,11 +37,12 @@ class Rounds:
 
     def _authenticate(self, request: FlRequest, payload: bytes) -> tuple[Task, Fed]:
         """Authenticate a round message from a dataset's owner."""
-        self.challenges.take(request.challenge)
         with self.tasks.lock:
-            task = self.tasks.get(request.task_id)
+            task = self.tasks.get(request.ref)
             ref = task.spec.dataset(request.dataset)
-            message = wire.fl_message(request.kind, request.task_id, request.dataset,
+        self.challenges.take(request.challenge, task.digest, ref.owner_key)
+        with self.tasks.lock:
+            message = wire.fl_message(request.kind, task.spec.task_id, request.dataset,
                                       request.round, request.challenge,
                                       self.tasks.notary.tls_spki_hash, payload)
             verify_signature(ref.owner_key, request.signature, message)

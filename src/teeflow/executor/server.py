@@ -34,6 +34,7 @@ from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
 from teeflow.executor.messages import (
     CancelRequest,
+    ChallengeRequest,
     CreateTask,
     FlModel,
     FlUpdate,
@@ -46,12 +47,14 @@ from teeflow.net.listen import write_port_file
 
 log = logging.getLogger("teeflow.executor")
 MAX_ACTION_BODY = 1024 * 1024
+REAP_EVERY = 30.0  # seconds between deadline passes
 
 
 def _task_id(body: bytes) -> str:
+    """A task's spec digest (its id on this executor) or, where unambiguous, its task id."""
     text = body.decode("utf-8", "replace").strip()
     if not text or len(text) > 128:
-        raise InputError("action body must be a task id")
+        raise InputError("action body must be a spec digest or a task id")
     return text
 
 
@@ -90,7 +93,8 @@ def _evidence(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 
 def _challenge(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _raw(server.executor.challenge())
+    req = ChallengeRequest.decode(body)
+    return _raw(server.executor.challenge(req.ref, req.key, req.at, req.signature))
 
 
 def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
@@ -110,7 +114,7 @@ def _status(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 def _result(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = ResultRequest.decode(body)
-    return _raw(server.executor.take_result(req.task_id, req.receiver, req.challenge,
+    return _raw(server.executor.take_result(req.ref, req.receiver, req.challenge,
                                             req.signature))
 
 
@@ -127,7 +131,7 @@ def _fl_update(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 
 def _cancel(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = CancelRequest.decode(body)
-    server.executor.cancel(req.task_id, req.key, req.signature)
+    server.executor.cancel(req.ref, req.key, req.signature)
     return _json({"cancelled": True})
 
 
@@ -137,7 +141,7 @@ ACTIONS: dict[str, tuple[str, Handler]] = {
     "catalog": ("the computations this executor runs: parameters and code digests", _catalog),
     "certificate": ("the executor's TLS certificate (PEM)", _certificate),
     "evidence": ("evidence binding the TLS key and the body's nonce", _evidence),
-    "challenge": ("a single-use value to sign for upload or result", _challenge),
+    "challenge": ("a single-use value for a task's owner or receiver to sign", _challenge),
     "create-task": ("register a task spec (JSON)", _create_task),
     "run": ("start the computation of a task whose inputs are all in", _run),
     "status": ("a task's status; never any data", _status),
@@ -211,7 +215,7 @@ def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError("RA-TLS identity must be an EC key")
     executor = Executor(backend, key, memory_budget=memory_budget, spill_dir=spill_dir,
-                        **options)
+                        reap_every=REAP_EVERY, **options)
     return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
 
 
@@ -264,4 +268,7 @@ def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = Non
     # shutdown() waits for serve() to return, so it must not run on serve()'s thread.
     signal.signal(signal.SIGTERM,
                   lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        server.executor.close()

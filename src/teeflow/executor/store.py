@@ -7,7 +7,7 @@ the measured code can have written what a later start reads.
 
 Layout, one file per finished task, replaced atomically (write, fsync, rename):
 
-    <state_dir>/results/<sha256(task_id)>.json
+    <state_dir>/results/<spec digest>.json
         {"version": 1, "spec": {...}, "status": "done", "expires_at": <unix seconds>,
          "received": {dataset: {"rows", "bytes"}}, "audit": [signed entries],
          "sealed": {receiver sign key: base64 ciphertext, for those not yet taken},
@@ -72,31 +72,34 @@ class ResultStore:
         self.wall = wall
         self._expires: dict[str, float] = {}  # task id -> unix time its results go
 
-    def _path(self, task_id: str) -> Path:
-        return self.dir / f"{hashlib.sha256(task_id.encode()).hexdigest()}.json"
+    def _path(self, digest: str) -> Path:
+        """One file per task, named by its spec digest (two tasks may share an id)."""
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise ValueError("a task's state file is named by its spec digest")
+        return self.dir / f"{digest}.json"
 
     # -- writing ---------------------------------------------------------------------
     def save(self, task: Task) -> None:
         """Keep a finished task's untaken envelopes; drop the file once none is left."""
-        task_id = task.spec.task_id
+        digest = task.spec.digest()
         if task.status != TaskState.DONE or not task.sealed:
-            self.forget(task_id)
+            self.forget(digest)
             return
-        expires = self._expires.setdefault(task_id, self.wall() + self.ttl)
+        expires = self._expires.setdefault(digest, self.wall() + self.ttl)
         sealed = {r: ResultEnvelope.model_validate_json(e).sealed
                   for r, e in sorted(task.sealed.items())}
         record = {"version": VERSION, "spec": task.spec.to_dict(), "status": str(task.status),
                   "expires_at": expires, "received": task.received, "audit": task.audit,
                   "sealed": sealed,
                   "taken": sorted(r for r, s in task.results.items() if s == ResultState.TAKEN)}
-        _write_atomically(self._path(task_id), json.dumps(record).encode())
+        _write_atomically(self._path(digest), json.dumps(record).encode())
 
-    def forget(self, task_id: str) -> None:
-        self._expires.pop(task_id, None)
-        self._path(task_id).unlink(missing_ok=True)
+    def forget(self, digest: str) -> None:
+        self._expires.pop(digest, None)
+        self._path(digest).unlink(missing_ok=True)
 
     def expired(self) -> list[str]:
-        """Task ids whose results are past their expiry now."""
+        """Spec digests of the tasks whose results are past their expiry now."""
         now = self.wall()
         return [t for t, at in self._expires.items() if at <= now]
 
@@ -121,7 +124,7 @@ class ResultStore:
                 counts["refused"] += 1
                 path.unlink(missing_ok=True)
                 continue
-            self._expires[task.spec.task_id] = float(record["expires_at"])
+            self._expires[task.spec.digest()] = float(record["expires_at"])
             tasks.adopt(task)
             counts["restored"] += 1
         return counts
@@ -140,7 +143,7 @@ class ResultStore:
         taken = set(record["taken"])
         task = Task(spec=spec, params=comp.check_params(dict(spec.params)),
                     status=TaskState.DONE, received=record["received"],
-                    audit=list(record["audit"]))
+                    audit=list(record["audit"]), digest=spec.digest())
         restored = {}
         for receiver in spec.receivers:
             key = receiver.sign_key

@@ -1,5 +1,10 @@
 """The executor's task records: creating a task (only with every owner's signature), its
-status, failing, cancelling and wiping it. Every record sits behind one lock.
+status, failing, cancelling and wiping it, and failing it at its deadline. Every record
+sits behind one lock.
+
+A task is held under its spec digest, never under the task id alone: nobody can create,
+cancel or block someone else's task by naming its id. A task id is accepted in place of
+the digest only where exactly one held task has it (and names the caller's key).
 
 No method here returns an input's rows; status names datasets and counts only.
 """
@@ -8,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +25,13 @@ import pyarrow as pa
 from teeflow import compute
 from teeflow.core import audit, wire
 from teeflow.core.crypto import verify_signature
-from teeflow.core.errors import AuthError, InputError, SchemaMismatch, StateError, UnknownTask
+from teeflow.core.errors import (
+    AuthError,
+    InputError,
+    OverBudget,
+    SchemaMismatch,
+    UnknownTask,
+)
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.inputs import Digest, MemoryBudget
 from teeflow.executor.messages import Approval
@@ -39,6 +52,22 @@ from teeflow.executor.states import (
 )
 
 log = logging.getLogger("teeflow.executor")
+
+DEFAULT_DEADLINE = 24 * 3600.0  # seconds after create-task, for a spec that names none
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What one task, one initiator and all clients together may hold at once. On by
+    default (README, "Budgets"); an executor may pass larger ones."""
+
+    task_bytes: int = 16 * GiB  # input bytes held (memory and spill) per task
+    initiator_bytes: int = 32 * GiB  # the same over an initiator's live tasks
+    initiator_tasks: int = 16  # live (not final) tasks per initiator key
+    uploads_per_task: int = 8  # concurrent uploads into one task
+    uploads_per_key: int = 2  # concurrent uploads by one owner key
+    uploads: int = 32  # concurrent uploads overall, below the server's thread pool
 
 
 @dataclass
@@ -73,6 +102,9 @@ class Task:
     error: str | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
     fed: Fed | None = None
+    deadline: float = float("inf")  # unix seconds: past it the task fails and is wiped
+    charged: int = 0  # input bytes taken in by uploads (held or in flight) since the last wipe
+    digest: str = ""  # of the spec: the executor's id for the task
 
     def step(self, event: TaskEvent) -> None:
         self.status = TaskState(TASK.next_state(self.status, event))
@@ -87,6 +119,50 @@ class Task:
         return (sum(b.nbytes for batches in self.inputs.values() for b in batches)
                 + sum(s.nbytes for s in self.spills.values()))
 
+    def parties(self) -> set[str]:
+        """Every key the spec names: initiator, owners, receivers."""
+        return ({self.spec.initiator_key} | set(self.spec.owner_keys())
+                | {r.sign_key for r in self.spec.receivers})
+
+    @property
+    def live(self) -> bool:
+        return self.status in (TaskState.WAITING, TaskState.RUNNING)
+
+
+class UploadSlots:
+    """Concurrent uploads, per task, per owner key and overall, each below its cap; the
+    excess is refused at once (OverBudget), before it takes a thread for long."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self._budgets = budgets
+        self._lock = threading.Lock()
+        self._by_task: dict[str, int] = {}
+        self._by_key: dict[str, int] = {}
+        self._total = 0
+
+    @contextmanager
+    def slot(self, task: str, key: str) -> Iterator[None]:
+        b = self._budgets
+        with self._lock:
+            if self._by_key.get(key, 0) >= b.uploads_per_key:
+                raise OverBudget(f"{b.uploads_per_key} uploads by this key already running")
+            if self._by_task.get(task, 0) >= b.uploads_per_task:
+                raise OverBudget(f"{b.uploads_per_task} uploads into this task already running")
+            if self._total >= b.uploads:
+                raise OverBudget(f"{b.uploads} uploads already running; try again later")
+            self._by_key[key] = self._by_key.get(key, 0) + 1
+            self._by_task[task] = self._by_task.get(task, 0) + 1
+            self._total += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._total -= 1
+                for counts, k in ((self._by_key, key), (self._by_task, task)):
+                    counts[k] -= 1
+                    if not counts[k]:
+                        del counts[k]
+
 
 def _approval(a: Approval | Mapping[str, Any]) -> Approval:
     return a if isinstance(a, Approval) else Approval.parse(dict(a))
@@ -95,11 +171,14 @@ def _approval(a: Approval | Mapping[str, Any]) -> Approval:
 class Tasks:
     """Every task of one executor. Callers take `lock` around `get` and the steps."""
 
-    def __init__(self, notary: Notary, memory: MemoryBudget) -> None:
+    def __init__(self, notary: Notary, memory: MemoryBudget, budgets: Budgets | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         self.lock = threading.Lock()
         self.notary = notary
         self.memory = memory
-        self._tasks: dict[str, Task] = {}
+        self.budgets = budgets or Budgets()
+        self.now = now  # wall clock, unix seconds: deadlines are in the signed spec
+        self._tasks: dict[str, Task] = {}  # spec digest -> task
 
     def create(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
                schemas: Mapping[str, pa.Schema] | None = None) -> None:
@@ -136,41 +215,59 @@ class Tasks:
         if missing:
             owners = sorted({d.owner for d in spec.datasets if d.owner_key in missing})
             raise AuthError(f"task {spec.task_id}: no valid approval from owner(s) {owners}")
+        digest = spec.digest()
+        now = self.now()
+        if spec.deadline is not None and spec.deadline <= now:
+            raise InputError(f"task {spec.task_id}: its deadline has passed")
         with self.lock:
-            if spec.task_id in self._tasks:
-                if self._tasks[spec.task_id].spec == spec:
-                    return  # a retried create is harmless
-                raise StateError(f"task {spec.task_id} exists with another spec")
-            task = Task(spec=spec, params=params,
+            if digest in self._tasks:
+                return  # a retried create is harmless
+            live = sum(1 for t in self._tasks.values()
+                       if t.live and t.spec.initiator_key == spec.initiator_key)
+            if live >= self.budgets.initiator_tasks:
+                raise OverBudget(f"task {spec.task_id}: its initiator has "
+                                 f"{self.budgets.initiator_tasks} live tasks here already")
+            task = Task(spec=spec, params=params, digest=digest,
+                        deadline=float(spec.deadline) if spec.deadline is not None
+                        else now + DEFAULT_DEADLINE,
                         results={r.sign_key: ResultState(RESULT.initial) for r in spec.receivers})
             if comp.layout == "federated":
                 task.fed = Fed(rounds=params["rounds"])
             else:
                 task.uploads = {d.name: InputState(INPUT.initial) for d in spec.datasets}
-            self._tasks[spec.task_id] = task
+            self._tasks[digest] = task
         log.info("task %s created: %s over %s", spec.task_id, spec.compute,
                  [d.name for d in spec.datasets])
 
     def adopt(self, task: Task) -> None:
-        """Hold a task restored from disk (executor/store.py), unless its id is taken."""
+        """Hold a task restored from disk (executor/store.py), unless it is held already."""
         with self.lock:
-            self._tasks.setdefault(task.spec.task_id, task)
+            self._tasks.setdefault(task.spec.digest(), task)
 
-    def get(self, task_id: str) -> Task:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise UnknownTask(f"executor has no task {task_id!r}")
-        return task
+    def get(self, ref: str, key: str | None = None) -> Task:
+        """The task whose spec digest is `ref`; or the one held task with id `ref` (if
+        several have it: the one naming `key`). Caller holds the lock."""
+        task = self._tasks.get(ref)
+        if task is not None:
+            return task
+        named = [t for t in self._tasks.values() if t.spec.task_id == ref]
+        if len(named) > 1 and key is not None:
+            named = [t for t in named if key in t.parties()]
+        if len(named) > 1:
+            raise UnknownTask(f"several tasks here are named {ref[:64]!r}; name the spec digest")
+        if not named:
+            raise UnknownTask(f"executor has no task {ref[:64]!r}")
+        return named[0]
 
     def record(self, task: Task, kind: str, body: dict[str, Any]) -> None:
         """Sign an audit entry with the attested TLS key. Caller holds the lock."""
         task.audit.append(self.notary.entry(task.spec.task_id, kind, body))
 
-    def status(self, task_id: str, simulated: bool) -> dict[str, Any]:
+    def status(self, ref: str, simulated: bool) -> dict[str, Any]:
         with self.lock:
-            task = self.get(task_id)
+            task = self.get(ref)
             return {
-                "task_id": task_id,
+                "task_id": task.spec.task_id,
                 "status": str(task.status),
                 "error": task.error,
                 "expected": [d.name for d in task.spec.datasets],
@@ -196,6 +293,7 @@ class Tasks:
 
     def wipe(self, task: Task, reason: str) -> None:
         """Drop every input of a task, in memory and on disk. Caller holds the lock."""
+        task.charged = 0
         held = sorted(set(task.inputs) | set(task.spills))
         self.memory.free(sum(b.nbytes for batches in task.inputs.values() for b in batches))
         for spill in task.spills.values():
@@ -214,10 +312,11 @@ class Tasks:
         for digest in list(task.digests.values()):
             digest.wait()
 
-    def cancel(self, task_id: str, signer_key: str, signature: bytes) -> None:
+    def cancel(self, ref: str, signer_key: str, signature: bytes) -> None:
         """Stop a task and wipe it, for its initiator or one of its owners."""
         with self.lock:
-            task = self.get(task_id)
+            task = self.get(ref, signer_key)
+        task_id = task.spec.task_id
         if signer_key != task.spec.initiator_key and signer_key not in task.spec.owner_keys():
             raise AuthError(f"only the initiator or an owner can cancel task {task_id}")
         verify_signature(signer_key, signature, wire.cancel_message(task_id))
@@ -231,7 +330,38 @@ class Tasks:
                         task.step_result(receiver, ResultEvent.DROP)
             self.wipe(task, "cancelled")
 
-    def held_bytes(self, task_id: str) -> int:
+    def held_bytes(self, ref: str) -> int:
         """How many input bytes the executor still holds for a task (for tests and audit)."""
         with self.lock:
-            return self.get(task_id).held_bytes()
+            return self.get(ref).held_bytes()
+
+    def charge(self, task: Task, nbytes: int) -> None:
+        """Count `nbytes` more of input against the task's and its initiator's budgets, or
+        OverBudget (the upload fails, and with it the task)."""
+        with self.lock:
+            if task.charged + nbytes > self.budgets.task_bytes:
+                raise OverBudget(f"task {task.spec.task_id}: inputs beyond its budget of "
+                                 f"{self.budgets.task_bytes} bytes")
+            initiator = sum(t.charged for t in self._tasks.values()
+                            if t.spec.initiator_key == task.spec.initiator_key)
+            if initiator + nbytes > self.budgets.initiator_bytes:
+                raise OverBudget(f"task {task.spec.task_id}: its initiator's tasks would hold "
+                                 f"more than {self.budgets.initiator_bytes} bytes")
+            task.charged += nbytes
+
+    def reap(self) -> list[str]:
+        """Fail and wipe every task waiting past its deadline; the digests of those reaped.
+        A running computation is left to end (its inputs are wiped when it does)."""
+        now = self.now()
+        with self.lock:
+            due = [t for t in self._tasks.values()
+                   if t.deadline <= now and t.status == TaskState.WAITING]
+        reaped = []
+        for task in due:
+            self.settle(task)  # its `received` entries first, then `wiped`
+            with self.lock:
+                if task.status == TaskState.WAITING:
+                    self.fail(task, f"deadline passed (unix time {int(task.deadline)}) "
+                                    "before every input arrived")
+                    reaped.append(task.digest)
+        return reaped

@@ -102,18 +102,30 @@ class ExecutorClient:
     def evidence(self, nonce: bytes) -> Evidence:
         return Evidence.decode(self.action("evidence", nonce))
 
-    def status(self, task_id: str) -> TaskStatus:
-        return answers.decode(TaskStatus, self.action("status", task_id.encode()),
+    def status(self, task: str) -> TaskStatus:
+        """`task`: the spec digest (the executor's id for it), or an unambiguous task id."""
+        return answers.decode(TaskStatus, self.action("status", task.encode()),
                               "executor status")
 
+    def challenge(self, task_id: str, signer: Signer, spec_digest: str | None = None) -> bytes:
+        """A single-use challenge for `signer`, an owner or receiver of the task, to sign."""
+        at = int(time.time())
+        signature = signer.sign(wire.challenge_message(task_id, self.tls_key_hash, at))
+        return self.action("challenge", wire.canonical(_named(
+            {"task_id": task_id, "key": signer.public_key(), "at": at,
+             "signature": signature.hex()}, spec_digest)))
+
     def upload(self, task_id: str, dataset: str, signer: Signer, schema: pa.Schema,
-               batches: Iterable[pa.RecordBatch], progress=None) -> dict[str, Any]:
-        """Stream batches under a signed, single-use challenge. Returns the executor's receipt."""
-        challenge = self.action("challenge")
+               batches: Iterable[pa.RecordBatch], progress=None,
+               spec_digest: str | None = None) -> dict[str, Any]:
+        """Stream batches under a signed, single-use challenge. Returns the executor's receipt.
+        Name the task by its `spec_digest` too: its task id alone may be taken by another."""
+        challenge = self.challenge(task_id, signer, spec_digest)
         signature = signer.sign(wire.upload_message(task_id, dataset, challenge,
                                                     self.tls_key_hash))
-        command = wire.canonical({"task_id": task_id, "dataset": dataset,
-                                  "challenge": challenge.hex(), "signature": signature.hex()})
+        command = wire.canonical(_named({"task_id": task_id, "dataset": dataset,
+                                         "challenge": challenge.hex(),
+                                         "signature": signature.hex()}, spec_digest))
         descriptor = fl.FlightDescriptor.for_command(command)
         try:
             writer, meta = self._client.do_put(descriptor, schema, options=self._options_long())
@@ -136,10 +148,11 @@ class ExecutorClient:
         return fl.FlightCallOptions(timeout=3600.0)
 
     def federated(self, kind: str, task_id: str, dataset: str, round_: int, signer: Signer,
-                  update: dict[str, Any] | None = None) -> GlobalModel | RoundReceipt:
+                  update: dict[str, Any] | None = None, spec_digest: str | None = None
+                  ) -> GlobalModel | RoundReceipt:
         """A signed federated-round call: `fl-model` (read the global model) or `fl-update`
         (send this owner's update), answered with a GlobalModel or a RoundReceipt."""
-        challenge = self.action("challenge")
+        challenge = self.challenge(task_id, signer, spec_digest)
         payload = wire.canonical(update) if update is not None else b""
         signature = signer.sign(wire.fl_message(kind, task_id, dataset, round_, challenge,
                                                 self.tls_key_hash, payload))
@@ -147,7 +160,7 @@ class ExecutorClient:
                                 "challenge": challenge.hex(), "signature": signature.hex()}
         if update is not None:
             body["update"] = update
-        data = self.action(kind, wire.canonical(body))
+        data = self.action(kind, wire.canonical(_named(body, spec_digest)))
         if kind == "fl-model":
             return answers.decode(GlobalModel, data, kind)
         return answers.decode(RoundReceipt, data, kind)
@@ -159,14 +172,20 @@ class ExecutorClient:
         listing = answers.decode(Catalog, self.action("catalog"), "executor catalog")
         return {c.name: c for c in listing.computations}
 
-    def take_result(self, task_id: str, signer: Signer) -> ResultEnvelope:
+    def take_result(self, task_id: str, signer: Signer,
+                    spec_digest: str | None = None) -> ResultEnvelope:
         """The result envelope sealed to `signer`'s identity (a receiver of the task); its
         signature and seal are for the caller to check (`sdk.Client.result`)."""
-        challenge = self.action("challenge")
+        challenge = self.challenge(task_id, signer, spec_digest)
         signature = signer.sign(wire.result_message(task_id, challenge, self.tls_key_hash))
-        return answers.decode(ResultEnvelope, self.action("result", wire.canonical(
+        return answers.decode(ResultEnvelope, self.action("result", wire.canonical(_named(
             {"task_id": task_id, "receiver": signer.public_key(), "challenge": challenge.hex(),
-             "signature": signature.hex()})), "result envelope")
+             "signature": signature.hex()}, spec_digest))), "result envelope")
+
+
+def _named(body: dict[str, Any], spec_digest: str | None) -> dict[str, Any]:
+    """A request body naming its task by spec digest too, when the caller knows it."""
+    return {**body, "spec_digest": spec_digest} if spec_digest is not None else body
 
 
 def attested_connect(address: str, policy: AppraisalPolicy, verifiers: Mapping[str, Verifier],

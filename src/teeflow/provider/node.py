@@ -175,7 +175,8 @@ class Provider:
                     receipt = client.upload(task_id, name, self.identity,
                                             read_schema(dataset.path),
                                             self._paced(iter_batches(dataset.path)),
-                                            _Progress(self, task_id, name))
+                                            _Progress(self, task_id, name),
+                                            spec_digest=spec.digest())
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")

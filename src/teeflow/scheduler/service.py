@@ -214,16 +214,18 @@ class Scheduler:
             link = self._connect(task.executor)
             try:
                 link.action("cancel", wire.canonical({"task_id": task.id, "key": key,
-                                                      "signature": signature}))
+                                                      "signature": signature,
+                                                      "spec_digest": task.spec_digest}))
             finally:
                 link.close()
         except TeeflowError as exc:
             log.warning("task %s: executor not told of cancel: %s", task.id, exc)
 
-    def _tell_executor(self, executor: str, kind: str, task_id: str) -> Any:
+    def _tell_executor(self, executor: str, kind: str, task: str) -> Any:
+        """`task`: the spec digest, the executor's id for a task (ids alone may collide)."""
         link = self._connect(executor)
         try:
-            return link.action_json(kind, task_id.encode())
+            return link.action_json(kind, task.encode())
         finally:
             link.close()
 
@@ -238,10 +240,10 @@ class Scheduler:
             except TeeflowError as exc:
                 log.warning("task %s: %s", task.id, exc)
 
-    def _status(self, executor: str, task_id: str) -> TaskStatus:
+    def _status(self, executor: str, task: str) -> TaskStatus:
         link = self._connect(executor)
         try:
-            return answers.decode(TaskStatus, link.action("status", task_id.encode()),
+            return answers.decode(TaskStatus, link.action("status", task.encode()),
                                   "executor status")
         finally:
             link.close()
@@ -269,7 +271,7 @@ class Scheduler:
         if task.state in ("submitted", "approved"):
             return
         try:
-            status = self._status(task.executor, task.id)
+            status = self._status(task.executor, task.spec_digest)  # its id there
         except (Unreachable, PeerError) as exc:
             first = self._unreachable_since.setdefault(task.id, time.time())
             if time.time() - first > UNREACHABLE_GRACE:
@@ -288,7 +290,7 @@ class Scheduler:
             assignments = self.store.assignments(task.id)
             if all(a["state"] == "uploaded" for a in assignments) and \
                     sorted(status.received) == sorted(a["dataset"] for a in assignments):
-                self._tell_executor(task.executor, "run", task.id)
+                self._tell_executor(task.executor, "run", task.spec_digest)
                 self.store.transition(task.id, "run", {"inputs": status.received})
         elif task.state == "uploading" and remote in ("running", "done", "released"):
             self.store.transition(task.id, "run", {"inputs": status.received})

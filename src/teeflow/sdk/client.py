@@ -38,6 +38,7 @@ from teeflow.net.scheduler_client import SchedulerClient
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
 FAILED = ("failed", "cancelled", "rejected")
+DEFAULT_DEADLINE = 24 * 3600  # seconds from build_spec to a task's deadline
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,12 @@ class Client:
                    params: dict[str, Any] | None = None,
                    receivers: Sequence[wire.Receiver] | None = None,
                    policy: AppraisalPolicy | None = None,
-                   code_digest: str = "") -> wire.TaskSpec:
+                   code_digest: str = "", deadline: int | None = None) -> wire.TaskSpec:
         """The spec to sign. ``code_digest`` is the one the chosen executor published for
         ``compute_name`` (see ``executor_catalog``); the parameters and the catalogued
-        schemas are checked here first, as far as the catalog can without the engine."""
+        schemas are checked here first, as far as the catalog can without the engine.
+        ``deadline`` (unix seconds, default 24 hours from now): past it the executor fails
+        the task and wipes its inputs if it has not started to run."""
         catalog = {d["name"]: d for d in self.scheduler.datasets()}
         refs = []
         for name in datasets:
@@ -130,7 +133,8 @@ class Client:
             task_id=secrets.token_hex(8), compute=comp.name, code_digest=code_digest,
             params=raw, datasets=tuple(refs),
             executor_policy=self._policy(policy).to_dict(),
-            receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key())
+            receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key(),
+            deadline=int(time.time() + DEFAULT_DEADLINE) if deadline is None else deadline)
 
     def executor_catalog(self, executor: str,
                          policy: AppraisalPolicy | None = None) -> dict[str, CatalogEntry]:
@@ -158,10 +162,12 @@ class Client:
 
     def submit(self, datasets: Sequence[str], executor: str | None, compute: str,
                params: dict[str, Any] | None = None,
-               receivers: Sequence[wire.Receiver] | None = None) -> dict[str, Any]:
+               receivers: Sequence[wire.Receiver] | None = None,
+               deadline: int | None = None) -> dict[str, Any]:
         """Sign and submit a task; owners then approve it. `executor=None`: the first
         registered executor your policy accepts, appraised by you now. The spec names the
-        code digest that executor publishes over its attested channel."""
+        code digest that executor publishes over its attested channel, and `deadline`
+        (unix seconds; default 24 hours from now)."""
         address = executor or self.choose_executor()
         catalog = self.executor_catalog(address)
         if compute not in catalog:
@@ -169,7 +175,7 @@ class Client:
             raise InputError(f"computation {compute!r}: executor {address} does not run it "
                              f"(it runs: {known})")
         spec = self.build_spec(datasets, compute, params, receivers,
-                               code_digest=catalog[compute].code_digest)
+                               code_digest=catalog[compute].code_digest, deadline=deadline)
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
         signature = base64.b64encode(self.identity.sign(payload)).decode()
@@ -218,7 +224,8 @@ class Client:
         client, claims = attested_connect(task["executor"], self._policy(policy),
                                           self.verifiers)
         with client:
-            envelope = client.take_result(task_id, self.identity)
+            envelope = client.take_result(task_id, self.identity,
+                                          spec_digest=task["spec_digest"])
             executor_key = client.tls_key_hash.hex()
         try:
             sealed = base64.b64decode(envelope.sealed, validate=True)
