@@ -318,5 +318,5 @@ def test_table_json_values():
     got = usercode.table_json(table)
     assert got == {"columns": ["f", "d", "b", "t", "l"],
                    "rows": [[1.5, 1.25, "AAE=", "2024-01-02", [1, 2]], [None, None, "", None, []]]}
-    with pytest.raises(ComputeError, match="more than the 4 allowed"):
+    with pytest.raises(ComputeError, match="more than 4 cells"):
         usercode.table_json(table.select(["f", "d", "b"]), max_cells=4)
