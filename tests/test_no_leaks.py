@@ -348,8 +348,11 @@ def test_no_marker_reaches_the_scheduler_or_any_log(tmp_path: Path):
                     seen.append(f"{type(exc).__name__}: {exc}")
             seen.append(repr(client.tasks()) if hasattr(client, "tasks") else "")
     found = {"client": _markers_in("\n".join(seen))}
-    for path in sorted(work.rglob("*")):
-        if path.is_file() and path.suffix not in (".parquet", ".csv"):
+    files = [p for p in sorted(work.rglob("*")) if p.is_file()]
+    assert any(p.name.startswith("scheduler.sqlite") for p in files)
+    assert {"scheduler.log", "executor.log", "provider-alice.log"} <= {p.name for p in files}
+    for path in files:
+        if path.suffix not in (".parquet", ".csv"):
             data = path.read_bytes().decode("utf-8", "replace")
             hits = _markers_in(data)
             if hits:
