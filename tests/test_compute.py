@@ -68,10 +68,11 @@ def test_registry():
 
 def test_code_digest_covers_shared_code():
     src = Path(compute.__file__).parent
-    shared = ["columns.py", "metrics.py", "params.py", "rows.py"]
+    shared = ["errors.py", "columns.py", "metrics.py", "params.py", "rows.py"]
     assert [Path(p).name for p in LOGREG.sources] == ["logreg.py", *shared]
     assert [Path(p).name for p in compute.get("vertical").sources] == [
-        "vertical.py", "columns.py", "params.py", "logreg.py", "metrics.py", "rows.py",
+        "vertical.py", "errors.py", "columns.py", "params.py", "logreg.py", "metrics.py",
+        "rows.py",
         "linreg.py", "xgb.py"
     ]
     h = hashlib.sha256()

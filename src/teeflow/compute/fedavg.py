@@ -40,6 +40,7 @@ _COLUMNS: dict[str, tuple[str, Any]] = {
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.params",
     "teeflow.compute.rows",
 )

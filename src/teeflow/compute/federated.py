@@ -43,6 +43,7 @@ DESCRIPTION = (
 LAYOUT = "federated"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.params",
 )

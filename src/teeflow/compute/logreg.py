@@ -61,6 +61,7 @@ DESCRIPTION = (
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.metrics",
     "teeflow.compute.params",

@@ -44,6 +44,7 @@ DESCRIPTION = (
 LAYOUT = "any"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.params",
     # the whole sandbox: what runs the code is part of what the owners sign
     "teeflow.executor.sandbox",

@@ -42,6 +42,7 @@ MIN_DATASETS = 2
 
 MODELS: dict[str, ModuleType] = {m.NAME: m for m in (logreg, linreg, xgb)}
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.params",
     "teeflow.compute.logreg",
