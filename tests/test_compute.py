@@ -68,10 +68,11 @@ def test_registry():
 
 def test_code_digest_covers_shared_code():
     src = Path(compute.__file__).parent
-    shared = ["columns.py", "metrics.py", "params.py", "rows.py"]
+    shared = ["errors.py", "columns.py", "metrics.py", "params.py", "rows.py"]
     assert [Path(p).name for p in LOGREG.sources] == ["logreg.py", *shared]
     assert [Path(p).name for p in compute.get("vertical").sources] == [
-        "vertical.py", "columns.py", "params.py", "logreg.py", "metrics.py", "rows.py",
+        "vertical.py", "errors.py", "columns.py", "params.py", "logreg.py", "metrics.py",
+        "rows.py",
         "linreg.py", "xgb.py"
     ]
     h = hashlib.sha256()
@@ -225,10 +226,10 @@ def test_logreg_non_numeric_feature(cancer):
 
 def test_logreg_non_binary_label(cancer):
     df = cancer.assign(target=np.arange(len(cancer)) % 3)
-    with pytest.raises(ComputeError, match="'target' must have exactly two distinct values.*3"):
+    with pytest.raises(ComputeError, match="'target' must have exactly two distinct values$"):
         _run(LOGREG, _tables(df), {"label": "target"})
     df = cancer.assign(target=1)
-    with pytest.raises(ComputeError, match="exactly two distinct values, found 1"):
+    with pytest.raises(ComputeError, match="'target' must have exactly two distinct values$"):
         _run(LOGREG, _tables(df), {"label": "target"})
 
 
@@ -238,11 +239,11 @@ def test_logreg_nulls_and_nan(cancer):
     values = tb["mean_radius"].to_pylist()
     values[3] = None
     with_null = tb.set_column(i, "mean_radius", pa.array(values, pa.float64()))
-    with pytest.raises(ComputeError, match="'hospital_b': column 'mean_radius' has 1 null"):
+    with pytest.raises(ComputeError, match="'hospital_b': column 'mean_radius' has null values$"):
         _run(LOGREG, [(a, ta), (b, with_null)], {"label": "target"})
     values[3] = float("nan")
     with_nan = tb.set_column(i, "mean_radius", pa.array(values, pa.float64()))
-    with pytest.raises(ComputeError, match="'hospital_b': feature column 'mean_radius'.*row 3"):
+    with pytest.raises(ComputeError, match="'hospital_b': feature column 'mean_radius' has a non"):
         _run(LOGREG, [(a, ta), (b, with_nan)], {"label": "target"})
 
 
@@ -292,15 +293,16 @@ def test_fedavg_matches_numpy():
 def test_fedavg_mismatched_names():
     a = _party(["w0", "w1", "bias"], [1.0, 2.0, 3.0], 10)
     b = _party(["w0", "w2", "bias"], [1.0, 2.0, 3.0], 10)
-    with pytest.raises(ComputeError, match=r"'b'.*missing name\(s\) \['w1'\].*\['w2'\]"):
+    with pytest.raises(ComputeError, match="'b': parameter names differ from dataset 'a'$") as e:
         _run(FEDAVG, [("a", a), ("b", b)], {})
+    assert "w1" not in str(e.value) and "w2" not in str(e.value)  # the other party's names
 
 
 @pytest.mark.parametrize(
     ("table", "match"),
     [
-        (_party(["w0", "w0"], [1.0, 2.0], 5), r"duplicate parameter name\(s\) \['w0'\]"),
-        (_party(["w0"], [1.0], 0), "n_samples must be positive, got 0"),
+        (_party(["w0", "w0"], [1.0, 2.0], 5), "duplicate parameter names$"),
+        (_party(["w0"], [1.0], 0), "n_samples must be positive$"),
         (
             pa.table(
                 {
@@ -312,7 +314,7 @@ def test_fedavg_mismatched_names():
             "n_samples must be the same in every row",
         ),
         (_party([], [], 5), "no rows"),
-        (_party(["w0"], [float("inf")], 5), r"non-finite value\(s\) for \['w0'\]"),
+        (_party(["w0"], [float("inf")], 5), "non-finite parameter values$"),
     ],
 )
 def test_fedavg_bad_party(table, match):

@@ -200,7 +200,7 @@ def test_logreg_held_out_split_matches_plaintext(cancer):
 
 def test_split_must_leave_training_rows(cancer):
     tiny = cancer.iloc[:4]
-    with pytest.raises(ComputeError, match="test_fraction 0.9 of 4 rows leaves no rows"):
+    with pytest.raises(ComputeError, match="test_fraction 0.9 leaves no rows to train on"):
         _run("logistic_regression", _by_rows(tiny, 2), {"label": "target", "test_fraction": "0.9"})
 
 
@@ -251,7 +251,7 @@ def test_linreg_collinear_features_min_norm(diabetes):
 def test_linreg_bad_data(diabetes):
     df = diabetes.assign(target=diabetes["target"].astype("float64"))
     df.loc[250, "target"] = np.inf
-    with pytest.raises(ComputeError, match="'hospital_b': label column 'target'.*at row 50"):
+    with pytest.raises(ComputeError, match="'hospital_b': label column 'target' has a non-finite"):
         _run("linear_regression", _by_rows(df, 200), {"label": "target"})
     strings = diabetes.assign(target=diabetes["target"].astype(str))
     with pytest.raises(SchemaMismatch, match="label column 'target' has type (large_)?string"):
@@ -436,22 +436,22 @@ def test_vertical_data_errors_name_no_id(vertical_parties):
     a, b = vertical_parties
     raw = {"id": "pid", "model": "linear_regression", "label": "target"}
     dup = pd.concat([b, b.iloc[:3]])
-    with pytest.raises(ComputeError, match="'lab': id column 'pid' has 3 duplicate value") as e:
+    with pytest.raises(ComputeError, match="'lab': id column 'pid' has duplicate values") as e:
         _run("vertical", _vtables(a, dup), raw)
     assert "patient-" not in str(e.value)
     nulls = b.assign(pid=[None, *b["pid"].iloc[1:]])
-    with pytest.raises(ComputeError, match="'lab': id column 'pid' has 1 null"):
+    with pytest.raises(ComputeError, match="'lab': column 'pid' has null values$"):
         _run("vertical", _vtables(a, nulls), raw)
     disjoint = b.assign(pid=[f"other-{i}" for i in range(len(b))])
     with pytest.raises(ComputeError, match="no id value in common"):
         _run("vertical", _vtables(a, disjoint), raw)
     shared = next(iter(set(a["pid"]) & set(b["pid"])))
     bad = b.assign(s3=np.where(b["pid"] == shared, np.nan, b["s3"]))  # NaN → Arrow null
-    with pytest.raises(ComputeError, match="'lab': column 's3' has 1 null value.* joined rows"):
+    with pytest.raises(ComputeError, match="'lab': column 's3' has null values in the joined"):
         _run("vertical", _vtables(a, bad), raw)
     bad = b.assign(s3=np.where(b["pid"] == shared, np.inf, b["s3"]))
     with pytest.raises(ComputeError, match="'lab': feature column 's3' has a non-finite value "
-                                           ".* in the joined rows"):
+                                           r"\(NaN or infinity\)$"):
         _run("vertical", _vtables(a, bad), raw)
     # A bad value outside the intersection is never used.
     outside = next(iter(set(b["pid"]) - set(a["pid"])))

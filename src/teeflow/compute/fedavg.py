@@ -13,16 +13,16 @@ No parameters.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teeflow.compute.errors import public
 from teeflow.compute.params import Param, make_check_params
 from teeflow.compute.rows import Source
-from teeflow.core.errors import ComputeError, SchemaMismatch
+from teeflow.core.errors import SchemaMismatch
 
 NAME = "model_aggregation"
 DESCRIPTION = (
@@ -40,6 +40,7 @@ _COLUMNS: dict[str, tuple[str, Any]] = {
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.params",
     "teeflow.compute.rows",
 )
@@ -66,27 +67,22 @@ def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None
 def _party(ds: str, table: pa.Table) -> tuple[list[str], np.ndarray, int]:
     """(names, values, n_samples) of one party's table, checked."""
     if table.num_rows == 0:
-        raise ComputeError(f"dataset {ds!r}: no rows")
+        raise public("dataset_no_rows", dataset=ds)
     for column in _COLUMNS:
-        nulls = table[column].null_count
-        if nulls:
-            raise ComputeError(f"dataset {ds!r}: column {column!r} has {nulls} null value(s)")
+        if table[column].null_count:
+            raise public("nulls", dataset=ds, column=column)
     names = table["name"].to_pylist()
     if len(set(names)) != len(names):
-        dupes = sorted(n for n, k in Counter(names).items() if k > 1)
-        raise ComputeError(f"dataset {ds!r}: duplicate parameter name(s) {dupes}")
+        raise public("duplicate_names", dataset=ds)
     values = table["value"].to_numpy()
     if not np.isfinite(values).all():
-        bad = [n for n, v in zip(names, values, strict=True) if not np.isfinite(v)]
-        raise ComputeError(f"dataset {ds!r}: non-finite value(s) for {bad[:10]}")
+        raise public("values_non_finite", dataset=ds)
     counts = pc.unique(table["n_samples"]).to_pylist()
     if len(counts) != 1:
-        raise ComputeError(
-            f"dataset {ds!r}: n_samples must be the same in every row, found {sorted(counts)[:10]}"
-        )
+        raise public("n_samples_vary", dataset=ds)
     n = counts[0]
     if n <= 0:
-        raise ComputeError(f"dataset {ds!r}: n_samples must be positive, got {n}")
+        raise public("n_samples_positive", dataset=ds)
     return names, values, n
 
 
@@ -101,17 +97,8 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     total = 0
     for i, (ds, names, values, n) in enumerate(parties):
         if set(names) != expected:
-            missing = [x for x in order if x not in set(names)]
-            extra = [x for x in names if x not in expected]
-            problems = []
-            if missing:
-                problems.append(f"missing name(s) {missing[:20]}")
-            if extra:
-                problems.append(f"name(s) not in dataset {first_ds!r}: {extra[:20]}")
-            raise ComputeError(
-                f"dataset {ds!r}: parameter names differ from dataset {first_ds!r}: "
-                + "; ".join(problems)
-            )
+            # which names differ is the other parties' data: not said
+            raise public("names_differ", dataset=ds, other=first_ds)
         position = {name: j for j, name in enumerate(names)}
         rows[i] = values[[position[name] for name in order]]
         weights[i] = n
@@ -140,8 +127,7 @@ def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
             order, sums = names, np.zeros(len(names))
         position = {name: j for j, name in enumerate(names)}
         if set(position) != set(order):
-            raise ComputeError(f"dataset {src.name!r}: parameter names differ from dataset "
-                               f"{sources[0].name!r}")
+            raise public("names_differ", dataset=src.name, other=sources[0].name)
         sums += n * values[[position[name] for name in order]]
         total += n
     return {"parameters": {name: float(v) for name, v in zip(order, sums / total, strict=True)},

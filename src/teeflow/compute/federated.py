@@ -25,6 +25,7 @@ from teeflow.compute.columns import (
     resolve_features,
     same_schema,
 )
+from teeflow.compute.errors import public
 from teeflow.compute.params import (
     FEATURES,
     LABEL,
@@ -42,6 +43,7 @@ DESCRIPTION = (
 LAYOUT = "federated"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.params",
 )
@@ -72,7 +74,7 @@ def features_for(schema: pa.Schema, params: dict[str, Any]) -> list[str]:
 
 
 def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str, Any]:
-    raise ComputeError(f"{NAME} runs in rounds with the providers; it takes no uploads")
+    raise public("federated_uploads", computation=NAME)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from teeflow.compute.columns import check_label_and_features, is_numeric, same_schema
+from teeflow.compute.errors import public
 from teeflow.compute.metrics import regression_metrics
 from teeflow.compute.params import (
     FEATURES,
@@ -46,7 +47,6 @@ from teeflow.compute.rows import (
     split,
     stream_xy,
 )
-from teeflow.core.errors import ComputeError
 
 NAME = "linear_regression"
 DESCRIPTION = (
@@ -56,6 +56,7 @@ DESCRIPTION = (
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.metrics",
     "teeflow.compute.params",
@@ -143,7 +144,7 @@ def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
     features = check_columns(cols, owner, params)
     n = sum(s.rows for s in sources)
     if n == 0:
-        raise ComputeError(f"{NAME}: the datasets have no rows")
+        raise public("no_rows", computation=NAME)
     return _fit(lambda: stream_xy(sources, features, params["label"]), n,
                 {**params, "features": features})
 
@@ -171,8 +172,8 @@ def _fit(passes, n: int, params: dict[str, Any]) -> dict[str, Any]:
             rank = p
         else:
             w, _, rank, _ = np.linalg.lstsq(gram, m.cxy, rcond=None)
-    except np.linalg.LinAlgError as e:
-        raise ComputeError(f"{NAME}: solving the normal equations failed: {e}") from None
+    except np.linalg.LinAlgError:
+        raise public("fit_failed", computation=NAME) from None
     intercept = m.my - float(m.mx @ w)
 
     sse = {"train": 0.0, "test": 0.0}
@@ -206,5 +207,5 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     features = check_columns(cols, owner, params)
     rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
-        raise ComputeError(f"{NAME}: the datasets have no rows")
+        raise public("no_rows", computation=NAME)
     return fit(rows, {**params, "features": features})

@@ -32,6 +32,7 @@ from teeflow.compute.columns import (
     is_numeric,
     same_schema,
 )
+from teeflow.compute.errors import public
 from teeflow.compute.metrics import classification_metrics, with_metrics
 from teeflow.compute.params import (
     FEATURES,
@@ -51,7 +52,6 @@ from teeflow.compute.rows import (
     split,
     stream_xy,
 )
-from teeflow.core.errors import ComputeError
 
 NAME = "logistic_regression"
 DESCRIPTION = (
@@ -61,6 +61,7 @@ DESCRIPTION = (
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.metrics",
     "teeflow.compute.params",
@@ -115,8 +116,8 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(x_train, y[train])
-    except ValueError as e:
-        raise ComputeError(f"{NAME}: fitting failed: {e}") from None
+    except ValueError:
+        raise public("fit_failed", computation=NAME) from None  # its text may quote data
     n_iter = int(np.asarray(model.n_iter_).ravel()[0])
     p = model.predict_proba(x)[:, 1]
 
@@ -138,7 +139,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     features = check_columns(cols, owner, params)
     rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
-        raise ComputeError(f"{NAME}: the datasets have no rows")
+        raise public("no_rows", computation=NAME)
     return fit(rows, {**params, "features": features})
 
 
@@ -152,18 +153,18 @@ def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
     cols, owner = same_schema(NAME, {s.name: s.schema for s in sources}, params)
     features = check_columns(cols, owner, params)
     if not is_numeric(cols[params["label"]]):
-        raise ComputeError(f"{NAME}: a label streamed from disk must be numeric")
+        raise public("label_streamed_numeric", computation=NAME)
     label = params["label"]
     n = sum(s.rows for s in sources)
     if n == 0:
-        raise ComputeError(f"{NAME}: the datasets have no rows")
+        raise public("no_rows", computation=NAME)
     values: set[float] = set()
     for _, _, y in stream_xy(sources, features, label):
         values.update(np.unique(y).tolist())
         if len(values) > 2:
             break
     if len(values) != 2:
-        raise ComputeError(f"{NAME}: label {label!r} must have exactly two values")
+        raise public("label_not_binary", column=label)
     low, high = sorted(values)
     train, test = split(n, params["test_fraction"], params["seed"])
     is_train = np.zeros(n, dtype=bool)

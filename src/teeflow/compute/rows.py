@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teeflow.core.errors import ComputeError
+from teeflow.compute.errors import public
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,11 @@ def stream_xy(sources: list[Source], features: list[str], label: str
             for name in [*features, label]:
                 col = batch.column(name)
                 if col.null_count:
-                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has null values")
+                    raise public("nulls", dataset=src.name, column=name)
                 values = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
                 if not np.isfinite(values).all():
-                    raise ComputeError(f"dataset {src.name!r}: column {name!r} has a "
-                                       "non-finite value (NaN or infinity)")
+                    raise public("non_finite", dataset=src.name, column=name,
+                                 kind="label" if name == label else "feature")
                 cols.append(values)
             yield offset, np.column_stack(cols[:-1]), cols[-1]
             offset += batch.num_rows
@@ -67,12 +67,11 @@ class Rows:
     spans: list[tuple[str, int, int]] | None = None
     owner: dict[str, str] = field(default_factory=dict)
 
-    def where(self, column: str, row: int) -> tuple[str, str]:
-        """("dataset '...'", position text) for a bad value of ``column`` at ``row``."""
+    def where(self, column: str, row: int) -> str:
+        """The dataset holding ``column`` at ``row`` (never the row's position: it is data)."""
         if self.spans is not None:
-            ds, start = next((ds, s) for ds, s, e in self.spans if s <= row < e)
-            return f"dataset {ds!r}", f"at row {row - start}"
-        return f"dataset {self.owner.get(column, '?')!r}", "in the joined rows"
+            return next(ds for ds, s, e in self.spans if s <= row < e)
+        return self.owner.get(column, "?")
 
 
 def gather_rows(inputs: list[tuple[str, pa.Table]], columns: list[str]) -> Rows:
@@ -88,7 +87,7 @@ def gather_rows(inputs: list[tuple[str, pa.Table]], columns: list[str]) -> Rows:
         for name in columns:
             nulls = part[name].null_count
             if nulls:
-                raise ComputeError(f"dataset {ds!r}: column {name!r} has {nulls} null value(s)")
+                raise public("nulls", dataset=ds, column=name)
         parts.append(part.cast(common))
         spans.append((ds, start, start + part.num_rows))
         start += part.num_rows
@@ -110,10 +109,8 @@ def column_vector(
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.argmin(finite))
-        ds, pos = rows.where(name, offset + row)
-        raise ComputeError(
-            f"{ds}: {kind} column {name!r} has a non-finite value (NaN or infinity) {pos}"
-        )
+        raise public("non_finite", dataset=rows.where(name, offset + row), column=name,
+                     kind=kind)
     return out
 
 
@@ -135,11 +132,7 @@ def binary_label(rows: Rows, label: str) -> tuple[np.ndarray, list[Any]]:
         column_vector(rows, label, "label")
     classes = sorted(pc.unique(col).to_pylist())
     if len(classes) != 2:
-        shown = classes[:10] + (["..."] if len(classes) > 10 else [])
-        raise ComputeError(
-            f"label column {label!r} must have exactly two distinct values, found "
-            f"{len(classes)}: {shown}"
-        )
+        raise public("label_not_binary", column=label)
     y = pc.equal(col, pa.scalar(classes[1], type=col.type)).to_numpy(zero_copy_only=False)
     return y.astype(np.int8), classes
 
@@ -150,13 +143,11 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     ceil(test_fraction * n) of numpy ``default_rng(seed).permutation(n)``; none when the
     fraction is 0."""
     if n == 0:
-        raise ComputeError("the datasets have no rows")
+        raise public("empty")
     if test_fraction <= 0:
         return np.arange(n), np.arange(0)
     n_test = math.ceil(test_fraction * n)
     if n_test >= n:
-        raise ComputeError(
-            f"test_fraction {test_fraction} of {n} rows leaves no rows to train on"
-        )
+        raise public("no_train_rows", test_fraction=test_fraction)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])

@@ -31,8 +31,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from teeflow.compute.errors import public, user_code_error
 from teeflow.compute.params import Param, parse_params
-from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+from teeflow.core.errors import ParameterError, SchemaMismatch, TeeflowError
 
 NAME = "user_code"
 DESCRIPTION = (
@@ -43,6 +44,7 @@ DESCRIPTION = (
 LAYOUT = "any"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.params",
     # the whole sandbox: what runs the code is part of what the owners sign
     "teeflow.executor.sandbox",
@@ -129,7 +131,10 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
         cpu_seconds=int(params.get("cpu_seconds", 60)),
         memory_mb=int(params.get("memory_mb", 2048)),
     )
-    outcome = sandbox.run_code(code, inputs, limits)
+    try:
+        outcome = sandbox.run_code(code, inputs, limits)
+    except TeeflowError as exc:
+        raise user_code_error(exc) from None
     out: dict[str, Any]
     if outcome.kind == "table" and outcome.table is not None:
         out = {"kind": "table", **table_json(outcome.table)}
@@ -171,7 +176,8 @@ def table_json(table: pa.Table, max_cells: int = MAX_CELLS) -> dict[str, Any]:
     become null, decimals floats, bytes base64, dates and times ISO 8601 text."""
     cells = table.num_rows * max(table.num_columns, 1)
     if cells > max_cells:
-        raise ComputeError(f"result table has {cells} cells, more than the {max_cells} allowed")
+        raise public("result_too_large", computation="result table", limit=max_cells,
+                     unit="cells")
     columns = [[_json_value(v) for v in col.to_pylist()] for col in table.columns]
     rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
     return {"columns": list(table.column_names), "rows": rows}

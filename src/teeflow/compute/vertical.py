@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 
 from teeflow.compute import linreg, logreg, xgb
 from teeflow.compute.columns import columns_of, is_string
+from teeflow.compute.errors import public
 from teeflow.compute.params import Param, parse_params
 from teeflow.compute.rows import Rows
-from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+from teeflow.core.errors import ParameterError, SchemaMismatch
 
 NAME = "vertical"
 DESCRIPTION = (
@@ -41,6 +42,7 @@ MIN_DATASETS = 2
 
 MODELS: dict[str, ModuleType] = {m.NAME: m for m in (logreg, linreg, xgb)}
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.params",
     "teeflow.compute.logreg",
@@ -134,14 +136,11 @@ def _ids(ds: str, table: pa.Table, id_col: str) -> pa.ChunkedArray:
     ids = table[id_col]
     nulls = ids.null_count
     if nulls:
-        raise ComputeError(f"dataset {ds!r}: id column {id_col!r} has {nulls} null value(s)")
+        raise public("nulls", dataset=ds, column=id_col)
     ids = ids.cast(pa.int64() if pa.types.is_integer(ids.type) else pa.large_string())
     distinct = pc.count_distinct(ids).as_py()
     if distinct != len(ids):
-        raise ComputeError(
-            f"dataset {ds!r}: id column {id_col!r} has {len(ids) - distinct} duplicate "
-            "value(s); IDs must be unique within a dataset"
-        )
+        raise public("duplicate_ids", dataset=ds, column=id_col)
     return ids
 
 
@@ -161,7 +160,7 @@ def join(
         kept = table_ids.filter(keep)
         order = pc.array_sort_indices(kept)
         if not kept.take(order).equals(pa.chunked_array([common])):  # pragma: no cover
-            raise ComputeError(f"{NAME}: internal error aligning dataset {ds!r}")
+            raise public("internal", computation=NAME)
         mine = [c for c in columns if owner[c] == ds]
         part = table.select(mine).filter(keep).take(order)
         for c in mine:
@@ -181,12 +180,9 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     table = join(inputs, params["id"], owner, columns)
     n = table.num_rows
     if n == 0:
-        raise ComputeError(f"{NAME}: the datasets have no id value in common")
+        raise public("no_common_id", computation=NAME)
     for c in columns:
-        nulls = table[c].null_count
-        if nulls:
-            raise ComputeError(
-                f"dataset {owner[c]!r}: column {c!r} has {nulls} null value(s) in the joined rows"
-            )
+        if table[c].null_count:
+            raise public("nulls_joined", dataset=owner[c], column=c)
     result = model.fit(Rows(table, owner=owner), {**model_params, "features": features})
     return {"model_name": params["model"], "intersection_size": n, **result}

@@ -37,6 +37,7 @@ from teeflow.compute.columns import (
     is_numeric,
     same_schema,
 )
+from teeflow.compute.errors import public
 from teeflow.compute.metrics import classification_metrics, regression_metrics, with_metrics
 from teeflow.compute.params import (
     FEATURES,
@@ -55,7 +56,6 @@ from teeflow.compute.rows import (
     gather_rows,
     split,
 )
-from teeflow.core.errors import ComputeError
 
 NAME = "xgboost"
 DESCRIPTION = (
@@ -66,6 +66,7 @@ DESCRIPTION = (
 LAYOUT = "rows"
 MIN_DATASETS = 1
 USES = (
+    "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.metrics",
     "teeflow.compute.params",
@@ -133,7 +134,7 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
     try:
         import xgboost
     except ImportError:  # pragma: no cover - xgboost is a dependency
-        raise ComputeError(f"{NAME}: the xgboost package is not installed") from None
+        raise public("not_installed", computation=NAME, package="xgboost") from None
 
     features = list(params["features"])
     n = rows.table.num_rows
@@ -153,8 +154,8 @@ def fit(rows: Rows, params: dict[str, Any]) -> dict[str, Any]:
             booster_params(params), dtrain, num_boost_round=params["n_estimators"]
         )
         pred = booster.predict(xgboost.DMatrix(x, nthread=1)).astype(np.float64)
-    except xgboost.core.XGBoostError as e:
-        raise ComputeError(f"{NAME}: training failed: {str(e).splitlines()[0]}") from None
+    except xgboost.core.XGBoostError:
+        raise public("fit_failed", computation=NAME) from None  # its text may quote data
     model = json.loads(booster.save_raw("json"))
     del dtrain, booster
 
@@ -181,5 +182,5 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     features = check_columns(cols, owner, params)
     rows = gather_rows(inputs, [params["label"], *features])
     if rows.table.num_rows == 0:
-        raise ComputeError(f"{NAME}: the datasets have no rows")
+        raise public("no_rows", computation=NAME)
     return fit(rows, {**params, "features": features})

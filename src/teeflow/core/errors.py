@@ -20,7 +20,8 @@
         └── Unreachable
 
 Local faults (ConfigError, InputError) are separate from a peer's (PeerError).
-Messages sent to a peer are these exceptions' own strings, never a traceback.
+Messages sent to a peer are these exceptions' own strings, never a traceback; once data is
+read, only catalogued ones (teeflow.compute.errors) with no value from the data in them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class TeeflowError(Exception):
     """Base of every error teeflow raises on purpose."""
 
     code = "error"
+    # set by teeflow.compute.errors.public: the catalogue entry a computation's error was
+    # built from, the only kind that may leave the enclave once the data has been read
+    public: str | None = None
 
 
 class ConfigError(TeeflowError):

@@ -1,6 +1,8 @@
 """Running a task's computation over its held inputs, once every input is in; then the
-inputs are wiped, whatever the outcome. A crash inside the computation is reported by
-its type only: no message from inside may leave the enclave.
+inputs are wiped, whatever the outcome. Once the data is read, only a catalogued public
+error (teeflow.compute.errors) is reported as itself; any other failure, and every crash,
+by its type only, also in the host's log: no message or traceback from inside may leave
+the enclave.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 import pyarrow as pa
 
 from teeflow import compute
+from teeflow.compute.errors import is_public, public
 from teeflow.compute.rows import Source
-from teeflow.core.errors import ComputeError, StateError, TeeflowError
+from teeflow.core.errors import StateError, TeeflowError
 from teeflow.executor.inputs import batches_of
 from teeflow.executor.release import Release
 from teeflow.executor.states import TASK, TaskEvent, TaskState, missing_inputs
@@ -45,10 +48,18 @@ class Runner:
     def _compute(self, task: Task) -> None:
         spec = task.spec
         self.tasks.settle(task)  # every input's `received` entry is in before the run
-        try:
+        try:  # before any data is read: messages quote only the spec and the schemas
             comp = compute.get(spec.compute)
             comp.check_schemas({d.name: task.schemas[d.name] for d in spec.datasets},
                                task.params)
+        except TeeflowError as exc:
+            with self.tasks.lock:
+                self.tasks.fail(task, str(exc))
+            return
+        except Exception as exc:
+            self._crashed(task, exc)
+            return
+        try:
             if task.spills:  # larger than the memory budget: stream it
                 value = self._run_streamed(task, comp)
             else:
@@ -58,14 +69,12 @@ class Runner:
                 value = comp.run(tables, task.params)
                 del tables
             plaintext, sealed = self.release.seal_all(task, value)
-        except TeeflowError as exc:
-            with self.tasks.lock:
-                self.tasks.fail(task, str(exc))
-            return
         except Exception as exc:  # never let an inner message leave the enclave
-            log.exception("task %s: computation crashed", spec.task_id)
-            with self.tasks.lock:
-                self.tasks.fail(task, f"computation {spec.compute} failed ({type(exc).__name__})")
+            if is_public(exc):
+                with self.tasks.lock:
+                    self.tasks.fail(task, str(exc))
+            else:
+                self._crashed(task, exc)
             return
         with self.tasks.lock:
             self.tasks.wipe(task, "computed")
@@ -73,12 +82,17 @@ class Runner:
                 self.release.done(task, TaskEvent.FINISH, plaintext, sealed)
         log.info("task %s done; inputs wiped", spec.task_id)
 
+    def _crashed(self, task: Task, exc: BaseException) -> None:
+        """A failure whose message is not public: its type and the task id, nothing else."""
+        log.error("task %s: computation failed (%s)", task.spec.task_id, type(exc).__name__)
+        with self.tasks.lock:
+            self.tasks.fail(task, f"computation {task.spec.compute} failed "
+                                  f"({type(exc).__name__})")
+
     def _run_streamed(self, task: Task, comp: compute.Computation) -> dict[str, Any]:
         budget = self.tasks.memory.limit
         if comp.run_stream is None:
-            total = sum(v["bytes"] for v in task.received.values())
-            raise ComputeError(f"{comp.name} needs its whole input in memory ({total} bytes), "
-                               f"more than the executor's budget of {budget} bytes")
+            raise public("too_large_for_memory", computation=comp.name, limit=budget)
         sources = [Source(d.name, task.schemas[d.name], task.received[d.name]["rows"],
                           batches_of(task.inputs[d.name], task.spills.get(d.name)))
                    for d in task.spec.datasets]

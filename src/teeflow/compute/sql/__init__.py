@@ -82,7 +82,8 @@ LAYOUT = "any"
 MIN_DATASETS = 1
 # What this computation's code digest covers (names, not imports: the engine loads lazily).
 USES = (
-    "teeflow.compute.params", "teeflow.compute.rows", "teeflow.compute.usercode",
+    "teeflow.compute.errors", "teeflow.compute.params", "teeflow.compute.rows",
+    "teeflow.compute.usercode",
     "teeflow.compute.sql.policy",
     "teeflow.compute.sql.tree", "teeflow.compute.sql.rewrite", "teeflow.compute.sql.session",
 )

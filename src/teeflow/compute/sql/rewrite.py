@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from teeflow.compute.errors import public
 from teeflow.compute.sql import _RESERVED, MAX_NAME, NAME
-from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch
+from teeflow.core.errors import ParameterError, SchemaMismatch
 
 if TYPE_CHECKING:
     from teeflow.compute.sql.policy import _Plan
@@ -73,7 +74,7 @@ def counting_query(plan: _Plan, views: dict[str, int]) -> tuple[str, int]:
     finally:
         con.close()
     if not sql or len(added) != len(counts):  # pragma: no cover - DuckDB format change
-        raise ComputeError(f"{NAME}: could not build the group-size check")
+        raise public("internal", computation=NAME)
     return str(sql[0]), len(counts)
 
 

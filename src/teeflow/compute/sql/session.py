@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from teeflow.compute import usercode
+from teeflow.compute.errors import public
 from teeflow.compute.rows import Source
 from teeflow.compute.sql import MAX_ROWS, NAME
 from teeflow.compute.sql.policy import analyze
 from teeflow.compute.sql.rewrite import _quote, _rid, check_columns, counting_query, view_names
-from teeflow.core.errors import ComputeError, ParameterError
+from teeflow.core.errors import ParameterError
 
 # The executor names its own directory for DuckDB's temp folders, so that a start can
 # remove what a killed run left (executor/spill.py `RunDir`); unset, the system's TMPDIR.
@@ -174,11 +175,9 @@ def _run(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any]
             how = "even spilling to disk" if session.spill == "encrypted" else (
                 "and spilling is disabled (no encrypted temporary storage available)"
             )
-            raise ComputeError(
-                f"{NAME}: the query ran out of memory (memory_limit {budget}) {how}"
-            ) from None
+            raise public("out_of_memory", computation=NAME, limit=budget, how=how) from None
         except duckdb.Error as exc:
-            raise ComputeError(f"{NAME}: the query failed ({type(exc).__name__})") from None
+            raise public("query_failed", computation=NAME, kind=type(exc).__name__) from None
         spill = session.spill
     width = result.num_columns - added
     for j in range(added):
@@ -188,12 +187,9 @@ def _run(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any]
             source = f"dataset {table!r}" if len(plan.tables) == 1 else (
                 f"dataset {table!r} (as {binding!r})"
             )
-            raise ComputeError(
-                f"{NAME} output policy: an output group counts fewer than min_group_size={k} "
-                f"input rows of {source}; nothing is returned"
-            )
+            raise public("small_group", computation=NAME, limit=k, source=source)
     if result.num_rows > MAX_ROWS:
-        raise ComputeError(f"{NAME}: the result has more than {MAX_ROWS} rows")
+        raise public("result_too_large", computation=NAME, limit=MAX_ROWS, unit="rows")
     result = result.select(list(range(width)))
     out = usercode.table_json(result)
     out["spill"] = spill
