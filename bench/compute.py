@@ -322,9 +322,15 @@ class Harness:
                         "signature": base64.b64encode(sig).decode()})
         return out
 
+    def _challenge(self, spec: wire.TaskSpec, signer: KeySigner) -> bytes:
+        """A challenge for `signer` on this task, asked for as a client does (signed)."""
+        at = int(time.time())
+        sig = signer.sign(wire.challenge_message(spec.task_id, self.ex.tls_spki_hash, at))
+        return self.ex.challenge(spec.digest(), signer.public_key(), at, sig)
+
     def _upload(self, spec: wire.TaskSpec, i: int, ds: str, table: pa.Table,
                 batches: list[pa.RecordBatch]) -> None:
-        challenge = self.ex.challenge()
+        challenge = self._challenge(spec, self.owners[i])
         sig = self.owners[i].sign(wire.upload_message(spec.task_id, ds, challenge,
                                                       self.ex.tls_spki_hash))
 
@@ -338,7 +344,7 @@ class Harness:
 
     def _fl(self, spec: wire.TaskSpec, kind: str, i: int, ds: str, round_: int,
             payload: bytes) -> FlRequest:
-        challenge = self.ex.challenge()
+        challenge = self._challenge(spec, self.owners[i])
         sig = self.owners[i].sign(wire.fl_message(kind, spec.task_id, ds, round_, challenge,
                                                   self.ex.tls_spki_hash, payload))
         return FlRequest(kind, spec.task_id, ds, round_, challenge, sig)
@@ -370,7 +376,7 @@ class Harness:
             self.ex.run(spec.task_id, background=False)
         else:
             self._federated(spec, case, params)
-        challenge = self.ex.challenge()
+        challenge = self._challenge(spec, self.initiator)
         sig = self.initiator.sign(wire.result_message(spec.task_id, challenge,
                                                       self.ex.tls_spki_hash))
         envelope = self.ex.take_result(spec.task_id, self.initiator.public_key(), challenge,

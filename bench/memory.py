@@ -101,13 +101,15 @@ def _case(name: str, params: dict[str, str], budget: int, total: int, work: Path
             client, _ = attested_connect(address, policy, make_verifiers())
             with client:
                 for i, owner in enumerate(owners):
-                    client.upload(spec.task_id, f"p{i}", owner, schema, _batches(rows, i + 1))
-            status = router.action_json("status", spec.task_id.encode())
+                    client.upload(spec.task_id, f"p{i}", owner, schema, _batches(rows, i + 1),
+                                  spec_digest=spec.digest())
+            ref = spec.digest().encode()  # the executor's name for the task
+            status = router.action_json("status", ref)
             spilled = sum(status["spilled"].values())
-            router.action("run", spec.task_id.encode())
+            router.action("run", ref)
             while status["status"] in ("waiting", "running"):
                 time.sleep(0.1)
-                status = router.action_json("status", spec.task_id.encode())
+                status = router.action_json("status", ref)
             seconds = time.perf_counter() - t0
         if status["status"] != "done":
             raise RuntimeError(f"{name}: {status['error']}")

@@ -30,7 +30,7 @@ from teeflow.core.errors import TeeflowError
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.messages import FlRequest
 from teeflow.executor.service import Executor, UploadRequest
-from tests.factories import appraisal_policy, approval, make_spec
+from tests.factories import appraisal_policy, approval, challenge_for, make_spec
 from tests.test_executor_service import SPKI, TLS_KEY
 
 MARKERS: list[str] = []
@@ -197,7 +197,7 @@ def _cases() -> list[Case]:
 
 def _upload(ex: Executor, spec: wire.TaskSpec, dataset: str, owner: KeySigner,
             table: pa.Table) -> None:
-    challenge = ex.challenge()
+    challenge = challenge_for(ex, spec.digest(), owner)
     sig = owner.sign(wire.upload_message(spec.task_id, dataset, challenge, SPKI))
 
     def messages():
@@ -247,7 +247,7 @@ def _federated_updates(ex: Executor) -> str:
     feats = [mark("flA"), mark("flB")]
 
     def send(i: int, update: dict[str, Any]) -> str:
-        challenge = ex.challenge()
+        challenge = challenge_for(ex, spec.digest(), owners[i])
         payload = wire.canonical(update)
         sig = owners[i].sign(wire.fl_message("fl-update", spec.task_id, f"p{i}", 0, challenge,
                                              SPKI, payload))
