@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/executor.lock
 
-.PHONY: demo test bench lint venv clean lock
+.PHONY: demo test bench lint venv clean lock sysdeps
 
 venv: $(STAMP)
 
@@ -26,10 +26,16 @@ lock:
 	  --no-emit-index-url --no-emit-find-links \
 	  --output-file $(LOCK) pyproject.toml
 
-demo: $(STAMP)
+# The user-code sandbox needs bubblewrap (Debian's package); as root it is installed when
+# missing, otherwise the tests that need it skip and user_code is refused with the reason.
+sysdeps:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq bubblewrap; } || echo "bubblewrap missing: user_code will be refused"
+
+demo: $(STAMP) sysdeps
 	$(BIN)/teeflow demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -32,6 +32,7 @@ from teeflow.core.answers import (
 )
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
+from teeflow.executor import hardening
 from teeflow.executor.messages import (
     CancelRequest,
     CreateTask,
@@ -67,7 +68,8 @@ Handler = Callable[["ExecutorFlightServer", bytes], list[fl.Result]]
 
 
 def _info(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated})
+    return _json({"tee": server.executor.backend.tee, "simulated": server.executor.simulated,
+                  "user_code_isolation": hardening.isolation()})
 
 
 def _answer(answer: BaseModel) -> list[fl.Result]:
@@ -76,8 +78,11 @@ def _answer(answer: BaseModel) -> list[fl.Result]:
 
 
 def _catalog(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _answer(Catalog(computations=[CatalogEntry.model_validate(c)
-                                         for c in compute.describe_all()]))
+    return _answer(Catalog(computations=[
+        CatalogEntry.model_validate(
+            {**c, "isolation": hardening.isolation()} if c["name"] == "user_code" else c
+        ) for c in compute.describe_all()
+    ]))
 
 
 def _certificate(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
@@ -203,6 +208,7 @@ def _messages(reader: fl.MetadataRecordBatchReader):
 def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
           memory_budget: int | None = None, spill_dir: str | None = None
           ) -> ExecutorFlightServer:
+    hardening.harden()  # before the key exists: no other process may read this one's memory
     cert_pem, key_pem = make_ratls_identity(backend)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
