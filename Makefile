@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/executor.lock
 
-.PHONY: demo test bench lint venv clean lock test-minimum
+.PHONY: demo test bench lint venv clean lock test-minimum sysdeps
 
 venv: $(STAMP)
 
@@ -34,10 +34,16 @@ test-minimum:
 	build/minenv/bin/python -m pytest -W ignore::DeprecationWarning \
 	  --deselect tests/test_lock.py::test_the_installed_runtime_is_the_lock
 
-demo: $(STAMP)
+# The user-code sandbox needs bubblewrap (Debian's package); as root it is installed when
+# missing, otherwise the tests that need it skip and user_code is refused with the reason.
+sysdeps:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq bubblewrap; } || echo "bubblewrap missing: user_code will be refused"
+
+demo: $(STAMP) sysdeps
 	$(BIN)/teeflow demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

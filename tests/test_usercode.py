@@ -301,7 +301,8 @@ def test_code_digest_covers_the_whole_sandbox():
     sources = [Path(p) for p in compute.get("user_code").sources]
     package = Path(sandbox.__file__).parent
     assert [p.name for p in sources] == [
-        "usercode.py", "errors.py", "params.py", "__init__.py", "frames.py", "parent.py", "child.py"
+        "usercode.py", "errors.py", "params.py", "__init__.py", "frames.py", "parent.py",
+        "jail.py", "child.py"
     ]
     assert sorted(sources[3:]) == sorted(package.glob("*.py"))
     assert usercode.MAX_CODE_BYTES == sandbox.MAX_CODE_BYTES  # one limit, stated twice

@@ -39,6 +39,9 @@ class Verifier(Protocol):
     def verify(self, quote: bytes, at: int) -> Claims: ...
 
 
+USER_CODE_ISOLATION = ("full",)  # the levels of executor.sandbox.jail.LEVELS
+
+
 @dataclass(frozen=True)
 class AppraisalPolicy:
     tee_types: tuple[str, ...] = ()
@@ -52,6 +55,10 @@ class AppraisalPolicy:
     # security version be at least this.
     isv_prod_id: int | None = None
     min_isv_svn: int = 0
+    # the user-code sandbox isolation the executor must report (its catalog's user_code entry)
+    # before this owner uploads to a user_code task: None demands nothing beyond the
+    # executor's own refusal, "full" every piece (executor.sandbox.jail.PIECES)
+    user_code_isolation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -66,6 +73,8 @@ class AppraisalPolicy:
         if self.isv_prod_id is not None:
             out.setdefault("sgx", {}).update(isv_prod_id=self.isv_prod_id,
                                              min_isv_svn=self.min_isv_svn)
+        if self.user_code_isolation is not None:
+            out["user_code_isolation"] = self.user_code_isolation
         return out
 
 
@@ -113,7 +122,7 @@ def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
            "accepted_tcb_status": list(default.accepted_tcb_status),
            "refused_advisories": list(default.refused_advisories), **raw}
     known = {"tee_types", "allow_simulated", "allow_debug", "accepted_tcb_status",
-             "refused_advisories", *KNOWN_TEES}
+             "refused_advisories", "user_code_isolation", *KNOWN_TEES}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown field")
@@ -157,6 +166,10 @@ def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
         if status not in TCB_STATUSES:
             raise ConfigError(f"{where}.accepted_tcb_status: unknown status {status!r} "
                               f"(known: {', '.join(TCB_STATUSES)})")
+    isolation = raw.get("user_code_isolation")
+    if isolation is not None and isolation not in USER_CODE_ISOLATION:
+        raise ConfigError(f"{where}.user_code_isolation: expected one of "
+                          f"{', '.join(USER_CODE_ISOLATION)}")
     policy = AppraisalPolicy(
         tee_types=tee_types,
         allow_simulated=_bool(raw["allow_simulated"], f"{where}.allow_simulated"),
@@ -166,6 +179,7 @@ def load_policy(raw: Any, where: str = "policy") -> AppraisalPolicy:
         measurements=measurements,
         isv_prod_id=isv_prod_id,
         min_isv_svn=min_isv_svn,
+        user_code_isolation=isolation,
     )
     if "simulated" in tee_types and not policy.allow_simulated:
         raise ConfigError(f"{where}.tee_types: lists simulated but allow_simulated is not true")

@@ -5,7 +5,9 @@ maps each dataset name to its table. Its SHA-256 (``code_sha256``) is part of th
 owners sign, and the code itself travels as the ``code`` parameter. Code whose digest is not
 the signed one is refused, in ``check_params`` and again in ``run`` before any process starts.
 
-The child has no network, writes no file, and runs under CPU-time (``cpu_seconds``) and memory
+The child runs under bubblewrap and seccomp (``isolation``: "full", the only level; a host
+that cannot give all of it refuses the task at create-task, naming the missing piece). It has
+no network, writes no file, and runs under CPU-time (``cpu_seconds``) and memory
 (``memory_mb``) limits; see ``teeflow.executor.sandbox`` for what exactly is applied. The result
 says which isolation applied (``isolation``). A failure is reported by its kind only (limit
 reached, exception type), never by a message the code produced.
@@ -33,7 +35,7 @@ import pyarrow as pa
 
 from teeflow.compute.errors import public, user_code_error
 from teeflow.compute.params import Param, parse_params
-from teeflow.core.errors import ParameterError, SchemaMismatch, TeeflowError
+from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch, TeeflowError
 
 NAME = "user_code"
 DESCRIPTION = (
@@ -50,6 +52,7 @@ USES = (
     "teeflow.executor.sandbox",
     "teeflow.executor.sandbox.frames",
     "teeflow.executor.sandbox.parent",
+    "teeflow.executor.sandbox.jail",
     "teeflow.executor.sandbox.child",
 )
 
@@ -73,6 +76,11 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "memory_mb", "int", default=2048, low=64, high=1 << 20,
         help="memory (MiB) the code's process may allocate, inputs included",
+    ),
+    Param(
+        "isolation", "str", default="full", choices=("full",),
+        help="the sandbox isolation demanded (full: bubblewrap with its own uid, network, pid "
+             "and mount namespaces, seccomp, rlimits); refused where the executor lacks it",
     ),
 )
 
@@ -99,6 +107,21 @@ def verify_digest(code: Any, signed: Any) -> str:
 
 
 def check_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """The full check, on the executor: the parameters, then that this host gives the
+    isolation they demand (a real sandboxed child is started once to find out), so a task is
+    refused at create-task, before any data moves, naming the missing piece."""
+    checked = precheck_params(raw)
+    from teeflow.executor.sandbox import jail  # only inside the executor
+
+    try:
+        jail.require(checked["isolation"])
+    except ComputeError as exc:
+        raise ParameterError(f"parameter 'isolation': {exc}") from None
+    return checked
+
+
+def precheck_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """The checks that need no sandbox (the scheduler's and the initiator's)."""
     if not isinstance(raw, dict):
         raise ParameterError(f"{NAME}: parameters must be a mapping of names to strings")
     digest = verify_digest(raw.get("code"), raw.get("code_sha256"))  # before anything else
@@ -130,6 +153,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     limits = sandbox.Limits(
         cpu_seconds=int(params.get("cpu_seconds", 60)),
         memory_mb=int(params.get("memory_mb", 2048)),
+        isolation=str(params.get("isolation", "full")),
     )
     try:
         outcome = sandbox.run_code(code, inputs, limits)
@@ -142,6 +166,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
         out = {"kind": "bytes", "base64": base64.b64encode(outcome.data or b"").decode("ascii")}
     out["code_sha256"] = digest
     out["isolation"] = dict(outcome.isolation)
+    out["isolation_level"] = limits.isolation
     return out
 
 

@@ -34,6 +34,15 @@ class CatalogParam(Model):
     choices: list[str] | None = None
 
 
+class Isolation(Model):
+    """What the user-code sandbox gives on this executor (``executor.sandbox.jail``)."""
+
+    level: Literal["full", "incomplete"]
+    pieces: dict[str, bool]
+    missing: list[str]
+    executor_dumpable: bool | None = None
+
+
 class CatalogEntry(Model):
     """One computation an executor runs, with the digest of the code that runs it."""
 
@@ -44,6 +53,7 @@ class CatalogEntry(Model):
     params: list[CatalogParam]
     code_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     model_params: dict[str, list[CatalogParam]] | None = None  # vertical's models
+    isolation: Isolation | None = None  # user_code's sandbox, as this executor probed it
 
 
 class Catalog(Model):

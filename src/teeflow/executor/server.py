@@ -32,6 +32,7 @@ from teeflow.core.answers import (
 )
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
+from teeflow.executor import hardening
 from teeflow.executor.messages import (
     CancelRequest,
     ChallengeRequest,
@@ -80,8 +81,11 @@ def _answer(answer: BaseModel) -> list[fl.Result]:
 
 
 def _catalog(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
-    return _answer(Catalog(computations=[CatalogEntry.model_validate(c)
-                                         for c in compute.describe_all()]))
+    return _answer(Catalog(computations=[
+        CatalogEntry.model_validate(
+            {**c, "isolation": hardening.isolation()} if c["name"] == "user_code" else c
+        ) for c in compute.describe_all()
+    ]))
 
 
 def _certificate(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
@@ -210,6 +214,7 @@ def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
           **options: Any) -> ExecutorFlightServer:
     """`options`: the Executor's other keyword options (state_dir, result_ttl,
     upload_idle_timeout, ...)."""
+    hardening.harden()  # before the key exists: no other process may read this one's memory
     cert_pem, key_pem = make_ratls_identity(backend)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):

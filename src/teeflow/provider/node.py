@@ -160,6 +160,8 @@ class Provider:
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
             with client:
                 satisfies(claims, spec_policy)
+                if spec.compute == "user_code":
+                    _check_isolation(client, self.config.policy, spec_policy)
                 body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
                         "spec_digest": spec.digest(), "claims": claims.to_dict()}
                 signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
@@ -247,3 +249,17 @@ class _Progress:
         if time.monotonic() - self.last >= REPORT_EVERY:
             self.last = time.monotonic()
             self.provider._try_report(self.task_id, self.dataset, "started", rows=self.rows)
+
+
+def _check_isolation(client: Any, *policies: Any) -> None:
+    """Before a user_code upload: the attested executor reports (in its catalog) the sandbox
+    isolation each policy demands, or AttestationError names what is missing."""
+    demanded = [p.user_code_isolation for p in policies if p.user_code_isolation]
+    if not demanded:
+        return
+    isolation = client.catalog()["user_code"].isolation
+    if isolation is None or isolation.level != "full":
+        missing = ", ".join(isolation.missing) if isolation is not None else "its report"
+        raise AttestationError(
+            f"user_code_isolation {demanded[0]!r} demanded, executor's sandbox lacks {missing}"
+        )

@@ -1,34 +1,46 @@
 """Run submitted Python code in a child process of the executor: Arrow tables in, one table or
 bytes out, and nothing else: no network, no files written, bounded CPU time and memory.
 
-The parent (``run_code``) starts ``python -I -B -c <boot> <src> <limits>`` in a fresh empty
-working directory with an almost empty environment, writes the code and the tables to its stdin
-(Arrow IPC streams, framed), and reads the result from its stdout, capped in size and time.
-The child applies, in this order, before it reads a byte of input:
+The parent (``run_code``) first requires complete isolation (``jail.require``: every piece of
+``jail.PIECES``, found once by a real probe child, else ComputeError naming what is missing,
+before any process starts), then starts ``python -I -B -c <boot> <src> <limits>`` under
+bubblewrap (``jail.command``): its own pid, network, ipc, uts and mount namespaces (only
+read-only binds of the interpreter, its libraries and teeflow; ``/proc`` of its own pid
+namespace, a minimal ``/dev``), ``--clearenv``, ``--die-with-parent``, ``--new-session``, no
+capabilities but CAP_SETUID/CAP_SETGID, and a seccomp filter compiled by libseccomp (no ptrace,
+process_vm_*, sockets, namespaces, mounts, fork). It writes the code and the tables to the
+child's stdin (Arrow IPC streams, framed), and reads the result from its stdout, capped in size
+and time. The child applies, in this order, before it reads a byte of input:
 
-1. network: a new, empty network namespace (``unshare(CLONE_NEWNET)``; without root, inside a
-   new user namespace). No interface is up in it, not even loopback. Where namespaces are
-   unavailable (no privilege, no user namespaces, or a library OS such as Gramine) the child
-   runs with only the audit-hook guard below, unless ``Limits.require_netns`` (by
-   default ``parent.REQUIRE_NETNS``) is set, and then it refuses to run;
-2. user: when started as root, it drops to ``nobody`` with no supplementary groups and
-   ``PR_SET_NO_NEW_PRIVS``, so it cannot re-enter the host's network namespace, signal or
-   trace the executor, or read its private files. If the Python installation is not readable
-   by others (pyenv under ``/root``, say), a fixed set of modules (``child._PRELOAD``: pyarrow,
-   numpy, pandas, common standard modules) is imported first, and the code can import only
-   those;
+1. user: it drops to ``nobody`` (no groups; bwrap set ``no_new_privs``), and checks that its
+   network namespace is empty (loopback only), else it refuses;
+2. a second seccomp filter, refusing execve, loaded once bwrap's exec is done;
 3. limits (``setrlimit``): CPU seconds (``SIGXCPU`` at the limit, ``SIGKILL`` a second
    later), ``RLIMIT_DATA`` at the memory budget (heap and private mappings; the address space
    gets the budget plus room for shared libraries), no core files, file size 0 (a write to a
-   file fails), few open files, and when running as ``nobody`` a process count cap;
-4. a guard: a PEP 578 audit hook, which Python code cannot remove, refusing sockets,
-   subprocesses, ``fork``/``exec``, files opened for writing, file-system changes,
-   ``ctypes`` symbol lookups and ``mmap``. An audit hook is not a security boundary by
-   itself (native code can get past it); here it is a second layer behind 1-3.
+   file fails), few open files, a process count cap;
+4. a guard: a PEP 578 audit hook refusing sockets, subprocesses, ``fork``/``exec``, files
+   opened for writing, file-system changes, ``ctypes`` symbol lookups and ``mmap``: a second
+   layer only, behind 1-3 and bwrap.
+
+The executor itself is non-dumpable (``executor/hardening.py``) and its TLS key lives only in
+its memory: the child inherits no fd but its pipes and the seccomp program's pipe (read and
+closed by bwrap), and cannot see the executor's ``/proc`` entry at all.
 
 Where the result says which isolation applied: ``Outcome.isolation`` is
-``{"network": "netns" | "userns+netns" | "none", "user": "nobody" | "userns" | "unchanged",
-"guard": "audit-hook"}``, reported by the child before the user code runs.
+``{"network": "netns", "user": "nobody", "guard": "audit-hook"}``, reported by the child before
+the user code runs; the executor's ``info`` and its catalog entry for user_code carry the
+probe's full report (``jail.Isolation.report``).
+
+What runs where in a TEE:
+
+- Gramine (SGX): a child process is a separate enclave, started from the same manifest's
+  measurement with its own memory, so the executor's memory is out of its reach by hardware;
+  but bwrap does not run inside SGX (no namespaces, no seccomp in a library OS), so the probe
+  finds the pieces missing and user_code is refused there. Running user code under Gramine
+  needs a child enclave with its own manifest (no network, no files allowed) - not built.
+- TDX / SEV-SNP: the whole VM is the TEE; the executor runs on a normal Linux kernel inside it,
+  and bwrap, seccomp and the namespaces work as on any Linux host (the executor runs as root).
 
 Nothing the child says is trusted: its exceptions are reported by built-in type name only (a
 message, or a user-defined class name, could quote data), its output is parsed under a cap,

@@ -25,35 +25,36 @@ MAX_FILES = 64
 MAX_PROCESSES = 64
 NOBODY = 65534
 
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
 
 
-def _unshare_network() -> str:
-    """Enter a new, empty network namespace; "none" when the system does not allow it."""
-    unshare = getattr(os, "unshare", None)  # Python 3.12+
-    if unshare is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-
-            def unshare(flags: int) -> None:
-                if libc.unshare(flags) != 0:
-                    raise OSError(ctypes.get_errno(), "unshare failed")
-        except (OSError, AttributeError):
-            return "none"
+def _network() -> str:
+    """"netns" when this process sees an empty network namespace (loopback only, the one
+    bwrap made), "none" otherwise."""
     try:
-        unshare(_CLONE_NEWNET)
-        return "netns"
-    except OSError:
-        pass
-    try:
-        unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-        return "userns+netns"
+        with open("/proc/net/dev") as f:
+            interfaces = [line.split(":")[0].strip() for line in f if ":" in line]
     except OSError:
         return "none"
+    return "netns" if interfaces == ["lo"] else "none"
+
+
+def _deny_exec(program: bytes) -> bool:
+    """Load the parent's second seccomp program (execve refused), on top of bwrap's. bwrap set
+    ``no_new_privs`` already; a filter can only be added, never removed."""
+    import ctypes
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    if not program or len(program) % 8:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    prog = Filter(len(program) // 8, program)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    return libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) == 0
 
 
 # Modules loaded before dropping to nobody when the Python installation is not readable by
@@ -84,16 +85,17 @@ def _others_can_read(path: str) -> bool:
     return True
 
 
-def _drop_privileges(network: str) -> str:
-    """Started as root: become nobody, with no groups and no way to regain privileges."""
+def _drop_privileges() -> str:
+    """Started as root (bwrap left only CAP_SETUID/CAP_SETGID): become nobody, with no groups
+    and no way to regain privileges. Under a user namespace bwrap made us nobody already."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    if os.geteuid() != 0 or network == "userns+netns":
-        return "userns" if network == "userns+netns" else "unchanged"
+    if os.geteuid() != 0:
+        return "nobody" if os.getuid() == NOBODY else "unchanged"
     if not all(_others_can_read(p) for p in sys.path if os.path.isdir(p)):
         import importlib
 
@@ -219,15 +221,15 @@ def main() -> None:
     os.dup2(devnull, 1)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
-    network = _unshare_network()  # first, while single-threaded
-    isolation = {"network": network, "user": "unchanged", "guard": frames.GUARD}
-    if network == "none" and config["require_netns"]:
+    isolation = {"network": _network(), "user": _drop_privileges(), "guard": frames.GUARD}
+    if isolation["network"] == "none" or isolation["user"] != "nobody":
         frames.write_message(out, isolation)
         frames.write_message(out, {"ok": False, "problem": "isolation"})
         os._exit(0)
     sys.path[:] = list(config["path"])
     try:
-        import resource  # noqa: F401 - loaded while the Python installation is readable
+        import base64
+        import resource  # noqa: F401 - loaded before the guard
 
         import pyarrow  # noqa: F401
         import pyarrow.ipc  # noqa: F401
@@ -235,7 +237,10 @@ def main() -> None:
         frames.write_message(out, isolation)
         frames.write_message(out, {"ok": False, "problem": "startup"})
         os._exit(0)
-    isolation["user"] = _drop_privileges(network)
+    if not _deny_exec(base64.b64decode(config.get("exec_filter", ""))):
+        frames.write_message(out, isolation)
+        frames.write_message(out, {"ok": False, "problem": "isolation"})
+        os._exit(0)
     _set_limits(config, isolation["user"])
     _install_guard()
     frames.write_message(out, isolation)  # before the user code runs, which could write here

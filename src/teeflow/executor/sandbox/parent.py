@@ -8,6 +8,7 @@ and its exit status is interpreted here. The child process never imports this mo
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -24,9 +25,9 @@ import pyarrow as pa
 
 import teeflow
 from teeflow.core.errors import ComputeError
-from teeflow.executor.sandbox import frames
+from teeflow.executor.sandbox import frames, jail
 
-REQUIRE_NETNS = False  # refuse to run user code when no network namespace can be made
+REQUIRE_NETNS = True  # kept for callers; the sandbox always has its own network namespace
 MAX_RESULT_BYTES = 64 << 20
 STARTUP_SECONDS = 5  # wall-clock allowance for interpreter start, on top of 2 x CPU seconds
 
@@ -55,6 +56,7 @@ class Limits:
     memory_mb: int = 2048
     max_result_bytes: int = MAX_RESULT_BYTES
     require_netns: bool = REQUIRE_NETNS
+    isolation: str = "full"  # the level demanded (jail.LEVELS); run_code refuses below it
 
     @property
     def wall_seconds(self) -> float:
@@ -145,12 +147,27 @@ def _wait_unreaped(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> Outcome:
     """Run ``code``'s ``run(tables)`` in a sandboxed child; raises ComputeError saying which
-    limit or failure stopped it (never quoting what the code printed or raised)."""
+    limit or failure stopped it (never quoting what the code printed or raised), or, before
+    any process starts, which isolation piece is missing here (``jail.require``)."""
+    jail.require(limits.isolation)
+    return start(code, inputs, limits)
+
+
+def start(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> Outcome:
+    """``run_code`` without the isolation check (the probe uses it to find the isolation)."""
+    if shutil.which("bwrap") is None:
+        raise ComputeError("user code refused: bubblewrap (bwrap) is not installed")
+    try:
+        outer = jail.compile_filter(jail._DENIED, threads_only=True)
+        inner = jail.compile_filter(jail._DENIED_AFTER_START, threads_only=False)
+    except (OSError, AttributeError):
+        raise ComputeError("user code refused: libseccomp is not available") from None
     config = {
         "cpu_seconds": int(limits.cpu_seconds),
         "memory_mb": int(limits.memory_mb),
-        "require_netns": bool(limits.require_netns),
+        "require_netns": True,
         "path": [p for p in sys.path if p and os.path.isabs(p) and os.path.isdir(p)],
+        "exec_filter": base64.b64encode(inner).decode("ascii"),
     }
     cap = limits.max_result_bytes + 2 * frames.MAX_MESSAGE_BYTES
     chunks: list[bytes] = []
@@ -158,12 +175,19 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
     workdir = tempfile.mkdtemp(prefix="teeflow-usercode-")
     os.chmod(workdir, 0o755)  # the child may run as nobody; it cannot write there anyway
     proc: subprocess.Popen[bytes] | None = None
+    seccomp_fd = jail.seccomp_pipe(outer)
     try:
+        argv = jail.command(seccomp_fd, dict(_ENV),
+                            ["-I", "-B", "-c", BOOT, _SOURCE_ROOT, json.dumps(config)])
+        # Only the pipes and the seccomp program's pipe (bwrap reads and closes it) reach the
+        # child: close_fds, and the executor's key is in its memory, never in a file or an fd.
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", BOOT, _SOURCE_ROOT, json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            cwd=workdir, env=dict(_ENV), close_fds=True, start_new_session=True,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd=workdir, env={}, close_fds=True, pass_fds=(seccomp_fd,),
+            start_new_session=True,
         )
+        os.close(seccomp_fd)
+        seccomp_fd = -1
         assert proc.stdin is not None and proc.stdout is not None
         feeder = threading.Thread(target=_feed, args=(proc.stdin, code, inputs), daemon=True)
         reader = threading.Thread(
@@ -177,6 +201,8 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
         reader.join(timeout=10)
         feeder.join(timeout=10)
     finally:
+        if seccomp_fd >= 0:
+            os.close(seccomp_fd)
         if proc is not None and proc.poll() is None:
             _kill(proc)
             proc.wait()
@@ -189,6 +215,8 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
     if state["too_large"]:
         raise ComputeError(f"user code result is larger than {limits.max_result_bytes} bytes")
     code_ = proc.returncode
+    if code_ is not None and 128 < code_ < 128 + 65:  # bwrap: the child died of signal N
+        code_ = 128 - code_
     if code_ == -signal.SIGXCPU:
         raise ComputeError(
             f"user code exceeded its CPU time limit (cpu_seconds={limits.cpu_seconds})"
@@ -218,7 +246,7 @@ def run_code(code: str, inputs: list[tuple[str, pa.Table]], limits: Limits) -> O
         problem = status.get("problem")
         if problem == "isolation":
             raise ComputeError(
-                "user code refused: no network namespace could be created and one is required"
+                "user code refused: the sandboxed child found its isolation incomplete"
             )
         if problem == "startup":
             raise ComputeError("user code process could not load pyarrow")
