@@ -101,7 +101,7 @@ def _other_sig() -> str:
     (auth.NONCE, "0123456789abcdef0123456789abcdef"),
     (auth.SIGNATURE, "other"),
     (auth.KEY, BOB.public_key()),
-])
+], ids=["time", "nonce", "signature", "key"])  # fixed ids: a key is random per process
 def test_tampered_header_fails(header, value):
     headers = _signed()
     headers[header] = _other_sig() if value == "other" else value

@@ -6,6 +6,7 @@ reach the executor only with every owner's signature.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -355,6 +356,34 @@ def _consented(world: World) -> wire.TaskSpec:
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "accepted"
     return spec
+
+
+def test_owners_approving_at_once_both_count(world: World, monkeypatch):
+    """Two owners approve at the same moment: consent is complete, not lost between them
+    (each used to read the others' approvals before either was written, and then neither
+    completed consent: the task stayed submitted forever)."""
+    world.register()
+    spec = world.spec()
+    assert world.submit(spec).status_code == 201
+    both_read = threading.Barrier(2, timeout=5)
+    approvals = world.store.approvals
+
+    def read_together(task_id: str):
+        rows = approvals(task_id)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait()  # each decision has read the approvals before either writes
+        return rows
+
+    monkeypatch.setattr(world.store, "approvals", read_together)
+    answers: list = []
+    threads = [threading.Thread(target=lambda who=who: answers.append(world.decide(who, spec)))
+               for who in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r.status_code for r in answers) == [200, 200]
+    assert world.store.task(spec.task_id).state == "accepted"
 
 
 def test_owners_approve_then_the_executor_gets_the_signed_spec(world: World):

@@ -127,10 +127,8 @@ class Scheduler:
             raise AuthError(f"only an owner of task {task_id}'s data can decide on it")
         audit.verify_entry_signature(task_id, decision, {"spec_digest": task.spec_digest},
                                      audit.ed25519_signer(caller_key), signature)
-        approved = {a["owner_key"] for a in self.store.approvals(task_id)
-                    if a["decision"] == "approved"} | {caller_key}
         state = self.store.approve(task_id, caller_key, decision, signature, decision,
-                                   all_in=decision == "approved" and set(owners) <= approved)
+                                   owners=owners)
         if state == "approved":
             self._dispatch(self.store.task(task_id))
         return self.store.task(task_id)

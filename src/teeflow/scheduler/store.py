@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,8 +259,12 @@ class Store:
 
     # -- approvals -----------------------------------------------------------
     def approve(self, task_id: str, owner_key: str, decision: str, signature: str,
-                event: str, all_in: bool) -> str:
-        """Record one owner's signed decision and the transition(s) it causes, at once."""
+                event: str, all_in: bool = False,
+                owners: Collection[str] | None = None) -> str:
+        """Record one owner's signed decision and the transition(s) it causes, at once.
+        With `owners` (every owner key of the spec), whether this approval completes
+        consent is decided inside the same transaction, so two owners approving at once
+        cannot both miss that the other has signed (`all_in` says it for the caller)."""
         with self._tx() as db:
             row = db.execute("SELECT state, spec_digest FROM tasks WHERE id=?",
                              (task_id,)).fetchone()
@@ -273,6 +278,11 @@ class Store:
                        (task_id, owner_key, decision, signature, time.time()))
             body = {"spec_digest": row["spec_digest"]}
             self._append(db, task_id, event, body, audit.ed25519_signer(owner_key), signature)
+            if owners is not None:
+                signed = {r["owner_key"] for r in db.execute(
+                    "SELECT owner_key FROM approvals WHERE task_id=? AND decision='approved'",
+                    (task_id,)).fetchall()}
+                all_in = set(owners) <= signed
             if all_in and event == "approved":
                 state = next_state(state, "consented")
                 self._append(db, task_id, "consented", {}, audit.SCHEDULER, "")
