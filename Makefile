@@ -46,7 +46,7 @@ demo: $(STAMP) sysdeps
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2  # both cores (pytest-xdist); plain `pytest` runs serially
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
