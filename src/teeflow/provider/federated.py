@@ -35,13 +35,15 @@ def load_xy(path: Path, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray,
 
 
 def take_part(client: ExecutorClient, task_id: str, dataset: str, path: Path,
-              params: dict[str, Any], signer: Signer, progress=None) -> dict[str, Any]:
+              params: dict[str, Any], signer: Signer, progress=None,
+              spec_digest: str | None = None) -> dict[str, Any]:
     """Every round: wait for the global model, train on local rows, send the update."""
     x, y, features = load_xy(path, params)
     for round_ in range(params["rounds"]):
         deadline = time.monotonic() + ROUND_TIMEOUT
         while True:
-            state = client.federated("fl-model", task_id, dataset, round_, signer)
+            state = client.federated("fl-model", task_id, dataset, round_, signer,
+                                     spec_digest=spec_digest)
             assert isinstance(state, GlobalModel)
             if state.status in ("failed", "cancelled"):
                 raise TaskFailed(f"task {task_id} {state.status} during round {round_}")
@@ -56,9 +58,10 @@ def take_part(client: ExecutorClient, task_id: str, dataset: str, path: Path,
         weights = (np.zeros(len(features) + 1) if state.weights is None
                    else np.asarray(state.weights, dtype=np.float64))
         new, loss = federated.local_update(x, y, weights, params)
-        client.federated("fl-update", task_id, dataset, round_, signer, {
-            "weights": new.tolist(), "n_samples": int(x.shape[0]), "loss": loss,
-            "features": features})
+        update = {"weights": new.tolist(), "n_samples": int(x.shape[0]), "loss": loss,
+                  "features": features}
+        client.federated("fl-update", task_id, dataset, round_, signer, update,
+                         spec_digest=spec_digest)
         if progress is not None:
             progress(round_ + 1)
     return {"rows": int(x.shape[0]), "rounds": params["rounds"]}

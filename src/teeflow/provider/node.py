@@ -172,7 +172,8 @@ class Provider:
                 comp = compute.get(spec.compute)
                 if comp.layout == "federated":  # rows stay here; only updates leave
                     receipt = take_part(client, task_id, name, dataset.path,
-                                        comp.precheck(dict(spec.params)), self.identity)
+                                        comp.precheck(dict(spec.params)), self.identity,
+                                        spec_digest=spec.digest())
                 else:
                     receipt = client.upload(task_id, name, self.identity,
                                             read_schema(dataset.path),
