@@ -34,11 +34,14 @@ test-minimum:
 	build/minenv/bin/python -m pytest -W ignore::DeprecationWarning \
 	  --deselect tests/test_lock.py::test_the_installed_runtime_is_the_lock
 
-# The user-code sandbox needs bubblewrap (Debian's package); as root it is installed when
-# missing, otherwise the tests that need it skip and user_code is refused with the reason.
+# The user-code sandbox needs bubblewrap and libseccomp (Debian's packages); as root they are
+# installed when missing, otherwise the tests that need them skip and user_code is refused
+# with the reason.
 sysdeps:
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	  apt-get install -y -qq bubblewrap; } || echo "bubblewrap missing: user_code will be refused"
+	@{ command -v bwrap && /sbin/ldconfig -p | grep -q libseccomp.so.2; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq bubblewrap libseccomp2; } || \
+	  echo "bubblewrap or libseccomp missing: user_code will be refused"
 
 demo: $(STAMP) sysdeps
 	$(BIN)/teeflow demo
