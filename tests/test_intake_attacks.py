@@ -10,8 +10,10 @@ are: Flight's own reader checks structure cheaply, and only a full validation ca
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
+import sys
 import threading
 from collections.abc import Callable
 
@@ -231,3 +233,42 @@ def test_a_stalled_upload_is_cut_and_the_task_wiped(honest_first):
         except (fl.FlightError, OSError):
             pass
     assert executor.held_bytes(TASK) == 0
+
+
+def _threads_reading_uploads() -> int:
+    """Threads of this process now inside the executor's upload reader (server._messages)."""
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "_messages" and \
+                    frame.f_code.co_filename.endswith("executor/server.py"):
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+def test_a_cut_upload_frees_its_thread_by_hanging_up(honest_first):
+    """Past the idle timeout the stalled sender's connection is shut down, so the thread
+    reading its stream returns (Flight cannot cancel the read itself), although the sender,
+    which never writes again, still holds its stream open."""
+    small = pa.record_batch({"c": pa.array([1, 2], pa.int64())})
+    running, client, attacker = honest_first(small.schema, upload_idle_timeout=0.3)
+    executor = running.server.executor
+    writer, _ = _open(client, attacker, "d1", small.schema)
+    try:
+        writer.write_batch(small)
+        for _ in range(200):
+            if _threads_reading_uploads():
+                break
+            threading.Event().wait(0.05)
+        assert _threads_reading_uploads() == 1  # the stalled upload pins a reading thread
+        for _ in range(600):  # generous: the deadline is 0.3 s
+            if executor.status(TASK)["status"] == "failed" and not _threads_reading_uploads():
+                break
+            threading.Event().wait(0.05)
+        assert executor.status(TASK)["status"] == "failed"
+        assert _threads_reading_uploads() == 0, "the stalled sender still pins a thread"
+    finally:
+        with contextlib.suppress(fl.FlightError, OSError):
+            writer.close()

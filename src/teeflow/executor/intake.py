@@ -65,10 +65,12 @@ class _Upload:
     """One upload in flight: what it holds so far and when its sender must next be heard.
     `lock` orders the receiving thread against the watchdog that may cut it."""
 
-    def __init__(self, task: Task, dataset: str, deadline: float) -> None:
+    def __init__(self, task: Task, dataset: str, deadline: float,
+                 hang_up: Callable[[], object] | None = None) -> None:
         self.task = task
         self.dataset = dataset
         self.deadline = deadline
+        self.hang_up = hang_up  # breaks the sender's connection, so the reading thread returns
         self.held: list[pa.RecordBatch] = []
         self.spill: SealedSpill | None = None
         self.cut = False  # the watchdog dropped it
@@ -80,9 +82,10 @@ class Watchdog:
     """Cuts uploads whose sender goes quiet: `expire` runs, on this watchdog's thread, for
     an upload whose deadline has passed. The thread runs only while uploads are in flight.
 
-    Flight's server cannot cancel a stream it is reading (apache/arrow#43819), so the
-    receiving thread stays blocked until its sender sends or goes; what it held is dropped
-    and its task failed here, at the deadline, whatever the sender does.
+    Flight's server cannot cancel a stream it is reading (apache/arrow#43819): what it held
+    is dropped and its task failed here, at the deadline, whatever the sender does; then the
+    upload's `hang_up` (the server passes one that shuts the sender's connection down, see
+    hangup.py) makes the blocked read return, so the receiving thread is freed too.
     """
 
     def __init__(self, expire: Callable[[_Upload], None],
@@ -164,7 +167,8 @@ class Intake:
             return task
 
     def receive(self, request: UploadRequest, schema: pa.Schema,
-                messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]) -> dict[str, int]:
+                messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]],
+                hang_up: Callable[[], object] | None = None) -> dict[str, int]:
         """Take a whole upload or nothing: a broken stream fails the task and wipes it.
 
         `messages` are (batch, app_metadata) pairs as they arrive. The upload counts
@@ -174,7 +178,7 @@ class Intake:
         task = self._begin(request, schema)
         dataset = request.dataset
         memory = self.tasks.memory
-        upload = _Upload(task, dataset, time.monotonic() + self.idle_timeout)
+        upload = _Upload(task, dataset, time.monotonic() + self.idle_timeout, hang_up)
         self.watchdog.watch(upload)
         rows = nbytes = count = 0
         try:
@@ -255,6 +259,8 @@ class Intake:
             self._wipe_receiving(task, upload.dataset)
             self.tasks.fail(task, f"upload of {upload.dataset!r} idle for {self.idle_timeout:g} "
                                   "s: cut")
+        if upload.hang_up is not None:
+            upload.hang_up()
 
     @staticmethod
     def _wipe_receiving(task: Task, dataset: str) -> None:

@@ -32,7 +32,7 @@ from teeflow.core.answers import (
 )
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
-from teeflow.executor import hardening
+from teeflow.executor import hangup, hardening
 from teeflow.executor.messages import (
     CancelRequest,
     ChallengeRequest,
@@ -183,7 +183,9 @@ class ExecutorFlightServer(fl.FlightServerBase):
             if descriptor.descriptor_type != fl.DescriptorType.CMD:
                 raise InputError("upload descriptor must be a command")
             request = UploadRequest.decode(descriptor.command)
-            stats = self.executor.receive(request, reader.schema, _messages(reader))
+            peer, port = context.peer(), self.port
+            stats = self.executor.receive(request, reader.schema, _messages(reader),
+                                          hang_up=lambda: hangup.hang_up(peer, port))
         except TeeflowError as exc:
             raise to_flight(exc) from None
         writer.write(pa.py_buffer(json.dumps(stats).encode()))

@@ -192,10 +192,12 @@ class Executor:
 
     # -- data, runs, rounds, results ------------------------------------------
     def receive(self, request: UploadRequest, schema: pa.Schema,
-                messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]) -> dict[str, int]:
+                messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]],
+                hang_up: Callable[[], object] | None = None) -> dict[str, int]:
         """An upload, admitted first: signed by the dataset's owner (checked here, spent
         by intake), within the concurrent-upload caps (refused at once, the task
-        untouched), and its bytes within the task's and the initiator's budgets."""
+        untouched), and its bytes within the task's and the initiator's budgets.
+        `hang_up` breaks the sender's connection if the upload is cut for going quiet."""
         with self._tasks.lock:
             task = self._tasks.get(request.ref)
             owner = task.spec.dataset(request.dataset).owner_key
@@ -204,7 +206,8 @@ class Executor:
         if not TASK.allows(task.status, TaskEvent.UPLOAD):
             raise StateError(f"task {task.spec.task_id} is {task.status}, not taking uploads")
         with self._uploads.slot(task.digest, owner):
-            return self._intake.receive(request, schema, self._charged(task, messages))
+            return self._intake.receive(request, schema, self._charged(task, messages),
+                                        hang_up)
 
     def _charged(self, task: Task, messages: Iterable[tuple[pa.RecordBatch | None, bytes | None]]
                  ) -> Iterator[tuple[pa.RecordBatch | None, bytes | None]]:
