@@ -22,7 +22,7 @@ from teeflow.core.schemas import schema_fingerprint
 from teeflow.core.seal import open_sealed
 from teeflow.executor.service import Executor, UploadRequest
 from teeflow.executor.tasks import Budgets
-from tests.factories import approval, attested_client, challenge_for, make_spec
+from tests.factories import approval, attested_client, challenge_for, make_spec, submit_signature
 
 TASK = "task0001"
 TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
@@ -198,6 +198,25 @@ def test_live_tasks_per_initiator_are_capped():
         ex.create_task(spec, [approval(spec, alice)])
     with pytest.raises(OverBudget, match="live tasks"):
         ex.create_task(specs[2], [approval(specs[2], alice)])
+
+
+def test_a_stranger_cannot_spend_an_initiators_budget_by_naming_its_key():
+    """Specs of a stranger's own that name an honest initiator's key (without its signature)
+    count against the stranger's owner key, not the initiator's: the initiator's own task,
+    signed by it, is still accepted."""
+    stranger, alice, initiator = (KeySigner.generate() for _ in range(3))
+    ex = Executor(SimulatedBackend(), ec.generate_private_key(ec.SECP256R1()),
+                  budgets=Budgets(initiator_tasks=2))
+    fakes = [make_spec([("s_data", "stranger", stranger, FP)], initiator, task_id=f"fake000{i}")
+             for i in range(3)]
+    for spec in fakes[:2]:
+        ex.create_task(spec, [approval(spec, stranger)], initiator_signature="AAAA")
+    with pytest.raises(OverBudget, match="live tasks"):  # the stranger's own budget is spent
+        ex.create_task(fakes[2], [approval(fakes[2], stranger)])
+    honest = make_spec([("a_data", "alice", alice, FP)], initiator, task_id=TASK)
+    ex.create_task(honest, [approval(honest, alice)],
+                   initiator_signature=submit_signature(honest, initiator))
+    assert ex.status(TASK)["status"] == "waiting"
 
 
 def test_held_bytes_per_task_are_capped():

@@ -104,7 +104,8 @@ def _challenge(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
 def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = CreateTask.decode(body)
     server.executor.create_task(wire.TaskSpec.from_dict(req.spec), req.approvals,
-                                {k: schema_from_b64(v) for k, v in req.schemas.items()})
+                                {k: schema_from_b64(v) for k, v in req.schemas.items()},
+                                req.initiator_signature)
     return _json({"accepted": True})
 
 

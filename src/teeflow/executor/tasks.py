@@ -105,6 +105,7 @@ class Task:
     deadline: float = float("inf")  # unix seconds: past it the task fails and is wiped
     charged: int = 0  # input bytes taken in by uploads (held or in flight) since the last wipe
     digest: str = ""  # of the spec: the executor's id for the task
+    budget_key: str = ""  # whose budgets it counts against (tasks.create says how it is chosen)
 
     def step(self, event: TaskEvent) -> None:
         self.status = TaskState(TASK.next_state(self.status, event))
@@ -181,11 +182,15 @@ class Tasks:
         self._tasks: dict[str, Task] = {}  # spec digest -> task
 
     def create(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
-               schemas: Mapping[str, pa.Schema] | None = None) -> None:
+               schemas: Mapping[str, pa.Schema] | None = None,
+               initiator_signature: str | None = None) -> None:
         """Accept a task only with every owner's signature on its digest. The full checks
         (the SQL output policy among them) run here, before any data moves: the parameters,
         and, given the catalogued schemas (each must have the fingerprint the owners signed),
-        the schemas too."""
+        the schemas too. The task counts against its initiator's budgets only if the
+        initiator's own signature on the spec is given and verifies; otherwise against its
+        first owner's (who did sign), so nobody can spend another initiator's budget by
+        naming its key in a spec of their own."""
         checked = [_approval(a) for a in approvals]
         comp = compute.get(spec.compute)
         if spec.code_digest != comp.code_digest:
@@ -216,6 +221,7 @@ class Tasks:
             owners = sorted({d.owner for d in spec.datasets if d.owner_key in missing})
             raise AuthError(f"task {spec.task_id}: no valid approval from owner(s) {owners}")
         digest = spec.digest()
+        budget_key = _budget_key(spec, initiator_signature)
         now = self.now()
         if spec.deadline is not None and spec.deadline <= now:
             raise InputError(f"task {spec.task_id}: its deadline has passed")
@@ -223,11 +229,11 @@ class Tasks:
             if digest in self._tasks:
                 return  # a retried create is harmless
             live = sum(1 for t in self._tasks.values()
-                       if t.live and t.spec.initiator_key == spec.initiator_key)
+                       if t.live and t.budget_key == budget_key)
             if live >= self.budgets.initiator_tasks:
                 raise OverBudget(f"task {spec.task_id}: its initiator has "
                                  f"{self.budgets.initiator_tasks} live tasks here already")
-            task = Task(spec=spec, params=params, digest=digest,
+            task = Task(spec=spec, params=params, digest=digest, budget_key=budget_key,
                         deadline=float(spec.deadline) if spec.deadline is not None
                         else now + DEFAULT_DEADLINE,
                         results={r.sign_key: ResultState(RESULT.initial) for r in spec.receivers})
@@ -343,7 +349,7 @@ class Tasks:
                 raise OverBudget(f"task {task.spec.task_id}: inputs beyond its budget of "
                                  f"{self.budgets.task_bytes} bytes")
             initiator = sum(t.charged for t in self._tasks.values()
-                            if t.spec.initiator_key == task.spec.initiator_key)
+                            if t.budget_key == task.budget_key)
             if initiator + nbytes > self.budgets.initiator_bytes:
                 raise OverBudget(f"task {task.spec.task_id}: its initiator's tasks would hold "
                                  f"more than {self.budgets.initiator_bytes} bytes")
@@ -365,3 +371,17 @@ class Tasks:
                                     "before every input arrived")
                     reaped.append(task.digest)
         return reaped
+
+
+def _budget_key(spec: wire.TaskSpec, initiator_signature: str | None) -> str:
+    """The initiator's key if its signature on the spec (what it gave the scheduler)
+    verifies, else the first owner's key."""
+    if initiator_signature:
+        try:
+            audit.verify_entry_signature(
+                spec.task_id, "submitted", {"spec": spec.to_dict(), "spec_digest": spec.digest()},
+                audit.ed25519_signer(spec.initiator_key), initiator_signature)
+            return spec.initiator_key
+        except AuthError:
+            pass
+    return spec.owner_keys()[0]

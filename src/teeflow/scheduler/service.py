@@ -146,13 +146,20 @@ class Scheduler:
                     # catalogued schemas, so the executor checks the task fully before any
                     # data moves (it checks each against the fingerprint its owner signed)
                     "schemas": {d["name"]: self.store.dataset(d["name"])["schema_b64"]
-                                for d in task.spec["datasets"]}}))
+                                for d in task.spec["datasets"]},
+                    # the initiator's own signature, so its budgets are charged only for
+                    # tasks it really submitted
+                    "initiator_signature": self._submit_signature(task)}))
             finally:
                 link.close()
         except TeeflowError as exc:
             self.store.transition(task.id, "fail", {"reason": str(exc)}, error=str(exc))
             return
         self.store.transition(task.id, "accept", {"executor": task.executor})
+
+    def _submit_signature(self, task: Task) -> str:
+        return next((e.signature for e in self.store.audit_log(task.id)
+                     if e.kind == "submitted"), "")
 
     # -- providers -----------------------------------------------------------
     def report(self, caller_key: str, task_id: str, dataset: str, body: dict[str, Any]) -> None:
