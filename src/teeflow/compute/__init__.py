@@ -49,7 +49,16 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from teeflow.compute import fedavg, federated, linreg, logreg, vertical, xgb
+from teeflow.compute import (
+    dp_aggregate,
+    dp_linreg,
+    fedavg,
+    federated,
+    linreg,
+    logreg,
+    vertical,
+    xgb,
+)
 from teeflow.compute.params import Param
 from teeflow.compute.rows import Source
 from teeflow.core.errors import ParameterError, SchemaMismatch
@@ -80,6 +89,13 @@ class Computation:
     # The checks outside the executor (no engine); default: check_params / check_schemas.
     precheck_params: CheckParams | None = field(default=None, repr=False)
     precheck_schemas: CheckSchemas | None = field(default=None, repr=False)
+    # A DP computation's (epsilon, delta) for checked params; None: not DP.
+    privacy_cost: Callable[[dict[str, Any]], tuple[float, float]] | None = field(
+        default=None, repr=False)
+
+    @property
+    def differentially_private(self) -> bool:
+        return self.privacy_cost is not None
 
     def precheck(self, raw: dict[str, str],
                  schemas: dict[str, pa.Schema] | None = None) -> dict[str, Any]:
@@ -117,6 +133,8 @@ class Computation:
             "min_datasets": self.min_datasets,
             "params": [p.describe() for p in self.params],
         }
+        if self.differentially_private:
+            out["differentially_private"] = True
         if digest:
             out["code_digest"] = self.code_digest
         if self.extra is not None:
@@ -195,6 +213,7 @@ def _from_module(module: ModuleType) -> Computation:
         run_stream=run_stream if streamed is not None else None,
         precheck_params=getattr(module, "precheck_params", None),
         precheck_schemas=guarded(pre_schemas) if pre_schemas is not None else None,
+        privacy_cost=getattr(module, "privacy_cost", None),
     )
 
 
@@ -211,8 +230,8 @@ def _optional(name: str) -> list[ModuleType]:
 
 
 _MODULES: list[ModuleType] = [
-    fedavg, logreg, linreg, xgb, vertical, federated, *_optional("sql"),
-    *_optional("usercode")
+    fedavg, logreg, linreg, xgb, vertical, federated, dp_aggregate, dp_linreg,
+    *_optional("sql"), *_optional("usercode")
 ]
 _LOADED: dict[str, ModuleType] = {m.__name__: m for m in _MODULES}
 _REGISTRY: dict[str, Computation] = {c.name: c for c in map(_from_module, _MODULES)}
