@@ -18,6 +18,7 @@ from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
 from teeflow.files import read_capped
+from teeflow.provider.budget import PrivacyConfig, load_privacy
 from teeflow.provider.consent import ApprovalRule, load_rules
 
 MAX_CONFIG = 1024 * 1024
@@ -27,6 +28,7 @@ MAX_CONFIG = 1024 * 1024
 class DatasetConfig:
     name: str
     path: Path
+    privacy: PrivacyConfig | None = None  # [datasets.privacy]: DP only, within a budget
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class ProviderConfig:
     collateral: CollateralSource | None = None
     amd_ark: bytes | None = None
     approve: tuple[ApprovalRule, ...] = ()
+    # the owner's own record of its datasets' privacy budgets (provider/budget.py);
+    # None: next to the node's key, which is the node's own too
+    budget_file: Path | None = None
+
+    @property
+    def budget_path(self) -> Path:
+        return self.budget_file or self.key_file.with_name(self.key_file.name + ".budget.sqlite")
 
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -57,8 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "approve[].code_digests": list(ApprovalRule.code_digests),
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
-NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second")
-DATASET_FIELDS = ("name", "path")
+NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",
+               "budget_file")
+DATASET_FIELDS = ("name", "path", "privacy")
 
 
 def load_config(path: Path) -> ProviderConfig:
@@ -144,12 +154,18 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         p = p if p.is_absolute() else base / p
         if not p.is_file():
             raise ConfigError(f"{where}.path: no such file {p}")
-        checked.append(DatasetConfig(_str(d, "name", where), p))
+        privacy = load_privacy(d["privacy"], f"{where}.privacy") if "privacy" in d else None
+        checked.append(DatasetConfig(_str(d, "name", where), p, privacy))
     if len({d.name for d in checked}) != len(checked):
         raise ConfigError("datasets: a dataset name appears twice")
     if "policy" not in doc:
         raise ConfigError("policy: required; a provider must say which executors it accepts")
     key_file = Path(_str(node, "key_file", "node"))
+    budget = node.get("budget_file")
+    if budget is not None and (not isinstance(budget, str) or not budget):
+        raise ConfigError("node.budget_file: a path (or leave it out)")
+    budget_file = None if budget is None else (
+        Path(budget) if Path(budget).is_absolute() else base / budget)
     return ProviderConfig(
         name=_str(node, "name", "node"),
         key_file=key_file if key_file.is_absolute() else base / key_file,
@@ -161,4 +177,5 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         collateral=collateral_source(doc.get("collateral"), base),
         amd_ark=amd_ark(doc.get("collateral"), base),
         approve=load_rules(doc["approve"]),
+        budget_file=budget_file,
     )

@@ -27,6 +27,7 @@ from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    OverBudget,
     TeeflowError,
     Unreachable,
 )
@@ -35,6 +36,7 @@ from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
+from teeflow.provider.budget import Ledger, PrivacyGuard
 from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
 from teeflow.provider.federated import take_part
@@ -53,6 +55,9 @@ class Provider:
         self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # privacy budgets: debited here, before this node's signature or data leaves it
+        self.privacy = PrivacyGuard(Ledger(config.budget_path), self.identity.public_key(),
+                                    {d.name: d.privacy for d in config.datasets})
 
     def register(self) -> None:
         """Announce this node's keys and its datasets' schemas and sizes (never rows)."""
@@ -119,14 +124,18 @@ class Provider:
         if spec.digest() != item.get("spec_digest"):
             log.warning("task %s: digest does not match its spec; ignoring", spec.task_id)
             return None
+        me = self.identity.public_key()
         try:
             self.check_spec(spec)
-        except InputError as exc:
+            self.privacy.check(spec)
+            approve = any(rule.matches(spec, me) for rule in self.config.approve)
+            if approve:
+                self.privacy.charge(spec)
+        except (InputError, OverBudget) as exc:
             self.decide(spec, "rejected")
             log.warning("task %s: rejected: %s", spec.task_id, exc)
             return "rejected"
-        me = self.identity.public_key()
-        if any(rule.matches(spec, me) for rule in self.config.approve):
+        if approve:
             self.decide(spec, "approved")
             log.info("task %s: approved by rule", spec.task_id)
             return "approved"
@@ -156,6 +165,7 @@ class Provider:
                     self.identity.public_key():
                 raise AuthError(f"assignment does not match the spec of task {task_id}")
             check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
+            self.privacy.charge(spec)  # signed by hand (`teeflow approve`): debit it now
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
             with client:
