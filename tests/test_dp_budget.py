@@ -279,3 +279,55 @@ def test_task_waiting_for_a_person_is_not_debited_until_its_upload(tmp_path):
     node.privacy.charge(spec)  # what handle() does before a byte leaves
     node.privacy.charge(spec)
     assert len(node.privacy.ledger.spends("patients")) == 1
+
+
+# -- `teeflow budget` --------------------------------------------------------------------------
+def test_budget_command_shows_total_spent_remaining_and_tasks(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from teeflow.cli.main import cli
+
+    (tmp_path / "p.csv").write_text("pid,v\na,1\n")
+    (tmp_path / "o.csv").write_text("pid,v\na,1\n")
+    config = tmp_path / "alice.toml"
+    config.write_text(textwrap.dedent(f"""
+        [node]
+        name = "alice"
+        key_file = "alice.key"
+        scheduler = "http://127.0.0.1:1"
+        [[datasets]]
+        name = "patients"
+        path = "p.csv"
+        [datasets.privacy]
+        epsilon_budget = 3.0
+        max_epsilon_per_task = 1.0
+        required = true
+        identity = "pid"
+        [[datasets]]
+        name = "open"
+        path = "o.csv"
+        [policy]
+        tee_types = ["simulated"]
+        allow_simulated = true
+        [policy.simulated]
+        measurement = "{'ab' * 32}"
+    """))
+    runner = CliRunner()
+    fresh = runner.invoke(cli, ["budget", "--config", str(config), "--json"])
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.output)["datasets"][0]["remaining"] == 3.0
+    assert not (tmp_path / "alice.key.budget.sqlite").exists()  # reading creates nothing
+    ledger = Ledger(tmp_path / "alice.key.budget.sqlite")
+    ledger.debit("ab" * 32, "task0001", _charge(0.75))
+    ledger.close()
+    out = json.loads(runner.invoke(cli, ["budget", "--config", str(config), "--json"]).output)
+    patients, other = out["datasets"]
+    assert (patients["epsilon_budget"], patients["spent"], patients["remaining"]) == \
+        (3.0, 0.75, 2.25)
+    assert patients["spends"][0]["spec_digest"] == "ab" * 32
+    assert other["epsilon_budget"] is None and other["spends"] == []
+    text = runner.invoke(cli, ["budget", "--config", str(config)], env={"COLUMNS": "200"})
+    assert text.exit_code == 0 and "patients" in text.output and "2.25" in text.output
+    assert "task0001" in text.output

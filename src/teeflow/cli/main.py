@@ -1,7 +1,7 @@
 """The `teeflow` command: the group and its global options, with every command registered.
 
 The commands live by job: `daemons` (scheduler, provider, executor), `initiator`
-(keys, tasks, consent, results), `audit`, `attest`, `demo`; what they share is in
+(keys, tasks, consent, results), `audit`, `attest`, `budget`, `demo`; what they share is in
 `common`. Nothing imports this module; it imports them.
 """
 
@@ -14,6 +14,7 @@ import click
 from teeflow.cli import daemons, initiator
 from teeflow.cli.attest import attest
 from teeflow.cli.audit import audit
+from teeflow.cli.budget import budget
 from teeflow.cli.common import DEFAULT_SCHEDULER, Session, run
 from teeflow.cli.demo import demo
 
@@ -30,7 +31,7 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
     ctx.obj = Session(scheduler=scheduler, key=key_file)
 
 
-for command in (*daemons.COMMANDS, *initiator.COMMANDS, audit, attest, demo):
+for command in (*daemons.COMMANDS, *initiator.COMMANDS, audit, attest, budget, demo):
     cli.add_command(command)
 
 

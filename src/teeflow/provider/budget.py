@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,23 +170,28 @@ class Ledger:
                  "at": r[4]} for r in rows]
 
     def report(self, privacy: dict[str, PrivacyConfig | None]) -> list[dict[str, Any]]:
-        """Per dataset: total, spent, remaining and the tasks that spent it."""
-        out = []
-        for name, table in privacy.items():
-            spends = self.spends(name)
-            spent = sum(s["epsilon"] for s in spends)
-            total = table.epsilon_budget if table else None
-            out.append({
-                "dataset": name,
-                "epsilon_budget": total,
-                "max_epsilon_per_task": table.max_epsilon_per_task if table else None,
-                "required": table.required if table else False,
-                "identity": table.identity if table else None,
-                "spent": spent,
-                "remaining": max(0.0, total - spent) if total is not None else None,
-                "spends": spends,
-            })
-        return out
+        return summarize(privacy, self.spends)
+
+
+def summarize(privacy: dict[str, PrivacyConfig | None],
+              spends_of: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per dataset: total, spent, remaining and the tasks (spec digests) that spent it."""
+    out = []
+    for name, table in privacy.items():
+        spends = spends_of(name)
+        spent = sum(s["epsilon"] for s in spends)
+        total = table.epsilon_budget if table else None
+        out.append({
+            "dataset": name,
+            "epsilon_budget": total,
+            "max_epsilon_per_task": table.max_epsilon_per_task if table else None,
+            "required": table.required if table else False,
+            "identity": table.identity if table else None,
+            "spent": spent,
+            "remaining": max(0.0, total - spent) if total is not None else None,
+            "spends": spends,
+        })
+    return out
 
 
 class PrivacyGuard:
