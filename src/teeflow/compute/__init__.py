@@ -133,8 +133,6 @@ class Computation:
             "min_datasets": self.min_datasets,
             "params": [p.describe() for p in self.params],
         }
-        if self.differentially_private:
-            out["differentially_private"] = True
         if digest:
             out["code_digest"] = self.code_digest
         if self.extra is not None:
