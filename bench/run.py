@@ -25,13 +25,15 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench import Options, Row, attestation, compute, memory, upload  # noqa: E402
+from bench import Options, Row, attestation, compute, dp, memory, upload  # noqa: E402
 
 SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "upload": ("Upload: one provider -> executor, Arrow Flight do_put", upload.run),
     "attestation": ("Attestation: quote verification and attested connect", attestation.run),
     "memory": ("Bounded memory: input 4x the executor's memory budget", memory.run),
     "compute": ("Computations: executor vs. plain Python on the same data", compute.run),
+    "dp": ("Differential privacy: accuracy cost of the DP model, time of a DP aggregate",
+           dp.run),
 }
 
 
