@@ -331,3 +331,9 @@ def test_budget_command_shows_total_spent_remaining_and_tasks(tmp_path):
     text = runner.invoke(cli, ["budget", "--config", str(config)], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "patients" in text.output and "2.25" in text.output
     assert "task0001" in text.output
+
+
+def test_upload_of_a_hand_signed_non_dp_task_on_a_required_dataset_is_refused(tmp_path):
+    node = _provider(tmp_path, rule=False)
+    with pytest.raises(InputError, match="'patients' requires differential privacy"):
+        node.privacy.charge(_spec("linear_regression", {"label": "v"}))
