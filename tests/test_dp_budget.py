@@ -337,3 +337,43 @@ def test_upload_of_a_hand_signed_non_dp_task_on_a_required_dataset_is_refused(tm
     node = _provider(tmp_path, rule=False)
     with pytest.raises(InputError, match="'patients' requires differential privacy"):
         node.privacy.charge(_spec("linear_regression", {"label": "v"}))
+
+
+class _Reports:
+    def __init__(self) -> None:
+        self.reports: list[tuple] = []
+
+    def report(self, task_id, dataset, state, **extra):
+        self.reports.append((state, extra))
+
+
+def test_a_scheduler_reassigning_a_signed_dp_task_gets_no_second_upload(tmp_path):
+    """The scheduler's operator hands the same signed DP task to a second executor, to
+    average two noised releases: the dataset goes out once per spec."""
+    from tests.factories import approval
+
+    node = _provider(tmp_path)
+    node.scheduler = _Reports()  # type: ignore[assignment]
+    spec = _spec()
+    signed = approval(spec, OWNER)
+    item = {"kind": "upload", "task_id": spec.task_id, "dataset": "patients",
+            "executor": "127.0.0.1:1", "spec": spec.to_dict(),
+            "approvals": [{"owner_key": OWNER.public_key(), "decision": "approved",
+                           "signature": signed["signature"]}]}
+    node.handle(item)  # the first executor (unreachable here): the send is claimed
+    first = [e for s, e in node.scheduler.reports if s == "failed"]
+    assert first and "already sent" not in first[-1]["error"]
+    assert len(node.privacy.ledger.spends("patients")) == 1  # reached the debit, then failed
+    node.handle({**item, "executor": "127.0.0.1:2"})
+    second = [e for s, e in node.scheduler.reports if s == "failed"][-1]["error"]
+    assert "dataset 'patients': already sent once for this DP task" in second
+    assert len(node.privacy.ledger.spends("patients")) == 1
+
+
+def test_non_dp_tasks_may_be_sent_again(tmp_path):
+    node = _provider(tmp_path)
+    loose = PrivacyConfig(3.0, 1.0, required=False)
+    node.privacy.privacy = {"patients": loose}
+    spec = _spec("linear_regression", {"label": "v"})
+    node.privacy.before_upload(spec, "patients")
+    node.privacy.before_upload(spec, "patients")

@@ -129,6 +129,9 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS spends (dataset TEXT NOT NULL, spec_digest TEXT NOT "
             "NULL, task_id TEXT NOT NULL, epsilon REAL NOT NULL CHECK (epsilon >= 0), delta "
             "REAL NOT NULL, at REAL NOT NULL, PRIMARY KEY (dataset, spec_digest))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS sent (dataset TEXT NOT NULL, spec_digest TEXT NOT "
+            "NULL, at REAL NOT NULL, PRIMARY KEY (dataset, spec_digest))")
 
     def close(self) -> None:
         self._db.close()
@@ -161,6 +164,18 @@ class Ledger:
                         f"{c.budget:g} left)")
                 db.execute("INSERT INTO spends VALUES (?,?,?,?,?,?)",
                            (c.dataset, spec_digest, task_id, c.epsilon, c.delta, time.time()))
+
+    def send_once(self, dataset: str, spec_digest: str) -> None:
+        """Record that the dataset is being sent for this spec, or OverBudget if it was
+        before: each send can give one more noised release of the same spec, and the
+        spec was debited once."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM sent WHERE dataset=? AND spec_digest=?",
+                          (dataset, spec_digest)).fetchone():
+                raise OverBudget(f"dataset {dataset!r}: already sent once for this DP task; "
+                                 "another send could release it again, unpaid (submit a new "
+                                 "task)")
+            db.execute("INSERT INTO sent VALUES (?,?,?)", (dataset, spec_digest, time.time()))
 
     def spends(self, dataset: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
@@ -195,9 +210,9 @@ def summarize(privacy: dict[str, PrivacyConfig | None],
 
 
 class PrivacyGuard:
-    """The provider's two calls: ``check`` (may this spec be signed at all?) and ``charge``
-    (debit it, before this node's signature or data leaves). Both raise a TeeflowError
-    naming the dataset."""
+    """The provider's calls: ``check`` (may this spec be signed at all?), ``charge`` (debit
+    it, before this node's signature leaves) and ``before_upload``. Each raises a
+    TeeflowError naming the dataset."""
 
     def __init__(self, ledger: Ledger, owner_key: str,
                  privacy: dict[str, PrivacyConfig | None]) -> None:
@@ -211,7 +226,16 @@ class PrivacyGuard:
         except Exception as exc:  # a foreign failure: refuse, quoting only its kind
             raise InputError(f"privacy check failed ({type(exc).__name__})") from exc
 
-    def charge(self, spec: wire.TaskSpec) -> None:
+    def charge(self, spec: wire.TaskSpec) -> list[Charge]:
         charges = self.check(spec)
         if charges:
             self.ledger.debit(spec.digest(), spec.task_id, charges)
+        return charges
+
+    def before_upload(self, spec: wire.TaskSpec, dataset: str) -> None:
+        """Before a byte of ``dataset`` leaves for ``spec``: the spec is debited (it may
+        have been signed by hand, around this node), and a DP-charged dataset goes out once
+        per spec: a scheduler that assigns the same signed task to a second executor gets
+        no second noised release of it."""
+        if any(c.dataset == dataset for c in self.charge(spec)):
+            self.ledger.send_once(dataset, spec.digest())

@@ -165,7 +165,7 @@ class Provider:
                     self.identity.public_key():
                 raise AuthError(f"assignment does not match the spec of task {task_id}")
             check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
-            self.privacy.charge(spec)  # signed by hand (`teeflow approve`): debit it now
+            self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
             with client:
