@@ -85,8 +85,10 @@ def privacy_charges(spec: wire.TaskSpec, owner_key: str,
     None), or InputError naming the dataset: a non-DP computation on a dataset that requires
     DP, a DP task over the dataset's per-task cap, or contributions not bounded by the
     identity column the owner declared. Pure: spec and config in, charges out."""
-    comp = compute.get(spec.compute)
     mine = [d.name for d in spec.datasets if d.owner_key == owner_key]
+    if all(privacy.get(name) is None for name in mine):
+        return []  # no budget of this owner is read: nothing to check or charge
+    comp = compute.get(spec.compute)
     cost = None
     if comp.privacy_cost is not None:
         params = comp.precheck(dict(spec.params))
