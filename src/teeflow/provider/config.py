@@ -41,6 +41,7 @@ class ProviderConfig:
     collateral: CollateralSource | None = None
     amd_ark: bytes | None = None
     approve: tuple[ApprovalRule, ...] = ()
+    invite: str | None = None  # the operator's one-time token, spent on first registration
 
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -57,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "approve[].code_digests": list(ApprovalRule.code_digests),
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
-NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second")
+NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",
+               "invite")
 DATASET_FIELDS = ("name", "path")
 
 
@@ -150,6 +152,9 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
     if "policy" not in doc:
         raise ConfigError("policy: required; a provider must say which executors it accepts")
     key_file = Path(_str(node, "key_file", "node"))
+    invite = node.get("invite")
+    if invite is not None and (not isinstance(invite, str) or not invite):
+        raise ConfigError("node.invite: the invitation token, a string (or leave it out)")
     return ProviderConfig(
         name=_str(node, "name", "node"),
         key_file=key_file if key_file.is_absolute() else base / key_file,
@@ -161,4 +166,5 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         collateral=collateral_source(doc.get("collateral"), base),
         amd_ark=amd_ark(doc.get("collateral"), base),
         approve=load_rules(doc["approve"]),
+        invite=invite,
     )

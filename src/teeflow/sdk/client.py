@@ -79,15 +79,16 @@ class Client:
     def __init__(self, scheduler: str, key: Identity | str | Path | None = None,
                  policy: AppraisalPolicy | None = None,
                  collateral: CollateralSource | None = None, amd_ark: bytes | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, invite: str | None = None) -> None:
         if key is None or isinstance(key, (str, Path)):
             key = load_or_create_key(Path(key or DEFAULT_HOME / "key.pem").expanduser())
         self.identity: Identity = key
+        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...
         self.scheduler = SchedulerClient(scheduler, self.identity)
         self.policy = policy
         self.verifiers = make_verifiers(collateral, amd_ark)
         if name is not None:
-            self.scheduler.register_node(name)
+            self.scheduler.register_node(name, invite)
 
     def close(self) -> None:
         self.scheduler.close()
