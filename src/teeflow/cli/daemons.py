@@ -114,7 +114,8 @@ def provider(config_path: Path, invite: str | None) -> None:
 @click.option("--upload-idle-timeout", default="60s", show_default=True,
               help="An upload silent this long is cut and its task failed (e.g. 30s, 5m).")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
-             register_with: str | None, invite: str | None, advertise: str | None, attestation_dir: str | None,
+             register_with: str | None, invite: str | None, advertise: str | None,
+             attestation_dir: str | None,
              tsm_root: str | None, memory_budget: str | None, spill_dir: str | None,
              state_dir: str | None, result_ttl: str, upload_idle_timeout: str) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
@@ -131,7 +132,8 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
     serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
-          budget, spill_dir, invite=invite, state_dir=state_dir, result_ttl=parse_duration(result_ttl),
+          budget, spill_dir, invite=invite, state_dir=state_dir,
+          result_ttl=parse_duration(result_ttl),
           upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
 
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from teeflow.core.crypto import KeySigner, load_cert
+from teeflow.core.errors import ConfigError
 from teeflow.files.keys import load_or_create_key
 
 TLS_KEY = "scheduler-tls-key.pem"
@@ -89,8 +90,10 @@ def load_or_create(data_dir: str | Path) -> SchedulerIdentity:
             serialization.NoEncryption()))
         ident.cert_file.unlink(missing_ok=True)
     if not ident.cert_file.exists():
-        key = serialization.load_pem_private_key(ident.key_file.read_bytes(), password=None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        ident.cert_file.write_bytes(_certificate(key).public_bytes(serialization.Encoding.PEM))
+        loaded = serialization.load_pem_private_key(ident.key_file.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{ident.key_file}: not the scheduler's P-256 TLS key")
+        ident.cert_file.write_bytes(
+            _certificate(loaded).public_bytes(serialization.Encoding.PEM))
     ident.signer()  # make the signing key now, so the operator can publish its public half
     return ident

@@ -1,8 +1,9 @@
 """The Python SDK: build and sign a task, wait for its owners and its run, open its result.
 
     from teeflow.sdk import Client
-    client = Client("http://127.0.0.1:8700", key="~/.config/teeflow/key.pem", policy=policy,
-                    name="carol")                      # registers carol's keys if needed
+    client = Client("https://127.0.0.1:8700#sha256:<fingerprint>",  # pinned, from the invite
+                    key="~/.config/teeflow/key.pem", policy=policy,
+                    name="carol", invite="tfi_...")    # registers carol's keys if needed
     task = client.submit(["train_party_1", "train_party_2"], executor="127.0.0.1:8815",
                          compute="logistic_regression", params={"label": "y"})
     client.wait(task["id"])
