@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
 import time
 
@@ -24,6 +25,7 @@ from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import (
     AuthError,
     ConfigError,
+    InputError,
     NotInvited,
     PeerError,
     RoleRefused,
@@ -334,7 +336,8 @@ def test_plain_http_is_refused_by_server_and_client(world: World):
 def test_a_node_talks_only_to_the_certificate_it_pinned(world: World, tmp_path):
     other = load_or_create(tmp_path / "impostor")  # another scheduler's identity
     address = world.c.scheduler_address
-    before = json.dumps([n["name"] for n in SchedulerClient(world.url, world.carol).nodes()])
+    with SchedulerClient(world.url, world.carol) as carol:
+        before = json.dumps([n["name"] for n in carol.nodes()])
     key = KeySigner.generate()
     with SchedulerClient(f"https://{address}#{other.fingerprint}", key) as s:
         with pytest.raises(AuthError, match="not the pinned"):
@@ -350,3 +353,63 @@ def test_the_scheduler_identity_is_made_once_and_kept(tmp_path):
     assert first.signer().public_key() == again.signer().public_key()
     for f in (first.key_file, first.signing_key_file):
         assert f.stat().st_mode & 0o077 == 0  # owner-only
+
+
+def test_a_task_naming_an_unregistered_executor_is_refused_before_any_connection(
+        world: World):
+    other = Listener()
+    try:
+        spec = make_spec([("a_data", "alice", world.alice, FP)], world.carol,
+                         task_id="tasknowhere")
+        with world.client(world.carol) as carol:
+            with pytest.raises(InputError, match="not registered"):
+                carol.submit(spec.to_dict(), submit_signature(spec, world.carol), other.address)
+            with pytest.raises(UnknownTask):
+                carol.task("tasknowhere")
+        assert other.accepted == 0
+    finally:
+        other.close()
+
+
+def test_invite_command_prints_a_working_token_and_the_fingerprint(tmp_path):
+    from click.testing import CliRunner
+
+    from teeflow.cli.main import cli
+
+    db = tmp_path / "s.sqlite"
+    out = CliRunner().invoke(cli, ["scheduler", "invite", "--db", str(db), "--role", "owner",
+                                   "--role", "auditor", "--name", "bob"])
+    assert out.exit_code == 0, out.output
+    token = out.output.split("invitation: ")[1].split()[0]
+    assert load_or_create(tmp_path).fingerprint in out.output
+    store = Store(db)
+    try:
+        bob = KeySigner.generate()
+        assert store.register_node("bob", bob.public_key(), bob.encryption_public_key(),
+                                   token) == ["auditor", "owner"]
+    finally:
+        store.close()
+    bad = CliRunner().invoke(cli, ["scheduler", "invite", "--db", str(db), "--role", "root"])
+    assert bad.exit_code != 0 and "root" in bad.output
+
+
+def test_a_database_from_before_membership_gives_its_nodes_no_roles(tmp_path):
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TABLE nodes (name TEXT PRIMARY KEY, public_key TEXT NOT NULL UNIQUE, "
+        "enc_key TEXT NOT NULL, registered_at REAL NOT NULL);"
+        "CREATE TABLE executors (address TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, "
+        "tee TEXT NOT NULL, measurements TEXT NOT NULL, registered_at REAL NOT NULL);")
+    old = KeySigner.generate()
+    con.execute("INSERT INTO nodes VALUES (?,?,?,0)", ("old", old.public_key(),
+                                                     old.encryption_public_key()))
+    con.commit()
+    con.close()
+    store = Store(db)
+    try:
+        assert store.node("old")["roles"] == []
+        store.set_members([(old.public_key(), ["owner"], None)])
+        assert store.node("old")["roles"] == ["owner"]
+    finally:
+        store.close()

@@ -125,6 +125,17 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """A database from before closed membership: its nodes get no roles (so they can
+        do nothing until the operator lists them with `--members`), its executors no
+        host. Fail closed, nothing guessed."""
+        for table, column in (("nodes", "roles"), ("executors", "host_key")):
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL "
+                                 "DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
