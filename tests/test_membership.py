@@ -285,7 +285,8 @@ def test_the_catalog_is_shown_to_initiators_owners_and_auditors(world: World):
 
 # -- executor registration ------------------------------------------------------------------
 
-def test_registering_an_executor_at_another_servers_address_connects_nowhere(world: World):
+def test_registering_an_executor_at_another_servers_address_connects_nowhere(world: World,
+                                                                            serve):
     other = Listener()
     try:
         with world.client(world.host) as host:
@@ -314,6 +315,11 @@ def test_registering_an_executor_at_another_servers_address_connects_nowhere(wor
                 cert, sig = server.registration(other.address, world.host.public_key())
                 with pytest.raises(PeerError):
                     host.register_executor(other.address, cert, sig)
+                # a genuine executor's proof for the address where another one serves
+                real = serve(build(SimulatedBackend()))
+                cert, sig = server.registration(real.address, world.host.public_key())
+                with pytest.raises(AuthError, match="another certificate"):
+                    host.register_executor(real.address, cert, sig)
             finally:
                 server.shutdown()
             assert host.executors() == before
