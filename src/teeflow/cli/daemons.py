@@ -125,6 +125,10 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
 
     setup_logging(False)
     host, port = parse_listen(listen)
+    if register_with:
+        from teeflow.net.scheduler_client import split_pin
+
+        split_pin(register_with)  # a plain-HTTP or unpinned URL fails now, not in the thread
     options: dict[str, Any] = {"debug": True} if debug_enclave else {}
     if tee == "sgx":
         options = {"attestation_dir": attestation_dir}
