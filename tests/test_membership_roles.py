@@ -64,3 +64,21 @@ def test_a_key_without_an_invitation_is_not_a_member():
             assert store.nodes() == []
     finally:
         store.close()
+
+
+def test_a_stranger_learns_no_member_name_and_a_refused_join_spends_nothing():
+    store = Store(":memory:")
+    try:
+        with scheduler_app(store) as api:
+            alice, mallory = KeySigner.generate(), KeySigner.generate()
+            assert api.register_node("alice", alice).status_code == 200
+            r = api.register_node("alice", mallory, invite=None)  # a taken name, no invite
+            assert r.status_code == 403 and r.json()["error"]["code"] == "not_invited"
+            assert "alice" not in r.json()["error"]["message"]
+            token = store.invite(["owner"])
+            r = api.register_node("alice", mallory, invite=token)  # invited, name taken
+            assert r.status_code == 403 and r.json()["error"]["code"] == "auth"
+            r = api.register_node("mallory", mallory, invite=token)  # the token still works
+            assert r.status_code == 200 and r.json()["roles"] == ["owner"]
+    finally:
+        store.close()

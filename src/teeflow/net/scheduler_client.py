@@ -156,7 +156,7 @@ class SchedulerClient:
         return self._call("GET", "/v1/nodes", answer=list[api.Node])
 
     def register_executor(self, address: str, cert_pem: str, signature: str) -> dict[str, Any]:
-        """`signature`: the executor's attested key over `executor_registration_message`."""
+        """`signature`: by the executor's attested key, over `api.executor_registration`."""
         body = api.request(api.RegisterExecutor, {"address": address, "cert_pem": cert_pem,
                                                   "signature": signature}, "register executor")
         return self._call("POST", "/v1/executors", body=body, answer=api.ExecutorRegistered)

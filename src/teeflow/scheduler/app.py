@@ -6,8 +6,9 @@ operator's invitation or key list (403 "not_invited"). Anything else gets 401 an
 changes nothing. Each route names the roles it serves (`needs`, 403 "role"), and a
 node sees only the tasks it is party to (service.py: `visible_*`). Served over HTTPS
 only (server.py), with the certificate nodes pin. The signature is checked over the raw
-body before it is decoded; then every body and answer is a model of core/api.py (the OpenAPI schema
-at /openapi.json), and one that does not fit is a 400 "input" error naming the field.
+body before it is decoded; then every body and answer is a model of core/api.py (the
+OpenAPI schema at /openapi.json), and one that does not fit is a 400 "input" error
+naming the field.
 """
 
 from __future__ import annotations

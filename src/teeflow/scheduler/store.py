@@ -194,10 +194,12 @@ class Store:
                                (public_key,)).fetchone()
             if row is not None and row["public_key"] == public_key:
                 return _node(row)["roles"]
+            # admission first: a stranger learns nothing of who is registered (a conflict
+            # below rolls the spent invitation back with the rest)
+            roles = self._admit(db, name, public_key, invite)
             if row is not None or other is not None:
                 taken = f"node {name!r}" if row is not None else f"key of {other['name']!r}"
                 raise AuthError(f"{taken} is registered with another key or name")
-            roles = self._admit(db, name, public_key, invite)
             db.execute("INSERT INTO nodes VALUES (?,?,?,?,?)",
                        (name, public_key, enc_key, time.time(), roles))
         return roles.split(",")
