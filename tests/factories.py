@@ -121,12 +121,16 @@ class Serving:
 # -- the scheduler's HTTP API --------------------------------------------------------------
 
 
+MEMBER = ("owner", "initiator", "executor_host")  # every role but auditor's (reads all)
+
+
 class SignedClient:
     """The scheduler app behind a TestClient, called with requests signed as core/auth.py
     signs them (or, for the tests of that, unsigned)."""
 
-    def __init__(self, client: TestClient) -> None:
+    def __init__(self, client: TestClient, store: Store | None = None) -> None:
         self.client = client
+        self.store = store
 
     @staticmethod
     def signed(signer: KeySigner, method: str, target: str, body: object = None,
@@ -154,8 +158,12 @@ class SignedClient:
             "content-type": "application/json", **(headers or {})})
 
     def register_node(self, name: str, key: KeySigner, signer: KeySigner | None = None,
-                      **overrides):
-        """POST /v1/nodes for `key`, signed by `signer` (by `key` itself unless given)."""
+                      roles: Sequence[str] = MEMBER, **overrides):
+        """POST /v1/nodes for `key`, signed by `signer` (by `key` itself unless given),
+        joining with a fresh invitation for `roles` that the operator (the store) makes,
+        unless `invite` is given (None: join with none)."""
+        if "invite" not in overrides and self.store is not None:
+            overrides["invite"] = self.store.invite(roles, name)
         return self.call(signer or key, "POST", "/v1/nodes", {
             "name": name, "public_key": key.public_key(),
             "enc_key": key.encryption_public_key(), **overrides})
@@ -167,7 +175,20 @@ def scheduler_app(store: Store, scheduler: Scheduler | None = None,
     """The app with its lifespan running; a long tick, so its monitor runs once at start
     and the tests call tick() themselves."""
     with TestClient(create_app(store, scheduler, **{"tick": 3600, **app_args})) as client:
-        yield SignedClient(client)
+        yield SignedClient(client, store)
+
+
+def executor_registration(server: Any, address: str, host: KeySigner) -> dict:
+    """The body of POST /v1/executors: the executor `server` (an ExecutorFlightServer)
+    proves with its attested key that it serves at `address` for node `host`."""
+    cert_pem, signature = server.registration(address, host.public_key())
+    return {"address": address, "cert_pem": cert_pem, "signature": signature}
+
+
+def join(store: Store, name: str, key: KeySigner, roles: Sequence[str] = MEMBER) -> None:
+    """Register a node straight in the store, with an invitation made for it."""
+    store.register_node(name, key.public_key(), key.encryption_public_key(),
+                        store.invite(roles, name))
 
 
 def challenge_for(executor: Any, task: str, signer: KeySigner, as_key: str | None = None,

@@ -113,9 +113,9 @@ def test_an_unsigned_bad_body_is_401_not_400(app_client):
 
 
 def test_bad_query_is_a_named_input_error(app_client):
-    client, _ = app_client
+    client, store = app_client
     alice = KeySigner.generate()
-    assert _register(client, alice).status_code == 200
+    assert _register(client, alice, invite=store.invite(["owner"], "alice")).status_code == 200
     path = "/v1/nodes/alice/work?wait=soon"
     r = _signed(client, alice, "GET", path, b"")
     assert r.status_code == 400 and "wait" in r.json()["error"]["message"]
@@ -136,11 +136,10 @@ def test_models_do_not_coerce():
 def test_client_builds_bodies_from_the_models_and_checks_answers(app_client):
     client, store = app_client
     alice = KeySigner.generate()
-    sched = SchedulerClient("http://testserver", alice)
-    sched._http.close()
-    sched._http = TestClient(client.app, base_url="http://testserver")
+    sched = SchedulerClient("https://testserver#sha256:" + "0" * 64, alice)
+    sched._http = TestClient(client.app, base_url="http://testserver")  # in process, no TLS
     sched._http.auth = _Signed(alice)
-    sched.register_node("alice")
+    sched.register_node("alice", store.invite(["owner", "initiator"], "alice"))
     [node] = sched.nodes()
     assert node["name"] == "alice" and node["public_key"] == alice.public_key()
     assert sched.tasks() == [] and sched.audit() == [] and sched.datasets() == []

@@ -19,7 +19,14 @@ from teeflow.core.audit import AuditError, Entry
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import InputError
 from teeflow.scheduler.store import Store
-from tests.factories import approval, make_spec, p256_signer, sign_entry, submit_signature
+from tests.factories import (
+    MEMBER,
+    approval,
+    make_spec,
+    p256_signer,
+    sign_entry,
+    submit_signature,
+)
 
 INITIATOR, ALICE, BOB, MALLORY = (KeySigner.generate() for _ in range(4))
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -291,7 +298,8 @@ def test_unknown_signer_type():
 def _store_flow(path) -> Store:
     store = Store(path)
     for name, key in (("alice", ALICE), ("bob", BOB)):
-        store.register_node(name, key.public_key(), key.encryption_public_key())
+        store.register_node(name, key.public_key(), key.encryption_public_key(),
+                            store.invite(MEMBER, name))
     store.create_task(SPEC.to_dict(), SPEC.digest(), "127.0.0.1:9",
                       submit_signature(SPEC, INITIATOR))                           # 1
     for owner, last in ((ALICE, False), (BOB, True)):                               # 2, 3 (+4)

@@ -328,14 +328,17 @@ def test_app_clock_bounds_the_window():
     try:
         with scheduler_app(store, clock=lambda: NOW) as api:
             a = App(api, store, Link())
+            invite = store.invite(["owner"], "alice")
             r = a.call(ALICE, "POST", "/v1/nodes", {
                 "name": "alice", "public_key": ALICE.public_key(),
-                "enc_key": ALICE.encryption_public_key()}, now=NOW - auth.WINDOW - 1)
+                "enc_key": ALICE.encryption_public_key(), "invite": invite},
+                now=NOW - auth.WINDOW - 1)
             assert "window" in _unauthenticated(r)
             assert store.nodes() == []
             r = a.call(ALICE, "POST", "/v1/nodes", {
                 "name": "alice", "public_key": ALICE.public_key(),
-                "enc_key": ALICE.encryption_public_key()}, now=NOW - auth.WINDOW + 1)
+                "enc_key": ALICE.encryption_public_key(), "invite": invite},
+                now=NOW - auth.WINDOW + 1)
             assert r.status_code == 200, r.text
     finally:
         store.close()

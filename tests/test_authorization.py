@@ -31,22 +31,28 @@ from tests.factories import (
     SignedClient,
     TestClient,
     attested_client,
+    executor_registration,
     make_spec,
     submit_signature,
 )
 
 TABLE = pa.table({"name": ["w", "b"], "value": [1.0, 2.0], "n_samples": [10, 10]})
 FP = schema_fingerprint(TABLE.schema)
-ACTORS = ("initiator", "owner_a", "owner_b", "outsider", "unregistered", "operator")
+ACTORS = ("initiator", "owner_a", "owner_b", "outsider", "auditor", "unregistered",
+          "operator")
+# each joined by the operator's invitation for its roles; the outsider is a member (an
+# initiator) who is party to none of the tasks here
+ROLES = {"initiator": ("initiator",), "owner_a": ("owner",), "owner_b": ("owner",),
+         "outsider": ("initiator",), "auditor": ("auditor",)}
 ACTIONS = ("submit", "approve_for_a", "upload_a", "read_a", "fetch_result", "read_audit",
            "cancel")
 ALLOWED = {
-    "submit": {"initiator", "owner_a", "owner_b", "outsider"},  # anyone registered may ask
+    "submit": {"initiator", "outsider"},  # members invited as initiators
     "approve_for_a": {"owner_a"},
     "upload_a": {"owner_a"},
     "read_a": set(),
     "fetch_result": {"initiator"},
-    "read_audit": {"initiator", "owner_a", "owner_b", "outsider", "operator"},
+    "read_audit": {"initiator", "owner_a", "owner_b", "auditor", "operator"},  # parties
     "cancel": {"initiator", "owner_a", "owner_b"},
 }
 
@@ -63,11 +69,18 @@ class World:
         self.client = self.api.client
         self.keys = {a: KeySigner.generate() for a in ACTORS}
         for actor, name in (("initiator", "carol"), ("owner_a", "alice"), ("owner_b", "bob"),
-                            ("outsider", "mallory")):
+                            ("outsider", "mallory"), ("auditor", "ann")):
             key = self.keys[actor]
             self.ok(self.call(actor, "POST", "/v1/nodes", {
                 "name": name, "public_key": key.public_key(),
-                "enc_key": key.encryption_public_key()}))
+                "enc_key": key.encryption_public_key(),
+                "invite": self.store.invite(ROLES[actor], name)}))
+        # the executor, registered by its host with its own signed proof of its address
+        self.host = KeySigner.generate()
+        self.ok(self.api.register_node("host", self.host,
+                                       invite=self.store.invite(["executor_host"], "host")))
+        self.ok(self.api.call(self.host, "POST", "/v1/executors",
+                              executor_registration(self.server, self.address, self.host)))
         for dataset, actor, owner in (("a_data", "owner_a", "alice"),
                                       ("b_data", "owner_b", "bob")):
             self.ok(self.call(actor, "POST", "/v1/datasets", {

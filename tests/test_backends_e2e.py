@@ -204,9 +204,10 @@ CASES = {"simulated": _simulated, "sgx": _sgx, "tdx": _tdx, "sev-snp": _sev_snp,
 
 
 @pytest.fixture(scope="module")
-def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("scheduler")) as cluster:
-        yield cluster.start_scheduler()
+        cluster.start_scheduler()
+        yield cluster
 
 
 @pytest.fixture
@@ -243,12 +244,13 @@ def serve() -> Iterator[Callable[[ExecutorFlightServer], str]]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_backend_registers_and_is_appraised(
-    name: str, tmp_path: Path, scheduler: str, kernel: Callable[..., FakeTsmKernel],
+    name: str, tmp_path: Path, scheduler: LocalCluster, kernel: Callable[..., FakeTsmKernel],
     serve: Callable[[ExecutorFlightServer], str],
 ) -> None:
     case = CASES[name](tmp_path, kernel)
     tee = case.tee
-    address = serve(build(case.backend))
+    server = build(case.backend)
+    address = serve(server)
 
     # The certificate carries the device's evidence, read back as it was made.
     found = read_certificate_evidence(fetch_certificate(address))
@@ -260,9 +262,10 @@ def test_backend_registers_and_is_appraised(
 
     # A real scheduler registers it and lists what its certificate claims.
     identity = KeySigner.generate()
-    with SchedulerClient(scheduler, identity) as client:
-        client.register_node(f"executor-{name}")
-        registered = client.register_executor(address)
+    with SchedulerClient(scheduler.scheduler_url, identity) as client:
+        client.register_node(f"executor-{name}", scheduler.invite("executor_host"))
+        registered = client.register_executor(
+            address, *server.registration(address, identity.public_key()))
         listed = {e["address"]: e for e in client.executors()}
     assert registered["tee"] == tee and listed[address]["tee"] == tee
     for name, value in case.measurements.items():

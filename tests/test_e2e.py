@@ -266,7 +266,7 @@ def test_scheduler_restart_mid_task(own_cluster, tmp_path):
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
-        port = c.scheduler_url.rsplit(":", 1)[1]
+        port = c.scheduler_address.rsplit(":", 1)[1]
         c.stop_process("scheduler")
         c._spawn("scheduler", "scheduler", "--db", str(c.workdir / "scheduler.sqlite"),
                  "--listen", f"127.0.0.1:{port}", "--port-file", str(c.workdir / "s2.port"))

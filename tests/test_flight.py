@@ -121,7 +121,8 @@ class FakeScheduler:
 def _provider(tmp_path: Path, policy: AppraisalPolicy, signer: KeySigner) -> Provider:
     path = tmp_path / "d1.parquet"
     pq.write_table(TABLE, path)
-    cfg = ProviderConfig(name="alice", key_file=tmp_path / "unused.key", scheduler="http://x",
+    cfg = ProviderConfig(name="alice", key_file=tmp_path / "unused.key",
+                         scheduler="https://x#sha256:" + "0" * 64,
                          datasets=(DatasetConfig("d1", path),), policy=policy)
     node = Provider(cfg, identity=signer)
     node.scheduler = FakeScheduler()  # type: ignore[assignment]

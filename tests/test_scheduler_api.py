@@ -27,6 +27,7 @@ from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
 from tests import factories
 from tests.factories import (
+    MEMBER,
     SignedClient,
     make_spec,
     p256_signer,
@@ -114,9 +115,13 @@ class World:
         return self.api.register_node(name, signer or self.keys[name], **overrides)
 
     def register(self) -> None:
+        """alice and bob own data, carol initiates, dave audits (reads every task) and
+        hosts the fake executor, registered as if it had proved its address."""
         for name in ("alice", "bob", "carol", "dave"):
-            r = self.register_node(name)
+            roles = (*MEMBER, "auditor") if name == "dave" else MEMBER
+            r = self.register_node(name, roles=roles)
             assert r.status_code == 200, r.text
+        self.store.register_executor(EXECUTOR, "pem", "simulated", {}, self.dave.public_key())
         for name, owner in (("a_data", "alice"), ("b_data", "bob")):
             r = self.call(owner, "POST", "/v1/datasets", {
                 "name": name, "owner": owner, "schema": schema_to_b64(SCHEMA), "rows": 2})

@@ -16,7 +16,7 @@ from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
 from teeflow.scheduler.store import Store
-from tests.factories import make_spec, p256_signer, sign_entry, submit_signature
+from tests.factories import MEMBER, make_spec, p256_signer, sign_entry, submit_signature
 
 ALICE, BOB, INITIATOR, MALLORY = (KeySigner.generate() for _ in range(4))
 EXECUTOR_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -63,7 +63,8 @@ def _executor_entry(store: Store, spec: wire.TaskSpec, kind: str, body: dict) ->
 
 
 def _register(store: Store, name: str, key: KeySigner) -> None:
-    store.register_node(name, key.public_key(), key.encryption_public_key())
+    store.register_node(name, key.public_key(), key.encryption_public_key(),
+                        store.invite(MEMBER, name))
 
 
 class StoreContract:

@@ -2,6 +2,8 @@
 
 Used by `teeflow demo` and the end-to-end tests. Every server binds port 0 and
 reports the port it got through a file; `stop()` ends every process it started.
+The cluster plays the scheduler's operator too: every node joins with its own one-time
+invitation (`invite`), and reaches the scheduler over HTTPS pinned to its certificate.
 """
 
 from __future__ import annotations
@@ -93,19 +95,49 @@ class LocalCluster:
             time.sleep(0.05)
         raise PeerError(f"{name} did not start within {START_TIMEOUT:.0f}s")
 
-    def start_scheduler(self, db_name: str = "scheduler.sqlite") -> str:
+    def start_scheduler(self, db_name: str = "scheduler.sqlite", *extra: str) -> str:
+        """The scheduler's pinned URL, https://HOST:PORT#sha256:..., as an invitation
+        gives it."""
+        from teeflow.scheduler.identity import load_or_create
+
         port_file = self.workdir / "scheduler.port"
         port_file.unlink(missing_ok=True)
-        self._spawn("scheduler", "scheduler", "--db", str(self.workdir / db_name),
-                    "--listen", "127.0.0.1:0", "--port-file", str(port_file))
-        self.scheduler_url = "http://" + self._wait_port("scheduler", port_file)
+        self.db = self.workdir / db_name
+        load_or_create(self.workdir)  # the operator's: before the process, so no race
+        self._spawn("scheduler", "scheduler", "--db", str(self.db), "--data-dir",
+                    str(self.workdir), "--listen", "127.0.0.1:0", "--port-file",
+                    str(port_file), *extra)
+        address = self._wait_port("scheduler", port_file)
+        self.fingerprint = load_or_create(self.workdir).fingerprint
+        self.scheduler_url = f"https://{address}#{self.fingerprint}"
+        self.scheduler_address = address
+        self.join_initiator()
         return self.scheduler_url
+
+    def invite(self, *roles: str, name: str | None = None) -> str:
+        """A one-time invitation, as `teeflow scheduler invite` makes it."""
+        from teeflow.scheduler.store import Store
+
+        store = Store(self.db)
+        try:
+            return store.invite(roles, name)
+        finally:
+            store.close()
+
+    def join_initiator(self) -> None:
+        """Register the initiator by its invitation; once joined it needs none again."""
+        from teeflow.net.scheduler_client import SchedulerClient
+
+        with SchedulerClient(self.scheduler_url, self.initiator) as client:
+            client.register_node(self.initiator_name,
+                                 self.invite("initiator", name=self.initiator_name))
 
     def start_executor(self, *extra: str, name: str = "executor") -> str:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         self._spawn(name, "executor", "--tee", "simulated", "--listen", "127.0.0.1:0",
-                    "--port-file", str(port_file), "--register", self.scheduler_url, *extra)
+                    "--port-file", str(port_file), "--register", self.scheduler_url,
+                    "--invite", self.invite("executor_host"), *extra)
         address = self._wait_port(name, port_file)
         if name == "executor":
             self.executor_address = address
@@ -122,6 +154,7 @@ class LocalCluster:
             f"name = {_toml_str(party.node)}\n"
             f"key_file = {_toml_str(str(key_file))}\n"
             f"scheduler = {_toml_str(self.scheduler_url)}\n"
+            f"invite = {_toml_str(self.invite('owner', name=party.node))}\n"
             "poll_wait = 5\n\n"
             "[[datasets]]\n"
             f"name = {_toml_str(party.dataset)}\n"
@@ -141,7 +174,6 @@ class LocalCluster:
 
         deadline = time.monotonic() + timeout
         with SchedulerClient(self.scheduler_url, self.initiator) as client:
-            client.register_node(self.initiator_name)
             while time.monotonic() < deadline:
                 have = {d["name"] for d in client.datasets()}
                 if set(names) <= have:
@@ -159,7 +191,6 @@ class LocalCluster:
 
         deadline = time.monotonic() + timeout
         with SchedulerClient(self.scheduler_url, self.initiator) as client:
-            client.register_node(self.initiator_name)
             while time.monotonic() < deadline:
                 if any(e["address"] == address for e in client.executors()):
                     return

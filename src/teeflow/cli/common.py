@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 console = Console()
 err_console = Console(stderr=True)
 SCHEDULER_LISTEN = "127.0.0.1:8700"
-DEFAULT_SCHEDULER = f"http://{SCHEDULER_LISTEN}"
+DEFAULT_SCHEDULER = f"https://{SCHEDULER_LISTEN}"  # + "#sha256:..." from your invitation
 MAX_POLICY_FILE = 1024 * 1024
 
 
@@ -89,7 +89,8 @@ def policy_path(given: Path | None) -> Path | None:
     return Path(env) if env else None
 
 
-def client(ctx: click.Context, policy: Path | None = None, name: str | None = None) -> Client:
+def client(ctx: click.Context, policy: Path | None = None, name: str | None = None,
+           invite: str | None = None) -> Client:
     """An SDK client; the policy file may also hold a [collateral] table for SGX/TDX."""
     from teeflow.attestation.registry import amd_ark, collateral_source
     from teeflow.sdk import Client
@@ -104,7 +105,7 @@ def client(ctx: click.Context, policy: Path | None = None, name: str | None = No
         ark = amd_ark(table, path.parent)
     s = session(ctx)
     return Client(s.scheduler, key=s.key, policy=pol, collateral=collateral, amd_ark=ark,
-                  name=name)
+                  name=name, invite=invite)
 
 
 def wait_with_progress(client: Client, task_id: str) -> dict[str, Any]:

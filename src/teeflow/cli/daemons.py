@@ -17,29 +17,75 @@ from teeflow.core.errors import InputError
 EXECUTOR_LISTEN = "127.0.0.1:8815"
 
 
-@click.command()
-@click.option("--db", required=True, type=click.Path(path_type=Path), help="SQLite file.")
+@click.group(invoke_without_command=True)
+@click.option("--db", type=click.Path(path_type=Path), help="SQLite file.")
 @click.option("--listen", default=SCHEDULER_LISTEN, show_default=True)
 @click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
-def scheduler(db: Path, listen: str, port_file: str | None) -> None:
-    """Run the scheduler (HTTP JSON API over a SQLite file)."""
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the scheduler's TLS certificate and keys live (default: the "
+                   "db file's directory); made on first start.")
+@click.option("--members", type=click.Path(path_type=Path), default=None,
+              help="TOML list of member keys with roles, admitted without an invitation.")
+@click.pass_context
+def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str | None,
+              data_dir: Path | None, members: Path | None) -> None:
+    """Run the scheduler (HTTPS JSON API over a SQLite file); `invite` makes invitations."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if db is None:
+        raise click.UsageError("Missing option '--db'.")
     from teeflow.net.listen import parse_listen
     from teeflow.scheduler.server import serve
 
     setup_logging(False)
     host, port = parse_listen(listen)
-    serve(str(db), host, port, port_file)
+    serve(str(db), host, port, port_file, str(data_dir) if data_dir else None,
+          str(members) if members else None)
+
+
+@scheduler.command("invite")
+@click.option("--db", required=True, type=click.Path(path_type=Path), help="SQLite file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="The scheduler's data dir (default: the db file's directory).")
+@click.option("--role", "roles", multiple=True, required=True,
+              type=click.Choice(["owner", "initiator", "executor_host", "auditor"]),
+              help="A role the invited node gets (repeatable).")
+@click.option("--name", default=None, help="The only node name the invitation admits.")
+@click.option("--ttl", default="7d", show_default=True, help="How long it stays valid.")
+def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | None,
+           ttl: str) -> None:
+    """Make a one-time invitation: a token and the certificate fingerprint to pin."""
+    from teeflow.scheduler.identity import load_or_create
+    from teeflow.scheduler.store import Store
+
+    ident = load_or_create(data_dir or db.resolve().parent)
+    store = Store(db)
+    try:
+        token = store.invite(roles, name, parse_duration(ttl, "--ttl"))
+    finally:
+        store.close()
+    click.echo(f"invitation: {token}")
+    click.echo(f"scheduler certificate: {ident.fingerprint}")
+    click.echo(f"join with: --scheduler https://HOST:PORT#{ident.fingerprint} "
+               f"--invite {token}")
 
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
-def provider(config_path: Path) -> None:
+@click.option("--invite", default=None, envvar="TEEFLOW_INVITE",
+              help="The operator's invitation token (else the config's node.invite).")
+def provider(config_path: Path, invite: str | None) -> None:
     """Run a data provider node from its TOML config."""
+    import dataclasses
+
     from teeflow.provider.config import load_config
     from teeflow.provider.node import Provider
 
     setup_logging(False)
-    node = Provider(load_config(config_path))
+    config = load_config(config_path)
+    if invite:
+        config = dataclasses.replace(config, invite=invite)
+    node = Provider(config)
     console.print(f"teeflow provider {node.config.name} polling {node.config.scheduler}")
     node.run_forever()
 
@@ -50,7 +96,9 @@ def provider(config_path: Path) -> None:
 @click.option("--port-file", default=None, help="Write the bound HOST:PORT here.")
 @click.option("--debug-enclave", is_flag=True, help="Simulated only: mark evidence debug.")
 @click.option("--register", "register_with", default=None,
-              help="Scheduler URL to register this executor with.")
+              help="Scheduler URL (pinned: https://HOST:PORT#sha256:...) to register with.")
+@click.option("--invite", default=None, envvar="TEEFLOW_INVITE",
+              help="The operator's invitation token (role executor_host).")
 @click.option("--advertise", default=None, help="HOST:PORT others reach this executor at.")
 @click.option("--attestation-dir", default=None, help="sgx: Gramine's /dev/attestation.")
 @click.option("--tsm-root", default=None, help="tdx, sev-snp: the configfs-tsm report dir.")
@@ -66,7 +114,8 @@ def provider(config_path: Path) -> None:
 @click.option("--upload-idle-timeout", default="60s", show_default=True,
               help="An upload silent this long is cut and its task failed (e.g. 30s, 5m).")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
-             register_with: str | None, advertise: str | None, attestation_dir: str | None,
+             register_with: str | None, invite: str | None, advertise: str | None,
+             attestation_dir: str | None,
              tsm_root: str | None, memory_budget: str | None, spill_dir: str | None,
              state_dir: str | None, result_ttl: str, upload_idle_timeout: str) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
@@ -76,6 +125,10 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
 
     setup_logging(False)
     host, port = parse_listen(listen)
+    if register_with:
+        from teeflow.net.scheduler_client import split_pin
+
+        split_pin(register_with)  # a plain-HTTP or unpinned URL fails now, not in the thread
     options: dict[str, Any] = {"debug": True} if debug_enclave else {}
     if tee == "sgx":
         options = {"attestation_dir": attestation_dir}
@@ -83,7 +136,8 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
     serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
-          budget, spill_dir, state_dir=state_dir, result_ttl=parse_duration(result_ttl),
+          budget, spill_dir, invite=invite, state_dir=state_dir,
+          result_ttl=parse_duration(result_ttl),
           upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
 
 

@@ -124,6 +124,8 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
                       f"{cluster.executor_address}, providers "
                       f"{', '.join(p.node for p in party_list)}")
         cluster.wait_for_executor(cluster.executor_address)
+        console.print("every node joined by its own one-time invitation and talks to the "
+                      f"scheduler over HTTPS pinned to {cluster.fingerprint}")
         policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
                               "simulated": {"measurement": [measurement]}})
         with Client(cluster.scheduler_url, key=cluster.initiator_key, policy=policy,

@@ -70,8 +70,10 @@ def _write_result(c: Client, task_id: str, out: Path) -> None:
 
 @click.command()
 @click.option("--name", default=None, help="Register this identity with the scheduler as NAME.")
+@click.option("--invite", default=None, envvar="TEEFLOW_INVITE",
+              help="The operator's one-time invitation token (env TEEFLOW_INVITE).")
 @click.pass_context
-def init(ctx: click.Context, name: str | None) -> None:
+def init(ctx: click.Context, name: str | None, invite: str | None) -> None:
     """Make your key pair (owner-only file) and optionally register it with the scheduler."""
     from teeflow.core.crypto import key_id
     from teeflow.files.keys import load_or_create_key
@@ -86,7 +88,7 @@ def init(ctx: click.Context, name: str | None) -> None:
     console.print(f"public key: {identity.public_key()}")
     console.print(f"encryption key: {identity.encryption_public_key()}")
     if name:
-        with client(ctx, name=name):
+        with client(ctx, name=name, invite=invite):
             console.print(f"registered as {name!r} with {s.scheduler}")
 
 

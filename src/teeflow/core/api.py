@@ -25,6 +25,17 @@ from pydantic import (
 from teeflow.core.errors import InputError, PeerError
 
 AssignmentState = Literal["pending", "started", "uploaded", "failed"]
+Role = Literal["owner", "initiator", "executor_host", "auditor"]
+ROLES: tuple[str, ...] = ("owner", "initiator", "executor_host", "auditor")
+MAX_INVITE = 128
+
+
+def executor_registration(address: str, node_key: str) -> tuple[str, str, dict[str, str]]:
+    """(task id, kind, body) of what an executor signs with its attested (TLS) key to
+    register at `address` for the node `node_key` (audit.signed_payload's framing; the
+    task id is no task's, so it can never pass for a task's entry)."""
+    return ("-executor-registration-", "executor_registration",
+            {"address": address, "node_key": node_key})
 
 
 class Model(BaseModel):
@@ -73,10 +84,16 @@ class RegisterNode(Model):
     name: str = Field(min_length=1, max_length=64)
     public_key: str
     enc_key: str
+    invite: str | None = Field(None, max_length=MAX_INVITE)  # one-time token from the operator
 
 
 class RegisterExecutor(Model):
-    address: str
+    """Signed by the executor's attested key (the one its RA-TLS certificate binds) over
+    `executor_registration(address, caller)`: the scheduler probes only that address."""
+
+    address: str = Field(min_length=3, max_length=300)
+    cert_pem: str = Field(max_length=64 * 1024)
+    signature: str = Field(max_length=512)
 
 
 class AddDataset(Model):
@@ -129,12 +146,14 @@ class Ok(Model):
 
 class NodeRegistered(Model):
     name: str
+    roles: list[Role]
 
 
 class Node(Model):
     name: str
     public_key: str
     enc_key: str
+    roles: list[Role]
     registered_at: float
 
 
@@ -146,6 +165,7 @@ class ExecutorRegistered(Model):
 
 class Executor(ExecutorRegistered):
     cert_pem: str
+    host: str  # the node that registered it (its executor host)
     registered_at: float
 
 

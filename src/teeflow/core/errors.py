@@ -12,6 +12,8 @@
     │   ├── VerificationError      a signature, chain or collateral check failed
     │   └── PolicyRefused          verified, but the appraisal policy says no
     ├── AuthError              a request is not from who it claims to be
+    │   ├── NotInvited         a key joins without a valid invitation (closed membership)
+    │   └── RoleRefused        a member asks for what its roles do not allow
     ├── StateError             an illegal task state transition
     │   └── OverBudget         refused: a task's, an initiator's or the executor's budget is spent
     ├── ComputeError           the computation itself failed
@@ -84,6 +86,14 @@ class PolicyRefused(AttestationError):
 
 class AuthError(TeeflowError):
     code = "auth"
+
+
+class NotInvited(AuthError):
+    code = "not_invited"
+
+
+class RoleRefused(AuthError):
+    code = "role"
 
 
 class StateError(TeeflowError):

@@ -162,6 +162,18 @@ class ExecutorFlightServer(fl.FlightServerBase):
         super().__init__(location, tls_certificates=[fl.CertKeyPair(cert_pem, key_pem)])
         self.executor = executor
         self.cert_pem = cert_pem
+        self._key_pem = key_pem
+
+    def registration(self, address: str, node_key: str) -> tuple[str, str]:
+        """(certificate, signature): this executor's proof, with its attested key, that it
+        serves at `address` and is registered by `node_key` (scheduler/executors.py)."""
+        from teeflow.core import api, audit
+
+        key = serialization.load_pem_private_key(self._key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        task_id, kind, body = api.executor_registration(address, node_key)
+        return self.cert_pem.decode(), audit.sign_p256(key, audit.signed_payload(
+            task_id, kind, body))
 
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
         return [(name, about) for name, (about, _) in ACTIONS.items()]
@@ -227,18 +239,22 @@ def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
     return ExecutorFlightServer(executor, f"grpc+tls://{host}:{port}", cert_pem, key_pem)
 
 
-def announce(scheduler: str, address: str) -> None:
-    """Register with a scheduler under a node key made in this process. The scheduler
-    reads the RA-TLS certificate served at `address`; owners still appraise it live."""
+def announce(scheduler: str, address: str, server: ExecutorFlightServer,
+             invite: str | None = None) -> None:
+    """Register with a scheduler (a pinned https URL) under a node key made in this
+    process, joining with the operator's invitation (role executor_host). The
+    registration is signed with the attested key for `address`, which the scheduler then
+    probes; owners still appraise the executor live."""
     from teeflow.core.crypto import KeySigner, key_id
     from teeflow.net.scheduler_client import SchedulerClient
 
     identity = KeySigner.generate()
+    cert_pem, signature = server.registration(address, identity.public_key())
     for attempt in range(30):
         try:
             with SchedulerClient(scheduler, identity) as client:
-                client.register_node(f"executor-{key_id(identity.public_key())}")
-                client.register_executor(address)
+                client.register_node(f"executor-{key_id(identity.public_key())}", invite)
+                client.register_executor(address, cert_pem, signature)
             log.info("registered with scheduler %s as %s", scheduler, address)
             return
         except TeeflowError as exc:
@@ -263,15 +279,15 @@ def _return_freed_memory() -> None:
 def serve(backend: TeeBackend, host: str, port: int, port_file: str | None = None,
           scheduler: str | None = None, advertise: str | None = None,
           memory_budget: int | None = None, spill_dir: str | None = None,
-          **options: Any) -> None:
+          invite: str | None = None, **options: Any) -> None:
     if memory_budget is not None:
         _return_freed_memory()
     server = build(backend, host, port, memory_budget, spill_dir, **options)
     address = f"{host}:{server.port}"
     write_port_file(port_file, address)
     if scheduler:
-        threading.Thread(target=announce, args=(scheduler, advertise or address),
-                         daemon=True).start()
+        threading.Thread(target=announce, args=(scheduler, advertise or address, server,
+                                                invite), daemon=True).start()
     print(f"teeflow executor ({backend.tee}) listening on grpc+tls://{address}", flush=True)
     # shutdown() waits for serve() to return, so it must not run on serve()'s thread.
     signal.signal(signal.SIGTERM,

@@ -3,10 +3,18 @@
 Every request is signed with the caller's node key (core/auth.py). Bodies are built from
 the API's models (core/api.py) and answers checked against them; methods still return
 plain JSON values, as their callers expect.
+
+Only HTTPS, and only to the scheduler whose certificate the node pinned at invitation:
+the pin ("sha256:" + hex of the DER certificate) is given as `pin` or as the URL's
+fragment (`https://host:port#sha256:...`, never sent). The certificate is read once
+with no data sent, checked against the pin, and then is the only root the TLS context
+trusts (no host name check: the pin says which scheduler, whatever its address).
 """
 
 from __future__ import annotations
 
+import hashlib
+import ssl
 import time
 from collections.abc import Generator
 from typing import Any
@@ -16,7 +24,7 @@ from pydantic import BaseModel
 
 from teeflow.core import api, auth
 from teeflow.core.crypto import Identity
-from teeflow.core.errors import PeerError, Unreachable, from_code
+from teeflow.core.errors import AuthError, ConfigError, PeerError, Unreachable, from_code
 from teeflow.core.wire import cancel_message
 
 
@@ -33,16 +41,74 @@ class _Signed(httpx.Auth):
         yield request
 
 
+MAX_CERT_PEM = 64 * 1024
+
+
+def split_pin(url: str, pin: str | None = None) -> tuple[str, str]:
+    """(base URL, pin) of `https://host:port[#sha256:HEX]`; plain HTTP and a missing or
+    malformed pin are refused (ConfigError)."""
+    base, _, fragment = url.strip().partition("#")
+    base = base.rstrip("/")
+    if "://" not in base:
+        base = "https://" + base
+    if not base.startswith("https://"):
+        raise ConfigError("scheduler URL: only https:// (plain HTTP is refused)")
+    pin = (pin or fragment).strip().lower()
+    digest = pin.removeprefix("sha256:")
+    if not pin.startswith("sha256:") or len(digest) != 64 or \
+            not all(c in "0123456789abcdef" for c in digest):
+        raise ConfigError("scheduler pin: give the certificate fingerprint from your "
+                          "invitation, sha256:<64 hex digits> (as URL#sha256:... or pin=)")
+    return base, pin
+
+
+def pinned_context(host: str, port: int, pin: str, timeout: float = 10.0) -> ssl.SSLContext:
+    """A TLS context that trusts exactly the certificate with fingerprint `pin`."""
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=timeout)
+    except (OSError, ssl.SSLError) as exc:
+        raise Unreachable(f"scheduler {host}:{port} unreachable: {exc}") from exc
+    if len(pem) > MAX_CERT_PEM:
+        raise AuthError(f"scheduler {host}:{port} presents a certificate over {MAX_CERT_PEM} "
+                        "bytes")
+    got = "sha256:" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+    if got != pin:
+        raise AuthError(f"scheduler {host}:{port} presents certificate {got}, not the pinned "
+                        f"{pin}: not the scheduler you were invited to")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # the pin names the scheduler, not its address
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=pem)
+    return ctx
+
+
 class SchedulerClient:
-    def __init__(self, url: str, identity: Identity, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        if not self.url.startswith(("http://", "https://")):
-            self.url = "http://" + self.url
+    def __init__(self, url: str, identity: Identity, timeout: float = 30.0,
+                 pin: str | None = None) -> None:
+        self.url, self.pin = split_pin(url, pin)
         self.identity = identity
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, auth=_Signed(identity))
+        self._timeout = timeout
+        self._client: httpx.Client | None = None
+
+    @property
+    def _http(self) -> httpx.Client:
+        """Connected on first use, so a node may start before its scheduler."""
+        if self._client is None:
+            parsed = httpx.URL(self.url)
+            host, port = parsed.host, parsed.port or 443
+            self._client = httpx.Client(base_url=self.url, timeout=self._timeout,
+                                        auth=_Signed(self.identity),
+                                        verify=pinned_context(host, port, self.pin))
+        return self._client
+
+    @_http.setter
+    def _http(self, client: httpx.Client) -> None:
+        self._client = client
 
     def close(self) -> None:
-        self._http.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> SchedulerClient:
         return self
@@ -78,18 +144,22 @@ class SchedulerClient:
             api.response(answer, reply, f"scheduler {method} {path}")
         return reply
 
-    def register_node(self, name: str) -> None:
-        self._call("POST", "/v1/nodes", body=api.request(api.RegisterNode, {
+    def register_node(self, name: str, invite: str | None = None) -> dict[str, Any]:
+        """Join with an invitation token (or as a key on the scheduler's member list);
+        a node already registered under this name and key needs none."""
+        return self._call("POST", "/v1/nodes", body=api.request(api.RegisterNode, {
             "name": name, "public_key": self.identity.public_key(),
-            "enc_key": self.identity.encryption_public_key()}, "register node"),
-            answer=api.NodeRegistered)
+            "enc_key": self.identity.encryption_public_key(), "invite": invite},
+            "register node"), answer=api.NodeRegistered)
 
     def nodes(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/nodes", answer=list[api.Node])
 
-    def register_executor(self, address: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/executors", body=api.RegisterExecutor(address=address),
-                          answer=api.ExecutorRegistered)
+    def register_executor(self, address: str, cert_pem: str, signature: str) -> dict[str, Any]:
+        """`signature`: by the executor's attested key, over `api.executor_registration`."""
+        body = api.request(api.RegisterExecutor, {"address": address, "cert_pem": cert_pem,
+                                                  "signature": signature}, "register executor")
+        return self._call("POST", "/v1/executors", body=body, answer=api.ExecutorRegistered)
 
     def executors(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/executors", answer=list[api.Executor])

@@ -43,6 +43,7 @@ class ProviderConfig:
     collateral: CollateralSource | None = None
     amd_ark: bytes | None = None
     approve: tuple[ApprovalRule, ...] = ()
+    invite: str | None = None  # the operator's one-time token, spent on first registration
     # the owner's own record of its datasets' privacy budgets (provider/budget.py);
     # None: next to the node's key, which is the node's own too
     budget_file: Path | None = None
@@ -67,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
 NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",
-               "budget_file")
+               "budget_file", "invite")
 DATASET_FIELDS = ("name", "path", "privacy")
 
 
@@ -166,6 +167,9 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         raise ConfigError("node.budget_file: a path (or leave it out)")
     budget_file = None if budget is None else (
         Path(budget) if Path(budget).is_absolute() else base / budget)
+    invite = node.get("invite")
+    if invite is not None and (not isinstance(invite, str) or not invite):
+        raise ConfigError("node.invite: the invitation token, a string (or leave it out)")
     return ProviderConfig(
         name=_str(node, "name", "node"),
         key_file=key_file if key_file.is_absolute() else base / key_file,
@@ -178,4 +182,5 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         amd_ark=amd_ark(doc.get("collateral"), base),
         approve=load_rules(doc["approve"]),
         budget_file=budget_file,
+        invite=invite,
     )

@@ -62,7 +62,7 @@ class Provider:
     def register(self) -> None:
         """Announce this node's keys and its datasets' schemas and sizes (never rows)."""
         cfg = self.config
-        self.scheduler.register_node(cfg.name)
+        self.scheduler.register_node(cfg.name, cfg.invite)
         for d in cfg.datasets:
             schema = read_schema(d.path)
             self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path))

@@ -1,10 +1,14 @@
 """The scheduler's HTTP JSON API: authenticate, decode, call `Scheduler` / `Store`, encode.
 
 Every request but /v1/health is signed by a registered node key (core/auth.py);
-registration itself is signed by the key being registered. Anything else gets
-401 and changes nothing. The signature is checked over the raw body before it is
-decoded; then every body and answer is a model of core/api.py (the OpenAPI schema
-at /openapi.json), and one that does not fit is a 400 "input" error naming the field.
+registration itself is signed by the key being registered, and admitted only by the
+operator's invitation or key list (403 "not_invited"). Anything else gets 401 and
+changes nothing. Each route names the roles it serves (`needs`, 403 "role"), and a
+node sees only the tasks it is party to (service.py: `visible_*`). Served over HTTPS
+only (server.py), with the certificate nodes pin. The signature is checked over the raw
+body before it is decoded; then every body and answer is a model of core/api.py (the
+OpenAPI schema at /openapi.json), and one that does not fit is a 400 "input" error
+naming the field.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from teeflow.core.errors import (
     AuthError,
     InputError,
     PeerError,
+    RoleRefused,
     StateError,
     TeeflowError,
     UnknownDataset,
@@ -100,11 +105,28 @@ def _caller(request: Request) -> str:
 
 
 Caller = Annotated[str, Depends(_caller)]
+ANY_ROLE = ("owner", "initiator", "executor_host", "auditor")
+# who reads the dataset catalog: initiators choose from it, owners see what they offer
+# next to others', auditors read everything; an executor host has no use for it
+CATALOG_READERS = ("initiator", "owner", "auditor")
 
 
 def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = TICK,
                clock=time.time) -> FastAPI:
     sched = scheduler or Scheduler(store)
+
+    def needs(*roles: str) -> Any:
+        """A route dependency: the caller's node holds one of `roles` (else 403 "role")."""
+
+        def check(request: Request) -> None:
+            node = store.node_by_key(_caller(request))
+            held = set(node["roles"]) if node else set()
+            if not held & set(roles):
+                raise RoleRefused(f"{request.method} {request.url.path} is for "
+                                  f"{' or '.join(roles)} members; this node is "
+                                  f"{', '.join(sorted(held)) or 'none of them'}")
+
+        return Depends(check)
 
     class Signed(APIRoute):
         """A route whose request must be signed by a registered key. The signature is
@@ -187,23 +209,25 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
             enc_key = check_encryption_key(body.enc_key)
         except AuthError as exc:
             raise InputError(str(exc)) from exc
-        store.register_node(body.name, key, enc_key)
-        return api.NodeRegistered(name=body.name)
+        roles = store.register_node(body.name, key, enc_key, body.invite)
+        return api.NodeRegistered.model_validate({"name": body.name, "roles": roles})
 
-    @signed.get("/v1/nodes")
+    @signed.get("/v1/nodes", dependencies=[needs(*ANY_ROLE)])
     async def list_nodes(key: Caller) -> list[api.Node]:
-        return [api.Node(**n) for n in store.nodes()]
+        return [api.Node.model_validate(n) for n in store.nodes()]
 
-    @signed.post("/v1/executors")
+    @signed.post("/v1/executors", dependencies=[needs("executor_host")])
     async def add_executor(body: api.RegisterExecutor, key: Caller) -> api.ExecutorRegistered:
-        return api.ExecutorRegistered(
-            **await run_in_threadpool(register_executor, store, body.address))
+        return api.ExecutorRegistered(**await run_in_threadpool(
+            register_executor, store, body.address, body.cert_pem, body.signature, key))
 
-    @signed.get("/v1/executors")
+    @signed.get("/v1/executors", dependencies=[needs(*ANY_ROLE)])
     async def list_executors(key: Caller) -> list[api.Executor]:
-        return [api.Executor(**e) for e in store.executors()]
+        hosts = {n["public_key"]: n["name"] for n in store.nodes()}
+        return [api.Executor(**{k: v for k, v in e.items() if k != "host_key"},
+                             host=hosts.get(e["host_key"], "")) for e in store.executors()]
 
-    @signed.post("/v1/datasets")
+    @signed.post("/v1/datasets", dependencies=[needs("owner")])
     async def add_dataset(body: api.AddDataset, key: Caller) -> api.DatasetAdded:
         if store.node_key(body.owner) != key:
             raise AuthError(f"only node {body.owner!r} can catalog its datasets")
@@ -211,45 +235,48 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         store.add_dataset(body.owner, body.name, body.schema_, fingerprint, body.rows)
         return api.DatasetAdded(name=body.name, fingerprint=fingerprint)
 
-    @signed.get("/v1/datasets")
+    @signed.get("/v1/datasets", dependencies=[needs(*CATALOG_READERS)])
     async def list_datasets(key: Caller) -> list[api.Dataset]:
         return [api.Dataset(**{k: d[k] for k in api.Dataset.model_fields})
                 for d in store.datasets()]
 
-    @signed.post("/v1/tasks", status_code=201)
+    @signed.post("/v1/tasks", status_code=201, dependencies=[needs("initiator")])
     async def submit(body: api.SubmitTask, key: Caller) -> api.TaskView:
         task = await run_in_threadpool(sched.submit, key, body.model_dump())
         return api.TaskView(**task.to_dict())
 
     @signed.get("/v1/tasks")
     async def list_tasks(key: Caller) -> list[api.TaskView]:
-        return [api.TaskView(**t.to_dict()) for t in store.tasks()]
+        return [api.TaskView(**t.to_dict()) for t in sched.visible_tasks(key)]
 
     @signed.get("/v1/tasks/{task_id}")
     async def get_task(task_id: str, key: Caller) -> api.TaskDetail:
-        task = store.task(task_id)
+        task = sched.visible_task(key, task_id)
         return api.TaskDetail.model_validate({
             **task.to_dict(), "spec": task.spec, "assignments": store.assignments(task_id),
             "approvals": store.approvals(task_id), "events": store.events(task_id)})
 
-    @signed.post("/v1/tasks/{task_id}/decision")
+    @signed.post("/v1/tasks/{task_id}/decision", dependencies=[needs("owner")])
     async def decide(task_id: str, body: api.Decision, key: Caller) -> api.TaskView:
+        sched.visible_task(key, task_id)
         task = await run_in_threadpool(sched.decide, key, task_id, body.model_dump())
         return api.TaskView(**task.to_dict())
 
     @signed.post("/v1/tasks/{task_id}/cancel")
     async def cancel(task_id: str, body: api.Cancel, key: Caller) -> api.TaskView:
+        sched.visible_task(key, task_id)
         task = await run_in_threadpool(sched.cancel, key, task_id, body.model_dump())
         return api.TaskView(**task.to_dict())
 
-    @signed.post("/v1/tasks/{task_id}/assignments/{dataset}")
+    @signed.post("/v1/tasks/{task_id}/assignments/{dataset}", dependencies=[needs("owner")])
     async def report(task_id: str, dataset: str, body: api.Report, key: Caller) -> api.Ok:
+        sched.visible_task(key, task_id)
         await run_in_threadpool(sched.report, key, task_id, dataset, body.model_dump())
         return api.Ok(ok=True)
 
     @signed.get("/v1/audit")
     async def audit_log(key: Caller, task: str | None = None) -> list[api.AuditEntry]:
-        return [api.AuditEntry(**e.to_dict()) for e in store.audit_log(task)]
+        return [api.AuditEntry(**e.to_dict()) for e in sched.visible_audit(key, task)]
 
     @signed.get("/v1/nodes/{node}/work")
     async def work(node: str, key: Caller, wait: float = 0.0) -> list[api.WorkItem]:

@@ -24,6 +24,7 @@ from teeflow.core.errors import (
     PeerError,
     StateError,
     TeeflowError,
+    UnknownTask,
     Unreachable,
 )
 from teeflow.core.schemas import schema_from_b64
@@ -69,6 +70,48 @@ class Scheduler:
         self._connect = connect
         self._unreachable_since: dict[str, float] = {}
 
+    # -- visibility ----------------------------------------------------------
+    def parties(self, task: Task) -> set[str]:
+        """The keys a task is shown to: its initiator, the owners of its datasets, its
+        receivers, and the host of its executor."""
+        spec = task.spec
+        keys = {spec["initiator_key"], *(d["owner_key"] for d in spec["datasets"]),
+                *(r["sign_key"] for r in spec["receivers"])}
+        host = self.store.executor_host(task.executor)
+        return keys | ({host} if host else set())
+
+    def can_see(self, key: str, task: Task) -> bool:
+        """A party to the task, or an auditor (who reads everything)."""
+        node = self.store.node_by_key(key)
+        if node is not None and "auditor" in node["roles"]:
+            return True
+        return key in self.parties(task)
+
+    def visible_task(self, key: str, task_id: str) -> Task:
+        """The task if `key` may see it; else UnknownTask, as if there were none (a
+        stranger learns nothing, not even that the id is taken)."""
+        task = self.store.task(task_id)
+        if not self.can_see(key, task):
+            raise UnknownTask(f"unknown task {task_id!r}")
+        return task
+
+    def visible_tasks(self, key: str) -> list[Task]:
+        return [t for t in self.store.tasks() if self.can_see(key, t)]
+
+    def visible_audit(self, key: str, task_id: str | None) -> list[audit.Entry]:
+        """Audit entries of one visible task, or of every task `key` may see."""
+        if task_id is not None:  # an unknown and an unseen task look the same: empty
+            try:
+                self.visible_task(key, task_id)
+            except UnknownTask:
+                return []
+            return self.store.audit_log(task_id)
+        node = self.store.node_by_key(key)
+        if node is not None and "auditor" in node["roles"]:
+            return self.store.audit_log()
+        seen = {t.id for t in self.visible_tasks(key)}
+        return [e for e in self.store.audit_log() if e.task_id in seen]
+
     # -- submission ----------------------------------------------------------
     def submit(self, caller_key: str, body: dict[str, Any]) -> Task:
         """A task spec signed by its initiator (the caller)."""
@@ -104,7 +147,11 @@ class Scheduler:
             schemas[ref.name] = schema_from_b64(entry["schema_b64"])
         comp.precheck(dict(spec.params), schemas)
         executor = str(body.get("executor") or "") or self._pick_executor(policy)
-        parse_address(executor)
+        host, port = parse_address(executor)
+        if self.store.executor_host(f"{host}:{port}") is None:
+            # the scheduler connects only to executors that proved their address
+            raise InputError(f"executor {executor!r} is not registered with this scheduler")
+        executor = f"{host}:{port}"
         self.store.create_task(spec.to_dict(), digest, executor, signature)
         return self.store.task(spec.task_id)
 

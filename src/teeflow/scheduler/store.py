@@ -1,4 +1,5 @@
-"""The scheduler's state in SQLite: nodes, executors, the dataset catalog, tasks,
+"""The scheduler's state in SQLite: members (invitations, the operator's key list, and
+the nodes that joined, with their roles), executors, the dataset catalog, tasks,
 assignments, approvals, seen request nonces, and the hash-chained audit log.
 
 It routes and records; it never holds a row of anyone's data. Every task state
@@ -9,7 +10,9 @@ history: one chain over all tasks (see core/audit.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -19,16 +22,28 @@ from pathlib import Path
 from typing import Any
 
 from teeflow.core import audit
-from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
+from teeflow.core.errors import (
+    AuthError,
+    InputError,
+    NotInvited,
+    StateError,
+    UnknownDataset,
+    UnknownTask,
+)
 from teeflow.scheduler.state import ASSIGNMENT_STATES, FINAL, next_assignment, next_state
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, public_key TEXT NOT NULL UNIQUE, enc_key TEXT NOT NULL,
-    registered_at REAL NOT NULL);
+    registered_at REAL NOT NULL, roles TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS invitations (
+    token_sha256 TEXT PRIMARY KEY, roles TEXT NOT NULL, name TEXT, expires REAL NOT NULL,
+    created_at REAL NOT NULL, used_at REAL, used_by TEXT);
+CREATE TABLE IF NOT EXISTS members (
+    public_key TEXT PRIMARY KEY, roles TEXT NOT NULL, name TEXT);
 CREATE TABLE IF NOT EXISTS executors (
     address TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, tee TEXT NOT NULL,
-    measurements TEXT NOT NULL, registered_at REAL NOT NULL);
+    measurements TEXT NOT NULL, registered_at REAL NOT NULL, host_key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES nodes(name),
     schema_b64 TEXT NOT NULL, fingerprint TEXT NOT NULL, rows INTEGER NOT NULL,
@@ -54,7 +69,26 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_task ON audit(task_id);
 """
+ROLES = ("owner", "initiator", "executor_host", "auditor")
+INVITE_PREFIX = "tfi_"
+INVITE_TTL = 7 * 86400.0
 
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_roles(roles: Collection[str]) -> str:
+    """Roles as stored (sorted, comma-joined); InputError for an unknown or empty set."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise InputError(f"roles: give one or more of {', '.join(ROLES)}"
+                         + (f" (not {', '.join(map(repr, unknown))})" if unknown else ""))
+    return ",".join(sorted(set(roles)))
+
+
+def _node(row: sqlite3.Row) -> dict[str, Any]:
+    return {**dict(row), "roles": row["roles"].split(",") if row["roles"] else []}
 
 
 @dataclass(frozen=True)
@@ -91,6 +125,17 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """A database from before closed membership: its nodes get no roles (so they can
+        do nothing until the operator lists them with `--members`), its executors no
+        host. Fail closed, nothing guessed."""
+        for table, column in (("nodes", "roles"), ("executors", "host_key")):
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL "
+                                 "DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -114,44 +159,108 @@ class Store:
                 return False
         return True
 
-    # -- nodes, executors and catalog --------------------------------------
-    def register_node(self, name: str, public_key: str, enc_key: str) -> None:
+    # -- membership: invitations, the operator's key list, nodes -----------
+    def invite(self, roles: Collection[str], name: str | None = None,
+               ttl: float = INVITE_TTL) -> str:
+        """A fresh one-time invitation token; only its SHA-256 is kept."""
+        stored = check_roles(roles)
+        if not ttl > 0:
+            raise InputError("invitation lifetime must be positive")
+        token = INVITE_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT public_key FROM nodes WHERE name=?", (name,)).fetchone()
+            db.execute("INSERT INTO invitations VALUES (?,?,?,?,?,NULL,NULL)",
+                       (_token_hash(token), stored, name, now + ttl, now))
+        return token
+
+    def set_members(self, members: Collection[tuple[str, Collection[str], str | None]]) -> None:
+        """The operator's key list (public key, roles, name or None), replacing the last
+        one; nodes already joined under a listed key take its roles."""
+        rows = [(key, check_roles(roles), name) for key, roles, name in members]
+        with self._tx() as db:
+            db.execute("DELETE FROM members")
+            for key, roles, name in rows:
+                db.execute("INSERT INTO members VALUES (?,?,?)", (key, roles, name))
+                db.execute("UPDATE nodes SET roles=? WHERE public_key=?", (roles, key))
+
+    def register_node(self, name: str, public_key: str, enc_key: str,
+                      invite: str | None = None) -> list[str]:
+        """Admit a node (its roles) by the operator's key list or by spending `invite`,
+        in one transaction; a node already joined under this name and key needs neither.
+        NotInvited if neither admits it; nothing is stored then."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
             other = db.execute("SELECT name FROM nodes WHERE public_key=?",
                                (public_key,)).fetchone()
-            if row is None and other is None:
-                db.execute("INSERT INTO nodes VALUES (?,?,?,?)",
-                           (name, public_key, enc_key, time.time()))
-            elif row is None or row["public_key"] != public_key:
+            if row is not None and row["public_key"] == public_key:
+                return _node(row)["roles"]
+            # admission first: a stranger learns nothing of who is registered (a conflict
+            # below rolls the spent invitation back with the rest)
+            roles = self._admit(db, name, public_key, invite)
+            if row is not None or other is not None:
                 taken = f"node {name!r}" if row is not None else f"key of {other['name']!r}"
                 raise AuthError(f"{taken} is registered with another key or name")
+            db.execute("INSERT INTO nodes VALUES (?,?,?,?,?)",
+                       (name, public_key, enc_key, time.time(), roles))
+        return roles.split(",")
+
+    @staticmethod
+    def _admit(db: sqlite3.Connection, name: str, public_key: str, invite: str | None) -> str:
+        member = db.execute("SELECT roles, name FROM members WHERE public_key=?",
+                            (public_key,)).fetchone()
+        if member is not None and member["name"] in (None, name):
+            return str(member["roles"])
+        if not invite:
+            raise NotInvited("registration refused: this key has no invitation (ask the "
+                             "scheduler's operator for one: teeflow scheduler invite)")
+        now = time.time()
+        inv = db.execute("SELECT * FROM invitations WHERE token_sha256=?",
+                         (_token_hash(invite),)).fetchone()
+        if inv is None:
+            raise NotInvited("registration refused: unknown invitation token")
+        if inv["used_at"] is not None:
+            raise NotInvited("registration refused: invitation already used")
+        if inv["expires"] < now:
+            raise NotInvited("registration refused: invitation expired")
+        if inv["name"] is not None and inv["name"] != name:
+            raise NotInvited("registration refused: invitation is for another node name")
+        spent = db.execute("UPDATE invitations SET used_at=?, used_by=? WHERE token_sha256=? "
+                           "AND used_at IS NULL", (now, public_key, inv["token_sha256"]))
+        if spent.rowcount != 1:  # pragma: no cover - the write lock makes this the only tx
+            raise NotInvited("registration refused: invitation already used")
+        return str(inv["roles"])
 
     def node_by_key(self, public_key: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM nodes WHERE public_key=?", public_key)
-        return dict(rows[0]) if rows else None
+        return _node(rows[0]) if rows else None
 
     def node(self, name: str) -> dict[str, Any]:
         rows = self._rows("SELECT * FROM nodes WHERE name=?", name)
         if not rows:
             raise AuthError(f"node {name!r} is not registered")
-        return dict(rows[0])
+        return _node(rows[0])
 
     def node_key(self, name: str) -> str:
         return str(self.node(name)["public_key"])
 
     def nodes(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._rows("SELECT * FROM nodes ORDER BY name")]
+        return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY name")]
 
     def register_executor(self, address: str, cert_pem: str, tee: str,
-                          measurements: dict[str, str]) -> None:
+                          measurements: dict[str, str], host_key: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO executors VALUES (?,?,?,?,?)",
-                       (address, cert_pem, tee, json.dumps(measurements), time.time()))
+            db.execute("INSERT OR REPLACE INTO executors VALUES (?,?,?,?,?,?)",
+                       (address, cert_pem, tee, json.dumps(measurements), time.time(),
+                        host_key))
 
     def executors(self) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM executors ORDER BY address")
         return [{**dict(r), "measurements": json.loads(r["measurements"])} for r in rows]
+
+    def executor_host(self, address: str) -> str | None:
+        """The key of the node that registered the executor at `address`."""
+        rows = self._rows("SELECT host_key FROM executors WHERE address=?", address)
+        return str(rows[0]["host_key"]) if rows else None
 
     def add_dataset(self, owner: str, name: str, schema_b64: str, fingerprint: str,
                     rows: int) -> None:

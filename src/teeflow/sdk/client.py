@@ -1,8 +1,9 @@
 """The Python SDK: build and sign a task, wait for its owners and its run, open its result.
 
     from teeflow.sdk import Client
-    client = Client("http://127.0.0.1:8700", key="~/.config/teeflow/key.pem", policy=policy,
-                    name="carol")                      # registers carol's keys if needed
+    client = Client("https://127.0.0.1:8700#sha256:<fingerprint>",  # pinned, from the invite
+                    key="~/.config/teeflow/key.pem", policy=policy,
+                    name="carol", invite="tfi_...")    # registers carol's keys if needed
     task = client.submit(["train_party_1", "train_party_2"], executor="127.0.0.1:8815",
                          compute="logistic_regression", params={"label": "y"})
     client.wait(task["id"])
@@ -79,15 +80,16 @@ class Client:
     def __init__(self, scheduler: str, key: Identity | str | Path | None = None,
                  policy: AppraisalPolicy | None = None,
                  collateral: CollateralSource | None = None, amd_ark: bytes | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, invite: str | None = None) -> None:
         if key is None or isinstance(key, (str, Path)):
             key = load_or_create_key(Path(key or DEFAULT_HOME / "key.pem").expanduser())
         self.identity: Identity = key
+        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...
         self.scheduler = SchedulerClient(scheduler, self.identity)
         self.policy = policy
         self.verifiers = make_verifiers(collateral, amd_ark)
         if name is not None:
-            self.scheduler.register_node(name)
+            self.scheduler.register_node(name, invite)
 
     def close(self) -> None:
         self.scheduler.close()
