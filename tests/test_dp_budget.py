@@ -238,7 +238,8 @@ def _provider(tmp_path: Path, rule: bool = True) -> Provider:
     pq.write_table(TABLE, path)
     rules = (ApprovalRule(("dp_aggregate", "linear_regression"), ("patients",),
                           (INITIATOR.public_key(),)),) if rule else ()
-    cfg = ProviderConfig(name="alice", key_file=tmp_path / "alice.key", scheduler="https://x#sha256:" + "0" * 64,
+    cfg = ProviderConfig(name="alice", key_file=tmp_path / "alice.key",
+                         scheduler="https://x#sha256:" + "0" * 64,
                          datasets=(DatasetConfig("patients", path, PATIENTS),),
                          policy=appraisal_policy(), approve=rules)
     node = Provider(cfg, identity=OWNER)
