@@ -199,3 +199,14 @@ def challenge_for(executor: Any, task: str, signer: KeySigner, as_key: str | Non
     task_id = executor.status(task)["task_id"]
     signature = signer.sign(wire.challenge_message(task_id, executor.tls_spki_hash, when))
     return executor.challenge(task, as_key or signer.public_key(), when, signature)
+
+
+def wait_task_state(client: Any, task_id: str, states: set[str], timeout: float = 60) -> dict:
+    """Poll an SDK client until the task reaches one of `states` (a bound, not a timed assert)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.task(task_id)
+        if task["state"] in states:
+            return task
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ import pytest
 from teeflow.cli.cluster import LocalCluster, Party
 from teeflow.core.errors import TaskFailed
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy
+from tests.factories import appraisal_policy, wait_task_state
 
 pytestmark = pytest.mark.e2e
 
@@ -62,15 +61,6 @@ def _stop(c: LocalCluster) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
     c.stop()
 
-
-def _wait_state(client: Client, task_id: str, states: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = client.task(task_id)
-        if task["state"] in states:
-            return task
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")
 
 
 def _mean(eps: str) -> dict[str, str]:
@@ -120,11 +110,11 @@ def test_dp_aggregate_spends_the_owners_budget_which_no_restart_resets(cluster):
         # a non-DP computation on a dataset that requires DP: alice refuses to sign
         plain = client.submit(["alice_ds"], None, "linear_regression", {"label": "age",
                                                                          "features": "visits"})
-        _wait_state(client, plain["id"], {"rejected"})
+        wait_task_state(client, plain["id"], {"rejected"})
 
         # 1.0 of 1.5 spent: another 1.0 would overdraw; alice refuses, naming the dataset
         over = client.submit(["alice_ds", "bob_ds"], None, "dp_aggregate", _mean("1.0"))
-        _wait_state(client, over["id"], {"rejected"})
+        wait_task_state(client, over["id"], {"rejected"})
         with pytest.raises(TaskFailed, match="rejected"):
             client.wait(over["id"], timeout=10)
     log = _log(c, "alice")
@@ -137,7 +127,7 @@ def test_dp_aggregate_spends_the_owners_budget_which_no_restart_resets(cluster):
     _start(c, c.parties, "wiped.sqlite")
     with key() as client:
         again = client.submit(["alice_ds"], None, "dp_aggregate", _mean("0.6"))
-        _wait_state(client, again["id"], {"rejected"})
+        wait_task_state(client, again["id"], {"rejected"})
         fits = client.submit(["alice_ds"], None, "dp_aggregate", _mean("0.5"))
         client.wait(fits["id"], timeout=120)
         assert client.result(fits["id"]).value["privacy"]["epsilon"] == 0.5
@@ -156,7 +146,7 @@ def test_a_task_signed_by_hand_is_debited_at_upload_and_refused_when_spent(clust
         params = {"statistic": "histogram", "column": "ward", "categories": "a,b,c,d",
                   "epsilon": "1.0"}
         first = client.submit(["carol_ds"], None, "dp_aggregate", params)
-        _wait_state(client, first["id"], {"submitted"})
+        wait_task_state(client, first["id"], {"submitted"})
         carol.decide(first["id"], "approved")
         client.wait(first["id"], timeout=120)
         value = client.result(first["id"]).value
@@ -165,7 +155,7 @@ def test_a_task_signed_by_hand_is_debited_at_upload_and_refused_when_spent(clust
 
         second = client.submit(["carol_ds"], None, "dp_aggregate", {**params,
                                                                     "epsilon": "0.1"})
-        _wait_state(client, second["id"], {"submitted"})
+        wait_task_state(client, second["id"], {"submitted"})
         carol.decide(second["id"], "approved")
         with pytest.raises(TaskFailed, match="dataset 'carol_ds': privacy budget would be "
                                              "overdrawn"):

@@ -24,7 +24,7 @@ from teeflow.cli.demo import make_party_data
 from teeflow.core.errors import TaskFailed, UnknownTask
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy
+from tests.factories import appraisal_policy, wait_task_state
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.e2e
 # polls open at the time, so a short one keeps each cluster's stop (and restart) short.
 POLL_WAIT = 1
 
-
-def _wait_state(client: Client, task_id: str, states: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = client.task(task_id)
-        if task["state"] in states:
-            return task
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")
 
 
 def _client(c: LocalCluster) -> Client:
@@ -130,7 +121,7 @@ def test_logistic_regression_matches_plaintext(cluster, tmp_path):
         assert task["executor"] == cluster.executor_address  # picked by the spec's policy
         client.wait(task["id"], timeout=120)
         result = client.result(task["id"])
-        history = _wait_state(client, task["id"], {"released"})
+        history = wait_task_state(client, task["id"], {"released"})
     frames = [pd.read_csv(cluster.parties["train_party_1"].path),
               pd.read_parquet(cluster.parties["train_party_2"].path)]
     ref = reference.plaintext_logistic_regression(pd.concat(frames, ignore_index=True), "y")
@@ -250,7 +241,7 @@ def test_provider_killed_mid_upload_leaves_nothing(own_cluster, tmp_path):
         _wait_uploading(client, task["id"], "bob")
         time.sleep(1.5)  # a couple of paced batches are in the executor
         c.stop_process("provider-bob", signal.SIGKILL)
-        final = _wait_state(client, task["id"], {"failed"}, timeout=90)
+        final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
         assert "d2" in (final["error"] or "")
         with ExecutorClient(c.executor_address, None) as ex:
             status = ex.status(task["id"])
@@ -294,7 +285,7 @@ def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
     datasets = ["consent_d1", "consent_d2"]
     with _client(c) as client:
         task = client.submit(datasets, None, "logistic_regression", {"label": "y"})
-        waiting = _wait_state(client, task["id"], {"submitted"})
+        waiting = wait_task_state(client, task["id"], {"submitted"})
         time.sleep(1.0)  # frank's rule signs; grace has none
         waiting = client.task(task["id"])
         assert waiting["state"] == "submitted"
@@ -311,7 +302,7 @@ def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
             client.wait(second["id"], timeout=30)
         with ExecutorClient(c.executor_address, None) as ex, pytest.raises(UnknownTask):
             ex.status(second["id"])  # the executor never heard of it
-        _wait_state(client, task["id"], {"released"})
+        wait_task_state(client, task["id"], {"released"})
         listing = subprocess.run(
             [sys.executable, "-m", "teeflow.cli.main", "executors"],
             env={**env, "TEEFLOW_KEY": str(c.initiator_key),
