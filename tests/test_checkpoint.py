@@ -58,7 +58,7 @@ def test_forgeries_refused(key: KeySigner) -> None:
 
 @pytest.mark.parametrize(("note", "what"), [
     ("x" * (ck.MAX_NOTE + 1), "larger than"),
-    ("a\n1\n\n", "signatures"),
+    ("a\n1\n\n", "no signature"),
     ("a\n1\nAAAA\n\n\u2014 n AAAAAAAA", "newline"),
     ("a\n1\nAAAA\n\n- n AAAAAAAA\n", "line 1"),
     ("a\n1\nAAAA\n\n\u2014 n !!!\n", "not base64"),
