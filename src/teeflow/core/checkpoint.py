@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teeflow.core.crypto import Signer
-from teeflow.core.errors import TeeflowError
+from teeflow.core.errors import NoteError
 
 MAX_NOTE = 64 * 1024
 MAX_SIGNATURES = 64
@@ -36,12 +36,6 @@ MAX_EXTENSIONS = 16
 ED25519 = 0x01
 COSIGNATURE_V1 = 0x04
 DASH = "\u2014 "
-
-
-class NoteError(TeeflowError):
-    """A note or checkpoint that is malformed or whose signature does not verify."""
-
-    code = "note"
 
 
 @dataclass(frozen=True)
@@ -126,18 +120,26 @@ def parse_note(note: str | bytes) -> tuple[str, list[NoteSignature]]:
     for n, line in enumerate(sigs[:-1].split("\n"), 1):
         if len(out) >= MAX_SIGNATURES:
             raise NoteError(f"note has more than {MAX_SIGNATURES} signatures")
-        if not line.startswith(DASH):
-            raise NoteError(f"signature line {n} does not start with '— '")
-        name, _, b64 = line[len(DASH):].partition(" ")
-        _check_name(name)
-        try:
-            raw = base64.b64decode(b64, validate=True)
-        except (ValueError, binascii.Error):
-            raise NoteError(f"signature line {n} is not base64") from None
-        if len(raw) < 5:
-            raise NoteError(f"signature line {n} is too short")
-        out.append(NoteSignature(name, raw[:4], raw[4:]))
+        out.append(parse_signature_line(line, n))
     return text, out
+
+
+def parse_signature_line(line: str, n: int = 1) -> NoteSignature:
+    """One `— name base64(key ID || signature)` line (no newline)."""
+    line = line.removesuffix("\n")
+    if len(line) > 1024 or "\n" in line:
+        raise NoteError(f"signature line {n} is not one line of at most 1024 characters")
+    if not line.startswith(DASH):
+        raise NoteError(f"signature line {n} does not start with '— '")
+    name, _, b64 = line[len(DASH):].partition(" ")
+    _check_name(name)
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (ValueError, binascii.Error):
+        raise NoteError(f"signature line {n} is not base64") from None
+    if len(raw) < 5:
+        raise NoteError(f"signature line {n} is too short")
+    return NoteSignature(name, raw[:4], raw[4:])
 
 
 def parse_checkpoint(text: str) -> Checkpoint:
@@ -214,3 +216,30 @@ def verify_cosignature(cp: Checkpoint, sig: NoteSignature, public_key_b64: str) 
 def add_signatures(note: str, lines: list[NoteSignature]) -> str:
     """The note with further signature lines (cosignatures) appended."""
     return note + "".join(s.line() for s in lines)
+
+
+# -- how the scheduler hands checkpoints out (scheduler/log.py, net/logview.py) --------
+CHECKPOINT_HEADER = "teeflow-checkpoint"
+KEY_HEADER = "teeflow-log-key"
+SIZE_HEADER = "teeflow-log-size"
+PROOF_HEADER = "teeflow-log-proof"
+
+
+def origin_of(log_key: str) -> str:
+    """The log's origin line (and note key name): fixed by its key, so a checkpoint
+    names the one log it is of."""
+    return "teeflow-scheduler/" + hashlib.sha256(base64.b64decode(log_key)).hexdigest()[:16]
+
+
+def encode_proof(proof: list[bytes]) -> str:
+    return base64.b64encode(b"".join(proof)).decode()
+
+
+def decode_proof(value: str, cap: int = 64) -> list[bytes]:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise NoteError("log proof is not base64") from None
+    if len(raw) % 32 or len(raw) > 32 * cap:
+        raise NoteError(f"log proof is not a list of at most {cap} 32-byte hashes")
+    return [raw[i:i + 32] for i in range(0, len(raw), 32)]

@@ -13,16 +13,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from teeflow.core.errors import TeeflowError
+from teeflow.core.errors import ProofError
 
 HASH_SIZE = 32
 MAX_PROOF = 64  # hashes: enough for 2**63 leaves
-
-
-class ProofError(TeeflowError):
-    """A proof that does not verify, or is malformed (says which)."""
-
-    code = "proof"
 
 
 def leaf_hash(data: bytes) -> bytes:

@@ -33,6 +33,7 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
@@ -50,7 +51,9 @@ class Provider:
     def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
         self.identity = identity or load_or_create_key(config.key_file)
-        self.scheduler = SchedulerClient(config.scheduler, self.identity)
+        # the newest log checkpoint this node saw, next to its key: checked on every contact
+        self.scheduler = SchedulerClient(config.scheduler, self.identity,
+                                         checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
