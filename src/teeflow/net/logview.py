@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 
 from teeflow.core import checkpoint as ck
-from teeflow.core.checkpoint import decode_proof, origin_of
 from teeflow.core import tlog
+from teeflow.core.checkpoint import decode_proof, origin_of
 from teeflow.core.errors import LogError, LogInconsistent
 from teeflow.files.checkpoints import CheckpointFile
 

@@ -32,8 +32,8 @@ from teeflow.core.errors import (
     Unreachable,
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
-from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.checkpoints import checkpoint_path
+from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient

@@ -18,6 +18,7 @@ from teeflow.core.checkpoint import CHECKPOINT_HEADER, KEY_HEADER, PROOF_HEADER,
 from teeflow.core.errors import InputError
 from teeflow.scheduler.store import Store
 
+
 class LogServer:
     def __init__(self, store: Store) -> None:
         self.store = store
