@@ -10,6 +10,7 @@ import pytest
 
 from teeflow.attestation.policy import load_policy
 from teeflow.core.errors import ConfigError
+from teeflow.core.wire import Receiver
 from teeflow.provider.config import (
     DEFAULTS,
     MAX_CONFIG,
@@ -21,7 +22,6 @@ from teeflow.provider.config import (
     read_config,
     with_defaults,
 )
-from teeflow.core.wire import Receiver
 from teeflow.provider.consent import ApprovalRule
 
 M = "AB" * 32

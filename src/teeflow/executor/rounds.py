@@ -1,8 +1,8 @@
 """Federated rounds: each owner trains on its own data and sends only its update; the
 executor averages a round once every owner's update is in (DP-FedAvg if the owners asked:
 clipped and noised), and seals the model after the last round; with `final_only` it hands
-out no model between rounds and averages once, at the end. Every round message is signed by the dataset's owner under a
-single-use challenge. No owner's update is ever handed to anyone.
+out no model between rounds and averages once, at the end. Every round message is signed
+by the dataset's owner under a single-use challenge. No owner's update is ever handed to anyone.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class Rounds:
         task, fed = self._authenticate(request, b"")
         with self.tasks.lock:
             # final_only: no global model until the end, and then only to the receivers
-            hidden = fed.weights is None or bool(task.params.get("final_only"))
+            shown = None if task.params.get("final_only") else fed.weights
             return {"round": fed.round, "rounds": fed.rounds, "status": str(task.status),
-                    "weights": None if hidden else fed.weights.tolist(),
+                    "weights": None if shown is None else shown.tolist(),
                     "sent": request.dataset in fed.updates}
 
     def update(self, request: FlRequest, update: dict[str, Any]) -> dict[str, Any]:
