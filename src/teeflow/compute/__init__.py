@@ -153,6 +153,7 @@ class Computation:
             "layout": self.layout,
             "min_datasets": self.min_datasets,
             "params": [p.describe() for p in self.params],
+            "revealing": list(self.revealing),
         }
         if digest:
             out["code_digest"] = self.code_digest
