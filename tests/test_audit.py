@@ -1,4 +1,4 @@
-"""The hash-chained audit log (core/audit.py) and the canonical task spec it records
+"""The audit log as a Merkle log (core/audit.py) and the canonical task spec it records
 (core/wire.py TaskSpec): a realistic chain verifies; every kind of tampering is caught at
 the first entry it breaks, also in a real store file edited behind the store's back."""
 
