@@ -15,7 +15,7 @@ import threading
 
 from teeflow.core import checkpoint as ck
 from teeflow.core.checkpoint import CHECKPOINT_HEADER, KEY_HEADER, PROOF_HEADER, origin_of
-from teeflow.core.errors import InputError
+from teeflow.core.errors import InputError, NoteError
 from teeflow.scheduler.store import Store
 
 
@@ -62,8 +62,11 @@ class LogServer:
         if not 0 < size <= self.store.log_head()[0]:
             raise InputError(f"size: no checkpoint of size {size} in this log")
         root = self.store.log_root(size)
-        sig = ck.parse_signature_line(line)
-        if sig.name != name:
-            raise InputError(f"line: a cosignature under this node's name {name!r}")
-        ck.verify_cosignature(ck.Checkpoint(self.origin, size, root), sig, public_key)
+        try:
+            sig = ck.parse_signature_line(line)
+            if sig.name != name:
+                raise InputError(f"line: a cosignature under this node's name {name!r}")
+            ck.verify_cosignature(ck.Checkpoint(self.origin, size, root), sig, public_key)
+        except NoteError as exc:
+            raise InputError(f"line: {exc}") from None
         self.store.add_cosignature(size, root, public_key, sig.line())
