@@ -25,6 +25,7 @@ from teeflow.core.errors import LogInconsistent
 from teeflow.files.checkpoints import CheckpointFile
 from teeflow.files.keys import load_key
 from teeflow.net.logcheck import verify_party
+from teeflow.net.logview import LogView
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.scheduler.identity import SIGNING_KEY
 from teeflow.scheduler.store import Store
@@ -118,7 +119,7 @@ def _rows(db: Path) -> list[dict]:
         con.close()
 
 
-def _rewrite(w: World, rows: list[dict]) -> None:
+def _rewrite(w: World, rows: list[dict], restart: bool = True) -> None:
     """Replace the log by `rows`, re-chained and re-signed with the scheduler's own key:
     every index, previous root, leaf hash and log signature consistent again."""
     w.cluster.stop_process("scheduler")
@@ -137,7 +138,8 @@ def _rewrite(w: World, rows: list[dict]) -> None:
                              e.signature, e.prev_root, e.hash, e.log_signature))
     finally:
         con.close()
-    w.cluster.start_scheduler()
+    if restart:
+        w.cluster.start_scheduler()
 
 
 def _self_consistent(w: World) -> int:
@@ -275,3 +277,31 @@ def test_fork_between_two_parties_is_caught(world: World):
     with SchedulerClient(url_b, ALICE, checkpoints=world.tmp / "alice.checkpoint.json") as a, \
             pytest.raises(LogInconsistent, match="fork"):
         a.tasks()
+
+
+def test_a_real_provider_stops_on_a_truncated_log(world: World):
+    """A provider process holds the checkpoint it saw; the operator truncates the log and
+    restarts the scheduler at the same address; the provider's next poll refuses and the
+    node stops, naming why."""
+    from teeflow.cli.cluster import Party
+    from teeflow.cli.demo import make_party_data
+
+    make_party_data(world.tmp / "carol.csv", 20, seed=1)
+    proc = world.cluster.start_provider(Party("carol", "carol_data", world.tmp / "carol.csv"))
+    world.cluster.wait_for_datasets(["carol_data"])
+    held = world.tmp / "carol.key.checkpoint.json"
+    assert CheckpointFile(held).load() is not None
+    size = LogView(CheckpointFile(held)).snapshot()
+    assert size is not None and size.size == len(_rows(world.db))
+    world.cluster.stop_process("scheduler")
+    rows = _rows(world.db)[:-2]
+    _rewrite(world, rows, restart=False)
+    port_file = world.tmp / "scheduler.port"
+    port_file.unlink(missing_ok=True)
+    world.cluster._spawn("scheduler", "scheduler", "--db", str(world.db), "--data-dir",
+                         str(world.tmp), "--listen", world.cluster.scheduler_address,
+                         "--port-file", str(port_file))
+    world.cluster._wait_port("scheduler", port_file)
+    assert proc.wait(timeout=60) != 0
+    log = (world.tmp / "logs" / "provider-carol.log").read_text()
+    assert "stopping" in log and "shrank" in log

@@ -27,6 +27,7 @@ from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    LogInconsistent,
     OverBudget,
     TeeflowError,
     Unreachable,
@@ -83,6 +84,9 @@ class Provider:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
                 continue
+            except LogInconsistent as exc:  # the scheduler rewrote what this node saw
+                log.error("stopping: %s", exc)
+                raise
             for item in work:
                 key = (item["kind"], item["task_id"], item.get("dataset", ""))
                 with self._lock:
