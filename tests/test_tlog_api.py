@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from teeflow.core import audit, tlog
+from teeflow.core import audit, auth, tlog
 from teeflow.core import checkpoint as ck
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, InputError, LogInconsistent
@@ -60,13 +60,22 @@ def test_every_answer_carries_a_checkpoint_and_proof(world, tmp_path):
     _grow(store, 6)
     sc.nodes()  # consistency 5 -> 11 checked on the way
     assert sc.log.snapshot().size == 11
-    # an unsigned request gets one too, with the proof from the size it names
-    resp = TestClient(app).get("/v1/health", headers={ck.SIZE_HEADER: "3"})
+    # a member's request naming a size gets the proof from it; a stranger gets nothing
+    raw = b""
+    headers = {**auth.sign_request(ALICE, "GET", "/v1/nodes", raw, int(time.time())),
+               ck.SIZE_HEADER: "3"}
+    resp = TestClient(app).get("/v1/nodes", headers=headers)
     note = base64.b64decode(resp.headers[ck.CHECKPOINT_HEADER]).decode()
     cp = ck.open_checkpoint(note, ck.origin_of(resp.headers[ck.KEY_HEADER]),
                             resp.headers[ck.KEY_HEADER])
     tlog.verify_consistency(3, cp.size, store.log_root(3), cp.root,
                             ck.decode_proof(resp.headers[ck.PROOF_HEADER]))
+    for stranger in (TestClient(app).get("/v1/health"), TestClient(app).get(
+            "/v1/nodes", headers=auth.sign_request(MALLORY, "GET", "/v1/nodes", raw,
+                                                   int(time.time())))):
+        assert ck.CHECKPOINT_HEADER not in stranger.headers
+    with pytest.raises(AuthError):
+        _client(app, MALLORY).nodes()  # the refusal itself, not a log error
     # the held checkpoint survives a restart of the node
     assert LogView(sc.log.file).snapshot() == sc.log.snapshot()
 

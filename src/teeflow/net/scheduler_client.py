@@ -147,7 +147,9 @@ class SchedulerClient:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"scheduler {self.url} unreachable: {exc}") from exc
-        if observe:
+        # a success must carry a checkpoint that checks; an error need not (a refused
+        # stranger gets none) but is checked if it does
+        if observe and (resp.status_code < 400 or ck.CHECKPOINT_HEADER in resp.headers):
             h = resp.headers
             self.log.observe(h.get(ck.CHECKPOINT_HEADER), h.get(ck.KEY_HEADER),
                              h.get(ck.PROOF_HEADER), sent, self._consistency_proof)

@@ -157,6 +157,7 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
                     raise Unauthenticated(str(exc)) from None
                 if registered and store.node_by_key(key) is None:
                     raise Unauthenticated("request signed by a key that is not registered")
+                request.scope[CALLER] = key  # for checkpoint_headers, once answered
                 # every body is JSON whatever content-type it claims (as the signature
                 # covers the body, not that header), so FastAPI decodes it as JSON
                 headers = [(k, v) for k, v in request.scope["headers"]
@@ -203,10 +204,13 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
 
     @app.middleware("http")
     async def checkpoint_headers(request: Request, call_next: Any) -> Response:
-        """Every answer carries a fresh signed checkpoint (and the consistency proof from
-        the size the caller holds): a node checks the log on every contact."""
+        """Every answer to a member carries a fresh signed checkpoint (and the consistency
+        proof from the size the caller holds): a node checks the log on every contact. A
+        stranger's request gets none (not even the log's size)."""
         response = await call_next(request)
-        response.headers.update(logs.headers(request.headers.get(SIZE_HEADER)))
+        key = request.scope.get(CALLER)
+        if key and store.node_by_key(key) is not None:  # members only: strangers learn
+            response.headers.update(logs.headers(request.headers.get(SIZE_HEADER)))
         return response
 
     @app.get("/v1/health")
