@@ -90,7 +90,7 @@ class ListRule:
 @dataclass(frozen=True)
 class Analysis:
     name: str
-    sha256: str  # of the query text, UTF-8, exactly as the task gives it
+    sha256: str  # query_digest of the query text
     query: str | None = None  # published so initiators can use it
     parameters: dict[str, str] = field(default_factory=dict)  # $name -> str | int | float
 
@@ -106,7 +106,7 @@ class Analysis:
 class DatasetRules:
     computations: tuple[str, ...] = COMPUTATIONS_DEFAULT
     aggregation: AggregationRule | None = None
-    list: ListRule | None = None
+    listing: ListRule | None = None  # the `list` rule
     analyses: tuple[Analysis, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,8 +114,8 @@ class DatasetRules:
                                "analyses": [a.to_dict() for a in self.analyses]}
         if self.aggregation is not None:
             out["aggregation"] = self.aggregation.to_dict()
-        if self.list is not None:
-            out["list"] = self.list.to_dict()
+        if self.listing is not None:
+            out["list"] = self.listing.to_dict()
         return out
 
     def digest(self) -> str:
@@ -123,7 +123,8 @@ class DatasetRules:
         return hashlib.sha256(canonical(self.to_dict())).hexdigest()
 
     def kinds(self) -> list[str]:
-        return ([k for k in ("aggregation", "list") if getattr(self, k) is not None]
+        return (["aggregation"] * (self.aggregation is not None)
+                + ["list"] * (self.listing is not None)
                 + (["analyses"] if self.analyses else []))
 
     def analysis(self, sha256: str) -> Analysis | None:
@@ -131,7 +132,9 @@ class DatasetRules:
 
 
 def query_digest(query: str) -> str:
-    return hashlib.sha256(query.encode()).hexdigest()
+    """What an approved analysis is named by: SHA-256 of its text, UTF-8, without leading
+    or trailing white space (a task's `query` parameter is stripped the same way)."""
+    return hashlib.sha256(query.strip().encode()).hexdigest()
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def load_rules(raw: Any, where: str = "rules") -> DatasetRules:
         computations=tuple(sorted(set(comps))),
         aggregation=_aggregation(t["aggregation"], f"{where}.aggregation")
         if "aggregation" in t else None,
-        list=_list(t["list"], f"{where}.list") if "list" in t else None,
+        listing=_list(t["list"], f"{where}.list") if "list" in t else None,
         analyses=analyses)
     if "sql" in rules.computations and not rules.kinds():
         raise ConfigError(f"{where}: grants sql but no aggregation, list or analyses rule")
