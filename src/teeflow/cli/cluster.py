@@ -144,7 +144,8 @@ class LocalCluster:
         return address
 
     def write_provider_config(self, party: Party, policy: str | None = None,
-                              approve: bool = True) -> Path:
+                              approve: bool = True, dataset_toml: str = "") -> Path:
+        """`dataset_toml`: tables of the party's dataset, such as its `[datasets.rules]`."""
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -158,15 +159,16 @@ class LocalCluster:
             "poll_wait = 5\n\n"
             "[[datasets]]\n"
             f"name = {_toml_str(party.dataset)}\n"
-            f"path = {_toml_str(str(party.path.resolve()))}\n\n"
+            f"path = {_toml_str(str(party.path.resolve()))}\n"
+            + dataset_toml + "\n"
             + (policy or policy_toml(code_measurement()))
             + (approve_toml([party.dataset], [self.initiator.public_key()]) if approve else "")
         )
         return config
 
     def start_provider(self, party: Party, policy: str | None = None,
-                       approve: bool = True) -> subprocess.Popen:
-        config = self.write_provider_config(party, policy, approve)
+                       approve: bool = True, dataset_toml: str = "") -> subprocess.Popen:
+        config = self.write_provider_config(party, policy, approve, dataset_toml)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
