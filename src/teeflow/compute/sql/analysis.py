@@ -83,6 +83,7 @@ class _Binding:
     dataset: str
     rules: DatasetRules
     columns: dict[str, str]  # lower-case column -> family
+    types: dict[str, pa.DataType] = field(default_factory=dict)  # lower-case column -> type
 
 
 @dataclass(frozen=True)
@@ -249,16 +250,33 @@ class _Checker:
         for c in constants or []:
             if c.get("class") != "CONSTANT":
                 raise self.refuse(clause, "IN lists may hold only constants")
-        families = []
+        families, texts = [], []
         for e in exprs:
             family = self.value(e, clause, kind)
-            # a text constant is cast to the column's type when the query binds (it cannot
-            # fail on a data value); anything else compared across kinds casts the column
-            if not (family == "text" and e.get("class") == "CONSTANT") and family != "null":
-                families.append(family)
-        if len(set(families)) > 1:
+            if family == "text" and e.get("class") == "CONSTANT":
+                texts.append(e)  # DuckDB casts a text constant to the other side's type
+            elif family != "null":
+                families.append((family, e))
+        if len({f for f, _ in families}) > 1:
             raise self.refuse(clause, "compares values of different kinds (the implicit cast "
                                       "could fail on a value)")
+        if texts and families and families[0][0] != "text":
+            family, e = families[0]
+            target = self._time_type(e) if family == "time" else None
+            if target is None:
+                raise self.refuse(clause, f"compares a {family} value with a text constant; "
+                                          "use a constant of the same kind")
+            for t in texts:
+                if not _converts(str((t.get("value") or {}).get("value")), target):
+                    raise self.refuse(clause, f"a text constant that is not a {target}")
+
+    def _time_type(self, expr: dict[str, Any]) -> str | None:
+        """DATE or TIMESTAMP: what a text constant compared with `expr` is cast to."""
+        if expr.get("class") == "COLUMN_REF":
+            b, col = self.resolve(expr, "?")
+            return "DATE" if pa.types.is_date(b.types[col]) else (
+                "TIMESTAMP" if pa.types.is_timestamp(b.types[col]) else None)
+        return "TIMESTAMP"
 
     def join(self, cond: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
         clause = "JOIN"
@@ -320,7 +338,7 @@ class _Checker:
     def output(self, expr: dict[str, Any], clause: str) -> None:
         """SELECT, HAVING, ORDER BY of an aggregation: aggregates, GROUP BY keys, constants,
         and (in HAVING) comparisons and AND/OR/NOT of those."""
-        if parse_tree.shape(expr) in self.group_keys:
+        if _shape(expr) in self.group_keys:
             return
         cls = self.known(expr, clause)
         names = expr.get("column_names", [])
@@ -348,6 +366,31 @@ class _Checker:
         what = expr.get("function_name") or cls.lower()
         raise self.refuse(clause, f"{what!r} is not allowed: only granted aggregates and "
                                   "GROUP BY keys may be output")
+
+
+def _converts(text: str, target: str) -> bool:
+    """Whether a text constant casts to DATE or TIMESTAMP, checked now, with no data: the
+    cast in the query can then not fail, whatever rows it meets."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        row = con.execute(f"SELECT TRY_CAST(?::VARCHAR AS {target}) IS NOT NULL",
+                          [text]).fetchone()
+    finally:
+        con.close()
+    return bool(row and row[0])
+
+
+def _shape(expr: Any) -> Any:
+    """An expression for comparing GROUP BY keys: no positions or aliases, and column
+    names in lower case (SQL names are case-insensitive)."""
+    if isinstance(expr, dict):
+        return {k: ([str(n).lower() for n in v] if k == "column_names" else _shape(v))
+                for k, v in expr.items() if k not in parse_tree.IGNORED_KEYS}
+    if isinstance(expr, list):
+        return [_shape(v) for v in expr]
+    return expr
 
 
 def _all_aggregates() -> frozenset[str]:
@@ -516,7 +559,8 @@ def _bindings(ref: dict[str, Any], rules: dict[str, DatasetRules],
     ds = by_lower[table]
     name = str(ref.get("alias") or table).lower()
     columns = {f.name.lower(): _family(f.type) for f in schemas[ds]}
-    return {name: _Binding(name, ds, rules[ds], columns)}
+    types = {f.name.lower(): f.type for f in schemas[ds]}
+    return {name: _Binding(name, ds, rules[ds], columns, types)}
 
 
 def _joins(ref: dict[str, Any], checker: _Checker, pairs: list[tuple[str, str]]) -> None:
@@ -582,7 +626,7 @@ def _aggregation(node: dict[str, Any], tree: dict[str, Any], checker: _Checker) 
                 expr = next(e for e in select if str(e.get("alias", "")).lower() == alias)
         checker.value(expr, "GROUP BY", "dimension")
         keys.append(expr)
-    checker.group_keys = [parse_tree.shape(k) for k in keys]
+    checker.group_keys = [_shape(k) for k in keys]
     for expr in select:
         checker.output(expr, "SELECT")
     if node.get("having") is not None:
