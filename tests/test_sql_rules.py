@@ -140,3 +140,62 @@ def test_executor_create_task_enforces_the_signed_rules():
     tasks, spec, approvals = _executor_task(RULES.digest(), compute="linear_regression")
     with pytest.raises(ParameterError, match="allow only sql, not linear_regression"):
         tasks.create(spec, approvals, schemas, rules={"d": RULES.to_dict()})
+
+
+# -- the scheduler publishes rules and relays them ----------------------------------------
+
+
+def test_scheduler_publishes_checks_and_relays_the_rules():
+    import json
+
+    from teeflow.core.schemas import schema_to_b64
+    from teeflow.scheduler.service import Scheduler
+    from teeflow.scheduler.store import Store
+    from tests.factories import scheduler_app, submit_signature
+    from tests.test_scheduler_api import SCHEMA as API_SCHEMA
+    from tests.test_scheduler_api import FakeExecutor, World
+
+    store = Store(":memory:")
+    fake = FakeExecutor()
+    scheduler = Scheduler(store, connect=fake.connect)
+    with scheduler_app(store, scheduler) as api:
+        world = World(api, store, scheduler, fake)
+        world.register()
+        bad = world.call("alice", "POST", "/v1/datasets", {
+            "name": "a_data", "owner": "alice", "schema": schema_to_b64(API_SCHEMA),
+            "rows": 2, "rules": {"aggregation": {**AGG, "aggregates": {"max": ["value"]}}}})
+        assert bad.status_code == 400 and "rules.aggregation.aggregates.max" in bad.text
+        rules = load_rules({"aggregation": {**AGG, "identity": "name"}})
+        r = world.call("alice", "POST", "/v1/datasets", {
+            "name": "a_data", "owner": "alice", "schema": schema_to_b64(API_SCHEMA),
+            "rows": 2, "rules": rules.to_dict()})
+        assert r.status_code == 200, r.text
+        listed = {d["name"]: d for d in world.call("carol", "GET", "/v1/datasets").json()}
+        assert listed["a_data"]["rules"] == rules.to_dict()
+        assert listed["a_data"]["rules_digest"] == rules.digest()
+        assert listed["b_data"]["rules"] is None and listed["b_data"]["rules_digest"] is None
+
+        bare = world.spec()  # no rules digest for a_data: refused at submit
+        r = world.submit(bare)
+        assert r.status_code == 400 and "analysis rules digest" in r.text
+        refs = tuple(dataclasses.replace(d, rules=rules.digest()) if d.name == "a_data" else d
+                     for d in bare.datasets)
+        spec = world.spec(datasets=refs)
+        r = world.submit(spec, submit_signature(spec, world.initiator))
+        assert r.status_code == 201, r.text
+        for who in ("alice", "bob"):
+            assert world.decide(who, spec).status_code == 200
+        created = json.loads(fake.kinds("create-task")[-1])
+        assert created["rules"] == {"a_data": rules.to_dict()}
+    store.close()
+
+
+def test_cli_summarises_published_rules():
+    from teeflow.cli.initiator import rules_summary
+
+    assert rules_summary(None) == "-"
+    text = rules_summary(load_rules({"aggregation": AGG, "list": {
+        "list_columns": ["region"], "join_columns": ["pid"]}}).to_dict())
+    assert "aggregation: count(*|pid), sum(cost); by region; join on pid; >= 3 pid per row" \
+        in text
+    assert "list: region (join on pid)" in text

@@ -169,6 +169,10 @@ class Provider:
                     self.identity.public_key():
                 raise AuthError(f"assignment does not match the spec of task {task_id}")
             check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
+            mine_rules = dataset.rules.digest() if dataset.rules else None
+            if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
+                raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
+                                 "not uploading")
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
