@@ -109,6 +109,13 @@ class Provider:
             with self._lock:
                 self._busy.discard(key)
 
+    def _log_anchor(self) -> dict[str, Any]:
+        """The log head this node holds, for an entry it signs: its own signature then
+        pins the entry after that tree (core/audit.py checks it), whatever the scheduler
+        later re-signs."""
+        held = self.scheduler.log.snapshot()
+        return {} if held is None else {"log": {"size": held.size, "root": held.root.hex()}}
+
     # -- consent -------------------------------------------------------------
     def check_spec(self, spec: wire.TaskSpec) -> None:
         """This node's datasets in the spec are the ones it holds, with their schemas."""
@@ -188,7 +195,8 @@ class Provider:
                 if spec.compute == "user_code":
                     _check_isolation(client, self.config.policy, spec_policy)
                 body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
-                        "spec_digest": spec.digest(), "claims": claims.to_dict()}
+                        "spec_digest": spec.digest(), "claims": claims.to_dict(),
+                        **self._log_anchor()}
                 signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
                 self._try_report(task_id, name, "started", attested={
                     "body": body, "signature": base64.b64encode(signature).decode()})
