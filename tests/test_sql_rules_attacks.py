@@ -18,7 +18,8 @@ from teeflow.core.rules import load_rules, query_digest
 PATIENTS = pa.schema([("pid", pa.string()), ("region", pa.string()), ("age", pa.int32()),
                       ("cost", pa.float64()), ("name", pa.string()), ("visit", pa.date32())])
 ACCOUNTS = pa.schema([("pid", pa.string()), ("segment", pa.string()),
-                      ("spend", pa.float64()), ("balance", pa.int64())])
+                      ("spend", pa.float64()), ("balance", pa.int64()),
+                      ("wide", pa.decimal128(38, 0))])
 SCHEMAS = {"patients": PATIENTS, "accounts": ACCOUNTS}
 
 PATIENT_RULES = {
@@ -32,7 +33,7 @@ PATIENT_RULES = {
 }
 ACCOUNT_RULES = {
     "aggregation": {
-        "aggregates": {"count": ["*"], "sum": ["spend"], "avg": ["spend"]},
+        "aggregates": {"count": ["*"], "sum": ["spend", "wide"], "avg": ["spend"]},
         "join_columns": ["pid"], "dimension_columns": ["segment"], "identity": "pid",
         "min_identities": 5},
     "list": {"list_columns": ["segment"], "join_columns": ["pid"]},
@@ -151,6 +152,8 @@ ATTACKS = [
      r"in WHERE: compares values of different kinds"),
     ("overflow", "SELECT sum(age * 100000000000) FROM patients",
      r"in SELECT: the argument of sum\(\) must be one column"),
+    ("overflow of a wide decimal", "SELECT sum(wide) FROM accounts",
+     r"rule of dataset 'accounts'\), in SELECT: sum\(\) of a DECIMAL column wider than 18"),
     ("overflow in a filter", "SELECT count(*) FROM patients WHERE age * 1000000000 > 1",
      r"in WHERE: '\*' is not allowed on a dimension value"),
     ("scalar on the wrong kind", "SELECT year(region), count(*) FROM patients "

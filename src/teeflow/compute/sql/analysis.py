@@ -327,6 +327,12 @@ class _Checker:
                                       "arithmetic, CASE or casts inside an aggregate: they "
                                       "can single out rows)")
         for b, col in targets:
+            t = b.types.get(col)
+            if granted in ("sum", "avg") and t is not None and pa.types.is_decimal(t) \
+                    and t.precision > 18:
+                raise self.refuse(clause, f"{granted}() of a DECIMAL column wider than 18 "
+                                          "digits can overflow, and the error would reveal "
+                                          "a value", b.dataset)
             rule = b.rules.aggregation
             allowed = rule.aggregates.get(granted, frozenset()) if rule else frozenset()
             if col not in allowed:
