@@ -154,6 +154,9 @@ ATTACKS = [
      r"in SELECT: the argument of sum\(\) must be one column"),
     ("overflow of a wide decimal", "SELECT sum(wide) FROM accounts",
      r"rule of dataset 'accounts'\), in SELECT: sum\(\) of a DECIMAL column wider than 18"),
+    ("date part failing on a row", "SELECT date_trunc('fortnight', visit), count(*) FROM "
+     "patients GROUP BY date_trunc('fortnight', visit)",
+     r"in GROUP BY: date_trunc\(\) takes a constant part"),
     ("overflow in a filter", "SELECT count(*) FROM patients WHERE age * 1000000000 > 1",
      r"in WHERE: '\*' is not allowed on a dimension value"),
     ("scalar on the wrong kind", "SELECT year(region), count(*) FROM patients "

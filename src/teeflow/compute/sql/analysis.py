@@ -56,6 +56,8 @@ _DESCRIBED = {
     "LAMBDA": "lambdas", "PARAMETER": "$parameters (only in an approved analysis template)",
     "COLLATE": "COLLATE", "CONJUNCTION": "AND/OR here", "COMPARISON": "comparisons here",
 }
+_DATE_PARTS = frozenset({"millennium", "century", "decade", "year", "quarter", "month", "week",
+                         "day", "hour", "minute", "second"})
 # Aggregate names in the parse tree -> the name a rule grants.
 _AGG_NAMES = {"count": "count", "count_star": "count", "sum": "sum", "avg": "avg",
               "mean": "avg", "stddev": "stddev", "stddev_samp": "stddev",
@@ -192,9 +194,11 @@ class _Checker:
         args = expr.get("children", [])
         takes, gives = SCALARS[name]
         if name == "date_trunc":
-            if len(args) != 2 or self.value(args[0], clause, "dimension") != "text" \
-                    or args[0].get("class") != "CONSTANT":
-                raise self.refuse(clause, "date_trunc() takes a constant part and a column")
+            part = str((args[0].get("value") or {}).get("value", "")).lower() if args else ""
+            if len(args) != 2 or args[0].get("class") != "CONSTANT" or part not in _DATE_PARTS:
+                # an unknown part fails only when a row reaches it: checked here instead
+                raise self.refuse(clause, "date_trunc() takes a constant part ("
+                                          f"{', '.join(sorted(_DATE_PARTS))}) and a column")
             args = args[1:]
         elif name == "round" and len(args) == 2:
             if parse_tree.int_constant(args[1]) is None:
@@ -257,7 +261,8 @@ class _Checker:
                 texts.append(e)  # DuckDB casts a text constant to the other side's type
             elif family != "null":
                 families.append((family, e))
-        if len({f for f, _ in families}) > 1:
+        if len({f for f, _ in families}) > 1 or not _castable(
+                [self._type(e) for _, e in families]):
             raise self.refuse(clause, "compares values of different kinds (the implicit cast "
                                       "could fail on a value)")
         if texts and families and families[0][0] != "text":
@@ -269,6 +274,13 @@ class _Checker:
             for t in texts:
                 if not _converts(str((t.get("value") or {}).get("value")), target):
                     raise self.refuse(clause, f"a text constant that is not a {target}")
+
+    def _type(self, expr: dict[str, Any]) -> pa.DataType | None:
+        """A column's type; None for any other expression."""
+        if expr.get("class") != "COLUMN_REF":
+            return None
+        b, col = self.resolve(expr, "?")
+        return b.types.get(col)
 
     def _time_type(self, expr: dict[str, Any]) -> str | None:
         """DATE or TIMESTAMP: what a text constant compared with `expr` is cast to."""
@@ -302,8 +314,10 @@ class _Checker:
         (lb, lc), (rb, rc) = sides
         if lb.dataset == rb.dataset:
             raise self.refuse(clause, "a join condition must match two different datasets")
-        if lb.columns[lc] != rb.columns[rc]:
-            raise self.refuse(clause, "joins columns of different kinds")
+        if lb.columns[lc] != rb.columns[rc] or not _castable(
+                [lb.types.get(lc), rb.types.get(rc)]):
+            raise self.refuse(clause, "joins columns of different kinds (the implicit cast "
+                                      "could fail on a value)")
         pairs.append((lb.name, rb.name))
 
     def aggregate(self, expr: dict[str, Any], clause: str) -> None:
@@ -372,6 +386,19 @@ class _Checker:
         what = expr.get("function_name") or cls.lower()
         raise self.refuse(clause, f"{what!r} is not allowed: only granted aggregates and "
                                   "GROUP BY keys may be output")
+
+
+def _castable(types: list[pa.DataType | None]) -> bool:
+    """Whether DuckDB can compare columns of these types without a cast that may fail:
+    the same type, or integers with integers, or floats with floats and integers. A
+    DECIMAL compared with another type could overflow its precision."""
+    known = [t for t in types if t is not None]
+    if len({str(t) for t in known}) <= 1:
+        return True
+    return all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in known) or all(
+        pa.types.is_string(t) or pa.types.is_large_string(t) for t in known) or all(
+        pa.types.is_temporal(t) and not pa.types.is_time(t) and not pa.types.is_duration(t)
+        for t in known)
 
 
 def _converts(text: str, target: str) -> bool:
