@@ -227,6 +227,7 @@ class Tasks:
             params = _ruled_params(comp, spec, granted, schemas)
         else:
             params = comp.check_params(dict(spec.params))
+        comp.parties_ok(len(spec.owner_keys()), params)  # e.g. federated's min_parties
         if schemas:
             if sorted(schemas) != sorted(d.name for d in spec.datasets):
                 raise InputError(f"task {spec.task_id}: schemas must be given for every "

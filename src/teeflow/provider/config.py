@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "datasets": [],
     "approve": [],
     "approve[].code_digests": list(ApprovalRule.code_digests),
+    "approve[].params": dict(ApprovalRule.params),
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
 NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",

@@ -136,7 +136,8 @@ class Scheduler:
         except ConfigError as exc:
             raise InputError(str(exc)) from exc
         comp = compute.get(spec.compute)
-        comp.precheck(dict(spec.params))  # the executor runs the full checks
+        # the executor runs the full checks (these among them)
+        comp.parties_ok(len(spec.owner_keys()), comp.precheck(dict(spec.params)))
         schemas = {}
         for ref in spec.datasets:
             entry = self.store.dataset(ref.name)

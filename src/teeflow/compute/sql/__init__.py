@@ -115,6 +115,11 @@ PARAMS: tuple[Param, ...] = (
 )
 
 
+# An approval rule must bind these (provider/consent.py): the query picks what is shown,
+# and a floor of 1 shows every row.
+REVEALING = ("query", "min_group_size")
+
+
 def _memory_limit(checked: dict[str, Any]) -> None:
     limit = checked["memory_limit"]
     if limit is not None and not _MEMORY.match(limit):
