@@ -61,6 +61,10 @@ parameters = {{ min_age = "int" }}
 """
 
 
+# the owners sign any query their analysis rules grant (the executor enforces them)
+UNDER_RULES = {"sql": {"query": {"analysis_rules": True}}}
+
+
 def _patients(path):
     # north: 30 people, south: 26, tiny: 3 (below min_identities = 5); the last of south
     # is the one whose values an attacker wants
@@ -93,9 +97,9 @@ def cluster(tmp_path_factory):
         c.start_scheduler()
         c.start_executor()
         c.start_provider(Party("alice", "patients", work / "patients.csv"),
-                         dataset_toml=PATIENT_RULES)
+                         dataset_toml=PATIENT_RULES, bind=UNDER_RULES)
         c.start_provider(Party("bob", "accounts", work / "accounts.csv"),
-                         dataset_toml=ACCOUNT_RULES)
+                         dataset_toml=ACCOUNT_RULES, bind=UNDER_RULES)
         c.wait_for_datasets(["patients", "accounts"])
         c.wait_for_executor(c.executor_address)
         yield c
