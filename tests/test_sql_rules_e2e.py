@@ -61,6 +61,10 @@ parameters = {{ min_age = "int" }}
 """
 
 
+# the owners sign any query their analysis rules grant (the executor enforces them)
+UNDER_RULES = {"sql": {"query": {"analysis_rules": True}}}
+
+
 def _patients(path):
     # north: 30 people, south: 26, tiny: 3 (below min_identities = 5); the last of south
     # is the one whose values an attacker wants
@@ -92,12 +96,10 @@ def cluster(tmp_path_factory):
     try:
         c.start_scheduler()
         c.start_executor()
-        # the owners sign by hand (their approval rules would need each query's digest):
-        # the analysis rules, not the approval, are what is tested here
         c.start_provider(Party("alice", "patients", work / "patients.csv"),
-                         dataset_toml=PATIENT_RULES, approve=False)
+                         dataset_toml=PATIENT_RULES, bind=UNDER_RULES)
         c.start_provider(Party("bob", "accounts", work / "accounts.csv"),
-                         dataset_toml=ACCOUNT_RULES, approve=False)
+                         dataset_toml=ACCOUNT_RULES, bind=UNDER_RULES)
         c.wait_for_datasets(["patients", "accounts"])
         c.wait_for_executor(c.executor_address)
         yield c
@@ -105,31 +107,11 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-class _Initiator:
-    """The initiator's SDK client; each task it submits is then signed by hand by every
-    owner whose data it reads (`teeflow approve`)."""
-
-    def __init__(self, client, owners):
-        self._client, self._owners = client, owners
-
-    def __getattr__(self, name):
-        return getattr(self._client, name)
-
-    def submit(self, datasets, executor, compute, params):
-        task = self._client.submit(datasets, executor, compute, params)
-        for name in datasets:
-            self._owners[name].decide(task["id"], "approved")
-        return task
-
-
 @pytest.fixture(scope="module")
 def client(cluster):
-    url, policy = cluster.scheduler_url, appraisal_policy()
-    with Client(url, key=cluster.initiator_key, policy=policy,
-                name=cluster.initiator_name) as c, \
-            Client(url, key=cluster.workdir / "alice.key", policy=policy) as alice, \
-            Client(url, key=cluster.workdir / "bob.key", policy=policy) as bob:
-        yield _Initiator(c, {"patients": alice, "accounts": bob})
+    with Client(cluster.scheduler_url, key=cluster.initiator_key, policy=appraisal_policy(),
+                name=cluster.initiator_name) as c:
+        yield c
 
 
 def _run(client, query, datasets=("patients", "accounts"), **params):

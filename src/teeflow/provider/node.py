@@ -27,11 +27,13 @@ from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    LogInconsistent,
     OverBudget,
     TeeflowError,
     Unreachable,
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
@@ -50,7 +52,9 @@ class Provider:
     def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
         self.identity = identity or load_or_create_key(config.key_file)
-        self.scheduler = SchedulerClient(config.scheduler, self.identity)
+        # the newest log checkpoint this node saw, next to its key: checked on every contact
+        self.scheduler = SchedulerClient(config.scheduler, self.identity,
+                                         checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
@@ -81,6 +85,9 @@ class Provider:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
                 continue
+            except LogInconsistent as exc:  # the scheduler rewrote what this node saw
+                log.error("stopping: %s", exc)
+                raise
             for item in work:
                 key = (item["kind"], item["task_id"], item.get("dataset", ""))
                 with self._lock:
