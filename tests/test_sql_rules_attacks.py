@@ -60,6 +60,7 @@ ALLOWED = [
     "SELECT region, count(*) FROM patients WHERE visit >= '2020-01-01' AND age <> 37 "
     "GROUP BY region",
     "SELECT count(*) FROM patients",
+    "SELECT region, count(*) FROM patients p GROUP BY p.region",
     # comments and quoting do not survive the parse: the tree is checked, not the text
     'SELECT "REGION", count(*) FROM "PATIENTS" /* a comment */ GROUP BY "Region" -- end',
     # overlap analysis under the list rules
@@ -333,3 +334,40 @@ def test_a_text_constant_that_could_fail_to_cast_is_refused(where):
     with pytest.raises(ParameterError, match=r"in WHERE: (compares a number value with a "
                        r"text constant|a text constant that is not a DATE)"):
         check(f"SELECT count(*) FROM patients WHERE region = 'n' AND {where}")
+
+
+def _tables():
+    n = 12
+    patients = pa.table({
+        "pid": [f"p{i % 10}" for i in range(n)],  # p0 and p1 have two rows each
+        "region": ["big"] * 10 + ["small"] * 2, "age": pa.array(range(n), pa.int32()),
+        "cost": [float(i) for i in range(n)], "name": [f"n{i}" for i in range(n)],
+        "visit": pa.array([0] * n, pa.date32())})
+    accounts = pa.table({"pid": [f"p{i}" for i in range(10)], "segment": ["s"] * 10,
+                         "spend": [1.0] * 10, "balance": list(range(10)),
+                         "wide": pa.array([0] * 10, pa.decimal128(38, 0))})
+    return [("patients", patients), ("accounts", accounts)]
+
+
+def test_rows_below_the_minimum_of_distinct_identities_are_dropped():
+    # "small" has two rows but they are p0 and p1, who are also in "big": 2 identities < 5
+    out = session.run(_tables(), {"query": "SELECT region, count(*) AS n FROM patients "
+                                           "GROUP BY region ORDER BY region",
+                                  "_rules": RULES, "query_args": None})
+    assert out["columns"] == ["region", "n"]
+    assert out["rows"] == [["big", 10]]
+    # twelve rows but ten people: a group of 5 rows of the same 2 people is not 5 identities
+    out = session.run(_tables(), {"query": "SELECT count(*) FROM patients "
+                                           "WHERE age IN (0, 1, 2, 10, 11)",
+                                  "_rules": RULES, "query_args": None})
+    assert out["rows"] == []
+
+
+def test_an_approved_analysis_never_shows_the_hidden_columns():
+    query = "SELECT * FROM patients"
+    approved = {"analyses": [{"name": "all", "query": query}]}
+    rules = {"patients": load_rules({**PATIENT_RULES, **approved}),
+             "accounts": load_rules({**ACCOUNT_RULES, **approved})}
+    out = session.run(_tables(), {"query": query, "_rules": rules, "query_args": None})
+    assert out["columns"] == ["pid", "region", "age", "cost", "name", "visit"]
+    assert out["analysis_rules"] == {"mode": "analysis"}

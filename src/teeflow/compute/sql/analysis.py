@@ -358,7 +358,7 @@ class _Checker:
     def output(self, expr: dict[str, Any], clause: str) -> None:
         """SELECT, HAVING, ORDER BY of an aggregation: aggregates, GROUP BY keys, constants,
         and (in HAVING) comparisons and AND/OR/NOT of those."""
-        if _shape(expr) in self.group_keys:
+        if _shape(expr, self.bindings) in self.group_keys:
             return
         cls = self.known(expr, clause)
         names = expr.get("column_names", [])
@@ -415,14 +415,22 @@ def _converts(text: str, target: str) -> bool:
     return bool(row and row[0])
 
 
-def _shape(expr: Any) -> Any:
-    """An expression for comparing GROUP BY keys: no positions or aliases, and column
-    names in lower case (SQL names are case-insensitive)."""
+def _shape(expr: Any, bindings: dict[str, _Binding] | None = None) -> Any:
+    """An expression for comparing GROUP BY keys: no positions or aliases, and each column
+    as (binding, column) in lower case, however the query qualified or quoted it."""
     if isinstance(expr, dict):
-        return {k: ([str(n).lower() for n in v] if k == "column_names" else _shape(v))
+        if expr.get("class") == "COLUMN_REF" and bindings is not None:
+            names = [str(n).lower() for n in expr.get("column_names", [])]
+            found = [b for b in bindings.values() if names and names[-1] in b.columns
+                     and (len(names) == 1 or names[0] == b.name)]
+            if len(names) <= 2 and len(found) == 1:
+                names = [found[0].name, names[-1]]
+            return {"class": "COLUMN_REF", "column_names": names}
+        return {k: ([str(n).lower() for n in v] if k == "column_names" else
+                    _shape(v, bindings))
                 for k, v in expr.items() if k not in parse_tree.IGNORED_KEYS}
     if isinstance(expr, list):
-        return [_shape(v) for v in expr]
+        return [_shape(v, bindings) for v in expr]
     return expr
 
 
@@ -659,7 +667,7 @@ def _aggregation(node: dict[str, Any], tree: dict[str, Any], checker: _Checker) 
                 expr = next(e for e in select if str(e.get("alias", "")).lower() == alias)
         checker.value(expr, "GROUP BY", "dimension")
         keys.append(expr)
-    checker.group_keys = [_shape(k) for k in keys]
+    checker.group_keys = [_shape(k, checker.bindings) for k in keys]
     for expr in select:
         checker.output(expr, "SELECT")
     if node.get("having") is not None:
