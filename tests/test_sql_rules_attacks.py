@@ -356,7 +356,7 @@ def test_rows_below_the_minimum_of_distinct_identities_are_dropped():
                                   "_rules": RULES, "query_args": None})
     assert out["columns"] == ["region", "n"]
     assert out["rows"] == [["big", 10]]
-    # twelve rows but ten people: a group of 5 rows of the same 2 people is not 5 identities
+    # five rows but three people (p0 and p1 twice): rows are not identities
     out = session.run(_tables(), {"query": "SELECT count(*) FROM patients "
                                            "WHERE age IN (0, 1, 2, 10, 11)",
                                   "_rules": RULES, "query_args": None})
