@@ -79,6 +79,10 @@ def test_provider_config_reads_rules(tmp_path: Path):
     doc["datasets"][0]["rules"] = {"aggregation": {**AGG, "min_identities": -1}}
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.aggregation\.min_identities"):
         check_config(doc, tmp_path)
+    doc["datasets"][0]["rules"] = {"aggregation": {**AGG, "dimension_columns": ["regoin"]}}
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.aggregation\."
+                       "dimension_columns: the dataset has no column 'regoin'"):
+        check_config(doc, tmp_path)
     doc["datasets"][0]["rules"] = {"aggregation": AGG, "computations": ["sql", "nope"]}
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.computations: unknown "
                        "computation 'nope'"):

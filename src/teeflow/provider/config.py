@@ -18,8 +18,10 @@ from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
 from teeflow.core.rules import DatasetRules
+from teeflow.core.rules import check_columns as check_rule_columns
 from teeflow.core.rules import load_rules as load_analysis_rules
 from teeflow.files import read_capped
+from teeflow.files.datasets import read_schema
 from teeflow.provider.budget import PrivacyConfig, load_privacy
 from teeflow.provider.consent import ApprovalRule, load_rules
 
@@ -177,6 +179,7 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         rules = load_analysis_rules(d["rules"], f"{where}.rules") if "rules" in d else None
         if rules is not None:
             _check_rule_computations(rules, privacy, f"{where}.rules.computations")
+            check_rule_columns(rules, read_schema(p).names, f"{where}.rules")
         checked.append(DatasetConfig(_str(d, "name", where), p, privacy, rules))
     if len({d.name for d in checked}) != len(checked):
         raise ConfigError("datasets: a dataset name appears twice")
