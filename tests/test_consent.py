@@ -337,3 +337,20 @@ min_group_size = {{min = 20}}
 """
     (r,) = load_rules(tomllib.loads(text)["approve"])
     assert matches(r, spec("sql"))
+
+
+def test_a_mismatch_says_why_naming_no_value():
+    me = OWNER.public_key()
+    r = rule("sql", {"query_sha256": sha(QUERY)})
+    assert r.mismatch(spec("sql"), me) == (
+        "parameter 'min_group_size' can reveal rows and the rule does not bind it")
+    floor = rule("sql", {"query_sha256": sha(QUERY), "min_group_size": {"min": 50}})
+    assert floor.mismatch(spec("sql"), me) == (
+        "parameter 'min_group_size' is outside the rule's range bound")
+    swapped = wire.Receiver(INITIATOR.public_key(), STRANGER.encryption_public_key())
+    assert rule("logistic_regression").mismatch(
+        spec("logistic_regression", receivers=[swapped]), me) == (
+        "receiver 0: its enc_key is not the pinned one")
+    assert rule("logistic_regression").mismatch(spec("xgboost"), me) == (
+        "computation 'xgboost' is not in the rule")
+    assert QUERY not in str(floor.mismatch(spec("sql", {"query": QUERY + " x"}), me))
