@@ -354,3 +354,12 @@ def test_a_mismatch_says_why_naming_no_value():
     assert rule("logistic_regression").mismatch(spec("xgboost"), me) == (
         "computation 'xgboost' is not in the rule")
     assert QUERY not in str(floor.mismatch(spec("sql", {"query": QUERY + " x"}), me))
+
+
+def test_a_constraint_of_unknown_kind_allows_nothing():
+    from teeflow.provider.consent import Constraint
+
+    param = compute.get("sql").param("min_group_size")
+    assert param is not None
+    assert not Constraint("rnage").allows(param, "20")
+    assert Constraint("range").allows(param, "20")  # no bounds: any number

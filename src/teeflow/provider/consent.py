@@ -48,7 +48,12 @@ class Constraint:
     def allows(self, param: Param, raw: str | None) -> bool:
         """Whether the task's raw value (None: left out) satisfies this constraint."""
         if self.kind == "sha256":
-            return raw is not None and hashlib.sha256(raw.encode()).hexdigest() in self.items
+            if raw is None:
+                return False
+            try:
+                return hashlib.sha256(raw.encode()).hexdigest() in self.items
+            except UnicodeEncodeError:
+                return False
         try:
             value = param.default if raw is None else param.parse(raw)
         except TeeflowError:
@@ -59,8 +64,8 @@ class Constraint:
             return value is not None and _key(value) in self.items
         if self.kind == "subset":
             return isinstance(value, list) and all(v in self.items for v in value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
+        if self.kind != "range" or isinstance(value, bool) or not isinstance(value, int | float):
+            return False  # an unknown kind allows nothing
         return ((self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high))
 
