@@ -181,6 +181,26 @@ def test_digest_of_the_text_as_signed():
     assert not matches(code, spec("user_code", {"code": other, "code_sha256": sha(other)}))
 
 
+def test_any_query_under_the_owners_analysis_rules():
+    """`query = {analysis_rules = true}`: any query, but only where each of this owner's
+    datasets in the spec carries its analysis rules' digest (which the provider checks is
+    its own, and the executor enforces)."""
+    r = rule("sql", {"query": {"analysis_rules": True}, "min_group_size": {"default": True}})
+    free = spec("sql", {"query": QUERY})
+    assert not matches(r, free)  # no rules travel with the spec: nothing to enforce
+    ruled = wire.TaskSpec(**{**free.__dict__, "datasets": tuple(
+        d if d.owner_key != OWNER.public_key() else wire.DatasetRef(
+            **{**d.__dict__, "rules": "a" * 64}) for d in free.datasets)})
+    assert matches(r, ruled)
+    assert not matches(r, wire.TaskSpec(**{**ruled.__dict__,
+                                           "params": {"query": QUERY, "min_group_size": "1"}}))
+    with pytest.raises(ConfigError, match=r"^approve\[0\]\.params\.min_group_size"):
+        rule("sql", {"query": {"analysis_rules": True},
+                     "min_group_size": {"analysis_rules": True}})
+    with pytest.raises(ConfigError, match=r"^approve\[0\]\.params\.query"):
+        rule("sql", {"query": {"analysis_rules": False}})
+
+
 def test_bounds():
     base = binding("dp_aggregate", SAMPLES["dp_aggregate"])
     capped = rule("dp_aggregate", {**base, "epsilon": {"max": 0.5}})

@@ -185,9 +185,11 @@ class LocalCluster:
 
     def write_provider_config(self, party: Party, policy: str | None = None,
                               approve: bool = True,
-                              bind: dict[str, dict[str, Any]] | None = None) -> Path:
+                              bind: dict[str, dict[str, Any]] | None = None,
+                              dataset_toml: str = "") -> Path:
         """The party's config; with `approve`, rules for results that go only to the
-        initiator (`approve_toml`; `bind` adds per-computation constraints)."""
+        initiator (`approve_toml`; `bind` adds per-computation constraints). `dataset_toml`:
+        tables of the party's dataset, such as its `[datasets.rules]`."""
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -201,7 +203,8 @@ class LocalCluster:
             "poll_wait = 5\n\n"
             "[[datasets]]\n"
             f"name = {_toml_str(party.dataset)}\n"
-            f"path = {_toml_str(str(party.path.resolve()))}\n\n"
+            f"path = {_toml_str(str(party.path.resolve()))}\n"
+            + dataset_toml + "\n"
             + (policy or policy_toml(code_measurement()))
             + (approve_toml([party.dataset], [self.receiver], bind) if approve else "")
         )
@@ -214,8 +217,9 @@ class LocalCluster:
 
     def start_provider(self, party: Party, policy: str | None = None,
                        approve: bool = True,
-                       bind: dict[str, dict[str, Any]] | None = None) -> subprocess.Popen:
-        config = self.write_provider_config(party, policy, approve, bind)
+                       bind: dict[str, dict[str, Any]] | None = None,
+                       dataset_toml: str = "") -> subprocess.Popen:
+        config = self.write_provider_config(party, policy, approve, bind, dataset_toml)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:

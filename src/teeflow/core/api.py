@@ -49,6 +49,14 @@ class SpecDataset(Model):
     owner: str
     owner_key: str
     fingerprint: str
+    rules: str | None = None  # digest of the owner's analysis rules; absent when none
+
+    @model_serializer(mode="wrap")
+    def _absent_rules(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("rules") is None:
+            data.pop("rules", None)
+        return data
 
 
 class SpecReceiver(Model):
@@ -101,6 +109,7 @@ class AddDataset(Model):
     owner: str
     schema_: str = Field(alias="schema")  # base64 Arrow IPC schema
     rows: int = Field(ge=0)
+    rules: dict[str, Any] | None = None  # its analysis rules (core/rules.py), published
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True,
                               serialize_by_alias=True)
@@ -181,6 +190,8 @@ class Dataset(Model):
     fingerprint: str
     rows: int
     schema_b64: str
+    rules: dict[str, Any] | None = None  # the owner's analysis rules, canonical form
+    rules_digest: str | None = None  # what a spec's dataset carries as `rules`
 
 
 class TaskView(Model):
@@ -236,8 +247,41 @@ class AuditEntry(Model):
     body: dict[str, Any]
     signer: str
     signature: str
-    prev_hash: str
+    prev_root: str
     hash: str
+    log_signature: str = ""
+
+
+class LogLeaf(Model):
+    """One leaf of the log: the entry itself if the caller may read it, else its hash."""
+
+    seq: int
+    hash: str
+    entry: AuditEntry | None = None
+
+
+class LogProof(Model):
+    """Hex hashes of an inclusion or consistency proof, with the sizes it is for."""
+
+    size: int
+    proof: list[str]
+    start: int = 0
+    root: str = ""
+
+
+class Checkpoint(Model):
+    """The scheduler's signed checkpoint (C2SP note) and the key that signs it."""
+
+    note: str
+    log_key: str
+    origin: str
+
+
+class Cosign(Model):
+    """A member's C2SP cosignature line over the checkpoint of tree size `size`."""
+
+    size: int
+    line: str
 
 
 class ApproveWork(Model):

@@ -11,6 +11,9 @@ its `[approve.params]` table, one constraint per parameter:
     bounds   min_group_size = {min = 20}   epsilon = {max = 0.5}   a number within
     subset   features = {subset = ["age", "bmi"]}   a list drawn from these
     default  min_parties = {default = true}   left out, or given as its default
+    rules    query = {analysis_rules = true}   any query this node's datasets' analysis
+             rules (`[datasets.rules]`) grant: the spec carries their digest, the provider
+             checks it is its own, and the executor enforces them before any data moves
 
 A rule matches a task only if every parameter the computation declares REVEALING (one that
 can make a result show rows: a query, code, a group-size floor, epsilon, a minimum of
@@ -30,7 +33,7 @@ from teeflow.compute.params import Param
 from teeflow.core import audit, wire
 from teeflow.core.errors import AuthError, ConfigError, TeeflowError
 
-KINDS = ("values", "sha256", "range", "subset", "default")
+KINDS = ("values", "sha256", "range", "subset", "default", "rules")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_ITEMS = 1000  # values, digests or subset members in one constraint
 
@@ -103,9 +106,9 @@ class ApprovalRule:
                                             else "not among the rule's receivers")
         if self.code_digests and spec.code_digest not in self.code_digests:
             return "the computation's code digest is not in code_digests"
-        return self.unbound(spec)
+        return self.unbound(spec, owner_key)
 
-    def unbound(self, spec: wire.TaskSpec) -> str | None:
+    def unbound(self, spec: wire.TaskSpec, owner_key: str = "") -> str | None:
         """The first revealing parameter of the spec's computation this rule leaves unbound,
         or the first bound that does not hold; None if every one holds."""
         try:
@@ -120,6 +123,12 @@ class ApprovalRule:
             param = comp.param(name)
             if param is None:
                 continue  # a parameter of another computation the rule names
+            if constraint.kind == "rules":
+                mine = [d for d in spec.datasets if d.owner_key == owner_key]
+                if not mine or any(d.rules is None for d in mine):
+                    # only under rules the executor will enforce
+                    return f"parameter {name!r}: a dataset of this node has no analysis rules"
+                continue
             if not constraint.allows(param, spec.params.get(name)):
                 return f"parameter {name!r} is outside the rule's {constraint.kind} bound"
         return None
@@ -218,11 +227,17 @@ def _constraint(param: Param | None, key: str, raw: Any, where: str) -> tuple[st
                 len(items) > MAX_ITEMS:
             raise ConfigError(f"{where}.subset: a list of at most {MAX_ITEMS} strings")
         return param.name, Constraint("subset", tuple(items))
+    if keys == {"analysis_rules"}:
+        if raw["analysis_rules"] is not True or param.name != "query":
+            raise ConfigError(f"{where}.analysis_rules: only `query = {{analysis_rules = "
+                              "true}`")
+        return param.name, Constraint("rules")
     if keys == {"default"}:
         if raw["default"] is not True:
             raise ConfigError(f"{where}.default: only `default = true` (left out or default)")
         return param.name, Constraint("default")
-    raise ConfigError(f"{where}: expected one of values, min/max, subset, default = true")
+    raise ConfigError(f"{where}: expected one of values, min/max, subset, default = true, "
+                      "analysis_rules = true")
 
 
 def _digests(param: Param, raw: Any, where: str) -> tuple[str, Constraint]:

@@ -27,11 +27,13 @@ from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    LogInconsistent,
     OverBudget,
     TeeflowError,
     Unreachable,
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
@@ -50,7 +52,9 @@ class Provider:
     def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
         self.identity = identity or load_or_create_key(config.key_file)
-        self.scheduler = SchedulerClient(config.scheduler, self.identity)
+        # the newest log checkpoint this node saw, next to its key: checked on every contact
+        self.scheduler = SchedulerClient(config.scheduler, self.identity,
+                                         checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
@@ -65,7 +69,8 @@ class Provider:
         self.scheduler.register_node(cfg.name, cfg.invite)
         for d in cfg.datasets:
             schema = read_schema(d.path)
-            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path))
+            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path),
+                                       rules=d.rules.to_dict() if d.rules else None)
             log.info("catalogued %s (%s)", d.name, d.path)
 
     def stop(self) -> None:
@@ -80,6 +85,9 @@ class Provider:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
                 continue
+            except LogInconsistent as exc:  # the scheduler rewrote what this node saw
+                log.error("stopping: %s", exc)
+                raise
             for item in work:
                 key = (item["kind"], item["task_id"], item.get("dataset", ""))
                 with self._lock:
@@ -113,6 +121,9 @@ class Provider:
                 raise InputError(f"spec names dataset {ref.name!r}, which this node does not hold")
             if schema_fingerprint(read_schema(mine.path)) != ref.fingerprint:
                 raise InputError(f"spec's schema for {ref.name!r} is not this node's file's")
+            mine_rules = mine.rules.digest() if mine.rules else None
+            if ref.rules != mine_rules:  # the executor enforces the rules this digest names
+                raise InputError(f"spec's analysis rules for {ref.name!r} are not this node's")
         try:
             load_policy(spec.executor_policy, "executor_policy")
         except ConfigError as exc:
@@ -168,6 +179,10 @@ class Provider:
                     self.identity.public_key():
                 raise AuthError(f"assignment does not match the spec of task {task_id}")
             check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
+            mine_rules = dataset.rules.digest() if dataset.rules else None
+            if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
+                raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
+                                 "not uploading")
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)

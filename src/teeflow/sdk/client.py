@@ -33,6 +33,7 @@ from teeflow.core.answers import CatalogEntry
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.seal import open_sealed
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.keys import load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
@@ -81,11 +82,14 @@ class Client:
                  policy: AppraisalPolicy | None = None,
                  collateral: CollateralSource | None = None, amd_ark: bytes | None = None,
                  name: str | None = None, invite: str | None = None) -> None:
+        checkpoints = None
         if key is None or isinstance(key, (str, Path)):
-            key = load_or_create_key(Path(key or DEFAULT_HOME / "key.pem").expanduser())
+            key_file = Path(key or DEFAULT_HOME / "key.pem").expanduser()
+            key, checkpoints = load_or_create_key(key_file), checkpoint_path(key_file)
         self.identity: Identity = key
-        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...
-        self.scheduler = SchedulerClient(scheduler, self.identity)
+        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...;
+        # every answer is checked against the log checkpoint kept next to the key
+        self.scheduler = SchedulerClient(scheduler, self.identity, checkpoints=checkpoints)
         self.policy = policy
         self.verifiers = make_verifiers(collateral, amd_ark)
         if name is not None:
@@ -126,7 +130,8 @@ class Client:
             if name not in catalog:
                 raise InputError(f"unknown dataset {name!r}")
             d = catalog[name]
-            refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"]))
+            refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"],
+                                        d.get("rules_digest")))
         comp = compute.get(compute_name)
         raw = {k: _param_text(v) for k, v in (params or {}).items()}
         comp.precheck(raw)
@@ -293,6 +298,5 @@ class Client:
         return out
 
     def audit_log(self, task_id: str | None = None) -> list[audit.Entry]:
-        return [audit.Entry(**{k: e[k] for k in ("seq", "task_id", "kind", "body", "signer",
-                                                  "signature", "prev_hash", "hash")})
+        return [audit.Entry(**{k: e[k] for k in audit.Entry.__dataclass_fields__})
                 for e in self.scheduler.audit(task_id)]

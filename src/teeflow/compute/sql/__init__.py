@@ -84,7 +84,7 @@ MIN_DATASETS = 1
 USES = (
     "teeflow.compute.errors", "teeflow.compute.params", "teeflow.compute.rows",
     "teeflow.compute.usercode",
-    "teeflow.compute.sql.policy",
+    "teeflow.compute.sql.policy", "teeflow.compute.sql.analysis",
     "teeflow.compute.sql.tree", "teeflow.compute.sql.rewrite", "teeflow.compute.sql.session",
 )
 
@@ -103,6 +103,10 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "min_group_size", "int", default=10, low=1, high=1_000_000_000,
         help="the fewest input rows (of each dataset joined) an output group may count",
+    ),
+    Param(
+        "query_args", "str", default=None,
+        help="for an owner-approved analysis template: a JSON object of its $parameters",
     ),
     Param(
         "memory_limit", "str", default=None,
@@ -135,6 +139,9 @@ def _post(checked: dict[str, Any]) -> None:
     from teeflow.compute.sql import policy
 
     _memory_limit(checked)
+    if checked["query_args"] is not None:
+        raise ParameterError("parameter 'query_args': only for an analysis template approved "
+                             "by the datasets' analysis rules")
     policy.analyze(checked["query"])
 
 
