@@ -383,3 +383,26 @@ def test_a_constraint_of_unknown_kind_allows_nothing():
     assert param is not None
     assert not Constraint("rnage").allows(param, "20")
     assert Constraint("range").allows(param, "20")  # no bounds: any number
+
+
+def test_generated_rules_never_approve_free_text_and_hold_the_rest_to_defaults():
+    import tomllib
+
+    from teeflow.cli.cluster import approve_toml
+
+    me = (ME["sign_key"], ME["enc_key"])
+    rules = load_rules(tomllib.loads(approve_toml(["mine"], [me]))["approve"])
+    named = {n for r in rules for n in r.compute}
+    assert "sql" not in named and "user_code" not in named
+    for name in compute.names():
+        s = spec(name)
+        approved = any(matches(r, s) for r in rules)
+        # the samples set every revealing parameter away from its default
+        assert approved == (not compute.get(name).revealing), name
+    assert any(matches(r, spec("federated_logistic_regression", {"label": "y"}))
+               for r in rules)
+    bound = load_rules(tomllib.loads(approve_toml(["mine"], [me], {"sql": {
+        "query_sha256": sha(QUERY), "min_group_size": {"min": 10}}}))["approve"])
+    assert any(matches(r, spec("sql")) for r in bound)
+    other = spec("sql", {"query": "SELECT * FROM mine", "min_group_size": "20"})
+    assert not any(matches(r, other) for r in bound)
