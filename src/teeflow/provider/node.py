@@ -157,7 +157,10 @@ class Provider:
             self.decide(spec, "approved")
             log.info("task %s: approved by rule", spec.task_id)
             return "approved"
-        log.info("task %s: no rule approves it; waiting for `teeflow approve`", spec.task_id)
+        why = "; ".join(f"approve[{i}]: {rule.mismatch(spec, me)}"
+                        for i, rule in enumerate(self.config.approve)) or "no [[approve]] rules"
+        log.info("task %s: no rule approves it; waiting for `teeflow approve` (%s)",
+                 spec.task_id, why)
         return None
 
     def decide(self, spec: wire.TaskSpec, decision: str) -> None:

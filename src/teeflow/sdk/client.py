@@ -134,7 +134,8 @@ class Client:
                                         d.get("rules_digest")))
         comp = compute.get(compute_name)
         raw = {k: _param_text(v) for k, v in (params or {}).items()}
-        comp.precheck(raw)
+        # e.g. federated's min_parties, counted in distinct owners
+        comp.parties_ok(len({r.owner_key for r in refs}), comp.precheck(raw))
         me = wire.Receiver(self.identity.public_key(), self.identity.encryption_public_key())
         return wire.TaskSpec(
             task_id=secrets.token_hex(8), compute=comp.name, code_digest=code_digest,
