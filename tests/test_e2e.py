@@ -290,13 +290,13 @@ def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
         waiting = client.task(task["id"])
         assert waiting["state"] == "submitted"
         assert [a["decision"] for a in waiting["approvals"]] == ["approved"]
-        approved = grace_cli("approve", task["id"])
+        approved = grace_cli("approve", task["id"], "--yes")
         assert approved.returncode == 0, approved.stderr
         client.wait(task["id"], timeout=120)
         assert client.result(task["id"]).value["n_samples"] == 1000
 
         second = client.submit(datasets, None, "logistic_regression", {"label": "y"})
-        rejected = grace_cli("reject", second["id"])
+        rejected = grace_cli("reject", second["id"], "--yes")
         assert rejected.returncode == 0, rejected.stderr
         with pytest.raises(TaskFailed, match="rejected"):
             client.wait(second["id"], timeout=30)

@@ -9,12 +9,13 @@ cosigns it, or compares it with another party's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import click
 
-from teeflow.cli.common import client, console
+from teeflow.cli.common import client, console, echo_json, signer_label, signer_names
 from teeflow.core.errors import InputError
 
 
@@ -31,17 +32,21 @@ def audit() -> None:
                    "db file's directory).")
 @click.option("--checkpoint", "checkpoint_file", type=click.Path(path_type=Path),
               default=None, help="With --db: a party's checkpoint file the db must extend.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @click.pass_context
 def audit_verify(ctx: click.Context, db: Path | None, data_dir: Path | None,
-                 checkpoint_file: Path | None) -> None:
+                 checkpoint_file: Path | None, as_json: bool) -> None:
     """Check inclusion, consistency and every signature; name the first broken entry."""
     if db is not None:
-        _verify_db(db, data_dir, checkpoint_file)
+        _verify_db(db, data_dir, checkpoint_file, as_json)
         return
     from teeflow.net.logcheck import verify_party
 
     with client(ctx) as c:
         r = verify_party(c.scheduler)
+    if as_json:
+        echo_json({"ok": True, **r})
+        return
     console.print(f"log OK: checkpoint {r['origin']} size {r['size']} root {r['root'][:16]}.. "
                   f"extends the one this node held; {r['entries']} entries of your tasks "
                   "included, every signature verified", highlight=False)
@@ -50,7 +55,8 @@ def audit_verify(ctx: click.Context, db: Path | None, data_dir: Path | None,
     console.print("cosigned by: " + (", ".join(r["cosigners"]) or "nobody yet"))
 
 
-def _verify_db(db: Path, data_dir: Path | None, checkpoint_file: Path | None) -> None:
+def _verify_db(db: Path, data_dir: Path | None, checkpoint_file: Path | None,
+               as_json: bool = False) -> None:
     from teeflow.core import audit as log
     from teeflow.core.checkpoint import origin_of
     from teeflow.core.errors import LogInconsistent
@@ -71,9 +77,12 @@ def _verify_db(db: Path, data_dir: Path | None, checkpoint_file: Path | None) ->
         store.close()
     count = log.verify_chain(entries, log_key)
     tree = log.tree_of(entries)
-    console.print(f"audit log OK: {count} entries, every index, previous root and signature "
-                  "verified" + ("" if log_key else " (no log key found: log signatures "
-                                                     "not checked)"))
+    report: dict[str, object] = {"ok": True, "entries": count,
+                                 "log_signatures_checked": log_key is not None}
+    if not as_json:
+        console.print(f"audit log OK: {count} entries, every index, previous root and "
+                      "signature verified" + ("" if log_key else " (no log key found: log "
+                                                                "signatures not checked)"))
     if checkpoint_file is not None:
         held = LogView(CheckpointFile(checkpoint_file)).snapshot()
         if held is None:
@@ -83,7 +92,11 @@ def _verify_db(db: Path, data_dir: Path | None, checkpoint_file: Path | None) ->
         if held.size > len(tree) or tree.root(held.size) != held.root:
             raise LogInconsistent(f"the db does not extend the checkpoint of size "
                                   f"{held.size} (rewritten or truncated)")
-        console.print(f"extends the checkpoint of size {held.size} in {checkpoint_file}")
+        report["extends_checkpoint"] = held.size
+        if not as_json:
+            console.print(f"extends the checkpoint of size {held.size} in {checkpoint_file}")
+    if as_json:
+        echo_json(report)
 
 
 @audit.command("checkpoint")
@@ -91,8 +104,10 @@ def _verify_db(db: Path, data_dir: Path | None, checkpoint_file: Path | None) ->
 @click.option("--compare", "other", type=click.Path(path_type=Path), default=None,
               help="Another party's checkpoint (a note, or its checkpoint file): refuse if "
                    "the two are not one log.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint as JSON.")
 @click.pass_context
-def audit_checkpoint(ctx: click.Context, cosign: bool, other: Path | None) -> None:
+def audit_checkpoint(ctx: click.Context, cosign: bool, other: Path | None,
+                     as_json: bool) -> None:
     """Show the newest checkpoint (checked against the one this node held)."""
     from teeflow.files import read_capped
 
@@ -112,16 +127,29 @@ def audit_checkpoint(ctx: click.Context, cosign: bool, other: Path | None) -> No
             cp = sc.cosign(name)
             console.print(f"cosigned size {cp.size} as {name}")
             doc = sc.checkpoint()
+    if as_json:
+        echo_json(doc)
+        return
     console.print(doc["note"], end="", highlight=False, markup=False)
     console.print(f"log key: {doc['log_key']}", highlight=False)
 
 
 @audit.command("show")
 @click.argument("task_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every field, signer "
+              "names added).")
 @click.pass_context
-def audit_show(ctx: click.Context, task_id: str | None) -> None:
-    """Print the audit entries (of one task)."""
+def audit_show(ctx: click.Context, task_id: str | None, as_json: bool) -> None:
+    """Print the audit entries (of one task), each with who signed it."""
     with client(ctx) as c:
-        for e in c.audit_log(task_id):
-            console.print(f"#{e.seq} {e.task_id} {e.kind} by {e.signer.split(':')[0]} "
-                          f"{json.dumps(e.body)[:160]}", highlight=False)
+        entries = c.audit_log(task_id)
+        specs = [{"spec": e.body["spec"]} for e in entries
+                 if e.kind == "submitted" and isinstance(e.body.get("spec"), dict)]
+        names = signer_names(c, specs)
+    if as_json:
+        echo_json([{**dataclasses.asdict(e), "signed_by": signer_label(e.signer, names)}
+                   for e in entries])
+        return
+    for e in entries:
+        console.print(f"#{e.seq} {e.task_id} {e.kind} by {signer_label(e.signer, names)} "
+                      f"{json.dumps(e.body)[:160]}", highlight=False, markup=False)

@@ -7,6 +7,7 @@ import this, `main` imports them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from teeflow.sdk import Client
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, whole
 SCHEDULER_LISTEN = "127.0.0.1:8700"
 DEFAULT_SCHEDULER = f"https://{SCHEDULER_LISTEN}"  # + "#sha256:..." from your invitation
 MAX_POLICY_FILE = 1024 * 1024
@@ -38,6 +39,58 @@ class Session:
 
     scheduler: str
     key: Path | None
+
+
+def version() -> str:
+    """The installed teeflow's version (the source tree's when run uninstalled)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("teeflow")
+    except PackageNotFoundError:  # pragma: no cover - run from a bare source tree
+        return "unknown (not installed)"
+
+
+# Options of the `teeflow` group that a user may also write after the subcommand
+# (`teeflow approve ID --key alice.key`); no subcommand has an option of these names.
+GLOBAL_OPTIONS = ("--scheduler", "--key")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with every group option found after the subcommand moved in front of it."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            if "=" in arg or i + 1 == len(args):
+                front.append(arg)
+                i += 1
+            else:
+                front.extend(args[i:i + 2])
+                i += 2
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class TeeflowGroup(click.Group):
+    """The `teeflow` group: its own options are accepted after the subcommand too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(list(args)))
+
+
+def echo_json(value: Any) -> None:
+    """What `--json` prints: one JSON document on stdout."""
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
 
 def session(ctx: click.Context) -> Session:
@@ -89,27 +142,106 @@ def policy_path(given: Path | None) -> Path | None:
     return Path(env) if env else None
 
 
+def read_policy_doc(given: Path | None) -> tuple[Path, dict[str, Any]] | None:
+    """The policy file (`--policy`, else TEEFLOW_POLICY) and its parsed TOML, or None; an
+    error names where the path came from, so a stale variable is found at once."""
+    path = policy_path(given)
+    if path is None:
+        return None
+    try:
+        doc = read_toml(path)
+        policy_from_doc(doc)
+    except ConfigError as exc:
+        source = "--policy" if given is not None else "TEEFLOW_POLICY"
+        raise ConfigError(f"{source}: {exc}") from exc
+    return path, doc
+
+
+def key_path(ctx: click.Context) -> Path:
+    from teeflow.sdk.client import DEFAULT_HOME
+
+    return (session(ctx).key or DEFAULT_HOME / "key.pem").expanduser()
+
+
+def require_key(ctx: click.Context) -> Path:
+    """The key file this command signs with; a missing one is an error, never made here
+    (only `teeflow init` makes a key: a mistyped --key must not become a new identity)."""
+    path = key_path(ctx)
+    if not path.is_file():
+        given = "--key" if session(ctx).key is not None else "default key"
+        raise ConfigError(f"{given} {path}: no such key file (check the path; "
+                          "`teeflow init` makes a new key)")
+    return path
+
+
 def client(ctx: click.Context, policy: Path | None = None, name: str | None = None,
-           invite: str | None = None) -> Client:
-    """An SDK client; the policy file may also hold a [collateral] table for SGX/TDX."""
+           invite: str | None = None, needs_policy: bool = False) -> Client:
+    """An SDK client; the policy file may also hold a [collateral] table for SGX/TDX.
+    TEEFLOW_POLICY is read only by commands that appraise (`needs_policy`), so a stale
+    one breaks nothing else."""
     from teeflow.attestation.registry import amd_ark, collateral_source
     from teeflow.sdk import Client
 
-    path = policy_path(policy)
+    found = read_policy_doc(policy) if (needs_policy or policy is not None) else None
     pol = collateral = ark = None
-    if path is not None:
-        doc = read_toml(path)
+    if found is not None:
+        path, doc = found
         pol = policy_from_doc(doc)
         table = doc.get("collateral")
         collateral = collateral_source(table, path.parent)
         ark = amd_ark(table, path.parent)
     s = session(ctx)
-    return Client(s.scheduler, key=s.key, policy=pol, collateral=collateral, amd_ark=ark,
+    key = require_key(ctx)
+    return Client(s.scheduler, key=key, policy=pol, collateral=collateral, amd_ark=ark,
                   name=name, invite=invite)
 
 
-def wait_with_progress(client: Client, task_id: str) -> dict[str, Any]:
-    """`client.wait` with a progress bar of uploaded rows on stderr."""
+def metrics_lines(value: dict[str, Any]) -> list[str]:
+    """A model's metrics, each saying which rows it was measured on: `metrics` are on the
+    training rows (optimistic), `test_metrics` on the held-out rows."""
+    out = []
+    for key, where in (("metrics", "training set"), ("test_metrics", "held-out test set")):
+        for name, v in (value.get(key) or {}).items():
+            if isinstance(v, int | float):
+                out.append(f"{name} ({where}): {v:.4f}")
+    if value.get("metrics") and not value.get("test_metrics"):
+        out.append("(training-set figures: no rows held out; --param test_fraction=0.2 "
+                   "gives held-out ones)")
+    return out
+
+
+def signer_label(signer: str, names: dict[str, str]) -> str:
+    """Who signed an audit entry or event: the member's name when known, else its kind."""
+    if signer in names:
+        return names[signer]
+    kind = signer.split(":", 1)[0]
+    return {"p256": "the executor", "ed25519": "an unknown member"}.get(kind, kind or "-")
+
+
+def signer_names(c: Client, tasks: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """Audit signer -> name: owners and initiators as the signed specs name them, then the
+    scheduler's member list (its word only; a spec's name wins)."""
+    from teeflow.core.audit import ed25519_signer
+
+    names: dict[str, str] = {}
+    try:
+        for n in c.scheduler.nodes():
+            names[ed25519_signer(n["public_key"])] = n["name"]
+    except TeeflowError:
+        pass
+    for t in tasks or []:
+        spec = t.get("spec") or {}
+        for d in spec.get("datasets", []):
+            names[ed25519_signer(d["owner_key"])] = f"{d['owner']} (owner)"
+        me = ed25519_signer(spec.get("initiator_key", ""))
+        if not names.get(me, "").endswith("(owner)"):
+            names[me] = f"{names[me]} (initiator)" if me in names else "the initiator"
+    return names
+
+
+def wait_with_progress(client: Client, task_id: str,
+                       timeout: float | None = None) -> dict[str, Any]:
+    """`client.wait` with a progress bar of uploaded rows on stderr (`submit`, `wait`)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = {d["name"]: d["rows"] for d in client.datasets()}
@@ -126,7 +258,7 @@ def wait_with_progress(client: Client, task_id: str) -> dict[str, Any]:
             bar.update(job, description=task["state"], completed=want if done else rows,
                        total=want or None, rows=f"{rows:,}/{want:,} rows uploaded")
 
-        return client.wait(task_id, on_update=update)
+        return client.wait(task_id, timeout=timeout, on_update=update)
 
 
 # -- exit codes ------------------------------------------------------------------------------

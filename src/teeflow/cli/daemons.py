@@ -34,11 +34,11 @@ def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str |
         return
     if db is None:
         raise click.UsageError("Missing option '--db'.")
-    from teeflow.net.listen import parse_listen
     from teeflow.scheduler.server import serve
 
     setup_logging(False)
-    host, port = parse_listen(listen)
+    host, port = listen_address(listen)
+    check_db(db)
     serve(str(db), host, port, port_file, str(data_dir) if data_dir else None,
           str(members) if members else None)
 
@@ -125,10 +125,13 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.executor.server import serve
-    from teeflow.net.listen import parse_listen
 
     setup_logging(False)
-    host, port = parse_listen(listen)
+    host, port = listen_address(listen)
+    for option, path in (("--spill-dir", spill_dir), ("--attestation-dir", attestation_dir),
+                         ("--tsm-root", tsm_root)):
+        if path is not None and not Path(path).is_dir():
+            raise InputError(f"{option} {path}: no such directory")
     if register_with:
         from teeflow.net.scheduler_client import split_pin
 
@@ -139,10 +142,74 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
     elif tee in ("tdx", "sev-snp"):
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
-    serve(make_backend(tee, **options), host, port, port_file, register_with, advertise,
+    backend = make_backend(tee, **options)
+    print_measurement(backend)
+    serve(backend, host, port, port_file, register_with, advertise,
           budget, spill_dir, invite=invite, state_dir=state_dir,
           result_ttl=parse_duration(result_ttl),
           upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`--listen HOST:PORT`, checked now: a malformed address or a port another process
+    holds is a named error, not a traceback from deep in the server."""
+    import errno
+
+    from teeflow.net.listen import bind, parse_listen
+
+    try:
+        host, port = parse_listen(text)
+    except ValueError:
+        raise InputError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:8700, "
+                         "port 0 for any free one)") from None
+    if port != 0:
+        try:
+            bind(host, port).close()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise InputError(f"--listen {text}: port {port} is already in use (another "
+                                 "process listens there; stop it or pick another port)"
+                                 ) from None
+            raise InputError(f"--listen {text}: cannot listen there "
+                             f"({exc.strerror or exc})") from None
+    return host, port
+
+
+def check_db(db: Path) -> None:
+    """The scheduler's SQLite file must be one it can write (made if absent)."""
+    import sqlite3
+
+    if db.is_dir():
+        raise InputError(f"--db {db}: is a directory, not a database file")
+    if not db.parent.is_dir():
+        raise InputError(f"--db {db}: directory {db.parent} does not exist")
+    try:
+        conn = sqlite3.connect(db)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise InputError(f"--db {db}: cannot write to it ({exc})") from None
+
+
+def print_measurement(backend: Any) -> None:
+    """The executor's own measurement: the value each owner puts in its policy
+    (`[policy.<tee>]`). Read from evidence over zero report data, unverified."""
+    from teeflow.attestation.describe import claimed_measurements
+    from teeflow.core.errors import TeeflowError
+
+    try:
+        evidence = backend.evidence(bytes(64))
+        found = claimed_measurements(evidence.tee, evidence.quote)
+    except (TeeflowError, OSError) as exc:
+        console.print(f"teeflow executor ({backend.tee}): measurement not readable: {exc}",
+                      highlight=False)
+        return
+    for name, value in found.items():
+        console.print(f"teeflow executor ({backend.tee}) {name} = {value}  (owners put this "
+                      f"in [policy.{backend.tee}] {name} = [...])", highlight=False)
 
 
 def parse_duration(text: str, option: str = "--result-ttl") -> float:

@@ -12,14 +12,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
+from rich.table import Column, Table
 
-from teeflow.cli.common import client, console, kv, session, wait_with_progress
+from teeflow.cli.common import (
+    client,
+    console,
+    echo_json,
+    key_path,
+    kv,
+    metrics_lines,
+    session,
+    signer_label,
+    signer_names,
+    wait_with_progress,
+)
 from teeflow.cli.legacy import SeedForm, apply_seed_form
-from teeflow.core.errors import InputError
+from teeflow.core.errors import InputError, TeeflowError
 
 if TYPE_CHECKING:
     from teeflow.sdk import Client
+
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @click.command()
@@ -50,11 +63,12 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
         raise InputError("--datasets: name at least one dataset")
     if not given.compute:
         raise InputError("--compute: name the computation")
-    with client(ctx, policy) as c:
+    with client(ctx, policy, needs_policy=True) as c:
         task = c.submit(names, given.executor, given.compute, given.params)
         console.print(f"task [bold]{task['id']}[/] submitted ({task['state']}; executor "
                       f"{task['executor']}); waiting for the owners' signatures")
         if not wait:
+            console.print(f"follow it with `teeflow wait {task['id']}`", highlight=False)
             return
         wait_with_progress(c, task["id"])
         if out is not None:
@@ -66,59 +80,135 @@ def _write_result(c: Client, task_id: str, out: Path) -> None:
     out.write_bytes(json.dumps(json.loads(result.raw), indent=2).encode())
     mark = " [yellow](SIMULATED TEE: not a hardware attestation)[/]" if result.simulated else ""
     console.print(f"result of {task_id} written to {out}{mark}")
+    for line in metrics_lines(result.value):
+        console.print(f"  {line}", highlight=False)
 
 
 @click.command()
 @click.option("--name", default=None, help="Register this identity with the scheduler as NAME.")
 @click.option("--invite", default=None, envvar="TEEFLOW_INVITE",
               help="The operator's one-time invitation token (env TEEFLOW_INVITE).")
+@JSON
 @click.pass_context
-def init(ctx: click.Context, name: str | None, invite: str | None) -> None:
-    """Make your key pair (owner-only file) and optionally register it with the scheduler."""
+def init(ctx: click.Context, name: str | None, invite: str | None, as_json: bool) -> None:
+    """Make your key pair (owner-only file) and optionally register it with the scheduler.
+    The one command that makes a key (`--key FILE`, default ~/.config/teeflow/key.pem)."""
     from teeflow.core.crypto import key_id
     from teeflow.files.keys import load_or_create_key
-    from teeflow.sdk.client import DEFAULT_HOME
 
     s = session(ctx)
-    path = (s.key or DEFAULT_HOME / "key.pem").expanduser()
+    path = key_path(ctx)
     existed = path.exists()
     identity = load_or_create_key(path)
-    verb = "using" if existed else "made"
-    console.print(f"{verb} key {path} (id {key_id(identity.public_key())})")
-    console.print(f"public key: {identity.public_key()}")
-    console.print(f"encryption key: {identity.encryption_public_key()}")
+    doc = {"key_file": str(path), "made": not existed,
+           "key_id": key_id(identity.public_key()), "public_key": identity.public_key(),
+           "encryption_key": identity.encryption_public_key(), "registered_as": None}
     if name:
         with client(ctx, name=name, invite=invite):
-            console.print(f"registered as {name!r} with {s.scheduler}")
+            doc["registered_as"] = name
+    if as_json:
+        echo_json(doc)
+        return
+    verb = "using" if existed else "made"
+    console.print(f"{verb} key {path} (id {doc['key_id']})", highlight=False)
+    console.print(f"public key: {identity.public_key()}", highlight=False)
+    console.print(f"encryption key: {identity.encryption_public_key()}", highlight=False)
+    if name:
+        console.print(f"registered as {name!r} with {s.scheduler}", highlight=False)
 
 
 @click.command()
 @click.argument("task_id")
+@click.option("--yes", is_flag=True, help="Sign without asking (after showing the spec).")
 @click.pass_context
-def approve(ctx: click.Context, task_id: str) -> None:
-    """Sign a task's digest as the owner of data it uses."""
-    _decide(ctx, task_id, "approved")
+def approve(ctx: click.Context, task_id: str, yes: bool) -> None:
+    """Show what a task would do with your data and sign its digest as an owner."""
+    _decide(ctx, task_id, "approved", yes)
 
 
 @click.command()
 @click.argument("task_id")
+@click.option("--yes", is_flag=True, help="Refuse without asking (after showing the spec).")
 @click.pass_context
-def reject(ctx: click.Context, task_id: str) -> None:
+def reject(ctx: click.Context, task_id: str, yes: bool) -> None:
     """Refuse a task that uses your data; it will not run."""
-    _decide(ctx, task_id, "rejected")
+    _decide(ctx, task_id, "rejected", yes)
 
 
-def _decide(ctx: click.Context, task_id: str, decision: str) -> None:
+def policy_summary(policy: dict[str, Any]) -> str:
+    """The executor policy a spec carries, in one line: which TEEs, which code."""
+    parts = [f"tee {', '.join(policy.get('tee_types', [])) or '-'}",
+             "simulated allowed" if policy.get("allow_simulated") else "no simulated",
+             "debug allowed" if policy.get("allow_debug") else "no debug",
+             f"tcb {', '.join(policy.get('accepted_tcb_status', [])) or '-'}"]
+    for tee in ("simulated", "sgx", "tdx", "sev-snp"):
+        for field, values in (policy.get(tee) or {}).items():
+            if isinstance(values, list):
+                shown = ", ".join(str(v)[:16] + ("…" if len(str(v)) > 16 else "")
+                                  for v in values)
+                parts.append(f"{tee}.{field} in [{shown}]")
+            else:
+                parts.append(f"{tee}.{field} = {values}")
+    return "; ".join(parts)
+
+
+def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
+    """What an owner signs: the computation and its parameters, every dataset with its
+    owner, who can open the result, which executors may run it. Every value is the
+    initiator's or the scheduler's text: printed as is (no markup) and values quoted, so
+    none can restyle or hide the rest."""
+    from teeflow import compute
+    from teeflow.core.audit import ed25519_signer
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+    spec = task["spec"]
+    say(f"task {task['id']} asks to run {spec['compute']!r} (code {spec['code_digest'][:16]}…)")
+    try:
+        comp: compute.Computation | None = compute.get(spec["compute"])
+    except TeeflowError:
+        comp = None
+    given = spec["params"]
+    if comp is not None:
+        say(f"  {comp.description}")
+        for p in comp.all_params or comp.params:
+            value = given.get(p.name)
+            shown = repr(value) if value is not None else f"{p.default!r} (default)"
+            mark = "  <- can reveal rows" if p.name in comp.revealing else ""
+            say(f"  param {p.name} = {shown}{mark}")
+    for k in given:
+        if comp is None or comp.param(k) is None:
+            say(f"  param {k!r} = {given[k]!r}")
+    for d in spec["datasets"]:
+        say(f"  input {d['name']!r} owned by {d['owner']!r} (key {d['owner_key'][:12]}…)")
+    for r in spec["receivers"]:
+        who = signer_label(ed25519_signer(r["sign_key"]), names)
+        say(f"  result sealed to {who} (key {r['sign_key'][:12]}…)")
+    say(f"  executor policy: {policy_summary(spec['executor_policy'])}")
+    say(f"  submitted by {signer_label(ed25519_signer(spec['initiator_key']), names)}; "
+        f"executor {task['executor']}")
+    if spec.get("deadline"):
+        import time
+
+        say(f"  deadline in {(spec['deadline'] - time.time()) / 3600:.1f} h")
+    say(f"  spec digest {task['spec_digest']}")
+
+
+def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool) -> None:
+    verb = "approve" if decision == "approved" else "reject"
     with client(ctx) as c:
         task = c.task(task_id)
-        spec = task["spec"]
-        console.print(f"task {task_id}: {spec['compute']} (code {spec['code_digest'][:16]}) "
-                      f"params {spec['params']}")
-        for d in spec["datasets"]:
-            console.print(f"  input {d['name']} owned by {d['owner']}")
-        for r in spec["receivers"]:
-            console.print(f"  result sealed to key {r['sign_key']}")
-        console.print(f"  digest {task['spec_digest']}")
+        show_spec(task, signer_names(c, [task]))
+        if not yes:
+            try:
+                ok = click.confirm(f"{verb} task {task_id} with your key?", default=False,
+                                   err=True)
+            except click.exceptions.Abort:
+                ok = False
+            if not ok:
+                raise InputError(f"not signed: you did not confirm; task {task_id} is "
+                                 "unchanged (pass --yes to sign without a prompt)")
         state = c.decide(task_id, decision)["state"]
     console.print(f"{decision}; task is now {state}")
 
@@ -126,55 +216,98 @@ def _decide(ctx: click.Context, task_id: str, decision: str) -> None:
 @click.command()
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
               help="Your appraisal policy (env TEEFLOW_POLICY).")
+@JSON
 @click.pass_context
-def executors(ctx: click.Context, policy: Path | None) -> None:
+def executors(ctx: click.Context, policy: Path | None, as_json: bool) -> None:
     """Registered executors, each appraised now by you."""
-    with client(ctx, policy) as c:
-        table = Table("address", "verdict", "tee", "measurement", "tcb status")
-        for ex in c.executors():
-            if ex["verdict"] == "accepted":
-                meas = ", ".join(f"{k}={v[:16]}…" for k, v in ex["measurements"].items())
-                tee = ex["tee"] + (" (simulated)" if ex["simulated"] else "")
-                table.add_row(ex["address"], "accepted", tee, meas, ex["tcb_status"])
-            else:
-                table.add_row(ex["address"], "refused", ex["registered_tee"], ex["reason"], "")
-        console.print(table)
+    with client(ctx, policy, needs_policy=True) as c:
+        found = c.executors()
+    if as_json:
+        echo_json(found)
+        return
+    table = Table(Column("address", no_wrap=True), "verdict", "tee", "measurement",
+                  "tcb status")
+    for ex in found:
+        if ex["verdict"] == "accepted":
+            meas = ", ".join(f"{k}={v}" for k, v in ex["measurements"].items())
+            tee = ex["tee"] + (" (simulated)" if ex["simulated"] else "")
+            table.add_row(ex["address"], "accepted", tee, meas, ex["tcb_status"])
+        else:
+            table.add_row(ex["address"], "refused", ex["registered_tee"], ex["reason"], "")
+    console.print(table)
 
 
 @click.command()
+@JSON
 @click.pass_context
-def tasks(ctx: click.Context) -> None:
-    """List tasks."""
+def tasks(ctx: click.Context, as_json: bool) -> None:
+    """List tasks (full ids: copy them into status, wait, approve)."""
     with client(ctx) as c:
-        table = Table("id", "state", "compute", "datasets", "executor", "error")
-        for t in c.tasks():
-            table.add_row(t["id"], t["state"], t["compute"], ",".join(t["datasets"]),
-                          t["executor"], t.get("error") or "")
-        console.print(table)
+        found = c.tasks()
+    if as_json:
+        echo_json(found)
+        return
+    width = max((len(t["id"]) for t in found), default=2)
+    table = Table(Column("id", no_wrap=True, min_width=width), "state", "compute",
+                  "datasets", "executor", "error")
+    for t in found:
+        table.add_row(t["id"], t["state"], t["compute"], ",".join(t["datasets"]),
+                      t["executor"], t.get("error") or "")
+    console.print(table)
+
+
+def print_task(task: dict[str, Any], names: dict[str, str]) -> None:
+    console.print(f"task [bold]{task['id']}[/]: {task['state']}  ({task['compute']})")
+    if task.get("error"):
+        console.print(f"  error: {task['error']}", highlight=False, markup=False)
+    for a in task["assignments"]:
+        console.print(f"  {a['dataset']} from {a['node']}: {a['state']} {a['rows']:,} rows"
+                      + (f" ({a['error']})" if a.get("error") else ""), highlight=False,
+                      markup=False)
+    for e in task["events"]:
+        console.print(f"  #{e['seq']} {e['event']} (by {signer_label(e['signer'], names)}) "
+                      f"{json.dumps(e['detail'])[:200]}", highlight=False, markup=False)
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True)
+@JSON
 @click.argument("task_id")
 @click.pass_context
 def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
-    """Show a task's state, assignments and history."""
+    """Show a task's state, assignments and history (who signed each step)."""
     with client(ctx) as c:
         task = c.task(task_id)
+        names = {} if as_json else signer_names(c, [task])
     if as_json:
-        click.echo(json.dumps(task, indent=2))
+        echo_json(task)
         return
-    console.print(f"task [bold]{task['id']}[/]: {task['state']}  ({task['compute']})")
-    if task.get("error"):
-        console.print(f"  error: {task['error']}")
-    for a in task["assignments"]:
-        console.print(f"  {a['dataset']} from {a['node']}: {a['state']} {a['rows']:,} rows"
-                      + (f" ({a['error']})" if a.get("error") else ""))
-    for e in task["events"]:
-        console.print(f"  #{e['seq']} {e['event']} (by {e['signer']}) "
-                      f"{json.dumps(e['detail'])[:200]}", highlight=False)
+    print_task(task, names)
     if task["state"] in ("failed", "cancelled"):
         sys.exit(1)
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Then take the result and write it here as JSON.")
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="With --out: your appraisal policy (env TEEFLOW_POLICY).")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@JSON
+@click.pass_context
+def wait(ctx: click.Context, task_id: str, out: Path | None, policy: Path | None,
+         timeout: float | None, as_json: bool) -> None:
+    """Wait for a submitted task (again: after Ctrl-C or `submit --no-wait`), with the
+    same progress as `submit`; exits non-zero if it fails."""
+    with client(ctx, policy, needs_policy=out is not None) as c:
+        task = wait_with_progress(c, task_id, timeout)
+        if out is not None:
+            _write_result(c, task_id, out)
+    if as_json:
+        echo_json(task)
+    elif out is None:
+        console.print(f"task {task_id}: {task['state']}; take it with "
+                      f"`teeflow result {task_id} --out FILE`", highlight=False)
 
 
 @click.command()
@@ -185,17 +318,22 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
 @click.pass_context
 def result(ctx: click.Context, task_id: str, out: Path, policy: Path | None) -> None:
     """Appraise the executor and take a finished task's result (once)."""
-    with client(ctx, policy) as c:
+    with client(ctx, policy, needs_policy=True) as c:
         _write_result(c, task_id, out)
 
 
 @click.command()
 @click.argument("task_id")
+@JSON
 @click.pass_context
-def cancel(ctx: click.Context, task_id: str) -> None:
+def cancel(ctx: click.Context, task_id: str, as_json: bool) -> None:
     """Cancel a task; the executor wipes its inputs."""
     with client(ctx) as c:
-        console.print(f"task {task_id}: {c.cancel(task_id)['state']}")
+        done = c.cancel(task_id)
+    if as_json:
+        echo_json(done)
+        return
+    console.print(f"task {task_id}: {done['state']}")
 
 
 def rules_summary(rules: dict[str, Any] | None) -> str:
@@ -218,21 +356,40 @@ def rules_summary(rules: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def columns_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A catalog entry's columns and Arrow types, from the schema its owner published;
+    refused if that schema is not the one its fingerprint (what a spec binds) names."""
+    from teeflow.core.schemas import schema_fingerprint, schema_from_b64
+
+    schema = schema_from_b64(entry["schema_b64"])
+    if schema_fingerprint(schema) != entry["fingerprint"]:
+        raise InputError(f"dataset {entry['name']!r}: its schema does not match its "
+                         "fingerprint (the scheduler's catalog is inconsistent)")
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+
+
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="the whole catalog, rules included")
+@click.option("--json", "as_json", is_flag=True,
+              help="the whole catalog: columns, rules and fingerprints")
 @click.pass_context
 def datasets(ctx: click.Context, as_json: bool) -> None:
-    """List the dataset catalog (names, owners, sizes, analysis rules; never rows)."""
+    """List the dataset catalog: names, owners, sizes, columns and types, analysis rules
+    (never rows)."""
     with client(ctx) as c:
         entries = c.datasets()
-        if as_json:
-            click.echo(json.dumps(entries, indent=2))
-            return
-        table = Table("name", "owner", "rows", "schema", "analysis rules")
-        for d in entries:
-            table.add_row(d["name"], d["owner"], f"{d['rows']:,}", d["fingerprint"][:12],
-                          rules_summary(d.get("rules")))
-        console.print(table)
+    for d in entries:
+        d["columns"] = columns_of(d)
+    if as_json:
+        echo_json(entries)
+        return
+    table = Table(Column("name", no_wrap=True), "owner", "rows", "columns",
+                  "analysis rules")
+    for d in entries:
+        cols = "\n".join(f"{col['name']}: {col['type']}" for col in d["columns"])
+        table.add_row(d["name"], d["owner"], f"{d['rows']:,}", cols,
+                      rules_summary(d.get("rules")))
+    console.print(table)
 
 
-COMMANDS = (init, submit, tasks, status, result, approve, reject, executors, cancel, datasets)
+COMMANDS = (init, submit, tasks, status, wait, result, approve, reject, executors, cancel,
+            datasets)

@@ -15,11 +15,14 @@ from teeflow.cli import daemons, initiator
 from teeflow.cli.attest import attest
 from teeflow.cli.audit import audit
 from teeflow.cli.budget import budget
-from teeflow.cli.common import DEFAULT_SCHEDULER, Session, run
+from teeflow.cli.catalog import computations
+from teeflow.cli.common import DEFAULT_SCHEDULER, Session, TeeflowGroup, run, version
 from teeflow.cli.demo import demo
+from teeflow.cli.doctor import doctor
 
 
-@click.group()
+@click.group(cls=TeeflowGroup)
+@click.version_option(version(), "--version", prog_name="teeflow")
 @click.option("--scheduler", envvar="TEEFLOW_SCHEDULER", default=DEFAULT_SCHEDULER,
               show_default=True, help="Scheduler URL (env TEEFLOW_SCHEDULER).")
 @click.option("--key", "key_file", envvar="TEEFLOW_KEY", type=click.Path(path_type=Path),
@@ -31,7 +34,8 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
     ctx.obj = Session(scheduler=scheduler, key=key_file)
 
 
-for command in (*daemons.COMMANDS, *initiator.COMMANDS, audit, attest, budget, demo):
+for command in (*daemons.COMMANDS, *initiator.COMMANDS, audit, attest, budget, demo,
+                computations, doctor):
     cli.add_command(command)
 
 

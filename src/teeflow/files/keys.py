@@ -34,6 +34,15 @@ def load_key(path: Path) -> KeySigner:
     return KeySigner(key)
 
 
+def load_existing_key(path: Path, made_by: str) -> KeySigner:
+    """The key in `path`; a missing file is an error naming what makes one (`made_by`),
+    never a new key: a mistyped path must not become a new identity."""
+    if not path.exists():
+        raise ConfigError(f"key file {path}: no such file (check the path; {made_by} "
+                          "makes a new key)")
+    return load_key(path)
+
+
 def load_or_create_key(path: Path) -> KeySigner:
     if not path.exists():
         save_key(KeySigner.generate(), path)

@@ -35,7 +35,7 @@ from teeflow.core.errors import (
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
-from teeflow.files.keys import load_or_create_key
+from teeflow.files.keys import load_existing_key, load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.provider.budget import Ledger, PrivacyGuard
@@ -51,7 +51,11 @@ OUTCOME_RETRY = 120.0
 class Provider:
     def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
-        self.identity = identity or load_or_create_key(config.key_file)
+        # the key is made on the first start only, the one that spends an invitation; a
+        # mistyped key_file later must not become a new identity
+        self.identity = identity or (
+            load_or_create_key(config.key_file) if config.invite else
+            load_existing_key(config.key_file, "the first start, with an invitation,"))
         # the newest log checkpoint this node saw, next to its key: checked on every contact
         self.scheduler = SchedulerClient(config.scheduler, self.identity,
                                          checkpoints=checkpoint_path(config.key_file))

@@ -34,7 +34,7 @@ from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.seal import open_sealed
 from teeflow.files.checkpoints import checkpoint_path
-from teeflow.files.keys import load_or_create_key
+from teeflow.files.keys import load_existing_key, load_or_create_key
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
 
@@ -85,7 +85,10 @@ class Client:
         checkpoints = None
         if key is None or isinstance(key, (str, Path)):
             key_file = Path(key or DEFAULT_HOME / "key.pem").expanduser()
-            key, checkpoints = load_or_create_key(key_file), checkpoint_path(key_file)
+            # a key is made only when registering under a name, never for a mistyped path
+            key = load_or_create_key(key_file) if name is not None else \
+                load_existing_key(key_file, "`teeflow init` or Client(name=...)")
+            checkpoints = checkpoint_path(key_file)
         self.identity: Identity = key
         # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...;
         # every answer is checked against the log checkpoint kept next to the key
