@@ -204,12 +204,12 @@ def print_measurement(backend: Any) -> None:
         evidence = backend.evidence(bytes(64))
         found = claimed_measurements(evidence.tee, evidence.quote)
     except (TeeflowError, OSError) as exc:
-        console.print(f"teeflow executor ({backend.tee}): measurement not readable: {exc}",
-                      highlight=False)
+        click.echo(f"teeflow executor ({backend.tee}): measurement not readable: {exc}")
         return
     for name, value in found.items():
-        console.print(f"teeflow executor ({backend.tee}) {name} = {value}  (owners put this "
-                      f"in [policy.{backend.tee}] {name} = [...])", highlight=False)
+        # plain, one line: it is copied into policies
+        click.echo(f"teeflow executor ({backend.tee}) {name} = {value}  (owners put this in "
+                   f"[policy.{backend.tee}] {name} = [...])")
 
 
 def parse_duration(text: str, option: str = "--result-ttl") -> float:

@@ -277,7 +277,11 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
     """Show a task's state, assignments and history (who signed each step)."""
     with client(ctx) as c:
         task = c.task(task_id)
-        names = {} if as_json else signer_names(c, [task])
+        if not as_json:  # the task's events name only the key type; the log, the key
+            names = signer_names(c, [task])
+            signers = {e.seq: e.signer for e in c.audit_log(task_id)}
+            for e in task["events"]:
+                e["signer"] = signers.get(e["seq"], e["signer"])
     if as_json:
         echo_json(task)
         return
