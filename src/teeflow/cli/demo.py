@@ -26,7 +26,7 @@ from rich.table import Table
 from teeflow.attestation.policy import load_policy
 from teeflow.attestation.simulated import code_measurement
 from teeflow.cli.cluster import LocalCluster, Party
-from teeflow.cli.common import console, kv, wait_with_progress
+from teeflow.cli.common import console, kv, metrics_lines, wait_with_progress
 from teeflow.core.errors import InputError
 
 N_FEATURES = 10
@@ -252,7 +252,7 @@ def _show(value: dict[str, Any], compute: str) -> None:
     if "intercept" in value:
         table.add_row("intercept", f"{value['intercept']:+.6f}")
     console.print(table)
-    for k, v in (value.get("metrics") or {}).items():
-        console.print(f"{k}: {v:.4f}")
+    for line in metrics_lines(value):
+        console.print(line, highlight=False)
     if "n_samples" in value:
         console.print(f"trained on {value['n_samples']:,} rows from all parties")
