@@ -27,7 +27,8 @@ from teeflow.cli.doctor import doctor
               show_default=True, help="Scheduler URL (env TEEFLOW_SCHEDULER).")
 @click.option("--key", "key_file", envvar="TEEFLOW_KEY", type=click.Path(path_type=Path),
               default=None, help="Your signing key (env TEEFLOW_KEY; default "
-              "~/.config/teeflow/key.pem, made on first use).")
+              "~/.config/teeflow/key.pem; only `teeflow init` makes one). Both options "
+              "may also follow the subcommand.")
 @click.pass_context
 def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
     """teeflow: multi-party computation in trusted execution environments."""
