@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,6 +268,35 @@ def test_a_stale_policy_variable_breaks_only_what_needs_a_policy(cluster, tmp_pa
     broken.write_text("[policy\n")
     _named_error(_run("executors", env={**cluster.env, "TEEFLOW_POLICY": str(broken)}),
                  "TEEFLOW_POLICY", "broken.toml")
+    # an error quoting text that looks like console markup is printed as it is
+    odd = tmp_path / "p[" / "x]policy.toml"
+    _named_error(_run("executors", env={**cluster.env, "TEEFLOW_POLICY": str(odd)}),
+                 "p[/x]policy.toml")
+
+
+def test_ctrl_c_while_waiting_says_how_to_resume(cluster):
+    c = cluster
+    task_id = _submit(c, "ex_alice", "ex_bob")  # waits for bob, who has no rule
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT / "src"), **c.env}
+    proc = subprocess.Popen([sys.executable, "-m", "teeflow.cli.main", "wait", task_id],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy()) as cl:
+            wait_task_state(cl, task_id, {"submitted"})
+            assert proc.stderr is not None
+            assert proc.stderr.readline().startswith(f"waiting for task {task_id}")
+            time.sleep(0.5)  # into the polling loop; not a duration asserted
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+            assert "Traceback" not in err and f"teeflow wait {task_id}" in err
+            assert cl.task(task_id)["state"] == "submitted"  # the task goes on
+            cl.cancel(task_id)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # -- 7. the executor's measurement, who signed, training-set metrics ----------------------------

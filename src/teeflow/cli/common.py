@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core.errors import ConfigError, InputError, TeeflowError
@@ -242,9 +243,21 @@ def signer_names(c: Client, tasks: list[dict[str, Any]] | None = None) -> dict[s
 def wait_with_progress(client: Client, task_id: str,
                        timeout: float | None = None) -> dict[str, Any]:
     """`client.wait` with a progress bar of uploaded rows on stderr (`submit`, `wait`)."""
+    total = {d["name"]: d["rows"] for d in client.datasets()}
+    err_console.print(f"waiting for task {task_id} (Ctrl-C stops waiting, not the task)",
+                      highlight=False, markup=False)
+    try:
+        return _progress(client, task_id, timeout, total)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped waiting; the task goes on: `teeflow wait {task_id}` "
+                          "resumes", highlight=False, markup=False)
+        raise click.exceptions.Abort() from None
+
+
+def _progress(client: Client, task_id: str, timeout: float | None,
+              total: dict[str, int]) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    total = {d["name"]: d["rows"] for d in client.datasets()}
     with Progress(TextColumn("{task.description:<10}"), BarColumn(),
                   TextColumn("{task.fields[rows]}"), TimeElapsedColumn(),
                   console=err_console, transient=False) as bar:
@@ -273,11 +286,16 @@ def run(group: click.Group) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except TeeflowError as exc:
-        err_console.print(f"[red]error[/]: {exc}", highlight=False)
+    except TeeflowError as exc:  # escaped: a message may quote [tables] or a peer's text
+        err_console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
         if "not registered" in str(exc):
             err_console.print("hint: run `teeflow init --name NAME` to register your key")
         sys.exit(1)
     except TimeoutError as exc:
-        err_console.print(f"[red]error[/]: {exc}", highlight=False)
+        err_console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+    except OSError as exc:  # a file or socket of this machine: name it, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        err_console.print(f"[red]error[/]: {escape(str(exc.strerror or exc) + where)}",
+                          highlight=False)
         sys.exit(1)

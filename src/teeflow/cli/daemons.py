@@ -59,6 +59,7 @@ def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | 
     from teeflow.scheduler.identity import load_or_create
     from teeflow.scheduler.store import Store
 
+    check_db(db)  # a mistyped directory must not become a second scheduler's
     ident = load_or_create(data_dir or db.resolve().parent)
     store = Store(db)
     try:
