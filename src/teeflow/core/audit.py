@@ -35,7 +35,7 @@ from teeflow.core.wire import canonical
 GENESIS = "0" * 64
 SCHEDULER = "scheduler"
 OWNER_KINDS = ("approved", "rejected")
-EXECUTOR_KINDS = ("received", "computed", "released", "wiped")
+EXECUTOR_KINDS = ("admitted", "received", "computed", "released", "wiped")
 
 
 class AuditError(TeeflowError):
