@@ -196,7 +196,8 @@ class Provider:
                 log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
                          spec.run_limit)
                 body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
-                        "spec_digest": spec.digest(), "claims": claims.to_dict()}
+                        "spec_digest": spec.digest(), "claims": claims.to_dict(),
+                        "run": run}  # which of the spec's runs this upload is
                 signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
                 self._try_report(task_id, name, "started", attested={
                     "body": body, "signature": base64.b64encode(signature).decode()})
