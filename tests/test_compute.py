@@ -98,9 +98,9 @@ def test_describe_is_json_ready():
     assert params["features"]["type"] == "list[str]" and params["features"]["default"] is None
     assert params["test_fraction"]["max"] == 1.0 and params["test_fraction"]["max_exclusive"]
     vertical = compute.get("vertical").describe()
-    assert [p["name"] for p in vertical["params"]] == ["id", "model"]
+    assert [p["name"] for p in vertical["params"]] == ["id", "model", "min_intersection"]
     assert set(vertical["model_params"]) == {"logistic_regression", "linear_regression", "xgboost"}
-    assert FEDAVG.describe()["params"] == []
+    assert [p["name"] for p in FEDAVG.describe()["params"]] == ["min_parties"]
 
 
 def test_too_few_datasets():

@@ -443,17 +443,21 @@ def test_vertical_data_errors_name_no_id(vertical_parties):
     with pytest.raises(ComputeError, match="'lab': column 'pid' has null values$"):
         _run("vertical", _vtables(a, nulls), raw)
     disjoint = b.assign(pid=[f"other-{i}" for i in range(len(b))])
-    with pytest.raises(ComputeError, match="no id value in common"):
+    with pytest.raises(ComputeError, match="fewer IDs than the owners' minimum of 10; "
+                                           "nothing is released$"):
         _run("vertical", _vtables(a, disjoint), raw)
     shared = next(iter(set(a["pid"]) & set(b["pid"])))
-    bad = b.assign(s3=np.where(b["pid"] == shared, np.nan, b["s3"]))  # NaN → Arrow null
-    with pytest.raises(ComputeError, match="'lab': column 's3' has null values in the joined"):
-        _run("vertical", _vtables(a, bad), raw)
+    outside = next(iter(set(b["pid"]) - set(a["pid"])))
+    # nulls are refused in the whole table, inside the intersection or not: the error must
+    # not say whether an ID is the other party's
+    for pid in (shared, outside):
+        bad = b.assign(s3=np.where(b["pid"] == pid, np.nan, b["s3"]))  # NaN → Arrow null
+        with pytest.raises(ComputeError, match="'lab': column 's3' has null values$"):
+            _run("vertical", _vtables(a, bad), raw)
     bad = b.assign(s3=np.where(b["pid"] == shared, np.inf, b["s3"]))
     with pytest.raises(ComputeError, match="'lab': feature column 's3' has a non-finite value "
                                            r"\(NaN or infinity\)$"):
         _run("vertical", _vtables(a, bad), raw)
     # A bad value outside the intersection is never used.
-    outside = next(iter(set(b["pid"]) - set(a["pid"])))
-    ok = b.assign(s3=np.where(b["pid"] == outside, np.nan, b["s3"]))
+    ok = b.assign(s3=np.where(b["pid"] == outside, np.inf, b["s3"]))
     assert _run("vertical", _vtables(a, ok), raw)["intersection_size"] > 0

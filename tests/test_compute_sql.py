@@ -282,7 +282,8 @@ def test_refusals_by_schema(by_rows):
 
 def test_params():
     got = sql.check_params({"query": " SELECT count(*) FROM t "})
-    assert got == {"query": "SELECT count(*) FROM t", "min_group_size": 10, "memory_limit": None}
+    assert got == {"query": "SELECT count(*) FROM t", "min_group_size": 10, "memory_limit": None,
+                   "query_args": None}
     assert sql.check_params({"query": "SELECT count(*) FROM t", "min_group_size": "1",
                              "memory_limit": "512MB"})["memory_limit"] == "512MB"
     with pytest.raises(ParameterError, match="'min_group_size'"):

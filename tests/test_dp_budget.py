@@ -24,9 +24,9 @@ from teeflow.provider.budget import (
     privacy_charges,
 )
 from teeflow.provider.config import DatasetConfig, ProviderConfig, check_config
-from teeflow.provider.consent import ApprovalRule
+from teeflow.provider.consent import ApprovalRule, Constraint
 from teeflow.provider.node import Provider
-from tests.factories import appraisal_policy, make_spec
+from tests.factories import appraisal_policy, make_spec, receiver
 
 OWNER, OTHER, INITIATOR = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
 TABLE = pa.table({"pid": ["a", "b", "c"], "v": [1.0, 2.0, 3.0]})
@@ -236,8 +236,11 @@ class _Scheduler:
 def _provider(tmp_path: Path, rule: bool = True) -> Provider:
     path = tmp_path / "patients.parquet"
     pq.write_table(TABLE, path)
+    bound = {"epsilon": Constraint("range", high=1.0), "identity": Constraint("values", ("pid",)),
+             **{n: Constraint("default") for n in ("max_contributions", "column", "lower",
+                                                    "upper", "group_by")}}
     rules = (ApprovalRule(("dp_aggregate", "linear_regression"), ("patients",),
-                          (INITIATOR.public_key(),)),) if rule else ()
+                          (receiver(INITIATOR),), (), tuple(bound.items())),) if rule else ()
     cfg = ProviderConfig(name="alice", key_file=tmp_path / "alice.key",
                          scheduler="https://x#sha256:" + "0" * 64,
                          datasets=(DatasetConfig("patients", path, PATIENTS),),

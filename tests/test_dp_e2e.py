@@ -28,6 +28,13 @@ PRIVACY = {
 }
 
 
+# What alice's and bob's rules sign: the parameters that decide what a DP release spends
+# and protects, each bound (a rule that left one out would not match).
+BIND = {"dp_aggregate": {"epsilon": {"max": 1.0}, "identity": ["pid"],
+                         "max_contributions": {"max": 2}, "column": ["age"],
+                         "lower": {"min": 0}, "upper": {"max": 100}}}
+
+
 def _data(path, n, seed):
     rng = np.random.default_rng(seed)
     pd.DataFrame({"pid": [f"{path.stem}{i % (n // 2)}" for i in range(n)],
@@ -37,7 +44,7 @@ def _data(path, n, seed):
 
 
 def _start_provider(c: LocalCluster, party: Party, approve: bool) -> None:
-    config = c.write_provider_config(party, approve=approve)
+    config = c.write_provider_config(party, approve=approve, bind=BIND)
     text = config.read_text()
     line = f"path = \"{party.path.resolve()}\"\n"
     assert line in text

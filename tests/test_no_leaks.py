@@ -142,23 +142,27 @@ def _cases() -> list[Case]:
     ids = [mark(f"id{i}") for i in range(6)]
     cases += [
         Case("vertical_duplicate_ids", "vertical",
-             {"id": "pid", "model": "logistic_regression", "label": "y"},
+             {"id": "pid", "model": "logistic_regression", "label": "y", "min_intersection": "1"},
              [pa.table({"pid": [ids[0], ids[0], ids[1]], "x1": [num(50), num(51), num(52)]}),
               pa.table({"pid": ids[:3], "y": [0, 1, 0]})], "duplicate"),
         Case("vertical_no_common_id", "vertical",
-             {"id": "pid", "model": "logistic_regression", "label": "y"},
+             {"id": "pid", "model": "logistic_regression", "label": "y", "min_intersection": "1"},
              [pa.table({"pid": ids[:3], "x1": [num(53), num(54), num(55)]}),
-              pa.table({"pid": ids[3:], "y": [0, 1, 0]})], "common"),
+              pa.table({"pid": ids[3:], "y": [0, 1, 0]})], "minimum"),
         Case("vertical_null_joined", "vertical",
-             {"id": "pid", "model": "logistic_regression", "label": "y"},
+             {"id": "pid", "model": "logistic_regression", "label": "y", "min_intersection": "1"},
              [pa.table({"pid": ids[:3], "x1": [num(56), None, num(57)]}),
               pa.table({"pid": ids[:3], "y": [0, 1, 0]})], "null"),
         Case("vertical_three_labels", "vertical",
-             {"id": "pid", "model": "logistic_regression", "label": "y"},
+             {"id": "pid", "model": "logistic_regression", "label": "y", "min_intersection": "1"},
              [pa.table({"pid": ids[:3], "x1": [num(58), num(59), num(60)]}),
               pa.table({"pid": ids[:3], "y": three})], "two"),
+        Case("vertical_below_minimum", "vertical",
+             {"id": "pid", "model": "logistic_regression", "label": "y"},
+             [pa.table({"pid": ids[:3], "x1": [num(65), num(66), num(67)]}),
+              pa.table({"pid": ids[:3], "y": [0, 1, 0]})], "minimum"),
         Case("vertical_null_id", "vertical",
-             {"id": "pid", "model": "linear_regression", "label": "y"},
+             {"id": "pid", "model": "linear_regression", "label": "y", "min_intersection": "1"},
              [pa.table({"pid": [ids[4], None], "x1": [num(61), num(62)]}),
               pa.table({"pid": ids[4:6], "y": [num(63), num(64)]})], "null"),
     ]
@@ -241,8 +245,8 @@ def _federated_updates(ex: Executor) -> str:
     schema = pa.schema([("x", pa.float64()), ("y", pa.int64())])
     spec = make_spec([(f"p{i}", f"o{i}", o, schema_fingerprint(schema))
                       for i, o in enumerate(owners)], initiator,
-                     compute_name="federated_logistic_regression", params={"label": "y"},
-                     task_id="leakfl01")
+                     compute_name="federated_logistic_regression",
+                     params={"label": "y", "min_parties": "2"}, task_id="leakfl01")
     ex.create_task(spec, [approval(spec, o) for o in owners])
     feats = [mark("flA"), mark("flB")]
 

@@ -10,6 +10,7 @@ import pytest
 
 from teeflow.attestation.policy import load_policy
 from teeflow.core.errors import ConfigError
+from teeflow.core.wire import Receiver
 from teeflow.provider.config import (
     DEFAULTS,
     MAX_CONFIG,
@@ -26,7 +27,8 @@ from teeflow.provider.consent import ApprovalRule
 M = "AB" * 32
 POLICY = {"tee_types": ["simulated"], "allow_simulated": True,
           "simulated": {"measurement": [M]}}
-RULE = {"compute": ["sum"], "datasets": ["a"], "receivers": ["k1"]}
+RULE = {"compute": ["logistic_regression"], "datasets": ["a"],
+        "receivers": [{"sign_key": "k1", "enc_key": "e1"}]}
 
 
 @pytest.fixture
@@ -59,9 +61,9 @@ allow_simulated = true
 measurement = ["{M}"]
 
 [[approve]]
-compute = "sum"
+compute = "logistic_regression"
 datasets = ["a"]
-receivers = ["k1"]
+receivers = [{{sign_key = "k1", enc_key = "e1"}}]
 """
 
 
@@ -77,7 +79,8 @@ def test_load_config_from_a_file(tmp_path):
     assert cfg.poll_wait == 20.0
     assert cfg.upload_rows_per_second == 1000.0
     assert cfg.collateral is None and cfg.amd_ark is None
-    assert cfg.approve == (ApprovalRule(("sum",), ("a",), ("k1",), ()),)
+    assert cfg.approve == (ApprovalRule(("logistic_regression",), ("a",),
+                                        (Receiver("k1", "e1"),), ()),)
     assert cfg.policy == load_policy(POLICY)
 
 
@@ -166,11 +169,15 @@ def test_check_wants_defaults_given(doc, tmp_path):
     (lambda d: d["datasets"][0].update(name=3), "datasets[0].name"),
     (lambda d: d.update(approve={"compute": "sum"}), "approve"),
     (lambda d: d.update(approve=["sum"]), "approve[0]"),
+    (lambda d: d["approve"][0].update(compute=["sum"]), "approve[0].compute"),
+    (lambda d: d["approve"][0].update(receivers=["k1"]), "approve[0].receivers[0]"),
+    (lambda d: d["approve"][0].update(params={"colour": [1]}), "approve[0].params.colour"),
     (lambda d: d["approve"][0].update(colour="red"), "approve[0].colour"),
     (lambda d: d["approve"][0].pop("compute"), "approve[0].compute"),
     (lambda d: d["approve"][0].update(datasets=[]), "approve[0].datasets"),
-    (lambda d: d["approve"][0].update(receivers=[1]), "approve[0].receivers"),
-    (lambda d: d["approve"][0].update(code_digests="cd", compute=["sum", 2]),
+    (lambda d: d["approve"][0].update(receivers=[1]), "approve[0].receivers[0]"),
+    (lambda d: d["approve"][0].update(receivers=[]), "approve[0].receivers"),
+    (lambda d: d["approve"][0].update(code_digests="cd", compute=["xgboost", 2]),
      "approve[0].compute"),
     (lambda d: d["approve"][0].update(code_digests=[1]), "approve[0].code_digests"),
     (lambda d: d["policy"].update(tee_types=[]), "policy.tee_types"),

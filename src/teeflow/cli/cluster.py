@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core.crypto import KeySigner
@@ -35,16 +36,55 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def approve_toml(datasets: list[str], receivers: list[str]) -> str:
-    """A rule that signs any computation on these datasets whose result goes only to
-    these receivers."""
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for a {type(value).__name__}")
+
+
+# Never approved by a generated rule: what they show is whatever their text says, so an
+# owner binds each text by digest (`bind`), or signs by hand.
+FREE_TEXT = ("sql", "user_code")
+
+
+def approve_toml(datasets: list[str], receivers: list[tuple[str, str]],
+                 bind: dict[str, dict[str, Any]] | None = None) -> str:
+    """Approval rules for these datasets and receivers ((sign_key, enc_key) pairs): a rule
+    for each computation but sql and user_code, with each parameter that can reveal rows
+    held to its default; and one rule per computation in `bind`, with those constraints
+    (`[approve.params]` entries, e.g. {"query_sha256": "..."}) and the rest held to their
+    defaults."""
     from teeflow import compute
 
     quote = ", ".join
-    return ("\n[[approve]]\n"
-            f"compute = [{quote(_toml_str(n) for n in compute.names())}]\n"
-            f"datasets = [{quote(_toml_str(d) for d in datasets)}]\n"
-            f"receivers = [{quote(_toml_str(r) for r in receivers)}]\n")
+    shared = (f"datasets = [{quote(_toml_str(d) for d in datasets)}]\n"
+              "receivers = [" + quote(_toml_value({"sign_key": k, "enc_key": e})
+                                      for k, e in receivers) + "]\n")
+
+    def rule(names: list[str], params: dict[str, Any]) -> str:
+        revealing = dict.fromkeys(r for n in names for r in compute.get(n).revealing)
+        if not revealing and not params:
+            return ("\n[[approve]]\n"
+                    f"compute = [{quote(_toml_str(n) for n in names)}]\n" + shared)
+        given = {k.removesuffix("_sha256") for k in params}
+        table = {**{r: {"default": True} for r in revealing if r not in given}, **params}
+        return ("\n[[approve]]\n"
+                f"compute = [{quote(_toml_str(n) for n in names)}]\n" + shared
+                + "\n[approve.params]\n"
+                + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items()))
+
+    # one rule per computation: a constraint binds that name in every computation it lists
+    generic = [n for n in compute.names() if n not in FREE_TEXT and n not in (bind or {})]
+    return "".join(rule([n], {}) for n in generic) + "".join(
+        rule([n], b) for n, b in (bind or {}).items())
 
 
 def policy_toml(measurement: str, *, allow_simulated: bool = True) -> str:
@@ -144,7 +184,12 @@ class LocalCluster:
         return address
 
     def write_provider_config(self, party: Party, policy: str | None = None,
-                              approve: bool = True) -> Path:
+                              approve: bool = True,
+                              bind: dict[str, dict[str, Any]] | None = None,
+                              dataset_toml: str = "") -> Path:
+        """The party's config; with `approve`, rules for results that go only to the
+        initiator (`approve_toml`; `bind` adds per-computation constraints). `dataset_toml`:
+        tables of the party's dataset, such as its `[datasets.rules]`."""
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -158,15 +203,23 @@ class LocalCluster:
             "poll_wait = 5\n\n"
             "[[datasets]]\n"
             f"name = {_toml_str(party.dataset)}\n"
-            f"path = {_toml_str(str(party.path.resolve()))}\n\n"
+            f"path = {_toml_str(str(party.path.resolve()))}\n"
+            + dataset_toml + "\n"
             + (policy or policy_toml(code_measurement()))
-            + (approve_toml([party.dataset], [self.initiator.public_key()]) if approve else "")
+            + (approve_toml([party.dataset], [self.receiver], bind) if approve else "")
         )
         return config
 
+    @property
+    def receiver(self) -> tuple[str, str]:
+        """The initiator's (sign_key, enc_key): the receiver the generated rules accept."""
+        return self.initiator.public_key(), self.initiator.encryption_public_key()
+
     def start_provider(self, party: Party, policy: str | None = None,
-                       approve: bool = True) -> subprocess.Popen:
-        config = self.write_provider_config(party, policy, approve)
+                       approve: bool = True,
+                       bind: dict[str, dict[str, Any]] | None = None,
+                       dataset_toml: str = "") -> subprocess.Popen:
+        config = self.write_provider_config(party, policy, approve, bind, dataset_toml)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:

@@ -8,6 +8,7 @@ everything it started.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -32,13 +33,16 @@ N_FEATURES = 10
 TRUE_WEIGHTS = np.linspace(-1.5, 1.5, N_FEATURES)
 
 
-def make_party_data(path: Path, rows: int, seed: int) -> None:
-    """Rows with a real, learnable signal: y ~ Bernoulli(sigmoid(x . w + 0.3))."""
+def make_party_data(path: Path, rows: int, seed: int, with_pid: bool = False) -> None:
+    """Rows with a real, learnable signal: y ~ Bernoulli(sigmoid(x . w + 0.3)); with
+    `with_pid`, a person id column too (text, so no model takes it as a feature), the same
+    ids in every party's file, so the parties' rows can be joined."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, N_FEATURES))
     p = 1.0 / (1.0 + np.exp(-(x @ TRUE_WEIGHTS + 0.3)))
     y = (rng.random(rows) < p).astype(np.int64)
-    table = pa.table({**{f"x{i}": x[:, i] for i in range(N_FEATURES)}, "y": y})
+    ids = {"pid": [f"p{i:07d}" for i in range(rows)]} if with_pid else {}
+    table = pa.table({**ids, **{f"x{i}": x[:, i] for i in range(N_FEATURES)}, "y": y})
     if path.suffix == ".parquet":
         pq.write_table(table, path, row_group_size=64 * 1024)
     else:
@@ -78,6 +82,21 @@ def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
     return None
 
 
+def demo_rules(compute: str, params: dict[str, str],
+               queries: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """What the demo's owners bind beyond the generated rules: the demo's SQL queries by
+    their digests (never any query), with the group-size floor asked for, at least the
+    default. user_code is never approved by rule: its owners would sign by hand."""
+    texts = list(queries)
+    if compute == "sql" and "query" in params:
+        texts.append(params["query"])
+    if not texts:
+        return {}
+    floor = max(int(params.get("min_group_size", "10")), 10)
+    return {"sql": {"query_sha256": [hashlib.sha256(q.encode()).hexdigest() for q in texts],
+                    "min_group_size": {"min": floor}}}
+
+
 @click.command()
 @click.option("--party", "parties", multiple=True,
               help="NAME=FILE: a provider named NAME owning the CSV or Parquet FILE (repeatable).")
@@ -97,6 +116,7 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
     work.mkdir(parents=True, exist_ok=True)
     param_map = kv(params, "--param")
     party_list: list[Party] = []
+    sample = False
     for spec in parties:
         name, sep, file = spec.partition("=")
         if not sep or not name or not Path(file).is_file():
@@ -104,8 +124,9 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
         party_list.append(Party(node=name, dataset=name, path=Path(file)))
     if not party_list:
         console.print(f"making sample data: 2 parties x {rows:,} rows in {work}")
-        make_party_data(work / "alice.csv", rows, seed=1)
-        make_party_data(work / "bob.parquet", rows, seed=2)
+        make_party_data(work / "alice.csv", rows, seed=1, with_pid=True)
+        make_party_data(work / "bob.parquet", rows, seed=2, with_pid=True)
+        sample = True
         party_list = [Party("alice", "train_party_1", work / "alice.csv"),
                       Party("bob", "train_party_2", work / "bob.parquet")]
         if compute == "logistic_regression":
@@ -116,8 +137,11 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
     try:
         cluster.start_scheduler()
         cluster.start_executor()
+        bind = demo_rules(compute, param_map,
+                          _demo_queries([p.dataset for p in party_list]) if sample else ())
         for party in party_list:
-            cluster.start_provider(party)
+            cluster.start_provider(party, bind=bind,
+                                   dataset_toml=demo_rules_toml(compute) if sample else "")
         names = [p.dataset for p in party_list]
         cluster.wait_for_datasets(names)
         console.print(f"cluster up: scheduler {cluster.scheduler_url}, simulated executor "
@@ -140,6 +164,8 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
                 signer = entry.signer.split(":")[0]
                 console.print(f"  audit #{entry.seq:<3} {entry.kind:<10} signed by {signer}",
                               highlight=False)
+            if sample:
+                _sql_under_rules(client, names)
         _show(result.value, compute)
         diff = plaintext_check(compute, param_map, party_list, result.value)
         if diff is not None:
@@ -163,6 +189,59 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
                           f"teeflow audit verify --db {work / 'scheduler.sqlite'}")
         elif workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def demo_rules_toml(compute: str) -> str:
+    """The sample parties' analysis rules: aggregates of x0..x2 by y, joined on pid, at
+    least 20 distinct people per output row; the demo's main computation allowed too."""
+    computations = ", ".join(f'"{c}"' for c in dict.fromkeys(["sql", compute]))
+    return ("[datasets.rules]\n"
+            f"computations = [{computations}]\n"
+            "[datasets.rules.aggregation]\n"
+            'aggregates = { count = ["*", "pid"], sum = ["x0", "x1", "x2"], '
+            'avg = ["x0", "x1", "x2"] }\n'
+            'join_columns = ["pid"]\n'
+            'dimension_columns = ["y"]\n'
+            'identity = "pid"\n'
+            "min_identities = 20\n")
+
+
+DEMO_SQL = ("SELECT a.y, count(*) AS people, avg(a.x0) AS mean_x0_alice, "
+            "avg(b.x1) AS mean_x1_bob FROM {a} a JOIN {b} b ON a.pid = b.pid "
+            "GROUP BY a.y ORDER BY a.y")
+DEMO_REFUSED = "SELECT max(x0) FROM {a}"
+
+
+def _demo_queries(names: list[str]) -> tuple[str, ...]:
+    """The demo's SQL texts, as submitted (their owners bind them by digest)."""
+    quoted = {"a": f'"{names[0]}"', "b": f'"{names[1]}"'}
+    return DEMO_SQL.format(**quoted), DEMO_REFUSED.format(**quoted)
+
+
+def _sql_under_rules(client: Any, names: list[str]) -> None:
+    """An SQL join the owners' aggregation rules grant, and one they refuse."""
+    from teeflow.core.errors import TaskFailed
+
+    quoted = {"a": f'"{names[0]}"', "b": f'"{names[1]}"'}
+    task = client.submit(names, None, "sql", {"query": DEMO_SQL.format(**quoted)})
+    console.print(f"task [bold]{task['id']}[/] submitted: sql join under the owners' "
+                  "aggregation rules (at least 20 distinct pids per output row)")
+    wait_with_progress(client, task["id"])
+    value = client.result(task["id"]).value
+    table = Table(*value["columns"], title="sql result (analysis rules: "
+                  f"{value.get('analysis_rules', {}).get('mode')})")
+    for row in value["rows"]:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+    refused = client.submit(names[:1], None, "sql", {"query": DEMO_REFUSED.format(**quoted)})
+    try:
+        client.wait(refused["id"])
+    except TaskFailed:
+        reason = client.task(refused["id"]).get("error")
+        console.print(f"task {refused['id']} (max(x0): one row's value) refused by the "
+                      f"executor before any data moved: {reason}", highlight=False)
+    else:
+        raise click.ClickException("the analysis rules let max() through")
 
 
 def _show(value: dict[str, Any], compute: str) -> None:

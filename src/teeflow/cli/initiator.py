@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -202,14 +202,40 @@ def cancel(ctx: click.Context, task_id: str) -> None:
         console.print(f"task {task_id}: {c.cancel(task_id)['state']}")
 
 
+def rules_summary(rules: dict[str, Any] | None) -> str:
+    """One line per rule kind a dataset's owner published (`--json` for all of them)."""
+    if not rules:
+        return "-"
+    out = []
+    agg = rules.get("aggregation")
+    if agg:
+        fns = ", ".join(f"{f}({'|'.join(c)})" for f, c in agg["aggregates"].items())
+        out.append(f"aggregation: {fns}; by {', '.join(agg['dimension_columns']) or '-'}; "
+                   f"join on {', '.join(agg['join_columns']) or '-'}; "
+                   f">= {agg['min_identities']} {agg['identity']} per row")
+    lst = rules.get("list")
+    if lst:
+        out.append(f"list: {', '.join(lst['list_columns'])} "
+                   f"(join on {', '.join(lst['join_columns'])})")
+    if rules.get("analyses"):
+        out.append("analyses: " + ", ".join(a["name"] for a in rules["analyses"]))
+    return "\n".join(out)
+
+
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="the whole catalog, rules included")
 @click.pass_context
-def datasets(ctx: click.Context) -> None:
-    """List the dataset catalog (names, owners, sizes; never rows)."""
+def datasets(ctx: click.Context, as_json: bool) -> None:
+    """List the dataset catalog (names, owners, sizes, analysis rules; never rows)."""
     with client(ctx) as c:
-        table = Table("name", "owner", "rows", "schema")
-        for d in c.datasets():
-            table.add_row(d["name"], d["owner"], f"{d['rows']:,}", d["fingerprint"][:12])
+        entries = c.datasets()
+        if as_json:
+            click.echo(json.dumps(entries, indent=2))
+            return
+        table = Table("name", "owner", "rows", "schema", "analysis rules")
+        for d in entries:
+            table.add_row(d["name"], d["owner"], f"{d['rows']:,}", d["fingerprint"][:12],
+                          rules_summary(d.get("rules")))
         console.print(table)
 
 

@@ -16,6 +16,12 @@ Each computation is a module of this package defining
   ``"federated"`` (rows stay with their owners) or ``"any"``;
 - ``MIN_DATASETS``: the fewest datasets it accepts;
 - ``USES``: the dotted names of the other modules its code runs (part of its digest);
+- ``REVEALING``: the names of its parameters that can make a result reveal rows (a query,
+  code, a group-size floor, epsilon, a minimum number of parties...); an owner's approval
+  rule must say something about each of them to match (``provider/consent.py``). Required,
+  even when empty: a module without it is refused at registration;
+- optionally ``ALL_PARAMS``: every parameter it accepts when ``PARAMS`` is not all of them
+  (vertical also takes its model's);
 - pure functions over Arrow data (no I/O):
 
   - ``check_params(raw)``: validates and converts the task's string parameters; raises
@@ -92,6 +98,21 @@ class Computation:
     # A DP computation's (epsilon, delta) for checked params; None: not DP.
     privacy_cost: Callable[[dict[str, Any]], tuple[float, float]] | None = field(
         default=None, repr=False)
+    # the parameters an approval rule must bind (module REVEALING)
+    revealing: tuple[str, ...] = ()
+    # every parameter it accepts (PARAMS, or the module's ALL_PARAMS)
+    all_params: tuple[Param, ...] = ()
+    # checked params -> raises ParameterError if the task has too few parties (owners)
+    check_parties: Callable[[int, dict[str, Any]], None] | None = field(
+        default=None, repr=False)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.all_params or self.params if p.name == name), None)
+
+    def parties_ok(self, spec_owner_count: int, checked: dict[str, Any]) -> None:
+        """ParameterError if a task with this many distinct owners is too few for it."""
+        if self.check_parties is not None:
+            self.check_parties(spec_owner_count, checked)
 
     @property
     def differentially_private(self) -> bool:
@@ -132,6 +153,7 @@ class Computation:
             "layout": self.layout,
             "min_datasets": self.min_datasets,
             "params": [p.describe() for p in self.params],
+            "revealing": list(self.revealing),
         }
         if digest:
             out["code_digest"] = self.code_digest
@@ -171,6 +193,15 @@ def _from_module(module: ModuleType) -> Computation:
         raise ValueError(f"computation {name!r}: unknown layout {layout!r}")
     min_datasets = int(getattr(module, "MIN_DATASETS", 1))
     check, execute = module.check_schemas, module.run
+    revealing = getattr(module, "REVEALING", None)
+    if not isinstance(revealing, tuple) or not all(isinstance(r, str) for r in revealing):
+        raise ValueError(f"computation {name!r}: REVEALING (a tuple of parameter names) is "
+                         "required: which of its parameters can reveal rows")
+    params = tuple(getattr(module, "PARAMS", ()))
+    all_params = tuple(getattr(module, "ALL_PARAMS", params))
+    unknown = [r for r in revealing if r not in {p.name for p in all_params}]
+    if unknown:
+        raise ValueError(f"computation {name!r}: REVEALING names unknown parameter(s) {unknown}")
 
     def enough(count: int) -> None:
         if count < min_datasets:
@@ -203,7 +234,7 @@ def _from_module(module: ModuleType) -> Computation:
         check_params=module.check_params,
         check_schemas=guarded(check),
         run=run,
-        params=tuple(getattr(module, "PARAMS", ())),
+        params=params,
         layout=layout,
         min_datasets=min_datasets,
         modules=_reach(module),
@@ -212,6 +243,9 @@ def _from_module(module: ModuleType) -> Computation:
         precheck_params=getattr(module, "precheck_params", None),
         precheck_schemas=guarded(pre_schemas) if pre_schemas is not None else None,
         privacy_cost=getattr(module, "privacy_cost", None),
+        revealing=revealing,
+        all_params=all_params,
+        check_parties=getattr(module, "check_parties", None),
     )
 
 

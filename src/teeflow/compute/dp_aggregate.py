@@ -57,6 +57,11 @@ PARAMS = (
 )
 
 
+# What the release spends and protects: the unit of privacy, its bounds, the columns.
+REVEALING = ("epsilon", "identity", "max_contributions", "column", "lower", "upper",
+             "group_by")
+
+
 def _cross_check(p: dict[str, Any]) -> None:
     stat = p["statistic"]
     if stat in ("sum", "mean", "histogram") and not p["column"]:

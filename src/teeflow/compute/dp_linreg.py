@@ -67,6 +67,11 @@ PARAMS = (
 )
 
 
+# What the release spends and protects: the unit of privacy, its bounds, the columns.
+REVEALING = ("epsilon", "identity", "max_contributions", "label", "features",
+             "feature_bounds", "label_lower", "label_upper")
+
+
 def _cross_check(p: dict[str, Any]) -> None:
     feats = p["features"]
     if p["label"] in feats:

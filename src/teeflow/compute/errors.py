@@ -39,6 +39,9 @@ CATALOGUE: dict[str, str] = {
     "duplicate_ids": "dataset {dataset!r}: id column {column!r} has duplicate values; IDs "
                      "must be unique within a dataset",
     "no_common_id": "{computation}: the datasets have no id value in common",
+    "small_intersection": "{computation}: the datasets share fewer IDs than the owners' "
+                          "minimum of {limit}; nothing is released",
+    "too_few_parties": "{computation}: fewer parties than the owners' minimum of {limit}",
     "internal": "{computation}: internal error",
     "too_large_for_memory": "{computation} needs its whole input in memory, more than the "
                             "executor's budget of {limit} bytes",

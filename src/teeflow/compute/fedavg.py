@@ -8,7 +8,7 @@ Each party's table has one row per parameter:
 
 Every table must name the same set of parameters. The result is, for each name,
 ``sum_i n_i * value_i / sum_i n_i``, in the first table's row order. Other columns are ignored.
-No parameters.
+One parameter, ``min_parties`` (default 1): the fewest distinct owners a task may have.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 from teeflow.compute.errors import public
 from teeflow.compute.params import Param, make_check_params
 from teeflow.compute.rows import Source
-from teeflow.core.errors import SchemaMismatch
+from teeflow.core.errors import ParameterError, SchemaMismatch
 
 NAME = "model_aggregation"
 DESCRIPTION = (
     "Federated averaging: per-parameter mean of each party's values weighted by its n_samples; "
-    "tables (name: string, value: float64, n_samples: int64); no params"
+    "tables (name: string, value: float64, n_samples: int64); min_parties, the fewest owners"
 )
 
 _COLUMNS: dict[str, tuple[str, Any]] = {
@@ -44,7 +44,20 @@ USES = (
     "teeflow.compute.params",
     "teeflow.compute.rows",
 )
-PARAMS: tuple[Param, ...] = ()
+PARAMS: tuple[Param, ...] = (
+    # default 1 keeps one-owner averaging working; owners who want more bind it by rule
+    Param("min_parties", "int", default=1, low=1, high=1000,
+          help="the fewest owners a task may have (with two, each recovers the other's)"),
+)
+# With one party the mean is its own table; with two, each party that receives the result
+# recovers the other's values (it knows its own and n_samples): owners decide the minimum.
+REVEALING = ("min_parties",)
+
+
+def check_parties(parties: int, params: dict[str, Any]) -> None:
+    if parties < params["min_parties"]:
+        raise public("too_few_parties", ParameterError, computation=NAME,
+                     limit=params["min_parties"])
 
 check_params = make_check_params(NAME, PARAMS)
 

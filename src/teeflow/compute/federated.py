@@ -8,7 +8,21 @@ executor over the attested channel. The executor averages the weights by row cou
 updates travel only inside TLS that terminates in the TEE, and only the averaged model
 goes back. After `rounds` rounds the final model is the result, sealed as any other.
 
-`local_update` is the providers' step and `aggregate` the executor's; both are pure.
+What the owners may ask for (each a parameter their approval rules can bind):
+
+- ``min_parties`` (default 3): with two parties each recovers the other's exact
+  update from the global model (it knows its own); a task with fewer owners is refused.
+- ``clip_norm`` and ``noise_multiplier`` (DP-FedAvg, McMahan et al. 2018): each party's
+  change to the global model is clipped to L2 norm ``clip_norm``, the clipped changes are
+  summed and Gaussian noise of standard deviation ``noise_multiplier * clip_norm`` is added
+  (OpenDP's Gaussian mechanism) before the mean is taken. The guarantee is per party and per
+  round (rho-zCDP, rho = 1 / (2 * noise_multiplier**2) a round, summed over rounds); noised
+  rounds report no loss, as the loss is not noised.
+- ``final_only``: the providers get no global model between rounds; each trains on from its
+  own last weights and the executor averages once, at the end (one-shot averaging).
+
+`local_update` is the providers' step and `aggregate` the executor's; both are pure but
+for the noise.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from teeflow.compute.params import (
     check_label_not_feature,
     make_check_params,
 )
-from teeflow.core.errors import ComputeError
+from teeflow.core.errors import ComputeError, ParameterError
 
 NAME = "federated_logistic_regression"
 DESCRIPTION = (
@@ -55,10 +69,27 @@ PARAMS = (
           help="gradient steps each provider takes per round"),
     Param("lr", "float", default=0.5, low=0.0, low_open=True, help="learning rate"),
     Param("l2", "float", default=0.0, low=0.0, help="L2 penalty on the weights"),
+    Param("min_parties", "int", default=3, low=1, high=1000,
+          help="the fewest owners a task may have (two recover each other's updates)"),
+    Param("clip_norm", "float", default=1.0, low=0.0, low_open=True, high=1e6,
+          help="DP-FedAvg: each party's change to the model is clipped to this L2 norm"),
+    Param("noise_multiplier", "float", default=0.0, low=0.0, high=1e6,
+          help="DP-FedAvg: Gaussian noise of this many clip_norms on the summed changes; "
+               "0: no noise"),
+    Param("final_only", "bool", default=False,
+          help="the providers get no global model between rounds, only the sealed result"),
 )
 MAX_FEATURES = 10_000
+# Fewer parties than this lets each recover the others' updates: the owners decide.
+REVEALING = ("min_parties",)
 
 check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
+
+
+def check_parties(parties: int, params: dict[str, Any]) -> None:
+    if parties < params["min_parties"]:
+        raise public("too_few_parties", ParameterError, computation=NAME,
+                     limit=params["min_parties"])
 
 
 def check_schemas(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
@@ -118,16 +149,61 @@ def check_update(update: dict[str, Any], n_weights: int | None) -> tuple[np.ndar
     return weights, n, loss
 
 
-def aggregate(updates: list[tuple[np.ndarray, int, float]]) -> tuple[np.ndarray, float]:
-    """FedAvg: row-count-weighted mean of the weights; and the weighted mean local loss."""
+def aggregate(updates: list[tuple[np.ndarray, int, float]], params: dict[str, Any] | None = None,
+              previous: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+    """FedAvg: row-count-weighted mean of the weights, and the weighted mean local loss.
+    With ``noise_multiplier`` > 0, DP-FedAvg instead: the unweighted mean of each party's
+    clipped change from ``previous``, noised (the loss is then None: it is not noised)."""
+    sigma = float((params or {}).get("noise_multiplier") or 0.0)
+    if sigma > 0:
+        assert params is not None
+        return dp_fedavg(updates, previous, float(params["clip_norm"]), sigma), None
     total = sum(n for _, n, _ in updates)
     weights = sum(w * n for w, n, _ in updates) / total
     loss = sum(loss * n for _, n, loss in updates) / total
     return np.asarray(weights, dtype=np.float64), float(loss)
 
 
+def clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
+    norm = float(np.linalg.norm(delta))
+    return delta if norm <= clip_norm else delta * (clip_norm / norm)
+
+
+def dp_fedavg(updates: list[tuple[np.ndarray, int, float]], previous: np.ndarray | None,
+              clip_norm: float, sigma: float) -> np.ndarray:
+    """previous + (sum of clipped changes + N(0, (sigma * clip_norm)^2 I)) / parties. Adding
+    or removing one party moves the sum by at most clip_norm (L2), so one round is
+    1 / (2 sigma^2)-zCDP for each party. The noise is OpenDP's."""
+    from teeflow.compute.dp import opendp
+
+    base = np.zeros_like(updates[0][0]) if previous is None else previous
+    total = sum(clip(w - base, clip_norm) for w, _, _ in updates)
+    dp = opendp()
+    meas = dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=float, nan=False)),
+                              dp.l2_distance(T=float), sigma * clip_norm)
+    noised = np.asarray(meas([float(v) for v in np.asarray(total)]), dtype=np.float64)
+    return np.asarray(base + noised / len(updates), dtype=np.float64)
+
+
+def privacy_note(params: dict[str, Any]) -> dict[str, Any] | None:
+    """What a DP-FedAvg result says it spent (per party, over all rounds); None: no noise."""
+    sigma = float(params.get("noise_multiplier") or 0.0)
+    if sigma <= 0:
+        return None
+    rounds = 1 if params.get("final_only") else int(params["rounds"])
+    return {"mechanism": "DP-FedAvg (clipped updates, OpenDP Gaussian noise)",
+            "unit": "party", "clip_norm": float(params["clip_norm"]),
+            "noise_multiplier": sigma, "noised_rounds": rounds,
+            "rho_zcdp": rounds / (2 * sigma * sigma)}
+
+
 def result(features: list[str], weights: np.ndarray, history: list[dict[str, Any]],
            n_samples: int, params: dict[str, Any]) -> dict[str, Any]:
-    return {"coefficients": {f: float(w) for f, w in zip(features, weights[:-1], strict=True)},
-            "intercept": float(weights[-1]), "features": features,
-            "rounds": params["rounds"], "n_samples": n_samples, "history": history}
+    out = {"coefficients": {f: float(w) for f, w in zip(features, weights[:-1], strict=True)},
+           "intercept": float(weights[-1]), "features": features,
+           "rounds": params["rounds"], "n_samples": n_samples, "history": history,
+           "final_only": bool(params.get("final_only"))}
+    note = privacy_note(params)
+    if note is not None:
+        out["privacy"] = note
+    return out

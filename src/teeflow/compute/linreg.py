@@ -72,6 +72,8 @@ PARAMS = (
     SEED,
 )
 
+# A model of fixed form: none of its parameters picks rows to show.
+REVEALING: tuple[str, ...] = ()
 check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 

@@ -85,6 +85,10 @@ PARAMS: tuple[Param, ...] = (
 )
 
 
+# The code decides everything the result shows (an approval rule binds it by digest).
+REVEALING = ("code",)
+
+
 def verify_digest(code: Any, signed: Any) -> str:
     """The code's digest, if it is the signed one; ParameterError otherwise."""
     if not isinstance(signed, str) or not _HEX64.match(signed):

@@ -10,10 +10,15 @@ Parameters (all strings on the wire):
 
 - ``id`` (required): the ID column.
 - ``model`` (required): ``logistic_regression``, ``linear_regression`` or ``xgboost``.
+- ``min_intersection`` (default 10): the fewest common IDs the owners allow. Below it nothing
+  is released, not even an error that says how many (or which) IDs matched; an owner binds
+  it with an approval rule (provider/consent.py).
 - every other parameter is the model's (``label`` is required; it is in exactly one dataset).
 
 The result is the model's result plus ``model_name`` and ``intersection_size``. No ID and no
-row leaves the enclave; error messages give counts, never ID values.
+row leaves the enclave; error messages name datasets and columns, never an ID, a value or a
+count. Every check of one party's rows (null IDs, duplicate IDs, nulls in a used column) runs
+over its whole table before the join, so no error depends on which IDs the other party holds.
 """
 
 from __future__ import annotations
@@ -50,11 +55,29 @@ USES = (
     "teeflow.compute.xgb",
 )
 
+MIN_INTERSECTION = 10
 PARAMS = (
     Param("id", "str", required=True, help="the ID column present in every dataset"),
     Param("model", "str", required=True, choices=tuple(MODELS),
           help="the model to train on the joined rows; its parameters are accepted too"),
+    Param("min_intersection", "int", default=MIN_INTERSECTION, low=1, high=1_000_000_000,
+          help="the fewest IDs the datasets must share; below it nothing is released"),
 )
+
+
+def _all_params() -> tuple[Param, ...]:
+    """Its own parameters and every model's (the first of each name), for approval rules."""
+    out: dict[str, Param] = {p.name: p for p in PARAMS}
+    for m in MODELS.values():
+        for p in m.PARAMS:
+            out.setdefault(p.name, p)
+    return tuple(out.values())
+
+
+ALL_PARAMS = _all_params()
+# The minimum keeps a one-ID probe from answering "is this ID theirs?"; the model's own
+# revealing parameters (xgboost's trees) come with it.
+REVEALING = ("min_intersection", *xgb.REVEALING)
 
 
 def check_params(raw: dict[str, Any]) -> dict[str, Any]:
@@ -145,14 +168,22 @@ def _ids(ds: str, table: pa.Table, id_col: str) -> pa.ChunkedArray:
 
 
 def join(
-    inputs: list[tuple[str, pa.Table]], id_col: str, owner: dict[str, str], columns: list[str]
+    inputs: list[tuple[str, pa.Table]], id_col: str, owner: dict[str, str], columns: list[str],
+    minimum: int = 1,
 ) -> pa.Table:
     """The inner join of the datasets on ``id_col``, ordered by ID, holding ``columns`` (which
-    excludes the ID)."""
+    excludes the ID). Fewer than ``minimum`` common IDs (none included) is one fixed error,
+    raised before anything about the joined rows is looked at."""
     ids = [_ids(ds, t, id_col) for ds, t in inputs]
+    for ds, table in inputs:  # each party's own rows, all of them: not steered by the join
+        for c in columns:
+            if owner[c] == ds and table[c].null_count:
+                raise public("nulls", dataset=ds, column=c)
     common = pc.unique(ids[0])
     for other in ids[1:]:
         common = common.filter(pc.is_in(common, value_set=other))
+    if len(common) < max(minimum, 1):
+        raise public("small_intersection", computation=NAME, limit=minimum)
     common = common.sort()
     parts: dict[str, pa.ChunkedArray] = {}
     for (ds, table), table_ids in zip(inputs, ids, strict=True):
@@ -177,12 +208,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     features = model.check_columns(cols, owner, model_params)
     columns = [model_params["label"], *features]
 
-    table = join(inputs, params["id"], owner, columns)
-    n = table.num_rows
-    if n == 0:
-        raise public("no_common_id", computation=NAME)
-    for c in columns:
-        if table[c].null_count:
-            raise public("nulls_joined", dataset=owner[c], column=c)
+    table = join(inputs, params["id"], owner, columns,
+                 params.get("min_intersection", MIN_INTERSECTION))
     result = model.fit(Rows(table, owner=owner), {**model_params, "features": features})
-    return {"model_name": params["model"], "intersection_size": n, **result}
+    return {"model_name": params["model"], "intersection_size": table.num_rows, **result}

@@ -91,6 +91,9 @@ PARAMS = (
     SEED,
 )
 
+# The model carries its trees: split points are quantiles of the data, and deep trees
+# with light leaves fit single rows.
+REVEALING = ("max_depth", "min_child_weight", "n_estimators")
 check_params = make_check_params(NAME, PARAMS, check_label_not_feature)
 
 

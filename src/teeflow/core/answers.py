@@ -51,6 +51,8 @@ class CatalogEntry(Model):
     layout: Literal["rows", "columns", "any", "federated"]
     min_datasets: int = Field(ge=1)
     params: list[CatalogParam]
+    # the parameters an owner's approval rule must bind (provider/consent.py)
+    revealing: list[str] = Field(default_factory=list)
     code_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     model_params: dict[str, list[CatalogParam]] | None = None  # vertical's models
     isolation: Isolation | None = None  # user_code's sandbox, as this executor probed it

@@ -49,6 +49,14 @@ class SpecDataset(Model):
     owner: str
     owner_key: str
     fingerprint: str
+    rules: str | None = None  # digest of the owner's analysis rules; absent when none
+
+    @model_serializer(mode="wrap")
+    def _absent_rules(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("rules") is None:
+            data.pop("rules", None)
+        return data
 
 
 class SpecReceiver(Model):
@@ -106,6 +114,7 @@ class AddDataset(Model):
     owner: str
     schema_: str = Field(alias="schema")  # base64 Arrow IPC schema
     rows: int = Field(ge=0)
+    rules: dict[str, Any] | None = None  # its analysis rules (core/rules.py), published
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True,
                               serialize_by_alias=True)
@@ -186,6 +195,8 @@ class Dataset(Model):
     fingerprint: str
     rows: int
     schema_b64: str
+    rules: dict[str, Any] | None = None  # the owner's analysis rules, canonical form
+    rules_digest: str | None = None  # what a spec's dataset carries as `rules`
 
 
 class TaskView(Model):

@@ -94,22 +94,31 @@ def _field(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """One input of a task: which dataset, whose, and the schema it must have."""
+    """One input of a task: which dataset, whose, the schema it must have, and the digest of
+    its owner's analysis rules (core/rules.py) if it has any."""
 
     name: str
     owner: str
     owner_key: str
     fingerprint: str
+    rules: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "owner": self.owner, "owner_key": self.owner_key,
+        body = {"name": self.name, "owner": self.owner, "owner_key": self.owner_key,
                 "fingerprint": self.fingerprint}
+        if self.rules is not None:  # absent, not null: specs without rules keep their digest
+            body["rules"] = self.rules
+        return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> DatasetRef:
         w = "dataset"
+        rules = body.get("rules")
+        if "rules" in body and not isinstance(rules, str):
+            raise InputError("dataset: field 'rules' must be a digest string")
         return cls(_field(body, "name", str, w), _field(body, "owner", str, w),
-                   _field(body, "owner_key", str, w), _field(body, "fingerprint", str, w))
+                   _field(body, "owner_key", str, w), _field(body, "fingerprint", str, w),
+                   rules)
 
 
 @dataclass(frozen=True)

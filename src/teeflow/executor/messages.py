@@ -179,6 +179,7 @@ class CreateTask(Message):
     spec: dict[str, Any]
     approvals: list[Approval]
     schemas: dict[str, str] = {}
+    rules: dict[str, dict[str, Any]] = {}  # analysis rules of the datasets that have any
     initiator_signature: str | None = None  # its signature on the spec, as the scheduler got it
 
 

@@ -1,7 +1,8 @@
 """Federated rounds: each owner trains on its own data and sends only its update; the
-executor averages a round once every owner's update is in, and seals the model after
-the last round. Every round message is signed by the dataset's owner under a
-single-use challenge. No owner's update is ever handed to anyone.
+executor averages a round once every owner's update is in (DP-FedAvg if the owners asked:
+clipped and noised), and seals the model after the last round; with `final_only` it hands
+out no model between rounds and averages once, at the end. Every round message is signed
+by the dataset's owner under a single-use challenge. No owner's update is ever handed to anyone.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class Rounds:
         """The current global model, to a dataset's owner."""
         task, fed = self._authenticate(request, b"")
         with self.tasks.lock:
+            # final_only: no global model until the end, and then only to the receivers
+            shown = None if task.params.get("final_only") else fed.weights
             return {"round": fed.round, "rounds": fed.rounds, "status": str(task.status),
-                    "weights": None if fed.weights is None else fed.weights.tolist(),
+                    "weights": None if shown is None else shown.tolist(),
                     "sent": request.dataset in fed.updates}
 
     def update(self, request: FlRequest, update: dict[str, Any]) -> dict[str, Any]:
@@ -90,16 +93,23 @@ class Rounds:
                 fed.step(RoundEvent.UPDATE)
                 return {"round": fed.round, "closed": False}
             ordered = [fed.updates[d.name] for d in task.spec.datasets]
-            fed.weights, loss = federated.aggregate(ordered)
-            fed.step(RoundEvent.CLOSE)
-            fed.history.append({"round": fed.round, "loss": loss})
-            fed.updates.clear()
             closed = fed.round
             next_event = after_close(closed, fed.rounds)
+            if task.params.get("final_only") and next_event == RoundEvent.OPEN:
+                # one-shot averaging: nothing is averaged (or shown) until the last round
+                loss: float | None = federated.aggregate(ordered)[1]
+            else:
+                fed.weights, loss = federated.aggregate(ordered, task.params, fed.weights)
+            fed.step(RoundEvent.CLOSE)
+            noised = federated.privacy_note(task.params) is not None
+            fed.history.append({"round": fed.round} if noised or loss is None
+                               else {"round": fed.round, "loss": loss})
+            fed.updates.clear()
             fed.step(next_event)
             fed.round += 1
             if next_event == RoundEvent.OPEN:
                 return {"round": closed, "closed": True}
+            assert fed.weights is not None
             value = federated.result(fed.features, fed.weights, fed.history,
                                      sum(n for _, n, _ in ordered), task.params)
             plaintext, sealed = self.release.seal_all(task, value)

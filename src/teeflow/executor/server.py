@@ -105,7 +105,7 @@ def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = CreateTask.decode(body)
     server.executor.create_task(wire.TaskSpec.from_dict(req.spec), req.approvals,
                                 {k: schema_from_b64(v) for k, v in req.schemas.items()},
-                                req.initiator_signature)
+                                req.initiator_signature, req.rules)
     return _json({"accepted": True})
 
 

@@ -178,8 +178,9 @@ class Executor:
     # -- tasks -------------------------------------------------------------
     def create_task(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
                     schemas: Mapping[str, pa.Schema] | None = None,
-                    initiator_signature: str | None = None) -> None:
-        self._tasks.create(spec, approvals, schemas, initiator_signature)
+                    initiator_signature: str | None = None,
+                    rules: Mapping[str, Any] | None = None) -> None:
+        self._tasks.create(spec, approvals, schemas, initiator_signature, rules)
 
     def status(self, task_id: str) -> dict[str, Any]:
         return self._tasks.status(task_id, self.simulated)

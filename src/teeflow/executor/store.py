@@ -141,7 +141,11 @@ class ResultStore:
             raise ValueError("no computed entry")
         committed = computed[0]["body"]["sealed_sha256"]
         taken = set(record["taken"])
-        task = Task(spec=spec, params=comp.check_params(dict(spec.params)),
+        # under analysis rules the query was checked against them at create-task; the
+        # plain output policy of check_params does not apply to it
+        check = comp.check_params if not any(d.rules for d in spec.datasets) else (
+            comp.precheck_params or comp.check_params)
+        task = Task(spec=spec, params=check(dict(spec.params)),
                     status=TaskState.DONE, received=record["received"],
                     audit=list(record["audit"]), digest=spec.digest())
         restored = {}

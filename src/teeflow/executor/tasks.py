@@ -31,9 +31,11 @@ from teeflow.core.errors import (
     ConsentSpent,
     InputError,
     OverBudget,
+    ParameterError,
     SchemaMismatch,
     UnknownTask,
 )
+from teeflow.core.rules import DatasetRules, given_rules
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.inputs import Digest, MemoryBudget
 from teeflow.executor.messages import Approval
@@ -168,6 +170,25 @@ class UploadSlots:
                         del counts[k]
 
 
+def _ruled_params(comp: compute.Computation, spec: wire.TaskSpec,
+                  granted: dict[str, DatasetRules], schemas: Mapping[str, pa.Schema] | None
+                  ) -> dict[str, Any]:
+    """The checked params of a task over datasets with analysis rules: the computation must
+    be one every such dataset's rules allow, and the rules travel with the params (`_rules`)
+    for the computation to enforce; the SQL check needs the schemas, so they must be given."""
+    for name, r in granted.items():
+        if spec.compute not in r.computations:
+            raise ParameterError(f"dataset {name!r}: its analysis rules allow only "
+                                 f"{', '.join(r.computations)}, not {spec.compute}")
+    if not schemas:
+        raise InputError(f"task {spec.task_id}: a task over datasets with analysis rules "
+                         "needs their catalogued schemas at create-task")
+    params = (comp.precheck_params or comp.check_params)(dict(spec.params))
+    if spec.compute == "sql":
+        params["_rules"] = {d.name: granted.get(d.name) for d in spec.datasets}
+    return params
+
+
 def _approval(a: Approval | Mapping[str, Any]) -> Approval:
     return a if isinstance(a, Approval) else Approval.parse(dict(a))
 
@@ -187,21 +208,30 @@ class Tasks:
 
     def create(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
                schemas: Mapping[str, pa.Schema] | None = None,
-               initiator_signature: str | None = None) -> None:
+               initiator_signature: str | None = None,
+               rules: Mapping[str, Any] | None = None) -> None:
         """Accept a task only with every owner's signature on its digest. The full checks
         (the SQL output policy among them) run here, before any data moves: the parameters,
         and, given the catalogued schemas (each must have the fingerprint the owners signed),
         the schemas too. The task counts against its initiator's budgets only if the
         initiator's own signature on the spec is given and verifies; otherwise against its
         first owner's (who did sign), so nobody can spend another initiator's budget by
-        naming its key in a spec of their own."""
+        naming its key in a spec of their own.
+
+        `rules`: the analysis rules of the datasets whose spec entry carries a rules digest,
+        each checked against that digest; a query they do not grant is refused here."""
         checked = [_approval(a) for a in approvals]
         comp = compute.get(spec.compute)
         if spec.code_digest != comp.code_digest:
             raise AuthError(f"computation {spec.compute}: the spec names code "
                             f"{spec.code_digest[:16]}, this executor runs "
                             f"{comp.code_digest[:16]}")
-        params = comp.check_params(dict(spec.params))
+        granted = given_rules(spec, rules or {})
+        if granted:
+            params = _ruled_params(comp, spec, granted, schemas)
+        else:
+            params = comp.check_params(dict(spec.params))
+        comp.parties_ok(len(spec.owner_keys()), params)  # e.g. federated's min_parties
         if schemas:
             if sorted(schemas) != sorted(d.name for d in spec.datasets):
                 raise InputError(f"task {spec.task_id}: schemas must be given for every "

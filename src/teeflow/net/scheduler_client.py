@@ -164,9 +164,13 @@ class SchedulerClient:
     def executors(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/executors", answer=list[api.Executor])
 
-    def add_dataset(self, owner: str, name: str, schema_b64: str, rows: int) -> dict[str, Any]:
-        body = api.request(api.AddDataset, {"owner": owner, "name": name, "schema": schema_b64,
-                                            "rows": rows}, "add dataset")
+    def add_dataset(self, owner: str, name: str, schema_b64: str, rows: int,
+                    rules: dict[str, Any] | None = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"owner": owner, "name": name, "schema": schema_b64,
+                                  "rows": rows}
+        if rules is not None:
+            fields["rules"] = rules
+        body = api.request(api.AddDataset, fields, "add dataset")
         return self._call("POST", "/v1/datasets", body=body, answer=api.DatasetAdded)
 
     def datasets(self) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
+from teeflow.core.rules import DatasetRules
+from teeflow.core.rules import load_rules as load_analysis_rules
 from teeflow.files import read_capped
 from teeflow.provider.budget import PrivacyConfig, load_privacy
 from teeflow.provider.consent import ApprovalRule, load_rules
@@ -29,6 +31,7 @@ class DatasetConfig:
     name: str
     path: Path
     privacy: PrivacyConfig | None = None  # [datasets.privacy]: DP only, within a budget
+    rules: DatasetRules | None = None  # [datasets.rules]: what a query over it may compute
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,12 @@ DEFAULTS: dict[str, Any] = {
     "datasets": [],
     "approve": [],
     "approve[].code_digests": list(ApprovalRule.code_digests),
+    "approve[].params": dict(ApprovalRule.params),
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
 NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",
                "budget_file", "invite")
-DATASET_FIELDS = ("name", "path", "privacy")
+DATASET_FIELDS = ("name", "path", "privacy", "rules")
 
 
 def load_config(path: Path) -> ProviderConfig:
@@ -167,7 +171,8 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         if not p.is_file():
             raise ConfigError(f"{where}.path: no such file {p}")
         privacy = load_privacy(d["privacy"], f"{where}.privacy") if "privacy" in d else None
-        checked.append(DatasetConfig(_str(d, "name", where), p, privacy))
+        rules = load_analysis_rules(d["rules"], f"{where}.rules") if "rules" in d else None
+        checked.append(DatasetConfig(_str(d, "name", where), p, privacy, rules))
     if len({d.name for d in checked}) != len(checked):
         raise ConfigError("datasets: a dataset name appears twice")
     if "policy" not in doc:

@@ -1,36 +1,243 @@
 """A provider's consent: which task specs it signs by rule, and whether a spec is one it signed.
 
 Pure: specs, rules and keys in, decisions out.
+
+An approval rule (`[[approve]]` in the provider's config) names computations, this node's
+datasets and the receivers (each by signing *and* encryption key), and binds parameters in
+its `[approve.params]` table, one constraint per parameter:
+
+    values   query = ["..."]  or  rounds = {values = [5, 10]}   one of these values
+    digest   query_sha256 = "hex" (or a list)   SHA-256 of the parameter's text as signed
+    bounds   min_group_size = {min = 20}   epsilon = {max = 0.5}   a number within
+    subset   features = {subset = ["age", "bmi"]}   a list drawn from these
+    default  min_parties = {default = true}   left out, or given as its default
+
+A rule matches a task only if every parameter the computation declares REVEALING (one that
+can make a result show rows: a query, code, a group-size floor, epsilon, a minimum of
+parties...) is bound by the rule, and every bound holds. A rule that binds less does not
+match: the task waits for a person (`teeflow approve`); it is not refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from teeflow import compute
+from teeflow.compute.params import Param
 from teeflow.core import audit, wire
-from teeflow.core.errors import AuthError, ConfigError
+from teeflow.core.errors import AuthError, ConfigError, TeeflowError
+
+KINDS = ("values", "sha256", "range", "subset", "default")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_ITEMS = 1000  # values, digests or subset members in one constraint
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What one parameter may be. ``items``: allowed values (converted as the computation
+    converts the task's), digests or subset members; ``low``/``high``: inclusive bounds."""
+
+    kind: str
+    items: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    def allows(self, param: Param, raw: str | None) -> bool:
+        """Whether the task's raw value (None: left out) satisfies this constraint."""
+        if self.kind == "sha256":
+            return raw is not None and hashlib.sha256(raw.encode()).hexdigest() in self.items
+        try:
+            value = param.default if raw is None else param.parse(raw)
+        except TeeflowError:
+            return False
+        if self.kind == "default":
+            return raw is None or value == param.default
+        if self.kind == "values":
+            return value is not None and _key(value) in self.items
+        if self.kind == "subset":
+            return isinstance(value, list) and all(v in self.items for v in value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return ((self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high))
+
+
+def _key(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
 class ApprovalRule:
-    """Approve a task when it runs one of `compute` on datasets among `datasets`,
-    and every result receiver is among `receivers` (public keys)."""
+    """Approve a task when it runs one of `compute` on datasets among `datasets`, every
+    result receiver is among `receivers` (both keys), its code is among `code_digests` (if
+    given), and `params` bind each of its revealing parameters, and hold."""
 
     compute: tuple[str, ...]
     datasets: tuple[str, ...]
-    receivers: tuple[str, ...]
+    receivers: tuple[wire.Receiver, ...]
     code_digests: tuple[str, ...] = ()
+    params: tuple[tuple[str, Constraint], ...] = ()
 
     def matches(self, spec: wire.TaskSpec, owner_key: str) -> bool:
         mine = [d.name for d in spec.datasets if d.owner_key == owner_key]
-        return (spec.compute in self.compute
+        if not (spec.compute in self.compute
                 and all(name in self.datasets for name in mine)
-                and all(r.sign_key in self.receivers for r in spec.receivers)
-                and (not self.code_digests or spec.code_digest in self.code_digests))
+                and all(r in self.receivers for r in spec.receivers)
+                and (not self.code_digests or spec.code_digest in self.code_digests)):
+            return False
+        return self.binds(spec)
+
+    def binds(self, spec: wire.TaskSpec) -> bool:
+        """Every revealing parameter of the spec's computation is bound, and every bound
+        this rule sets on a parameter of it holds."""
+        try:
+            comp = compute.get(spec.compute)
+        except TeeflowError:
+            return False
+        bound = dict(self.params)
+        if any(name not in bound for name in comp.revealing):
+            return False
+        for name, constraint in self.params:
+            param = comp.param(name)
+            if param is None:
+                continue  # a parameter of another computation the rule names
+            if not constraint.allows(param, spec.params.get(name)):
+                return False
+        return True
 
 
-RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests")
+RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests", "params")
+
+
+def _strings(value: Any, where: str, empty_ok: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: required, a list of strings")
+    if not empty_ok and not value:
+        raise ConfigError(f"{where}: name at least one")
+    return tuple(value)
+
+
+def _receivers(value: Any, where: str) -> tuple[wire.Receiver, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: required, a list of {{sign_key = \"..\", enc_key = \"..\"}}")
+    out = []
+    for i, r in enumerate(value):
+        if not isinstance(r, dict) or set(r) != {"sign_key", "enc_key"} or not all(
+                isinstance(v, str) and v for v in r.values()):
+            raise ConfigError(f"{where}[{i}]: a receiver is pinned by both keys: "
+                              "{sign_key = \"..\", enc_key = \"..\"}")
+        out.append(wire.Receiver(r["sign_key"], r["enc_key"]))
+    return tuple(out)
+
+
+def _params_of(names: tuple[str, ...]) -> dict[str, Param]:
+    """Every parameter of the named computations, by name."""
+    out: dict[str, Param] = {}
+    for name in names:
+        comp = compute.get(name)
+        for p in comp.all_params or comp.params:
+            out.setdefault(p.name, p)
+    return out
+
+
+def _as_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return None
+
+
+def _constraint(param: Param | None, key: str, raw: Any, where: str) -> tuple[str, Constraint]:
+    """The parameter a `[approve.params]` entry binds, and how; ConfigError naming it."""
+    if param is None and key.endswith("_sha256"):
+        raise ConfigError(f"{where}: no such parameter {key.removesuffix('_sha256')!r} in the "
+                          "rule's computations")
+    if param is None:
+        raise ConfigError(f"{where}: no such parameter in the rule's computations")
+    if isinstance(raw, list):
+        raw = {"values": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a list of values or a table "
+                          "(values, min/max, subset or default)")
+    keys = set(raw)
+    if keys == {"values"}:
+        items = raw["values"]
+        if not isinstance(items, list) or not items or len(items) > MAX_ITEMS:
+            raise ConfigError(f"{where}.values: a list of 1 to {MAX_ITEMS} values")
+        parsed = []
+        for i, item in enumerate(items):
+            text = _as_text(item)
+            try:
+                if text is None:
+                    raise ConfigError("")
+                parsed.append(_key(param.parse(text)))
+            except (ConfigError, TeeflowError):
+                raise ConfigError(f"{where}.values[{i}]: not a valid {param.type} for "
+                                  f"parameter {param.name!r}") from None
+        return param.name, Constraint("values", tuple(parsed))
+    if keys and keys <= {"min", "max"}:
+        if param.type not in ("int", "float"):
+            raise ConfigError(f"{where}: min/max bound numbers; {param.name!r} is {param.type}")
+        low, high = raw.get("min"), raw.get("max")
+        for name, v in (("min", low), ("max", high)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise ConfigError(f"{where}.{name}: a number")
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"{where}: min is above max")
+        return param.name, Constraint("range", low=low, high=high)
+    if keys == {"subset"}:
+        items = raw["subset"]
+        if param.type != "list[str]":
+            raise ConfigError(f"{where}: subset binds a list parameter; {param.name!r} is "
+                              f"{param.type}")
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items) or \
+                len(items) > MAX_ITEMS:
+            raise ConfigError(f"{where}.subset: a list of at most {MAX_ITEMS} strings")
+        return param.name, Constraint("subset", tuple(items))
+    if keys == {"default"}:
+        if raw["default"] is not True:
+            raise ConfigError(f"{where}.default: only `default = true` (left out or default)")
+        return param.name, Constraint("default")
+    raise ConfigError(f"{where}: expected one of values, min/max, subset, default = true")
+
+
+def _digests(param: Param, raw: Any, where: str) -> tuple[str, Constraint]:
+    if param.type != "str":
+        raise ConfigError(f"{where}: a digest binds a text parameter; {param.name!r} is "
+                          f"{param.type}")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items or len(items) > MAX_ITEMS or not all(
+            isinstance(v, str) and _HEX64.match(v.lower()) for v in items):
+        raise ConfigError(f"{where}: SHA-256 digests, 64 hexadecimal digits each")
+    return param.name, Constraint("sha256", tuple(v.lower() for v in items))
+
+
+def load_params(raw: Any, computations: tuple[str, ...], where: str
+                ) -> tuple[tuple[str, Constraint], ...]:
+    """A rule's `[approve.params]` table, checked against its computations' parameters."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table [approve.params]")
+    known = _params_of(computations)
+    out: dict[str, Constraint] = {}
+    for key, value in raw.items():
+        at = f"{where}.{key}"
+        base = key.removesuffix("_sha256")
+        if key.endswith("_sha256") and base in known:  # e.g. query_sha256, code_sha256
+            name, constraint = _digests(known[base], value, at)
+        else:
+            name, constraint = _constraint(known.get(key), key, value, at)
+        if name in out:
+            raise ConfigError(f"{at}: parameter {name!r} is bound twice")
+        out[name] = constraint
+    return tuple(sorted(out.items()))
 
 
 def load_rules(raw: Any) -> tuple[ApprovalRule, ...]:
@@ -45,18 +252,18 @@ def load_rules(raw: Any) -> tuple[ApprovalRule, ...]:
         for key in r:
             if key not in RULE_FIELDS:
                 raise ConfigError(f"{where}.{key}: unknown field")
-        fields = {}
-        for key in RULE_FIELDS:
-            value = r.get(key)
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}.{key}: required, a list of strings")
-            if key != "code_digests" and not value:
-                raise ConfigError(f"{where}.{key}: name at least one")
-            fields[key] = tuple(value)
-        rules.append(ApprovalRule(fields["compute"], fields["datasets"], fields["receivers"],
-                                  fields["code_digests"]))
+        names = _strings(r.get("compute"), f"{where}.compute", empty_ok=False)
+        for name in names:
+            try:
+                compute.get(name)
+            except TeeflowError:
+                raise ConfigError(f"{where}.compute: unknown computation {name!r}") from None
+        rules.append(ApprovalRule(
+            names,
+            _strings(r.get("datasets"), f"{where}.datasets", empty_ok=False),
+            _receivers(r.get("receivers"), f"{where}.receivers"),
+            _strings(r.get("code_digests", []), f"{where}.code_digests", empty_ok=True),
+            load_params(r.get("params", {}), names, f"{where}.params")))
     return tuple(rules)
 
 

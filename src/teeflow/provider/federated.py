@@ -39,6 +39,7 @@ def take_part(client: ExecutorClient, task_id: str, dataset: str, path: Path,
               spec_digest: str | None = None) -> dict[str, Any]:
     """Every round: wait for the global model, train on local rows, send the update."""
     x, y, features = load_xy(path, params)
+    own = np.zeros(len(features) + 1)
     for round_ in range(params["rounds"]):
         deadline = time.monotonic() + ROUND_TIMEOUT
         while True:
@@ -55,9 +56,11 @@ def take_part(client: ExecutorClient, task_id: str, dataset: str, path: Path,
         if state.weights is not None and len(state.weights) != len(features) + 1:
             raise TaskFailed(f"task {task_id}: the executor's model has "
                              f"{len(state.weights)} weights, not {len(features) + 1}")
-        weights = (np.zeros(len(features) + 1) if state.weights is None
+        # no global model (the first round, or final_only): go on from this node's own
+        weights = (own if state.weights is None
                    else np.asarray(state.weights, dtype=np.float64))
         new, loss = federated.local_update(x, y, weights, params)
+        own = new
         update = {"weights": new.tolist(), "n_samples": int(x.shape[0]), "loss": loss,
                   "features": features}
         client.federated("fl-update", task_id, dataset, round_, signer, update,

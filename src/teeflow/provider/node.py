@@ -72,7 +72,8 @@ class Provider:
         self.scheduler.register_node(cfg.name, cfg.invite)
         for d in cfg.datasets:
             schema = read_schema(d.path)
-            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path))
+            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path),
+                                       rules=d.rules.to_dict() if d.rules else None)
             log.info("catalogued %s (%s)", d.name, d.path)
 
     def stop(self) -> None:
@@ -120,6 +121,9 @@ class Provider:
                 raise InputError(f"spec names dataset {ref.name!r}, which this node does not hold")
             if schema_fingerprint(read_schema(mine.path)) != ref.fingerprint:
                 raise InputError(f"spec's schema for {ref.name!r} is not this node's file's")
+            mine_rules = mine.rules.digest() if mine.rules else None
+            if ref.rules != mine_rules:  # the executor enforces the rules this digest names
+                raise InputError(f"spec's analysis rules for {ref.name!r} are not this node's")
         check_consent_fields(spec)
         try:
             load_policy(spec.executor_policy, "executor_policy")
@@ -180,6 +184,10 @@ class Provider:
                                 f"{spec.digest()[:16]} (not in its own record of what it "
                                 "signed)")
             check_consent_fields(spec)
+            mine_rules = dataset.rules.digest() if dataset.rules else None
+            if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
+                raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
+                                 "not uploading")
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)

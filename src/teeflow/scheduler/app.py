@@ -32,6 +32,7 @@ from teeflow.core import api, auth
 from teeflow.core.crypto import check_encryption_key, check_public_key
 from teeflow.core.errors import (
     AuthError,
+    ConfigError,
     InputError,
     PeerError,
     RoleRefused,
@@ -40,6 +41,7 @@ from teeflow.core.errors import (
     UnknownDataset,
     UnknownTask,
 )
+from teeflow.core.rules import load_rules
 from teeflow.core.schemas import schema_fingerprint, schema_from_b64
 from teeflow.scheduler.executors import register_executor
 from teeflow.scheduler.service import Scheduler
@@ -232,7 +234,13 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         if store.node_key(body.owner) != key:
             raise AuthError(f"only node {body.owner!r} can catalog its datasets")
         fingerprint = schema_fingerprint(schema_from_b64(body.schema_))
-        store.add_dataset(body.owner, body.name, body.schema_, fingerprint, body.rows)
+        rules = None
+        if body.rules is not None:
+            try:
+                rules = load_rules(body.rules, f"dataset {body.name!r}: rules")
+            except ConfigError as exc:
+                raise InputError(str(exc)) from None
+        store.add_dataset(body.owner, body.name, body.schema_, fingerprint, body.rows, rules)
         return api.DatasetAdded(name=body.name, fingerprint=fingerprint)
 
     @signed.get("/v1/datasets", dependencies=[needs(*CATALOG_READERS)])

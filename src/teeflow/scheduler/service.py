@@ -136,7 +136,8 @@ class Scheduler:
         except ConfigError as exc:
             raise InputError(str(exc)) from exc
         comp = compute.get(spec.compute)
-        comp.precheck(dict(spec.params))  # the executor runs the full checks
+        # the executor runs the full checks (these among them)
+        comp.parties_ok(len(spec.owner_keys()), comp.precheck(dict(spec.params)))
         schemas = {}
         for ref in spec.datasets:
             entry = self.store.dataset(ref.name)
@@ -144,6 +145,9 @@ class Scheduler:
                     ref.owner, ref.owner_key, ref.fingerprint):
                 raise InputError(f"dataset {ref.name!r}: the spec's owner or schema is not "
                                  "the catalogued one")
+            if entry["rules_digest"] != ref.rules:
+                raise InputError(f"dataset {ref.name!r}: the spec's analysis rules digest is "
+                                 "not the one its owner published")
             schemas[ref.name] = schema_from_b64(entry["schema_b64"])
         comp.precheck(dict(spec.params), schemas)
         executor = str(body.get("executor") or "") or self._pick_executor(policy)
@@ -194,6 +198,10 @@ class Scheduler:
                     # data moves (it checks each against the fingerprint its owner signed)
                     "schemas": {d["name"]: self.store.dataset(d["name"])["schema_b64"]
                                 for d in task.spec["datasets"]},
+                    # the owners' published analysis rules; the executor checks each
+                    # against the digest its owner signed
+                    "rules": {d["name"]: self.store.dataset(d["name"])["rules"]
+                              for d in task.spec["datasets"] if d.get("rules")},
                     # the initiator's own signature, so its budgets are charged only for
                     # tasks it really submitted
                     "initiator_signature": self._submit_signature(task)}))

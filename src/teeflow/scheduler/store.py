@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teeflow.core import audit
+from teeflow.core import audit, wire
 from teeflow.core.errors import (
     AuthError,
     InputError,
@@ -30,6 +30,7 @@ from teeflow.core.errors import (
     UnknownDataset,
     UnknownTask,
 )
+from teeflow.core.rules import DatasetRules, load_rules
 from teeflow.scheduler.state import ASSIGNMENT_STATES, FINAL, next_assignment, next_state
 
 SCHEMA = """
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS executors (
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES nodes(name),
     schema_b64 TEXT NOT NULL, fingerprint TEXT NOT NULL, rows INTEGER NOT NULL,
-    registered_at REAL NOT NULL);
+    registered_at REAL NOT NULL, rules TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, compute TEXT NOT NULL, params TEXT NOT NULL,
     executor TEXT NOT NULL, initiator_key TEXT NOT NULL, spec TEXT NOT NULL,
@@ -131,7 +132,8 @@ class Store:
         """A database from before closed membership: its nodes get no roles (so they can
         do nothing until the operator lists them with `--members`), its executors no
         host. Fail closed, nothing guessed."""
-        for table, column in (("nodes", "roles"), ("executors", "host_key")):
+        for table, column in (("nodes", "roles"), ("executors", "host_key"),
+                              ("datasets", "rules")):
             have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL "
@@ -263,27 +265,29 @@ class Store:
         return str(rows[0]["host_key"]) if rows else None
 
     def add_dataset(self, owner: str, name: str, schema_b64: str, fingerprint: str,
-                    rows: int) -> None:
+                    rows: int, rules: DatasetRules | None = None) -> None:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM nodes WHERE name=?", (owner,)).fetchone() is None:
                 raise AuthError(f"node {owner!r} is not registered")
             row = db.execute("SELECT owner FROM datasets WHERE name=?", (name,)).fetchone()
             if row is not None and row["owner"] != owner:
                 raise AuthError(f"dataset {name!r} belongs to {row['owner']!r}")
-            db.execute("INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?)",
-                       (name, owner, schema_b64, fingerprint, rows, time.time()))
+            db.execute("INSERT OR REPLACE INTO datasets (name, owner, schema_b64, fingerprint, "
+                       "rows, registered_at, rules) VALUES (?,?,?,?,?,?,?)",
+                       (name, owner, schema_b64, fingerprint, rows, time.time(),
+                        "" if rules is None else wire.canonical(rules.to_dict()).decode()))
 
     def dataset(self, name: str) -> dict[str, Any]:
         rows = self._rows("SELECT d.*, n.public_key AS owner_key FROM datasets d "
                           "JOIN nodes n ON n.name = d.owner WHERE d.name=?", name)
         if not rows:
             raise UnknownDataset(f"unknown dataset {name!r}")
-        return dict(rows[0])
+        return _dataset(rows[0])
 
     def datasets(self) -> list[dict[str, Any]]:
         rows = self._rows("SELECT d.*, n.public_key AS owner_key FROM datasets d "
                           "JOIN nodes n ON n.name = d.owner ORDER BY d.name")
-        return [dict(r) for r in rows]
+        return [_dataset(r) for r in rows]
 
     # -- audit log -----------------------------------------------------------
     def _append(self, db: sqlite3.Connection, task_id: str, kind: str, body: dict[str, Any],
@@ -480,3 +484,12 @@ class _Tx:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.lock.release()
+
+
+def _dataset(row: sqlite3.Row) -> dict[str, Any]:
+    """A catalog entry; its analysis rules (as published) and their digest, or None."""
+    out = dict(row)
+    raw = out.get("rules") or ""
+    out["rules"] = load_rules(json.loads(raw)).to_dict() if raw else None
+    out["rules_digest"] = load_rules(out["rules"]).digest() if raw else None
+    return out

@@ -146,7 +146,8 @@ class Client:
             if name not in catalog:
                 raise InputError(f"unknown dataset {name!r}")
             d = catalog[name]
-            refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"]))
+            refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"],
+                                        d.get("rules_digest")))
         comp = compute.get(compute_name)
         raw = {k: _param_text(v) for k, v in (params or {}).items()}
         comp.precheck(raw)

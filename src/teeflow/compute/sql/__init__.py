@@ -84,7 +84,7 @@ MIN_DATASETS = 1
 USES = (
     "teeflow.compute.errors", "teeflow.compute.params", "teeflow.compute.rows",
     "teeflow.compute.usercode",
-    "teeflow.compute.sql.policy",
+    "teeflow.compute.sql.policy", "teeflow.compute.sql.analysis",
     "teeflow.compute.sql.tree", "teeflow.compute.sql.rewrite", "teeflow.compute.sql.session",
 )
 
@@ -105,10 +105,19 @@ PARAMS: tuple[Param, ...] = (
         help="the fewest input rows (of each dataset joined) an output group may count",
     ),
     Param(
+        "query_args", "str", default=None,
+        help="for an owner-approved analysis template: a JSON object of its $parameters",
+    ),
+    Param(
         "memory_limit", "str", default=None,
         help="DuckDB memory budget, e.g. 512MB; work beyond it spills, encrypted, to disk",
     ),
 )
+
+
+# An approval rule must bind these (provider/consent.py): the query picks what is shown,
+# and a floor of 1 shows every row.
+REVEALING = ("query", "min_group_size")
 
 
 def _memory_limit(checked: dict[str, Any]) -> None:
@@ -130,6 +139,9 @@ def _post(checked: dict[str, Any]) -> None:
     from teeflow.compute.sql import policy
 
     _memory_limit(checked)
+    if checked["query_args"] is not None:
+        raise ParameterError("parameter 'query_args': only for an analysis template approved "
+                             "by the datasets' analysis rules")
     policy.analyze(checked["query"])
 
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from teeflow.compute import usercode
 from teeflow.compute.errors import public
 from teeflow.compute.rows import Source
-from teeflow.compute.sql import MAX_ROWS, NAME
+from teeflow.compute.sql import _RESERVED, MAX_ROWS, NAME, analysis
 from teeflow.compute.sql.policy import analyze
 from teeflow.compute.sql.rewrite import _quote, _rid, check_columns, counting_query, view_names
 from teeflow.core.errors import ParameterError
@@ -32,15 +32,29 @@ def check_binds(schemas: dict[str, pa.Schema], params: dict[str, Any]) -> None:
     (empty) tables of these schemas: column and type errors surface before any data moves."""
     views = view_names(list(schemas))
     check_columns(schemas)
-    plan = analyze(params["query"])
-    sql, _ = counting_query(plan, views)
+    ruled = _rules_plan(params, schemas)
+    args = None
+    if ruled is not None:
+        sql, args = ruled.sql, ruled.args
+    else:
+        sql, _ = counting_query(analyze(params["query"]), views)
     empty = [(ds, schema.empty_table()) for ds, schema in schemas.items()]
     with _Session(empty, memory_limit=None, spill=False) as session:
         try:
-            session.con.execute(sql).fetchall()
+            session.con.execute(sql, args).fetchall()
         except duckdb.Error as exc:
             # tables are empty here, so DuckDB's message can only quote the query and schema
             raise ParameterError(f"parameter 'query': does not fit the datasets: {exc}") from None
+
+
+def _rules_plan(params: dict[str, Any], schemas: dict[str, pa.Schema]
+                ) -> analysis.RulesPlan | None:
+    """The plan under the datasets' analysis rules, when the task has any (the executor
+    puts them in `_rules`); None: the plain output policy applies."""
+    rules = params.get("_rules")
+    if not rules:
+        return None
+    return analysis.plan(params["query"], rules, schemas, params.get("query_args"))
 
 
 def _httpfs_extension() -> Path | None:
@@ -164,21 +178,13 @@ def _run(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any]
          ) -> dict[str, Any]:
     views = view_names([ds for ds, _ in inputs])
     check_columns({ds: table.schema for ds, table in inputs})
+    ruled = _rules_plan(params, {ds: table.schema for ds, table in inputs})
+    if ruled is not None:
+        return _run_ruled(inputs, params, ruled)
     plan = analyze(params["query"])
     sql, added = counting_query(plan, views)
     k = int(params.get("min_group_size", 10))
-    with _Session(inputs, params.get("memory_limit"), spill=True) as session:
-        try:
-            result = session.con.sql(sql).to_arrow_table()
-        except duckdb.OutOfMemoryException:
-            budget = params.get("memory_limit") or "DuckDB's default"
-            how = "even spilling to disk" if session.spill == "encrypted" else (
-                "and spilling is disabled (no encrypted temporary storage available)"
-            )
-            raise public("out_of_memory", computation=NAME, limit=budget, how=how) from None
-        except duckdb.Error as exc:
-            raise public("query_failed", computation=NAME, kind=type(exc).__name__) from None
-        spill = session.spill
+    result, spill = _execute(inputs, params, sql)
     width = result.num_columns - added
     for j in range(added):
         smallest = pc.min(result.column(width + j)).as_py() if result.num_rows else None
@@ -193,4 +199,51 @@ def _run(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any]
     result = result.select(list(range(width)))
     out = usercode.table_json(result)
     out["spill"] = spill
+    return out
+
+
+def _execute(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any], sql: str,
+             args: dict[str, Any] | None = None) -> tuple[pa.Table, str]:
+    """Run `sql` in a locked-down session; (result, how it spilled). Errors: type only."""
+    with _Session(inputs, params.get("memory_limit"), spill=True) as session:
+        try:
+            if args is None:
+                result = session.con.sql(sql).to_arrow_table()
+            else:
+                result = session.con.execute(sql, args).to_arrow_table()
+        except duckdb.OutOfMemoryException:
+            budget = params.get("memory_limit") or "DuckDB's default"
+            how = "even spilling to disk" if session.spill == "encrypted" else (
+                "and spilling is disabled (no encrypted temporary storage available)"
+            )
+            raise public("out_of_memory", computation=NAME, limit=budget, how=how) from None
+        except duckdb.Error as exc:
+            raise public("query_failed", computation=NAME, kind=type(exc).__name__) from None
+        return result, session.spill
+
+
+def _run_ruled(inputs: list[tuple[str, pa.Table | Source]], params: dict[str, Any],
+               ruled: analysis.RulesPlan) -> dict[str, Any]:
+    """A query the analysis rules grant: rows counting fewer distinct identities of a
+    dataset than its rule's minimum are dropped (not refused: the analyst sees only rows
+    that pass), then the counts and the hidden row numbers are removed."""
+    result, spill = _execute(inputs, params, ruled.sql, ruled.args)
+    width = result.num_columns - len(ruled.floors)
+    if ruled.floors and result.num_rows:
+        keep = None
+        for j, (_, floor) in enumerate(ruled.floors):
+            ok = pc.fill_null(pc.greater_equal(result.column(width + j), floor), False)
+            keep = ok if keep is None else pc.and_(keep, ok)
+        result = result.filter(keep)
+    names = result.column_names[:width]
+    result = result.select([i for i, n in enumerate(names)
+                            if not n.lower().startswith(_RESERVED)])
+    if result.num_rows > MAX_ROWS:
+        raise public("result_too_large", computation=NAME, limit=MAX_ROWS, unit="rows")
+    out = usercode.table_json(result)
+    out["spill"] = spill
+    out["analysis_rules"] = {"mode": ruled.mode}
+    if ruled.floors:
+        out["analysis_rules"]["min_identities"] = {ds: k for ds, k in ruled.floors}
+        out["analysis_rules"]["rows_below_minimum"] = "dropped"
     return out
