@@ -24,7 +24,7 @@ from teeflow.executor.messages import UploadRequest
 from teeflow.executor.runs import RunLedger
 from teeflow.executor.service import Executor
 from teeflow.provider.config import DatasetConfig, ProviderConfig
-from teeflow.provider.consent import ApprovalRule
+from teeflow.provider.consent import ApprovalRule, Constraint
 from teeflow.provider.ledger import UploadLedger
 from teeflow.provider.node import Provider
 from teeflow.sdk import Client
@@ -33,6 +33,7 @@ from tests.factories import (
     approval,
     challenge_for,
     make_spec,
+    receiver,
     wait_task_state,
 )
 from tests.rogue import Operator
@@ -130,7 +131,8 @@ def _provider(tmp_path: Path, owner, initiator) -> Provider:
                          scheduler="https://x#sha256:" + "0" * 64,
                          datasets=(DatasetConfig("a_data", path),), policy=appraisal_policy(),
                          approve=(ApprovalRule(("model_aggregation",), ("a_data",),
-                                               (initiator.public_key(),)),))
+                                               (receiver(initiator),), (),
+                                               (("min_parties", Constraint("default")),)),))
     node = Provider(cfg, identity=owner)
     node.scheduler = FakeScheduler()  # type: ignore[assignment]
     return node
