@@ -69,7 +69,10 @@ EXPECTED = {
     ("/v1/datasets", "get"), ("/v1/tasks", "post"), ("/v1/tasks", "get"),
     ("/v1/tasks/{task_id}", "get"), ("/v1/tasks/{task_id}/decision", "post"),
     ("/v1/tasks/{task_id}/cancel", "post"), ("/v1/tasks/{task_id}/assignments/{dataset}", "post"),
-    ("/v1/audit", "get"), ("/v1/nodes/{node}/work", "get")}
+    ("/v1/audit", "get"), ("/v1/nodes/{node}/work", "get"),
+    ("/v1/log/checkpoint", "get"), ("/v1/log/consistency", "get"),
+    ("/v1/log/inclusion", "get"), ("/v1/log/entries", "get"),
+    ("/v1/log/cosignatures", "post")}
 
 
 def test_every_model_is_frozen_strict_and_closed():

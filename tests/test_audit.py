@@ -1,4 +1,4 @@
-"""The hash-chained audit log (core/audit.py) and the canonical task spec it records
+"""The audit log as a Merkle log (core/audit.py) and the canonical task spec it records
 (core/wire.py TaskSpec): a realistic chain verifies; every kind of tampering is caught at
 the first entry it breaks, also in a real store file edited behind the store's back."""
 
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teeflow.core import audit, wire
+from teeflow.core import audit, tlog, wire
 from teeflow.core.audit import AuditError, Entry
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import InputError
@@ -109,7 +109,7 @@ def link(steps: list[Step]) -> list[Entry]:
     """Chain steps as the scheduler does: what an attacker who rewrites the log can do."""
     entries: list[Entry] = []
     for step in steps:
-        entries.append(audit.chain(entries[-1] if entries else None, *step))
+        entries.append(audit.chain(entries, *step))
     return entries
 
 
@@ -123,8 +123,9 @@ def test_realistic_chain_verifies():
     entries = link(realistic())
     assert audit.verify_chain(entries) == len(entries) == 20
     assert [e.seq for e in entries] == list(range(1, 21))
-    assert entries[0].prev_hash == audit.GENESIS
-    assert all(b.prev_hash == a.hash for a, b in zip(entries, entries[1:], strict=False))
+    assert entries[0].prev_root == tlog.EMPTY_ROOT.hex()
+    assert all(e.prev_root == audit.tree_of(entries[:n]).root().hex()
+               for n, e in enumerate(entries))
     assert audit.verify_chain([]) == 0
     assert audit.verify_chain(entries[:7]) == 7  # every prefix is a valid log
 

@@ -181,6 +181,26 @@ def test_digest_of_the_text_as_signed():
     assert not matches(code, spec("user_code", {"code": other, "code_sha256": sha(other)}))
 
 
+def test_any_query_under_the_owners_analysis_rules():
+    """`query = {analysis_rules = true}`: any query, but only where each of this owner's
+    datasets in the spec carries its analysis rules' digest (which the provider checks is
+    its own, and the executor enforces)."""
+    r = rule("sql", {"query": {"analysis_rules": True}, "min_group_size": {"default": True}})
+    free = spec("sql", {"query": QUERY})
+    assert not matches(r, free)  # no rules travel with the spec: nothing to enforce
+    ruled = wire.TaskSpec(**{**free.__dict__, "datasets": tuple(
+        d if d.owner_key != OWNER.public_key() else wire.DatasetRef(
+            **{**d.__dict__, "rules": "a" * 64}) for d in free.datasets)})
+    assert matches(r, ruled)
+    assert not matches(r, wire.TaskSpec(**{**ruled.__dict__,
+                                           "params": {"query": QUERY, "min_group_size": "1"}}))
+    with pytest.raises(ConfigError, match=r"^approve\[0\]\.params\.min_group_size"):
+        rule("sql", {"query": {"analysis_rules": True},
+                     "min_group_size": {"analysis_rules": True}})
+    with pytest.raises(ConfigError, match=r"^approve\[0\]\.params\.query"):
+        rule("sql", {"query": {"analysis_rules": False}})
+
+
 def test_bounds():
     base = binding("dp_aggregate", SAMPLES["dp_aggregate"])
     capped = rule("dp_aggregate", {**base, "epsilon": {"max": 0.5}})
@@ -337,3 +357,52 @@ min_group_size = {{min = 20}}
 """
     (r,) = load_rules(tomllib.loads(text)["approve"])
     assert matches(r, spec("sql"))
+
+
+def test_a_mismatch_says_why_naming_no_value():
+    me = OWNER.public_key()
+    r = rule("sql", {"query_sha256": sha(QUERY)})
+    assert r.mismatch(spec("sql"), me) == (
+        "parameter 'min_group_size' can reveal rows and the rule does not bind it")
+    floor = rule("sql", {"query_sha256": sha(QUERY), "min_group_size": {"min": 50}})
+    assert floor.mismatch(spec("sql"), me) == (
+        "parameter 'min_group_size' is outside the rule's range bound")
+    swapped = wire.Receiver(INITIATOR.public_key(), STRANGER.encryption_public_key())
+    assert rule("logistic_regression").mismatch(
+        spec("logistic_regression", receivers=[swapped]), me) == (
+        "receiver 0: its enc_key is not the pinned one")
+    assert rule("logistic_regression").mismatch(spec("xgboost"), me) == (
+        "computation 'xgboost' is not in the rule")
+    assert QUERY not in str(floor.mismatch(spec("sql", {"query": QUERY + " x"}), me))
+
+
+def test_a_constraint_of_unknown_kind_allows_nothing():
+    from teeflow.provider.consent import Constraint
+
+    param = compute.get("sql").param("min_group_size")
+    assert param is not None
+    assert not Constraint("rnage").allows(param, "20")
+    assert Constraint("range").allows(param, "20")  # no bounds: any number
+
+
+def test_generated_rules_never_approve_free_text_and_hold_the_rest_to_defaults():
+    import tomllib
+
+    from teeflow.cli.cluster import approve_toml
+
+    me = (ME["sign_key"], ME["enc_key"])
+    rules = load_rules(tomllib.loads(approve_toml(["mine"], [me]))["approve"])
+    named = {n for r in rules for n in r.compute}
+    assert "sql" not in named and "user_code" not in named
+    for name in compute.names():
+        s = spec(name)
+        approved = any(matches(r, s) for r in rules)
+        # the samples set every revealing parameter away from its default
+        assert approved == (not compute.get(name).revealing), name
+    assert any(matches(r, spec("federated_logistic_regression", {"label": "y"}))
+               for r in rules)
+    bound = load_rules(tomllib.loads(approve_toml(["mine"], [me], {"sql": {
+        "query_sha256": sha(QUERY), "min_group_size": {"min": 10}}}))["approve"])
+    assert any(matches(r, spec("sql")) for r in bound)
+    other = spec("sql", {"query": "SELECT * FROM mine", "min_group_size": "20"})
+    assert not any(matches(r, other) for r in bound)

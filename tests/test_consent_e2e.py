@@ -5,6 +5,7 @@ a receiver whose encryption key is not the pinned one, leaves the task waiting f
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 from teeflow.cli.cluster import LocalCluster, Party
-from teeflow.core import wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import TeeflowError
 from teeflow.sdk import Client
@@ -142,6 +143,18 @@ def test_federated_with_too_few_parties_is_refused(cluster):
         with pytest.raises(TeeflowError, match="fewer parties than the owners' minimum of 3"):
             client.submit(["alice_ds", "bob_ds"], None, "federated_logistic_regression",
                           {"label": "y", "features": "age"})
+        # an initiator that skips the SDK's check: the scheduler refuses the spec itself
+        address = client.choose_executor()
+        digest = client.executor_catalog(address)["federated_logistic_regression"].code_digest
+        three = client.build_spec(["alice_ds", "bob_ds"], "federated_logistic_regression",
+                                  {"label": "y", "features": "age", "min_parties": "2"},
+                                  code_digest=digest)
+        spec = wire.TaskSpec(**{**three.__dict__, "params": {"label": "y", "features": "age"}})
+        body = {"spec": spec.to_dict(), "spec_digest": spec.digest()}
+        signature = base64.b64encode(cluster.initiator.sign(
+            audit.signed_payload(spec.task_id, "submitted", body))).decode()
+        with pytest.raises(TeeflowError, match="fewer parties than the owners' minimum of 3"):
+            client.scheduler.submit(spec.to_dict(), signature, address)
         # asking for two parties is the owners' call: their rules hold min_parties to its
         # default, so the task waits for a person
         task = client.submit(["alice_ds", "bob_ds"], None, "federated_logistic_regression",

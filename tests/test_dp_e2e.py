@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import pytest
 
 from teeflow.cli.cluster import LocalCluster, Party
 from teeflow.core.errors import TaskFailed
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.sdk import Client
 from tests.factories import appraisal_policy, wait_task_state
 
@@ -129,8 +131,21 @@ def test_dp_aggregate_spends_the_owners_budget_which_no_restart_resets(cluster):
     assert "dataset 'alice_ds': privacy budget would be overdrawn" in log
 
     # every process stops; the scheduler comes back with its state wiped (its operator
-    # resetting what it could): alice's budget is in alice's own file, and holds
+    # resetting what it could). The providers hold its old log checkpoint and see the log
+    # shrank: they refuse to go on.
     _stop(c)
+    c.start_scheduler(db_name="wiped.sqlite")
+    c.start_executor()
+    _start_provider(c, c.parties[0], approve=True)
+    deadline = time.monotonic() + 60
+    while "the log shrank" not in _log(c, "alice") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "the log shrank" in _log(c, "alice")
+    _stop(c)
+    # even an owner who then accepts the new log (drops its checkpoint) keeps its budget:
+    # alice's budget is in alice's own file, and holds
+    for key_file in [c.workdir / f"{p.node}.key" for p in c.parties] + [c.initiator_key]:
+        checkpoint_path(key_file).unlink(missing_ok=True)
     _start(c, c.parties, "wiped.sqlite")
     with key() as client:
         again = client.submit(["alice_ds"], None, "dp_aggregate", _mean("0.6"))

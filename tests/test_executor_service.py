@@ -592,20 +592,20 @@ def test_audit_entries_verify_in_a_chain(ex, p):
     _done(ex, p)
     _take(ex, p, p.initiator)
     digest = p.spec.digest()
-    entry = audit.chain(None, TASK, "submitted", {"spec": p.spec.to_dict(),
+    entry = audit.chain([], TASK, "submitted", {"spec": p.spec.to_dict(),
                                                   "spec_digest": digest},
                         audit.ed25519_signer(p.initiator.public_key()),
                         submit_signature(p.spec, p.initiator))
     log = [entry]
     for a in p.approvals:
-        log.append(audit.chain(log[-1], TASK, "approved", {"spec_digest": digest},
+        log.append(audit.chain(log, TASK, "approved", {"spec_digest": digest},
                                a["signer"], a["signature"]))
     attested = {"tls_key_sha256": ex.tls_spki_hash.hex(), "spec_digest": digest}
-    log.append(audit.chain(log[-1], TASK, "attested", attested,
+    log.append(audit.chain(log, TASK, "attested", attested,
                            audit.ed25519_signer(p.alice.public_key()),
                            sign_entry(p.alice, TASK, "attested", attested)))
     for e in _audit(ex):
-        log.append(audit.chain(log[-1], TASK, e["kind"], e["body"], e["signer"],
+        log.append(audit.chain(log, TASK, e["kind"], e["body"], e["signer"],
                                e["signature"]))
     assert audit.verify_chain(log) == len(log) == 10
 

@@ -330,8 +330,8 @@ def test_no_marker_reaches_the_scheduler_or_any_log(tmp_path: Path):
     with LocalCluster(work) as c:
         c.start_scheduler()
         c.start_executor()
-        for p in parties:
-            c.start_provider(p)
+        for p in parties:  # the owners allow a small forest (default depth and weight)
+            c.start_provider(p, bind={"xgboost": {"n_estimators": {"max": 2}}})
         c.wait_for_datasets([p.dataset for p in parties])
         c.wait_for_executor(c.executor_address)
         with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy(),

@@ -79,6 +79,20 @@ def test_provider_config_reads_rules(tmp_path: Path):
     doc["datasets"][0]["rules"] = {"aggregation": {**AGG, "min_identities": -1}}
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.aggregation\.min_identities"):
         check_config(doc, tmp_path)
+    doc["datasets"][0]["rules"] = {"aggregation": {**AGG, "dimension_columns": ["regoin"]}}
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.aggregation\."
+                       "dimension_columns: the dataset has no column 'regoin'"):
+        check_config(doc, tmp_path)
+    doc["datasets"][0]["rules"] = {"aggregation": AGG, "computations": ["sql", "nope"]}
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.computations: unknown "
+                       "computation 'nope'"):
+        check_config(doc, tmp_path)
+    doc["datasets"][0]["rules"] = {"aggregation": AGG}
+    doc["datasets"][0]["privacy"] = {"epsilon_budget": 1.0, "required": True}
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.rules\.computations: .*DP"):
+        check_config(doc, tmp_path)
+    doc["datasets"][0]["rules"] = {"aggregation": AGG, "computations": ["sql", "dp_aggregate"]}
+    assert check_config(doc, tmp_path).datasets[0].rules.computations == ("dp_aggregate", "sql")
 
 
 def test_dataset_ref_keeps_old_digests_and_carries_rules():

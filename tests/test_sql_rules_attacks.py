@@ -18,7 +18,8 @@ from teeflow.core.rules import load_rules, query_digest
 PATIENTS = pa.schema([("pid", pa.string()), ("region", pa.string()), ("age", pa.int32()),
                       ("cost", pa.float64()), ("name", pa.string()), ("visit", pa.date32())])
 ACCOUNTS = pa.schema([("pid", pa.string()), ("segment", pa.string()),
-                      ("spend", pa.float64()), ("balance", pa.int64())])
+                      ("spend", pa.float64()), ("balance", pa.int64()),
+                      ("wide", pa.decimal128(38, 0))])
 SCHEMAS = {"patients": PATIENTS, "accounts": ACCOUNTS}
 
 PATIENT_RULES = {
@@ -32,7 +33,7 @@ PATIENT_RULES = {
 }
 ACCOUNT_RULES = {
     "aggregation": {
-        "aggregates": {"count": ["*"], "sum": ["spend"], "avg": ["spend"]},
+        "aggregates": {"count": ["*"], "sum": ["spend", "wide"], "avg": ["spend"]},
         "join_columns": ["pid"], "dimension_columns": ["segment"], "identity": "pid",
         "min_identities": 5},
     "list": {"list_columns": ["segment"], "join_columns": ["pid"]},
@@ -59,6 +60,7 @@ ALLOWED = [
     "SELECT region, count(*) FROM patients WHERE visit >= '2020-01-01' AND age <> 37 "
     "GROUP BY region",
     "SELECT count(*) FROM patients",
+    "SELECT region, count(*) FROM patients p GROUP BY p.region",
     # comments and quoting do not survive the parse: the tree is checked, not the text
     'SELECT "REGION", count(*) FROM "PATIENTS" /* a comment */ GROUP BY "Region" -- end',
     # overlap analysis under the list rules
@@ -151,6 +153,11 @@ ATTACKS = [
      r"in WHERE: compares values of different kinds"),
     ("overflow", "SELECT sum(age * 100000000000) FROM patients",
      r"in SELECT: the argument of sum\(\) must be one column"),
+    ("overflow of a wide decimal", "SELECT sum(wide) FROM accounts",
+     r"rule of dataset 'accounts'\), in SELECT: sum\(\) of a DECIMAL column wider than 18"),
+    ("date part failing on a row", "SELECT date_trunc('fortnight', visit), count(*) FROM "
+     "patients GROUP BY date_trunc('fortnight', visit)",
+     r"in GROUP BY: date_trunc\(\) takes a constant part"),
     ("overflow in a filter", "SELECT count(*) FROM patients WHERE age * 1000000000 > 1",
      r"in WHERE: '\*' is not allowed on a dimension value"),
     ("scalar on the wrong kind", "SELECT year(region), count(*) FROM patients "
@@ -327,3 +334,40 @@ def test_a_text_constant_that_could_fail_to_cast_is_refused(where):
     with pytest.raises(ParameterError, match=r"in WHERE: (compares a number value with a "
                        r"text constant|a text constant that is not a DATE)"):
         check(f"SELECT count(*) FROM patients WHERE region = 'n' AND {where}")
+
+
+def _tables():
+    n = 12
+    patients = pa.table({
+        "pid": [f"p{i % 10}" for i in range(n)],  # p0 and p1 have two rows each
+        "region": ["big"] * 10 + ["small"] * 2, "age": pa.array(range(n), pa.int32()),
+        "cost": [float(i) for i in range(n)], "name": [f"n{i}" for i in range(n)],
+        "visit": pa.array([0] * n, pa.date32())})
+    accounts = pa.table({"pid": [f"p{i}" for i in range(10)], "segment": ["s"] * 10,
+                         "spend": [1.0] * 10, "balance": list(range(10)),
+                         "wide": pa.array([0] * 10, pa.decimal128(38, 0))})
+    return [("patients", patients), ("accounts", accounts)]
+
+
+def test_rows_below_the_minimum_of_distinct_identities_are_dropped():
+    # "small" has two rows but they are p0 and p1, who are also in "big": 2 identities < 5
+    out = session.run(_tables(), {"query": "SELECT region, count(*) AS n FROM patients "
+                                           "GROUP BY region ORDER BY region",
+                                  "_rules": RULES, "query_args": None})
+    assert out["columns"] == ["region", "n"]
+    assert out["rows"] == [["big", 10]]
+    # five rows but three people (p0 and p1 twice): rows are not identities
+    out = session.run(_tables(), {"query": "SELECT count(*) FROM patients "
+                                           "WHERE age IN (0, 1, 2, 10, 11)",
+                                  "_rules": RULES, "query_args": None})
+    assert out["rows"] == []
+
+
+def test_an_approved_analysis_never_shows_the_hidden_columns():
+    query = "SELECT * FROM patients"
+    approved = {"analyses": [{"name": "all", "query": query}]}
+    rules = {"patients": load_rules({**PATIENT_RULES, **approved}),
+             "accounts": load_rules({**ACCOUNT_RULES, **approved})}
+    out = session.run(_tables(), {"query": query, "_rules": rules, "query_args": None})
+    assert out["columns"] == ["pid", "region", "age", "cost", "name", "visit"]
+    assert out["analysis_rules"] == {"mode": "analysis"}

@@ -61,6 +61,10 @@ parameters = {{ min_age = "int" }}
 """
 
 
+# the owners sign any query their analysis rules grant (the executor enforces them)
+UNDER_RULES = {"sql": {"query": {"analysis_rules": True}}}
+
+
 def _patients(path):
     # north: 30 people, south: 26, tiny: 3 (below min_identities = 5); the last of south
     # is the one whose values an attacker wants
@@ -93,9 +97,9 @@ def cluster(tmp_path_factory):
         c.start_scheduler()
         c.start_executor()
         c.start_provider(Party("alice", "patients", work / "patients.csv"),
-                         dataset_toml=PATIENT_RULES)
+                         dataset_toml=PATIENT_RULES, bind=UNDER_RULES)
         c.start_provider(Party("bob", "accounts", work / "accounts.csv"),
-                         dataset_toml=ACCOUNT_RULES)
+                         dataset_toml=ACCOUNT_RULES, bind=UNDER_RULES)
         c.wait_for_datasets(["patients", "accounts"])
         c.wait_for_executor(c.executor_address)
         yield c
@@ -231,3 +235,28 @@ def test_a_spec_without_the_published_rules_digest_is_refused(client):
                        "published"):
         client.scheduler.submit(bare.to_dict(), signature, client.choose_executor())
     assert isinstance(bare, wire.TaskSpec)
+
+
+def test_the_cli_shows_the_published_rules(cluster, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from teeflow.attestation.simulated import code_measurement
+    from teeflow.cli.cluster import policy_toml
+
+    pol = tmp_path / "policy.toml"
+    pol.write_text(policy_toml(code_measurement()))
+    env = {**os.environ, "TEEFLOW_SCHEDULER": cluster.scheduler_url, "COLUMNS": "250",
+           "TEEFLOW_KEY": str(cluster.initiator_key), "TEEFLOW_POLICY": str(pol)}
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    table = cli("datasets")
+    assert ">= 5 pid per row" in table and "count_over_age" in table
+    listed = {d["name"]: d for d in json.loads(cli("datasets", "--json"))}
+    assert listed["accounts"]["rules"]["list"]["list_columns"] == ["segment"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teeflow.core import audit, wire
+from teeflow.core import audit, tlog, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, StateError, UnknownDataset, UnknownTask
 from teeflow.scheduler.store import Store
@@ -305,8 +305,9 @@ class StoreContract:
         assert [(e.seq, e.task_id) for e in log] == [
             (1, "task0001"), (2, "task0002"), (3, "task0001"), (4, "task0002"),
             (5, "task0001")]
-        assert all(b.prev_hash == a.hash for a, b in zip(log, log[1:], strict=False))
-        assert log[0].prev_hash == audit.GENESIS
+        assert all(e.prev_root == audit.tree_of(log[:n]).root().hex()
+                   for n, e in enumerate(log))
+        assert log[0].prev_root == tlog.EMPTY_ROOT.hex()
         assert [e.seq for e in catalog.audit_log("task0002")] == [2, 4]
         assert [e["seq"] for e in catalog.events("task0001")] == [1, 3, 5]
         assert audit.verify_chain(log) == 5
@@ -434,7 +435,7 @@ class TestFileStore(StoreContract):
             assert again.dataset("a_data")["rows"] == 10
             assert again.fresh_nonce("K1", "ab" * 8, int(time.time()) + 600) is False  # a replay
             assert again.transition("task0001", "run") == "running"
-            assert again.audit_log()[-1].prev_hash == log[-1].hash
+            assert again.audit_log()[-1].prev_root == audit.tree_of(log).root().hex()
             assert audit.verify_chain(again.audit_log()) == len(log) + 1
         finally:
             again.close()

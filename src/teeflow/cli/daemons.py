@@ -55,6 +55,7 @@ def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str |
 def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | None,
            ttl: str) -> None:
     """Make a one-time invitation: a token and the certificate fingerprint to pin."""
+    from teeflow.core.checkpoint import origin_of, verifier_key
     from teeflow.scheduler.identity import load_or_create
     from teeflow.scheduler.store import Store
 
@@ -66,6 +67,9 @@ def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | 
         store.close()
     click.echo(f"invitation: {token}")
     click.echo(f"scheduler certificate: {ident.fingerprint}")
+    log_key = ident.signer().public_key()
+    click.echo(f"log key: {verifier_key(origin_of(log_key), log_key)} (nodes check every "
+               "checkpoint against the first they see; compare it with this)")
     click.echo(f"join with: --scheduler https://HOST:PORT#{ident.fingerprint} "
                f"--invite {token}")
 

@@ -23,7 +23,6 @@ CATALOGUE: dict[str, str] = {
     "no_rows": "{computation}: the datasets have no rows",
     "dataset_no_rows": "dataset {dataset!r}: no rows",
     "nulls": "dataset {dataset!r}: column {column!r} has null values",
-    "nulls_joined": "dataset {dataset!r}: column {column!r} has null values in the joined rows",
     "non_finite": "dataset {dataset!r}: {kind} column {column!r} has a non-finite value "
                   "(NaN or infinity)",
     "label_not_binary": "label column {column!r} must have exactly two distinct values",
@@ -38,7 +37,6 @@ CATALOGUE: dict[str, str] = {
     "n_samples_positive": "dataset {dataset!r}: n_samples must be positive",
     "duplicate_ids": "dataset {dataset!r}: id column {column!r} has duplicate values; IDs "
                      "must be unique within a dataset",
-    "no_common_id": "{computation}: the datasets have no id value in common",
     "small_intersection": "{computation}: the datasets share fewer IDs than the owners' "
                           "minimum of {limit}; nothing is released",
     "too_few_parties": "{computation}: fewer parties than the owners' minimum of {limit}",

@@ -60,6 +60,7 @@ USES = (
     "teeflow.compute.errors",
     "teeflow.compute.columns",
     "teeflow.compute.params",
+    "teeflow.compute.dp",  # OpenDP's Gaussian noise for DP-FedAvg
 )
 PARAMS = (
     LABEL,

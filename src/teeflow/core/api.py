@@ -252,8 +252,41 @@ class AuditEntry(Model):
     body: dict[str, Any]
     signer: str
     signature: str
-    prev_hash: str
+    prev_root: str
     hash: str
+    log_signature: str = ""
+
+
+class LogLeaf(Model):
+    """One leaf of the log: the entry itself if the caller may read it, else its hash."""
+
+    seq: int
+    hash: str
+    entry: AuditEntry | None = None
+
+
+class LogProof(Model):
+    """Hex hashes of an inclusion or consistency proof, with the sizes it is for."""
+
+    size: int
+    proof: list[str]
+    start: int = 0
+    root: str = ""
+
+
+class Checkpoint(Model):
+    """The scheduler's signed checkpoint (C2SP note) and the key that signs it."""
+
+    note: str
+    log_key: str
+    origin: str
+
+
+class Cosign(Model):
+    """A member's C2SP cosignature line over the checkpoint of tree size `size`."""
+
+    size: int
+    line: str
 
 
 class ApproveWork(Model):

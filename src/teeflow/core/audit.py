@@ -1,10 +1,14 @@
-"""The audit log: an append-only, hash-chained record of every step of every task.
+"""The audit log: an append-only Merkle log (RFC 9162 shape, core/tlog.py) of every step
+of every task. Pure: building entries, signing payloads, verifying a log offline.
 
-Pure: building entries, signing payloads, and verifying a whole chain offline.
-
-Each entry is {seq, task_id, kind, body, signer, signature, prev_hash, hash} where
-hash = SHA-256(prev_hash || canonical({seq, task_id, kind, body, signer, signature})).
-Who signs which kind:
+Each entry is {seq, task_id, kind, body, signer, signature, prev_root, hash,
+log_signature}. `seq` is 1-based; the entry is leaf `seq - 1` of the tree. `prev_root`
+is the root of the tree of size seq - 1 that the entry extends; `hash` is its RFC 9162
+leaf hash over `leaf_data` (seq, task, kind, body, signer, signature, prev_root), and
+`log_signature` is the scheduler's Ed25519 signature over the same, so each entry is
+pinned to its index and to the tree before it. The scheduler signs checkpoints of the
+tree (core/checkpoint.py); a party that holds one can prove any rewrite of what it
+covers. Who signs which kind:
 - `submitted`: the initiator (ed25519); body holds the spec and its digest.
 - `approved` / `rejected`: a dataset owner (ed25519); body {spec_digest}. The same
   signature is what the executor checks before it accepts a batch.
@@ -12,15 +16,17 @@ Who signs which kind:
   it appraised.
 - `received`, `computed`, `released`, `wiped`: the executor (ecdsa-p256, its TLS key,
   whose hash an owner's `attested` entry of the same task vouches for).
-- scheduler bookkeeping (`accepted`, `running`, `failed`, `cancelled`): unsigned
-  (signer "scheduler"); the chain still covers them.
+- scheduler bookkeeping (`accepted`, `running`, `failed`, `cancelled`): no party's
+  signature (signer "scheduler"); the log signature and the tree still cover them.
+A party's own signature covers the entry's content; its place in the log is fixed by
+the tree, the log signature and the checkpoints the parties hold.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +34,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teeflow.core.crypto import verify_signature
+from teeflow.core import tlog
+from teeflow.core.crypto import Signer, verify_signature
 from teeflow.core.errors import AuthError, TeeflowError
 from teeflow.core.wire import canonical
 
-GENESIS = "0" * 64
+LEAF_PREFIX = b"teeflow-audit-leaf-v1\x00"
 SCHEDULER = "scheduler"
 OWNER_KINDS = ("approved", "rejected")
 EXECUTOR_KINDS = ("admitted", "received", "computed", "released", "wiped")
@@ -100,52 +107,100 @@ class Entry:
     body: dict[str, Any]
     signer: str
     signature: str
-    prev_hash: str
+    prev_root: str
     hash: str
+    log_signature: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "task_id": self.task_id, "kind": self.kind, "body": self.body,
                 "signer": self.signer, "signature": self.signature,
-                "prev_hash": self.prev_hash, "hash": self.hash}
+                "prev_root": self.prev_root, "hash": self.hash,
+                "log_signature": self.log_signature}
+
+    def leaf_data(self) -> bytes:
+        return leaf_data(self.seq, self.task_id, self.kind, self.body, self.signer,
+                         self.signature, self.prev_root)
 
 
-def entry_hash(prev_hash: str, seq: int, task_id: str, kind: str, body: Mapping[str, Any],
-               signer: str, signature: str) -> str:
-    content = canonical({"seq": seq, "task_id": task_id, "kind": kind, "body": dict(body),
-                         "signer": signer, "signature": signature})
-    return hashlib.sha256(bytes.fromhex(prev_hash) + content).hexdigest()
+def leaf_data(seq: int, task_id: str, kind: str, body: Mapping[str, Any], signer: str,
+              signature: str, prev_root: str) -> bytes:
+    """The bytes the tree hashes as this entry's leaf and the scheduler signs."""
+    return LEAF_PREFIX + canonical({"seq": seq, "task_id": task_id, "kind": kind,
+                                    "body": dict(body), "signer": signer,
+                                    "signature": signature, "prev_root": prev_root})
 
 
-def chain(prev: Entry | None, task_id: str, kind: str, body: Mapping[str, Any],
-          signer: str = SCHEDULER, signature: str = "") -> Entry:
-    """The next entry after `prev` (None for the first)."""
-    seq = 1 if prev is None else prev.seq + 1
-    prev_hash = GENESIS if prev is None else prev.hash
-    return Entry(seq, task_id, kind, dict(body), signer, signature, prev_hash,
-                 entry_hash(prev_hash, seq, task_id, kind, body, signer, signature))
+def chain(log: Sequence[Entry] | tlog.Tree, task_id: str, kind: str,
+          body: Mapping[str, Any], signer: str = SCHEDULER, signature: str = "",
+          log_signer: Signer | None = None) -> Entry:
+    """The entry that extends `log` (the entries so far, or their tree); signed by
+    `log_signer` (the scheduler's log key) when given."""
+    tree = log if isinstance(log, tlog.Tree) else tree_of(log)
+    seq, prev_root = len(tree) + 1, tree.root().hex()
+    data = leaf_data(seq, task_id, kind, body, signer, signature, prev_root)
+    log_sig = "" if log_signer is None else \
+        base64.b64encode(log_signer.sign(data)).decode()
+    return Entry(seq, task_id, kind, dict(body), signer, signature, prev_root,
+                 tlog.leaf_hash(data).hex(), log_sig)
 
 
-def verify_chain(entries: Iterable[Entry]) -> int:
-    """Check every link and every signature; return how many entries were checked.
+def tree_of(entries: Iterable[Entry]) -> tlog.Tree:
+    """The tree over entries' stated leaf hashes (verify_chain checks they are right)."""
+    return tlog.Tree([bytes.fromhex(e.hash) for e in entries])
+
+
+def check_entry(e: Entry, log_key: str | None) -> None:
+    """The entry's content matches its leaf hash, and (with `log_key`) the scheduler
+    signed it at this index over this previous tree."""
+    data = e.leaf_data()
+    if tlog.leaf_hash(data).hex() != e.hash:
+        raise AuditError(e.seq, "content does not match its hash (edited)")
+    if log_key is not None:
+        try:
+            verify_signature(log_key, base64.b64decode(e.log_signature, validate=True), data)
+        except (AuthError, ValueError):
+            raise AuditError(e.seq, "the scheduler's log signature over its index and "
+                                    "previous tree does not verify") from None
+
+
+def verify_entries(entries: Iterable[Entry], log_key: str | None = None) -> int:
+    """Check each entry by itself (hash, log signature, who signed it), in order, for a
+    subset of the log such as one party's tasks; return how many."""
+    owners: dict[str, set[str]] = {}
+    initiators: dict[str, str] = {}
+    executors: dict[str, set[str]] = {}
+    count = 0
+    for e in entries:
+        check_entry(e, log_key)
+        _check_signer(e, owners, initiators, executors)
+        count += 1
+    return count
+
+
+def verify_chain(entries: Iterable[Entry], log_key: str | None = None) -> int:
+    """Check a whole log: consecutive indices, each entry extending the tree before it,
+    every hash and signature (the scheduler's too, with `log_key`); return the count.
 
     Raises AuditError naming the first entry that is out of place, altered, or
-    signed by someone who had no business signing it.
+    signed by someone who had no business signing it. A log rewritten from some point
+    on and re-signed by the scheduler's key passes this; only a checkpoint held from
+    before the rewrite shows it (the consistency proof fails).
     """
-    prev_hash, expected_seq, count = GENESIS, 1, 0
-    owners: dict[str, set[str]] = {}      # task -> owner keys (from the submitted spec)
+    tree = tlog.Tree()
+    owners: dict[str, set[str]] = {}
     initiators: dict[str, str] = {}
-    executors: dict[str, set[str]] = {}   # task -> executor key hashes owners attested
+    executors: dict[str, set[str]] = {}
     for e in entries:
-        if e.seq != expected_seq:
-            raise AuditError(e.seq, f"expected entry {expected_seq} (an entry is missing)")
-        if e.prev_hash != prev_hash:
-            raise AuditError(e.seq, "does not follow the previous entry (chain broken)")
-        if entry_hash(e.prev_hash, e.seq, e.task_id, e.kind, e.body, e.signer,
-                      e.signature) != e.hash:
-            raise AuditError(e.seq, "content does not match its hash (edited)")
+        expected = len(tree) + 1
+        if e.seq != expected:
+            raise AuditError(e.seq, f"expected entry {expected} (an entry is missing)")
+        if e.prev_root != tree.root().hex():
+            raise AuditError(e.seq, "does not extend the tree before it (reordered, "
+                                    "inserted or re-chained)")
+        check_entry(e, log_key)
         _check_signer(e, owners, initiators, executors)
-        prev_hash, expected_seq, count = e.hash, e.seq + 1, count + 1
-    return count
+        tree.append(bytes.fromhex(e.hash))
+    return len(tree)
 
 
 def _check_signer(e: Entry, owners: dict[str, set[str]], initiators: dict[str, str],

@@ -22,6 +22,11 @@
     │   └── ConsentExpired     a signed spec past its `expires` time
     ├── ComputeError           the computation itself failed
     ├── TaskFailed             a task ended failed or cancelled (carries its reason)
+    ├── LogError               the transparency log, a checkpoint or a proof does not verify
+    │   ├── NoteError          a malformed or forged signed note (checkpoint, cosignature)
+    │   ├── ProofError         an inclusion or consistency proof that does not verify
+    │   └── LogInconsistent    the scheduler's log does not extend a checkpoint this party
+    │                          holds (rewritten, truncated, forked): the party stops
     └── PeerError              a remote node failed or could not be reached
         └── Unreachable
 
@@ -140,6 +145,24 @@ class ComputeError(TeeflowError):
 
 class TaskFailed(TeeflowError):
     code = "task_failed"
+
+
+class LogError(TeeflowError):
+    code = "log"
+
+
+class NoteError(LogError):
+    code = "note"
+
+
+class ProofError(LogError):
+    code = "proof"
+
+
+class LogInconsistent(LogError):
+    """What the scheduler shows is not an extension of what this party saw before."""
+
+    code = "log_inconsistent"
 
 
 class PeerError(TeeflowError):

@@ -131,6 +131,26 @@ class DatasetRules:
         return next((a for a in self.analyses if a.sha256 == sha256), None)
 
 
+def check_columns(rules: DatasetRules, columns: list[str], where: str) -> None:
+    """ConfigError naming the first column a rule names that the dataset lacks."""
+    have = {c.lower() for c in columns}
+    named: list[tuple[str, frozenset[str] | set[str]]] = []
+    if rules.aggregation is not None:
+        a = rules.aggregation
+        named += [(f"aggregation.aggregates.{f}", cols - {"*"})
+                  for f, cols in sorted(a.aggregates.items())]
+        named += [("aggregation.join_columns", a.join_columns),
+                  ("aggregation.dimension_columns", a.dimension_columns),
+                  ("aggregation.identity", {a.identity})]
+    if rules.listing is not None:
+        named += [("list.list_columns", rules.listing.list_columns),
+                  ("list.join_columns", rules.listing.join_columns)]
+    for field_name, cols in named:
+        for col in sorted(cols):
+            if col not in have:
+                raise ConfigError(f"{where}.{field_name}: the dataset has no column {col!r}")
+
+
 def query_digest(query: str) -> str:
     """What an approved analysis is named by: SHA-256 of its text, UTF-8, without leading
     or trailing white space (a task's `query` parameter is stripped the same way)."""

@@ -9,6 +9,11 @@ the pin ("sha256:" + hex of the DER certificate) is given as `pin` or as the URL
 fragment (`https://host:port#sha256:...`, never sent). The certificate is read once
 with no data sent, checked against the pin, and then is the only root the TLS context
 trusts (no host name check: the pin says which scheduler, whatever its address).
+
+Every answer is also checked against the transparency log (net/logview.py): the client
+sends the tree size of the newest checkpoint it holds, and refuses (LogInconsistent) an
+answer whose signed checkpoint does not provably extend it. `checkpoints`: the file that
+keeps that checkpoint across runs (files/checkpoints.py); without it, only in memory.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import hashlib
 import ssl
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import BaseModel
 
 from teeflow.core import api, auth
+from teeflow.core import checkpoint as ck
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, PeerError, Unreachable, from_code
 from teeflow.core.wire import cancel_message
+from teeflow.files.checkpoints import CheckpointFile
+from teeflow.net.logview import LogView
 
 
 class _Signed(httpx.Auth):
@@ -85,9 +94,11 @@ def pinned_context(host: str, port: int, pin: str, timeout: float = 10.0) -> ssl
 
 class SchedulerClient:
     def __init__(self, url: str, identity: Identity, timeout: float = 30.0,
-                 pin: str | None = None) -> None:
+                 pin: str | None = None, checkpoints: Path | None = None,
+                 log: LogView | None = None) -> None:
         self.url, self.pin = split_pin(url, pin)
         self.identity = identity
+        self.log = log or LogView(CheckpointFile(checkpoints) if checkpoints else None)
         self._timeout = timeout
         self._client: httpx.Client | None = None
 
@@ -117,17 +128,31 @@ class SchedulerClient:
         self.close()
 
     def _call(self, method: str, path: str, timeout: float | None = None,
-              body: BaseModel | None = None, answer: Any = None, **kw: Any) -> Any:
-        """`body` is sent as its JSON; the reply is checked against the `answer` type."""
+              body: BaseModel | None = None, answer: Any = None, observe: bool = True,
+              **kw: Any) -> Any:
+        """`body` is sent as its JSON; the reply's checkpoint is checked against the one
+        held (unless `observe` is False: the proofs that check asks for itself), then the
+        reply against the `answer` type."""
+        headers = {}
         if body is not None:
             kw["content"] = body.model_dump_json(by_alias=True).encode()
-            kw["headers"] = {"content-type": "application/json"}
+            headers["content-type"] = "application/json"
+        sent = self.log.snapshot()
+        if sent is not None:
+            headers[ck.SIZE_HEADER] = str(sent.size)
+        kw["headers"] = headers
         try:
             if timeout is not None:
                 kw["timeout"] = timeout
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"scheduler {self.url} unreachable: {exc}") from exc
+        # a success must carry a checkpoint that checks; an error need not (a refused
+        # stranger gets none) but is checked if it does
+        if observe and (resp.status_code < 400 or ck.CHECKPOINT_HEADER in resp.headers):
+            h = resp.headers
+            self.log.observe(h.get(ck.CHECKPOINT_HEADER), h.get(ck.KEY_HEADER),
+                             h.get(ck.PROOF_HEADER), sent, self._consistency_proof)
         if resp.status_code >= 400:
             try:
                 err = resp.json()["error"]
@@ -216,6 +241,46 @@ class SchedulerClient:
     def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/audit", params={"task": task_id} if task_id else None,
                           answer=list[api.AuditEntry])
+
+    # -- the transparency log ------------------------------------------------------------
+    def _consistency_proof(self, old: int, new: int) -> list[bytes]:
+        reply = self._call("GET", "/v1/log/consistency", params={"from": old, "to": new},
+                           answer=api.LogProof, observe=False)
+        return [bytes.fromhex(h) for h in reply["proof"]]
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The newest checkpoint with its cosignatures (checked like every answer)."""
+        return self._call("GET", "/v1/log/checkpoint", answer=api.Checkpoint)
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        reply = self._call("GET", "/v1/log/inclusion", params={"index": index, "size": size},
+                           answer=api.LogProof)
+        return [bytes.fromhex(h) for h in reply["proof"]]
+
+    def consistency(self, old: int, new: int) -> list[bytes]:
+        return self._consistency_proof(old, new)
+
+    def log_entries(self, start: int = 1, end: int | None = None) -> list[dict[str, Any]]:
+        params = {"start": start} | ({"end": end} if end is not None else {})
+        return self._call("GET", "/v1/log/entries", params=params, answer=list[api.LogLeaf])
+
+    def cosign(self, name: str, timestamp: int | None = None) -> ck.Checkpoint:
+        """Cosign the checkpoint this node holds (it checked it on receipt)."""
+        held = self.log.snapshot()
+        if held is None:
+            self.checkpoint()
+            held = self.log.snapshot()
+        assert held is not None
+        line = ck.cosign(held, name, self.identity,
+                         int(time.time()) if timestamp is None else timestamp).line()
+        self._call("POST", "/v1/log/cosignatures", answer=api.Ok,
+                   body=api.Cosign(size=held.size, line=line))
+        return held
+
+    def compare(self, note: str) -> ck.Checkpoint:
+        """Check another party's checkpoint against this node's (a fork shows here)."""
+        self.checkpoint()
+        return self.log.compare(note, self._consistency_proof)
 
 
 __all__ = ["SchedulerClient"]

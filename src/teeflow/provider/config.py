@@ -18,8 +18,10 @@ from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import amd_ark, collateral_source
 from teeflow.core.errors import ConfigError
 from teeflow.core.rules import DatasetRules
+from teeflow.core.rules import check_columns as check_rule_columns
 from teeflow.core.rules import load_rules as load_analysis_rules
 from teeflow.files import read_capped
+from teeflow.files.datasets import read_schema
 from teeflow.provider.budget import PrivacyConfig, load_privacy
 from teeflow.provider.consent import ApprovalRule, load_rules
 
@@ -142,6 +144,20 @@ def _unknown(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
             raise ConfigError(f"{where}.{key}: unknown field")
 
 
+def _check_rule_computations(rules: DatasetRules, privacy: PrivacyConfig | None,
+                             where: str) -> None:
+    from teeflow import compute
+
+    known = compute.names()
+    for name in rules.computations:
+        if name not in known:
+            raise ConfigError(f"{where}: unknown computation {name!r}")
+    if privacy is not None and privacy.required and not any(
+            compute.get(n).differentially_private for n in rules.computations):
+        raise ConfigError(f"{where}: the dataset requires differential privacy "
+                          "(privacy.required), so list its DP computations here")
+
+
 def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
     """Check a config that `with_defaults` has filled in; the error names the bad field."""
     for key in doc:
@@ -172,6 +188,9 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
             raise ConfigError(f"{where}.path: no such file {p}")
         privacy = load_privacy(d["privacy"], f"{where}.privacy") if "privacy" in d else None
         rules = load_analysis_rules(d["rules"], f"{where}.rules") if "rules" in d else None
+        if rules is not None:
+            _check_rule_computations(rules, privacy, f"{where}.rules.computations")
+            check_rule_columns(rules, read_schema(p).names, f"{where}.rules")
         checked.append(DatasetConfig(_str(d, "name", where), p, privacy, rules))
     if len({d.name for d in checked}) != len(checked):
         raise ConfigError("datasets: a dataset name appears twice")

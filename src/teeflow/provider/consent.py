@@ -11,6 +11,9 @@ its `[approve.params]` table, one constraint per parameter:
     bounds   min_group_size = {min = 20}   epsilon = {max = 0.5}   a number within
     subset   features = {subset = ["age", "bmi"]}   a list drawn from these
     default  min_parties = {default = true}   left out, or given as its default
+    rules    query = {analysis_rules = true}   any query this node's datasets' analysis
+             rules (`[datasets.rules]`) grant: the spec carries their digest, the provider
+             checks it is its own, and the executor enforces them before any data moves
 
 A rule matches a task only if every parameter the computation declares REVEALING (one that
 can make a result show rows: a query, code, a group-size floor, epsilon, a minimum of
@@ -30,7 +33,7 @@ from teeflow.compute.params import Param
 from teeflow.core import audit, wire
 from teeflow.core.errors import AuthError, ConfigError, TeeflowError
 
-KINDS = ("values", "sha256", "range", "subset", "default")
+KINDS = ("values", "sha256", "range", "subset", "default", "rules")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_ITEMS = 1000  # values, digests or subset members in one constraint
 
@@ -48,7 +51,12 @@ class Constraint:
     def allows(self, param: Param, raw: str | None) -> bool:
         """Whether the task's raw value (None: left out) satisfies this constraint."""
         if self.kind == "sha256":
-            return raw is not None and hashlib.sha256(raw.encode()).hexdigest() in self.items
+            if raw is None:
+                return False
+            try:
+                return hashlib.sha256(raw.encode()).hexdigest() in self.items
+            except UnicodeEncodeError:
+                return False
         try:
             value = param.default if raw is None else param.parse(raw)
         except TeeflowError:
@@ -59,8 +67,8 @@ class Constraint:
             return value is not None and _key(value) in self.items
         if self.kind == "subset":
             return isinstance(value, list) and all(v in self.items for v in value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
+        if self.kind != "range" or isinstance(value, bool) or not isinstance(value, int | float):
+            return False  # an unknown kind allows nothing
         return ((self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high))
 
@@ -82,31 +90,48 @@ class ApprovalRule:
     params: tuple[tuple[str, Constraint], ...] = ()
 
     def matches(self, spec: wire.TaskSpec, owner_key: str) -> bool:
-        mine = [d.name for d in spec.datasets if d.owner_key == owner_key]
-        if not (spec.compute in self.compute
-                and all(name in self.datasets for name in mine)
-                and all(r in self.receivers for r in spec.receivers)
-                and (not self.code_digests or spec.code_digest in self.code_digests)):
-            return False
-        return self.binds(spec)
+        return self.mismatch(spec, owner_key) is None
 
-    def binds(self, spec: wire.TaskSpec) -> bool:
-        """Every revealing parameter of the spec's computation is bound, and every bound
-        this rule sets on a parameter of it holds."""
+    def mismatch(self, spec: wire.TaskSpec, owner_key: str) -> str | None:
+        """Why this rule does not match the spec (names only, never a value), or None."""
+        if spec.compute not in self.compute:
+            return f"computation {spec.compute!r} is not in the rule"
+        for d in spec.datasets:
+            if d.owner_key == owner_key and d.name not in self.datasets:
+                return f"dataset {d.name!r} is not in the rule"
+        for i, r in enumerate(spec.receivers):
+            if r not in self.receivers:
+                pinned = any(p.sign_key == r.sign_key for p in self.receivers)
+                return f"receiver {i}: " + ("its enc_key is not the pinned one" if pinned
+                                            else "not among the rule's receivers")
+        if self.code_digests and spec.code_digest not in self.code_digests:
+            return "the computation's code digest is not in code_digests"
+        return self.unbound(spec, owner_key)
+
+    def unbound(self, spec: wire.TaskSpec, owner_key: str = "") -> str | None:
+        """The first revealing parameter of the spec's computation this rule leaves unbound,
+        or the first bound that does not hold; None if every one holds."""
         try:
             comp = compute.get(spec.compute)
         except TeeflowError:
-            return False
+            return f"unknown computation {spec.compute!r}"
         bound = dict(self.params)
-        if any(name not in bound for name in comp.revealing):
-            return False
+        for name in comp.revealing:
+            if name not in bound:
+                return f"parameter {name!r} can reveal rows and the rule does not bind it"
         for name, constraint in self.params:
             param = comp.param(name)
             if param is None:
                 continue  # a parameter of another computation the rule names
+            if constraint.kind == "rules":
+                mine = [d for d in spec.datasets if d.owner_key == owner_key]
+                if not mine or any(d.rules is None for d in mine):
+                    # only under rules the executor will enforce
+                    return f"parameter {name!r}: a dataset of this node has no analysis rules"
+                continue
             if not constraint.allows(param, spec.params.get(name)):
-                return False
-        return True
+                return f"parameter {name!r} is outside the rule's {constraint.kind} bound"
+        return None
 
 
 RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests", "params")
@@ -202,11 +227,17 @@ def _constraint(param: Param | None, key: str, raw: Any, where: str) -> tuple[st
                 len(items) > MAX_ITEMS:
             raise ConfigError(f"{where}.subset: a list of at most {MAX_ITEMS} strings")
         return param.name, Constraint("subset", tuple(items))
+    if keys == {"analysis_rules"}:
+        if raw["analysis_rules"] is not True or param.name != "query":
+            raise ConfigError(f"{where}.analysis_rules: only `query = {{analysis_rules = "
+                              "true}`")
+        return param.name, Constraint("rules")
     if keys == {"default"}:
         if raw["default"] is not True:
             raise ConfigError(f"{where}.default: only `default = true` (left out or default)")
         return param.name, Constraint("default")
-    raise ConfigError(f"{where}: expected one of values, min/max, subset, default = true")
+    raise ConfigError(f"{where}: expected one of values, min/max, subset, default = true, "
+                      "analysis_rules = true")
 
 
 def _digests(param: Param, raw: Any, where: str) -> tuple[str, Constraint]:

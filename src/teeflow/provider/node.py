@@ -30,11 +30,13 @@ from teeflow.core.errors import (
     ConfigError,
     ConsentExpired,
     InputError,
+    LogInconsistent,
     OverBudget,
     TeeflowError,
     Unreachable,
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
 from teeflow.files.signed_specs import SignedSpecs
@@ -55,7 +57,9 @@ class Provider:
     def __init__(self, config: ProviderConfig, identity: Identity | None = None) -> None:
         self.config = config
         self.identity = identity or load_or_create_key(config.key_file)
-        self.scheduler = SchedulerClient(config.scheduler, self.identity)
+        # the newest log checkpoint this node saw, next to its key: checked on every contact
+        self.scheduler = SchedulerClient(config.scheduler, self.identity,
+                                         checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
@@ -88,6 +92,9 @@ class Provider:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
                 continue
+            except LogInconsistent as exc:  # the scheduler rewrote what this node saw
+                log.error("stopping: %s", exc)
+                raise
             for item in work:
                 key = (item["kind"], item["task_id"], item.get("dataset", ""))
                 with self._lock:
@@ -151,7 +158,10 @@ class Provider:
             self.decide(spec, "approved")
             log.info("task %s: approved by rule", spec.task_id)
             return "approved"
-        log.info("task %s: no rule approves it; waiting for `teeflow approve`", spec.task_id)
+        why = "; ".join(f"approve[{i}]: {rule.mismatch(spec, me)}"
+                        for i, rule in enumerate(self.config.approve)) or "no [[approve]] rules"
+        log.info("task %s: no rule approves it; waiting for `teeflow approve` (%s)",
+                 spec.task_id, why)
         return None
 
     def decide(self, spec: wire.TaskSpec, decision: str) -> None:

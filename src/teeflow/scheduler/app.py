@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -29,11 +29,13 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from teeflow.core import api, auth
+from teeflow.core.checkpoint import SIZE_HEADER
 from teeflow.core.crypto import check_encryption_key, check_public_key
 from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    LogError,
     PeerError,
     RoleRefused,
     StateError,
@@ -44,12 +46,14 @@ from teeflow.core.errors import (
 from teeflow.core.rules import load_rules
 from teeflow.core.schemas import schema_fingerprint, schema_from_b64
 from teeflow.scheduler.executors import register_executor
+from teeflow.scheduler.log import LogServer
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
 
 log = logging.getLogger("teeflow.scheduler")
 MAX_BODY = 1024 * 1024
 MAX_WAIT = 60.0
+MAX_LEAVES = 1000
 TICK = 0.5
 CALLER = "teeflow.caller"  # scope key: the verified key of a signed request
 
@@ -67,7 +71,7 @@ def _status(exc: TeeflowError) -> int:
         return 403
     if isinstance(exc, StateError):
         return 409
-    if isinstance(exc, InputError):
+    if isinstance(exc, (InputError, LogError)):
         return 400
     if isinstance(exc, PeerError):
         return 502
@@ -116,6 +120,7 @@ CATALOG_READERS = ("initiator", "owner", "auditor")
 def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = TICK,
                clock=time.time) -> FastAPI:
     sched = scheduler or Scheduler(store)
+    logs = LogServer(store)
 
     def needs(*roles: str) -> Any:
         """A route dependency: the caller's node holds one of `roles` (else 403 "role")."""
@@ -154,6 +159,7 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
                     raise Unauthenticated(str(exc)) from None
                 if registered and store.node_by_key(key) is None:
                     raise Unauthenticated("request signed by a key that is not registered")
+                request.scope[CALLER] = key  # for checkpoint_headers, once answered
                 # every body is JSON whatever content-type it claims (as the signature
                 # covers the body, not that header), so FastAPI decodes it as JSON
                 headers = [(k, v) for k, v in request.scope["headers"]
@@ -197,6 +203,17 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         message = "request " + api.describe(list(exc.errors()))
         return JSONResponse({"error": {"code": InputError.code, "message": message}},
                             status_code=400)
+
+    @app.middleware("http")
+    async def checkpoint_headers(request: Request, call_next: Any) -> Response:
+        """Every answer to a member carries a fresh signed checkpoint (and the consistency
+        proof from the size the caller holds): a node checks the log on every contact. A
+        stranger's request gets none (not even the log's size)."""
+        response = await call_next(request)
+        key = request.scope.get(CALLER)
+        if key and store.node_by_key(key) is not None:  # members only: strangers learn
+            response.headers.update(logs.headers(request.headers.get(SIZE_HEADER)))
+        return response
 
     @app.get("/v1/health")
     async def health() -> api.Health:
@@ -285,6 +302,41 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
     @signed.get("/v1/audit")
     async def audit_log(key: Caller, task: str | None = None) -> list[api.AuditEntry]:
         return [api.AuditEntry(**e.to_dict()) for e in sched.visible_audit(key, task)]
+
+    # -- the transparency log (scheduler/log.py) ------------------------------------------
+    @signed.get("/v1/log/checkpoint", dependencies=[needs(*ANY_ROLE)])
+    async def log_checkpoint(key: Caller) -> api.Checkpoint:
+        return api.Checkpoint(note=logs.cosigned(), log_key=logs.log_key, origin=logs.origin)
+
+    @signed.get("/v1/log/consistency", dependencies=[needs(*ANY_ROLE)])
+    async def log_consistency(key: Caller, to: int,
+                              from_: Annotated[int, Query(alias="from")]) -> api.LogProof:
+        proof = store.log_consistency(from_, to)
+        return api.LogProof(size=to, start=from_, proof=[h.hex() for h in proof],
+                            root=store.log_root(to).hex())
+
+    @signed.get("/v1/log/inclusion", dependencies=[needs(*ANY_ROLE)])
+    async def log_inclusion(key: Caller, index: int, size: int) -> api.LogProof:
+        proof = store.log_inclusion(index, size)
+        return api.LogProof(size=size, start=index, proof=[h.hex() for h in proof],
+                            root=store.log_root(size).hex())
+
+    @signed.get("/v1/log/entries", dependencies=[needs(*ANY_ROLE)])
+    async def log_entries(key: Caller, start: int = 1,
+                          end: int | None = None) -> list[api.LogLeaf]:
+        """Leaves [start, end) (seq numbers, at most MAX_LEAVES): the entry itself where
+        the caller may see its task, else only its leaf hash."""
+        end = start + MAX_LEAVES if end is None else min(end, start + MAX_LEAVES)
+        seen = {e.seq for e in sched.visible_audit(key, None)}
+        return [api.LogLeaf(seq=e.seq, hash=e.hash,
+                            entry=api.AuditEntry(**e.to_dict()) if e.seq in seen else None)
+                for e in store.log_leaves(start, end)]
+
+    @signed.post("/v1/log/cosignatures", dependencies=[needs(*ANY_ROLE)])
+    async def log_cosign(body: api.Cosign, key: Caller) -> api.Ok:
+        node = store.node_by_key(key)
+        logs.cosign(body.size, body.line, key, node["name"] if node else "")
+        return api.Ok(ok=True)
 
     @signed.get("/v1/nodes/{node}/work")
     async def work(node: str, key: Caller, wait: float = 0.0) -> list[api.WorkItem]:

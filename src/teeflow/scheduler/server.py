@@ -21,7 +21,7 @@ from teeflow.scheduler.store import Store
 def serve(db: str, host: str, port: int, port_file: str | None = None,
           data_dir: str | None = None, members: str | None = None) -> None:
     ident = load_or_create(data_dir or Path(db).resolve().parent)
-    store = Store(db)
+    store = Store(db, log_signer=ident.signer())
     if members is not None:
         store.set_members(load_members(Path(members)))
     sock = bind(host, port)

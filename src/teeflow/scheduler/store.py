@@ -1,11 +1,13 @@
 """The scheduler's state in SQLite: members (invitations, the operator's key list, and
 the nodes that joined, with their roles), executors, the dataset catalog, tasks,
-assignments, approvals, seen request nonces, and the hash-chained audit log.
+assignments, approvals, seen request nonces, the audit log (a Merkle log, core/audit.py
+and core/tlog.py, each entry signed by the scheduler's log key at its index) and the
+cosignatures members sent for its checkpoints.
 
 It routes and records; it never holds a row of anyone's data. Every task state
 change goes through `transition`, which consults the table in `state.py` and
 appends the audit entry in the same transaction. The audit log is the task
-history: one chain over all tasks (see core/audit.py).
+history: one log over all tasks (see core/audit.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teeflow.core import audit, wire
+from teeflow.core import audit, tlog, wire
+from teeflow.core.crypto import KeySigner, Signer
 from teeflow.core.errors import (
     AuthError,
     InputError,
@@ -67,8 +70,11 @@ CREATE TABLE IF NOT EXISTS nonces (
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
     body TEXT NOT NULL, signer TEXT NOT NULL, signature TEXT NOT NULL,
-    prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+    prev_root TEXT NOT NULL, hash TEXT NOT NULL, log_signature TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_task ON audit(task_id);
+CREATE TABLE IF NOT EXISTS cosignatures (
+    size INTEGER NOT NULL, root TEXT NOT NULL, public_key TEXT NOT NULL, line TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (size, public_key));
 """
 ROLES = ("owner", "initiator", "executor_host", "auditor")
 INVITE_PREFIX = "tfi_"
@@ -115,18 +121,42 @@ class Task:
 
 
 class Store:
-    """SQLite-backed state; `Store(":memory:")` gives the in-memory backend."""
+    """SQLite-backed state; `Store(":memory:")` gives the in-memory backend.
 
-    def __init__(self, path: str | Path) -> None:
+    `log_signer`: the scheduler's log key (identity.py); a fresh one if not given."""
+
+    def __init__(self, path: str | Path, log_signer: Signer | None = None) -> None:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self.log_signer: Signer = log_signer or KeySigner.generate()
+        self._tree = tlog.Tree()
         with self._lock:
             if str(path) != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            self._upgrade_audit()
             self._db.executescript(SCHEMA)
             self._upgrade()
+            self._load_tree()
+
+    def _upgrade_audit(self) -> None:
+        """A hash-chained log from before the Merkle log: re-entered, in order, as leaves
+        of the tree, signed by this log key (the parties' own signatures cover only the
+        content, so they still verify)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(audit)")}
+        if "prev_hash" not in have:
+            return
+        old = self._db.execute("SELECT * FROM audit ORDER BY seq").fetchall()
+        self._db.execute("DROP TABLE audit")
+        self._db.executescript(SCHEMA)
+        for r in old:
+            self._append(self._db, r["task_id"], r["kind"], json.loads(r["body"]),
+                         r["signer"], r["signature"], at=r["at"])
+
+    def _load_tree(self) -> None:
+        self._tree = tlog.Tree([bytes.fromhex(r["hash"]) for r in
+                                self._db.execute("SELECT hash FROM audit ORDER BY seq")])
 
     def _upgrade(self) -> None:
         """A database from before closed membership: its nodes get no roles (so they can
@@ -144,7 +174,7 @@ class Store:
             self._db.close()
 
     def _tx(self):
-        return _Tx(self._db, self._lock)
+        return _Tx(self._db, self._lock, self._load_tree)
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -291,13 +321,15 @@ class Store:
 
     # -- audit log -----------------------------------------------------------
     def _append(self, db: sqlite3.Connection, task_id: str, kind: str, body: dict[str, Any],
-                signer: str, signature: str) -> audit.Entry:
-        last = db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        entry = audit.chain(_entry(last) if last else None, task_id, kind, body, signer,
-                            signature)
-        db.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?)",
-                   (entry.seq, task_id, time.time(), kind, json.dumps(entry.body), signer,
-                    signature, entry.prev_hash, entry.hash))
+                signer: str, signature: str, at: float | None = None) -> audit.Entry:
+        """Leaf len(tree) of the log; the tree is reloaded if the transaction rolls back."""
+        entry = audit.chain(self._tree, task_id, kind, body, signer, signature,
+                            self.log_signer)
+        db.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (entry.seq, task_id, time.time() if at is None else at, kind,
+                    json.dumps(entry.body), signer, signature, entry.prev_root, entry.hash,
+                    entry.log_signature))
+        self._tree.append(bytes.fromhex(entry.hash))
         return entry
 
     def append(self, task_id: str, kind: str, body: dict[str, Any], signer: str,
@@ -311,6 +343,44 @@ class Store:
             return [_entry(r) for r in self._rows("SELECT * FROM audit ORDER BY seq")]
         return [_entry(r) for r in
                 self._rows("SELECT * FROM audit WHERE task_id=? ORDER BY seq", task_id)]
+
+    # -- the Merkle log: tree heads, proofs, leaves, cosignatures -------------
+    def log_head(self, since: int | None = None) -> tuple[int, bytes, list[bytes] | None]:
+        """(size, root) of the log now and, given `since` (a size a party holds), the
+        consistency proof from it, all from one state (None if `since` is past the end)."""
+        with self._lock:
+            size = len(self._tree)
+            proof = None
+            if since is not None and 0 <= since <= size:
+                proof = self._tree.consistency(since, size)
+            return size, self._tree.root(size), proof
+
+    def log_root(self, size: int) -> bytes:
+        with self._lock:
+            return self._tree.root(size)
+
+    def log_consistency(self, old: int, new: int) -> list[bytes]:
+        with self._lock:
+            return self._tree.consistency(old, new)
+
+    def log_inclusion(self, index: int, size: int) -> list[bytes]:
+        with self._lock:
+            return self._tree.inclusion(index, size)
+
+    def log_leaves(self, start: int, end: int) -> list[audit.Entry]:
+        """Entries with seq in [start, end)."""
+        return [_entry(r) for r in self._rows(
+            "SELECT * FROM audit WHERE seq >= ? AND seq < ? ORDER BY seq", start, end)]
+
+    def add_cosignature(self, size: int, root: bytes, public_key: str, line: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO cosignatures VALUES (?,?,?,?,?)",
+                       (size, root.hex(), public_key, line, time.time()))
+
+    def cosignatures(self, size: int, root: bytes) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows(
+            "SELECT * FROM cosignatures WHERE size=? AND root=? ORDER BY public_key",
+            size, root.hex())]
 
     def has_signature(self, signature: str) -> bool:
         return bool(self._rows("SELECT 1 FROM audit WHERE signature=? LIMIT 1", signature))
@@ -464,15 +534,17 @@ def _task(row: sqlite3.Row) -> Task:
 def _entry(row: sqlite3.Row) -> audit.Entry:
     return audit.Entry(seq=row["seq"], task_id=row["task_id"], kind=row["kind"],
                        body=json.loads(row["body"]), signer=row["signer"],
-                       signature=row["signature"], prev_hash=row["prev_hash"],
-                       hash=row["hash"])
+                       signature=row["signature"], prev_root=row["prev_root"],
+                       hash=row["hash"], log_signature=row["log_signature"])
 
 
 class _Tx:
-    """BEGIN IMMEDIATE .. COMMIT under the store lock; ROLLBACK on any error."""
+    """BEGIN IMMEDIATE .. COMMIT under the store lock; ROLLBACK (and `rolled_back`, which
+    undoes in-memory state such as the tree) on any error."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
-        self.db, self.lock = db, lock
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock,
+                 rolled_back: Callable[[], None]) -> None:
+        self.db, self.lock, self.rolled_back = db, lock, rolled_back
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
@@ -482,6 +554,8 @@ class _Tx:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type:
+                self.rolled_back()
         finally:
             self.lock.release()
 

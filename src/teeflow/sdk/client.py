@@ -36,6 +36,7 @@ from teeflow.core.answers import CatalogEntry
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, TeeflowError
 from teeflow.core.seal import open_sealed
+from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.keys import load_or_create_key
 from teeflow.files.signed_specs import SignedSpecs, specs_path
 from teeflow.net.executor_client import attested_connect
@@ -90,16 +91,17 @@ class Client:
                  specs: SignedSpecs | Path | None = None) -> None:
         """`specs`: where the specs this key signs are recorded (default: next to the key
         file, `<key>.specs.sqlite`; memory only for a key given in code)."""
-        key_file = None
+        key_file = checkpoints = None
         if key is None or isinstance(key, (str, Path)):
             key_file = Path(key or DEFAULT_HOME / "key.pem").expanduser()
-            key = load_or_create_key(key_file)
+            key, checkpoints = load_or_create_key(key_file), checkpoint_path(key_file)
         self.identity: Identity = key
         if not isinstance(specs, SignedSpecs):
             specs = SignedSpecs(specs or (specs_path(key_file) if key_file else None))
         self.signed = specs
-        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...
-        self.scheduler = SchedulerClient(scheduler, self.identity)
+        # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...;
+        # every answer is checked against the log checkpoint kept next to the key
+        self.scheduler = SchedulerClient(scheduler, self.identity, checkpoints=checkpoints)
         self.policy = policy
         self.verifiers = make_verifiers(collateral, amd_ark)
         if name is not None:
@@ -150,7 +152,8 @@ class Client:
                                         d.get("rules_digest")))
         comp = compute.get(compute_name)
         raw = {k: _param_text(v) for k, v in (params or {}).items()}
-        comp.precheck(raw)
+        # e.g. federated's min_parties, counted in distinct owners
+        comp.parties_ok(len({r.owner_key for r in refs}), comp.precheck(raw))
         me = wire.Receiver(self.identity.public_key(), self.identity.encryption_public_key())
         return wire.TaskSpec(
             task_id=secrets.token_hex(8), compute=comp.name, code_digest=code_digest,
@@ -339,6 +342,5 @@ class Client:
         return out
 
     def audit_log(self, task_id: str | None = None) -> list[audit.Entry]:
-        return [audit.Entry(**{k: e[k] for k in ("seq", "task_id", "kind", "body", "signer",
-                                                  "signature", "prev_hash", "hash")})
+        return [audit.Entry(**{k: e[k] for k in audit.Entry.__dataclass_fields__})
                 for e in self.scheduler.audit(task_id)]

@@ -56,6 +56,8 @@ _DESCRIBED = {
     "LAMBDA": "lambdas", "PARAMETER": "$parameters (only in an approved analysis template)",
     "COLLATE": "COLLATE", "CONJUNCTION": "AND/OR here", "COMPARISON": "comparisons here",
 }
+_DATE_PARTS = frozenset({"millennium", "century", "decade", "year", "quarter", "month", "week",
+                         "day", "hour", "minute", "second"})
 # Aggregate names in the parse tree -> the name a rule grants.
 _AGG_NAMES = {"count": "count", "count_star": "count", "sum": "sum", "avg": "avg",
               "mean": "avg", "stddev": "stddev", "stddev_samp": "stddev",
@@ -192,9 +194,11 @@ class _Checker:
         args = expr.get("children", [])
         takes, gives = SCALARS[name]
         if name == "date_trunc":
-            if len(args) != 2 or self.value(args[0], clause, "dimension") != "text" \
-                    or args[0].get("class") != "CONSTANT":
-                raise self.refuse(clause, "date_trunc() takes a constant part and a column")
+            part = str((args[0].get("value") or {}).get("value", "")).lower() if args else ""
+            if len(args) != 2 or args[0].get("class") != "CONSTANT" or part not in _DATE_PARTS:
+                # an unknown part fails only when a row reaches it: checked here instead
+                raise self.refuse(clause, "date_trunc() takes a constant part ("
+                                          f"{', '.join(sorted(_DATE_PARTS))}) and a column")
             args = args[1:]
         elif name == "round" and len(args) == 2:
             if parse_tree.int_constant(args[1]) is None:
@@ -257,7 +261,8 @@ class _Checker:
                 texts.append(e)  # DuckDB casts a text constant to the other side's type
             elif family != "null":
                 families.append((family, e))
-        if len({f for f, _ in families}) > 1:
+        if len({f for f, _ in families}) > 1 or not _castable(
+                [self._type(e) for _, e in families]):
             raise self.refuse(clause, "compares values of different kinds (the implicit cast "
                                       "could fail on a value)")
         if texts and families and families[0][0] != "text":
@@ -269,6 +274,13 @@ class _Checker:
             for t in texts:
                 if not _converts(str((t.get("value") or {}).get("value")), target):
                     raise self.refuse(clause, f"a text constant that is not a {target}")
+
+    def _type(self, expr: dict[str, Any]) -> pa.DataType | None:
+        """A column's type; None for any other expression."""
+        if expr.get("class") != "COLUMN_REF":
+            return None
+        b, col = self.resolve(expr, "?")
+        return b.types.get(col)
 
     def _time_type(self, expr: dict[str, Any]) -> str | None:
         """DATE or TIMESTAMP: what a text constant compared with `expr` is cast to."""
@@ -302,8 +314,10 @@ class _Checker:
         (lb, lc), (rb, rc) = sides
         if lb.dataset == rb.dataset:
             raise self.refuse(clause, "a join condition must match two different datasets")
-        if lb.columns[lc] != rb.columns[rc]:
-            raise self.refuse(clause, "joins columns of different kinds")
+        if lb.columns[lc] != rb.columns[rc] or not _castable(
+                [lb.types.get(lc), rb.types.get(rc)]):
+            raise self.refuse(clause, "joins columns of different kinds (the implicit cast "
+                                      "could fail on a value)")
         pairs.append((lb.name, rb.name))
 
     def aggregate(self, expr: dict[str, Any], clause: str) -> None:
@@ -327,6 +341,12 @@ class _Checker:
                                       "arithmetic, CASE or casts inside an aggregate: they "
                                       "can single out rows)")
         for b, col in targets:
+            t = b.types.get(col)
+            if granted in ("sum", "avg") and t is not None and pa.types.is_decimal(t) \
+                    and t.precision > 18:
+                raise self.refuse(clause, f"{granted}() of a DECIMAL column wider than 18 "
+                                          "digits can overflow, and the error would reveal "
+                                          "a value", b.dataset)
             rule = b.rules.aggregation
             allowed = rule.aggregates.get(granted, frozenset()) if rule else frozenset()
             if col not in allowed:
@@ -338,7 +358,7 @@ class _Checker:
     def output(self, expr: dict[str, Any], clause: str) -> None:
         """SELECT, HAVING, ORDER BY of an aggregation: aggregates, GROUP BY keys, constants,
         and (in HAVING) comparisons and AND/OR/NOT of those."""
-        if _shape(expr) in self.group_keys:
+        if _shape(expr, self.bindings) in self.group_keys:
             return
         cls = self.known(expr, clause)
         names = expr.get("column_names", [])
@@ -368,6 +388,19 @@ class _Checker:
                                   "GROUP BY keys may be output")
 
 
+def _castable(types: list[pa.DataType | None]) -> bool:
+    """Whether DuckDB can compare columns of these types without a cast that may fail:
+    the same type, or integers with integers, or floats with floats and integers. A
+    DECIMAL compared with another type could overflow its precision."""
+    known = [t for t in types if t is not None]
+    if len({str(t) for t in known}) <= 1:
+        return True
+    return all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in known) or all(
+        pa.types.is_string(t) or pa.types.is_large_string(t) for t in known) or all(
+        pa.types.is_temporal(t) and not pa.types.is_time(t) and not pa.types.is_duration(t)
+        for t in known)
+
+
 def _converts(text: str, target: str) -> bool:
     """Whether a text constant casts to DATE or TIMESTAMP, checked now, with no data: the
     cast in the query can then not fail, whatever rows it meets."""
@@ -382,14 +415,22 @@ def _converts(text: str, target: str) -> bool:
     return bool(row and row[0])
 
 
-def _shape(expr: Any) -> Any:
-    """An expression for comparing GROUP BY keys: no positions or aliases, and column
-    names in lower case (SQL names are case-insensitive)."""
+def _shape(expr: Any, bindings: dict[str, _Binding] | None = None) -> Any:
+    """An expression for comparing GROUP BY keys: no positions or aliases, and each column
+    as (binding, column) in lower case, however the query qualified or quoted it."""
     if isinstance(expr, dict):
-        return {k: ([str(n).lower() for n in v] if k == "column_names" else _shape(v))
+        if expr.get("class") == "COLUMN_REF" and bindings is not None:
+            names = [str(n).lower() for n in expr.get("column_names", [])]
+            found = [b for b in bindings.values() if names and names[-1] in b.columns
+                     and (len(names) == 1 or names[0] == b.name)]
+            if len(names) <= 2 and len(found) == 1:
+                names = [found[0].name, names[-1]]
+            return {"class": "COLUMN_REF", "column_names": names}
+        return {k: ([str(n).lower() for n in v] if k == "column_names" else
+                    _shape(v, bindings))
                 for k, v in expr.items() if k not in parse_tree.IGNORED_KEYS}
     if isinstance(expr, list):
-        return [_shape(v) for v in expr]
+        return [_shape(v, bindings) for v in expr]
     return expr
 
 
@@ -626,7 +667,7 @@ def _aggregation(node: dict[str, Any], tree: dict[str, Any], checker: _Checker) 
                 expr = next(e for e in select if str(e.get("alias", "")).lower() == alias)
         checker.value(expr, "GROUP BY", "dimension")
         keys.append(expr)
-    checker.group_keys = [_shape(k) for k in keys]
+    checker.group_keys = [_shape(k, checker.bindings) for k in keys]
     for expr in select:
         checker.output(expr, "SELECT")
     if node.get("having") is not None:
