@@ -295,6 +295,7 @@ def _received_at(address: str, digest: str) -> dict:
             return {}
 
 
+@pytest.mark.e2e
 def test_a_replay_on_a_second_executor_gets_no_second_upload(cluster):
     """The operator hands a finished, signed task to executor B (which accepts it: it never
     ran it) and sends the owners there: each provider's ledger refuses, also after the
@@ -314,6 +315,7 @@ def test_a_replay_on_a_second_executor_gets_no_second_upload(cluster):
         assert _received_at(c.second, task["spec_digest"]) == {}
 
 
+@pytest.mark.e2e
 def test_a_pinned_spec_is_refused_by_another_executor_and_its_owners(cluster):
     """A spec the SDK signs names its executor's attested key: executor B refuses it, and
     owners sent to B refuse before sending a byte."""
@@ -332,6 +334,7 @@ def test_a_pinned_spec_is_refused_by_another_executor_and_its_owners(cluster):
         assert _received_at(c.second, task["spec_digest"]) == {}
 
 
+@pytest.mark.e2e
 def test_a_replay_on_the_same_executor_is_refused_by_it_also_after_a_restart(cluster):
     """Unpinned (a restart makes a new key, which a pinned spec would not name anyway):
     the executor's run ledger alone refuses, from its state dir after the restart."""
@@ -351,6 +354,7 @@ def test_a_replay_on_the_same_executor_is_refused_by_it_also_after_a_restart(clu
             op.create_at(task["id"], c.executor_address)  # the run ledger is on disk
 
 
+@pytest.mark.e2e
 def test_runs_two_allows_exactly_two_runs(cluster):
     """A spec for two runs: the operator's replay on B is the second, and served (each
     owner's signed `attested` entry numbers its run, each executor's `admitted` entry its
@@ -373,6 +377,7 @@ def test_runs_two_allows_exactly_two_runs(cluster):
         assert errors and all("already uploaded 2 time(s)" in e for e in errors), errors
 
 
+@pytest.mark.e2e
 def test_an_expired_spec_is_refused_by_the_owners(cluster):
     with _client(c := cluster) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",

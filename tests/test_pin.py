@@ -128,6 +128,7 @@ def _cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_a_substituted_result_is_refused_naming_what_differs(cluster, tmp_path):
     """The issue's attack: the operator runs a task of its own (its own key as initiator,
     the initiator's keys as receivers, so the owners' rules sign it) on another genuine
@@ -178,6 +179,7 @@ def rogue_spec(row: dict) -> dict:
     return json.loads(row["spec"])
 
 
+@pytest.mark.e2e
 def test_owners_refuse_a_spec_swapped_after_their_approval(cluster):
     """After the owners signed, the operator swaps the task's spec (and digest) for one
     they never signed (other parameters; another executor's key): every owner refuses
@@ -211,6 +213,7 @@ def _refused(client: Client, task_id: str, reasons: tuple[str, ...], case: objec
         assert not error or any(r in error for r in reasons), (case, states)
 
 
+@pytest.mark.e2e
 def test_an_owner_uploads_only_for_a_digest_in_its_own_record(cluster, tmp_path):
     """A valid signature by the owner's key is not enough: one made with that key outside
     the node (a copy of the key, a shared HSM; not this node nor `teeflow approve` on its
