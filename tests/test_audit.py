@@ -502,3 +502,40 @@ def test_spec_round_trips(spec):
     decoded = wire.TaskSpec.decode(spec.encode())
     assert decoded == spec
     assert decoded.encode() == spec.encode()
+
+
+# -- a party's own signature pins its entry after the log head it saw ------------------------
+
+
+def _anchored(n: int) -> list[Step]:
+    """realistic(), with Alice's `attested` (step 9) signing the head of the first n."""
+    steps = realistic()
+    head = audit.tree_of(link(steps[:n]))
+    t, kind, body, signer, _ = attested(SPEC, ALICE)
+    body = {**body, "log": {"size": n, "root": head.root().hex()}}
+    steps[8] = (t, kind, body, signer, sign_entry(ALICE, t, kind, body))
+    return steps
+
+
+def test_an_anchored_entry_verifies():
+    assert audit.verify_chain(link(_anchored(8))) == 20
+    assert audit.verify_chain(link(_anchored(0))) == 20
+
+
+def test_removing_an_entry_before_an_anchor_is_caught_even_re_signed():
+    """The operator drops entry 7 (the other task's approval) and re-chains, re-signing
+    with its own key: Alice's signature still names the head of 8 entries she saw, which
+    the new log lacks."""
+    steps = _anchored(8)
+    del steps[6]
+    err = _first_broken(link(steps))
+    assert "not this log's prefix" in str(err)
+
+
+def test_an_anchor_past_its_own_entry_or_malformed_is_refused():
+    for log in ({"size": 30, "root": "00" * 32}, {"size": 2, "root": "zz"}, {"size": "2"}):
+        steps = realistic()
+        t, kind, body, signer, _ = attested(SPEC, ALICE)
+        body = {**body, "log": log}
+        steps[8] = (t, kind, body, signer, sign_entry(ALICE, t, kind, body))
+        assert _first_broken(link(steps)).seq == 9

@@ -571,6 +571,30 @@ def test_attested_report_must_be_signed_by_the_reporter(world: World):
     assert "attested" not in world.events(spec.task_id)
 
 
+def test_attested_log_anchor_must_be_a_head_of_this_log(world: World):
+    """A provider's signed `log` (the head it saw) must be a prefix of the log, else it
+    would make every later check of the whole log fail: refused, nothing recorded."""
+    spec = _consented(world)
+    world.report(spec.task_id, "a_data", "alice", state="started")
+    size = len(world.audit_log())
+    for log in ({"size": size + 5, "root": "00" * 32}, {"size": 1, "root": "00" * 32},
+                {"size": 1, "root": "zz"}):
+        body = {"executor": EXECUTOR, "tls_key_sha256": "00" * 32,
+                "spec_digest": spec.digest(), "log": log}
+        r = world.report(spec.task_id, "a_data", "alice", state="started", attested={
+            "body": body, "signature": sign_entry(world.alice, spec.task_id, "attested",
+                                                  body)})
+        _error(r, 400, "input")
+    assert "attested" not in world.events(spec.task_id)
+    good = {"size": size, "root": audit.tree_of(world.audit_log()).root().hex()}
+    body = {"executor": EXECUTOR, "tls_key_sha256": "00" * 32, "spec_digest": spec.digest(),
+            "log": good}
+    r = world.report(spec.task_id, "a_data", "alice", state="started", attested={
+        "body": body, "signature": sign_entry(world.alice, spec.task_id, "attested", body)})
+    assert r.status_code == 200, r.text
+    assert audit.verify_chain(world.audit_log()) == size + 1
+
+
 def test_executor_entries_with_bad_signatures_are_dropped(world: World):
     spec = _consented(world)
     world.report(spec.task_id, "a_data", "alice", state="started")

@@ -305,3 +305,29 @@ def test_a_real_provider_stops_on_a_truncated_log(world: World):
     assert proc.wait(timeout=60) != 0
     log = (world.tmp / "logs" / "provider-carol.log").read_text()
     assert "stopping" in log and "shrank" in log
+
+
+def test_cli_verify_cosign_and_compare(world: World):
+    """`teeflow audit verify`, `audit checkpoint --cosign` and `--compare` as a party runs
+    them, with its key file (the checkpoint kept next to it)."""
+    from click.testing import CliRunner
+
+    from teeflow.cli.main import cli
+
+    base = ["--scheduler", world.cluster.scheduler_url, "--key",
+            str(world.cluster.initiator_key)]
+    runner = CliRunner()
+    out = runner.invoke(cli, [*base, "audit", "verify"])
+    assert out.exit_code == 0, out.output
+    assert "log OK" in out.output and "nobody yet" in out.output
+    out = runner.invoke(cli, [*base, "audit", "checkpoint", "--cosign"])
+    assert out.exit_code == 0, out.output
+    assert "cosigned size" in out.output
+    assert "initiator" in runner.invoke(cli, [*base, "audit", "verify"]).output
+    mine = Path(str(world.cluster.initiator_key) + ".checkpoint.json")
+    assert CheckpointFile(mine).load() is not None
+    # another party's checkpoint from the same log: consistent
+    _held(world, ALICE, "alice")
+    out = runner.invoke(cli, [*base, "audit", "checkpoint", "--compare",
+                              str(world.tmp / "alice.checkpoint.json")])
+    assert out.exit_code == 0 and "consistent with the other" in out.output

@@ -19,7 +19,9 @@ covers. Who signs which kind:
 - scheduler bookkeeping (`accepted`, `running`, `failed`, `cancelled`): no party's
   signature (signer "scheduler"); the log signature and the tree still cover them.
 A party's own signature covers the entry's content; its place in the log is fixed by
-the tree, the log signature and the checkpoints the parties hold.
+the tree, the log signature and the checkpoints the parties hold. A provider also signs
+the log head it holds into its `attested` entry (body `log`: size, root), so that entry
+is pinned after that tree by the party's own key, whatever the scheduler re-signs.
 """
 
 from __future__ import annotations
@@ -199,8 +201,28 @@ def verify_chain(entries: Iterable[Entry], log_key: str | None = None) -> int:
                                     "inserted or re-chained)")
         check_entry(e, log_key)
         _check_signer(e, owners, initiators, executors)
+        anchor = log_anchor(e)
+        if anchor is not None and (anchor[0] > len(tree) or tree.root(anchor[0]) != anchor[1]):
+            raise AuditError(e.seq, f"its signer saw a log of size {anchor[0]} that is not "
+                                    "this log's prefix (entries before it removed, moved "
+                                    "or rewritten)")
         tree.append(bytes.fromhex(e.hash))
     return len(tree)
+
+
+def log_anchor(e: Entry) -> tuple[int, bytes] | None:
+    """(size, root) of the log head a party signed into its entry's body (`log`), if any;
+    AuditError if it is malformed. Only party-signed entries count."""
+    if e.signer == SCHEDULER or "log" not in e.body:
+        return None
+    a = e.body["log"]
+    try:
+        size, root = a["size"], bytes.fromhex(a["root"])
+        if not isinstance(size, int) or size < 0 or len(root) != 32:
+            raise ValueError
+    except (TypeError, KeyError, ValueError):
+        raise AuditError(e.seq, "log: needs size and a 32-byte hex root") from None
+    return size, root
 
 
 def _check_signer(e: Entry, owners: dict[str, set[str]], initiators: dict[str, str],

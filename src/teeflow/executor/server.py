@@ -244,7 +244,10 @@ def announce(scheduler: str, address: str, server: ExecutorFlightServer,
     """Register with a scheduler (a pinned https URL) under a node key made in this
     process, joining with the operator's invitation (role executor_host). The
     registration is signed with the attested key for `address`, which the scheduler then
-    probes; owners still appraise the executor live."""
+    probes; owners still appraise the executor live. This is the executor's only contact
+    with the scheduler: its client checks the log's checkpoints like every node's, in
+    memory (the executor keeps no state of the log; its entries reach the log through
+    the scheduler's polling and are checked by the parties)."""
     from teeflow.core.crypto import KeySigner, key_id
     from teeflow.net.scheduler_client import SchedulerClient
 

@@ -7,7 +7,8 @@
    and come from who may sign them (core/audit.py);
 3. inclusion: each of those entries is leaf seq-1 of the checkpoint's tree, and the tree
    it says it extends (prev_root) is that tree's prefix (a consistency proof from
-   size seq-1), so no entry was moved, and nothing before it removed or inserted;
+   size seq-1), so no entry was moved, and nothing before it removed or inserted; the
+   log head a provider signed into its entry is a prefix too;
 4. cosignatures on the checkpoint: which members' verify.
 An auditor (who may read everything) also rebuilds the whole tree from the entries.
 """
@@ -41,6 +42,10 @@ def verify_party(sc: SchedulerClient) -> dict[str, Any]:
                                   sc.inclusion(e.seq - 1, held.size), held.root)
             tlog.verify_consistency(e.seq - 1, held.size, bytes.fromhex(e.prev_root),
                                     held.root, sc.consistency(e.seq - 1, held.size))
+            anchor = audit.log_anchor(e)
+            if anchor is not None:  # the head its signer saw is a prefix of this tree
+                tlog.verify_consistency(anchor[0], held.size, anchor[1], held.root,
+                                        sc.consistency(anchor[0], held.size))
         except (LogError, ValueError) as exc:
             raise LogInconsistent(f"entry {e.seq} ({e.kind} of task {e.task_id}) is not "
                                   f"where it says in the checkpoint of size {held.size}: "

@@ -116,6 +116,13 @@ class Provider:
             with self._lock:
                 self._busy.discard(key)
 
+    def _log_anchor(self) -> dict[str, Any]:
+        """The log head this node holds, for an entry it signs: its own signature then
+        pins the entry after that tree (core/audit.py checks it), whatever the scheduler
+        later re-signs."""
+        held = self.scheduler.log.snapshot()
+        return {} if held is None else {"log": {"size": held.size, "root": held.root.hex()}}
+
     # -- consent -------------------------------------------------------------
     def check_spec(self, spec: wire.TaskSpec) -> None:
         """This node's datasets in the spec are the ones it holds, with their schemas."""
@@ -215,7 +222,8 @@ class Provider:
                          spec.run_limit)
                 body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
                         "spec_digest": spec.digest(), "claims": claims.to_dict(),
-                        "run": run}  # which of the spec's runs this upload is
+                        "run": run,  # which of the spec's runs this upload is
+                        **self._log_anchor()}
                 signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
                 self._try_report(task_id, name, "started", attested={
                     "body": body, "signature": base64.b64encode(signature).decode()})

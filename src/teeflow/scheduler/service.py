@@ -216,6 +216,19 @@ class Scheduler:
         return next((e.signature for e in self.store.audit_log(task.id)
                      if e.kind == "submitted"), "")
 
+    def _check_anchor(self, task_id: str, body: dict[str, Any]) -> None:
+        """The log head a provider signed into its entry is a prefix of this log (it only
+        grows until the entry lands), else a bad anchor would fail every later check of
+        the log: refused, nothing recorded."""
+        try:
+            anchor = audit.log_anchor(audit.Entry(0, task_id, "attested", body, "party", "",
+                                                  "", ""))
+        except audit.AuditError:
+            raise InputError("attested: log needs size and a 32-byte hex root") from None
+        if anchor is not None and (anchor[0] > self.store.log_head()[0] or
+                                   self.store.log_root(anchor[0]) != anchor[1]):
+            raise InputError("attested: log is not a head of this scheduler's log")
+
     # -- providers -----------------------------------------------------------
     def report(self, caller_key: str, task_id: str, dataset: str, body: dict[str, Any]) -> None:
         """A provider's progress or outcome for one of its assignments."""
@@ -238,6 +251,7 @@ class Scheduler:
                 raise InputError("attested: needs the signed body and its signature")
             audit.verify_entry_signature(task_id, "attested", entry_body,
                                          audit.ed25519_signer(caller_key), signature)
+            self._check_anchor(task_id, entry_body)
             self.store.transition(task_id, "attested", entry_body,
                                   signer=audit.ed25519_signer(caller_key), signature=signature)
         elif state == "started" and rows == 0 and task.state in ("accepted", "uploading"):
