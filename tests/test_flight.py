@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.flight as fl
@@ -113,6 +114,7 @@ def _item(spec: wire.TaskSpec, owner: KeySigner, address: str, approvals=None) -
 class FakeScheduler:
     def __init__(self) -> None:
         self.reports: list[tuple] = []
+        self.log = SimpleNamespace(snapshot=lambda: None)  # no log head held yet
 
     def report(self, task_id, dataset, state, **extra):
         self.reports.append((state, extra))
