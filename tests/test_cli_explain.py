@@ -110,8 +110,7 @@ def test_datasets_show_columns_and_types(cluster):
     assert "x0: double" in shown.stdout
     entries = json.loads(_run("datasets", "--json", env=cluster.env).stdout)
     alice = next(d for d in entries if d["name"] == "ex_alice")
-    assert {"name": "y", "type": "int64", "nullable": True} in alice["columns"] or \
-        any(col["name"] == "y" and col["type"] == "int64" for col in alice["columns"])
+    assert any(col["name"] == "y" and col["type"] == "int64" for col in alice["columns"])
     assert alice["rows"] == 400 and alice["owner"] == "alice"
 
 
@@ -362,3 +361,37 @@ def test_doctor_checks_a_node(cluster, tmp_path):
     initiator = _run("doctor", env=c.env, columns=200)  # --key/--scheduler/TEEFLOW_POLICY
     assert initiator.returncode == 0, initiator.stdout
     assert "accepted" in initiator.stdout
+
+
+def test_doctor_names_a_clock_off_by_minutes(cluster, monkeypatch):
+    """The clock check compares with the scheduler's Date header; only doctor's own reading
+    of the time is moved here, so the signed requests still go out on time."""
+    import types
+
+    from teeflow.cli import doctor
+
+    real = time.time
+    monkeypatch.setattr(doctor, "time", types.SimpleNamespace(time=lambda: real() + 120))
+    env = {**cluster.env, "COLUMNS": "200"}
+    out = CliRunner().invoke(cli, ["doctor", "--json"], env=env)
+    assert out.exit_code == 1
+    checks = {ch["name"]: ch for ch in json.loads(out.output)["checks"]}
+    assert not checks["clock"]["ok"] and "ahead of the scheduler" in checks["clock"]["detail"]
+    assert checks["scheduler"]["ok"] and checks["membership"]["ok"]
+
+
+def test_a_catalog_schema_that_is_not_its_fingerprint_is_refused():
+    import pyarrow as pa
+
+    from teeflow.cli.initiator import columns_of
+    from teeflow.core.errors import InputError
+    from teeflow.core.schemas import schema_fingerprint, schema_to_b64
+
+    schema = pa.schema([("age", pa.int64()), ("bmi", pa.float64())])
+    entry = {"name": "d", "schema_b64": schema_to_b64(schema),
+             "fingerprint": schema_fingerprint(schema)}
+    assert columns_of(entry) == [{"name": "age", "type": "int64", "nullable": True},
+                                 {"name": "bmi", "type": "double", "nullable": True}]
+    other = pa.schema([("age", pa.string())])
+    with pytest.raises(InputError, match="does not match its fingerprint"):
+        columns_of({**entry, "schema_b64": schema_to_b64(other)})
