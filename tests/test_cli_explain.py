@@ -395,3 +395,12 @@ def test_a_catalog_schema_that_is_not_its_fingerprint_is_refused():
     other = pa.schema([("age", pa.string())])
     with pytest.raises(InputError, match="does not match its fingerprint"):
         columns_of({**entry, "schema_b64": schema_to_b64(other)})
+
+
+def test_invite_prints_json(tmp_path):
+    out = CliRunner().invoke(cli, ["scheduler", "invite", "--db", str(tmp_path / "s.sqlite"),
+                                   "--role", "owner", "--name", "ann", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["invitation"].startswith("tfi_") and doc["roles"] == ["owner"]
+    assert doc["scheduler_certificate"].startswith("sha256:")

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from teeflow.cli.common import SCHEDULER_LISTEN, console, setup_logging
+from teeflow.cli.common import SCHEDULER_LISTEN, console, echo_json, setup_logging
 from teeflow.core.errors import InputError
 
 EXECUTOR_LISTEN = "127.0.0.1:8815"
@@ -52,8 +52,9 @@ def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str |
               help="A role the invited node gets (repeatable).")
 @click.option("--name", default=None, help="The only node name the invitation admits.")
 @click.option("--ttl", default="7d", show_default=True, help="How long it stays valid.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | None,
-           ttl: str) -> None:
+           ttl: str, as_json: bool) -> None:
     """Make a one-time invitation: a token and the certificate fingerprint to pin."""
     from teeflow.core.checkpoint import origin_of, verifier_key
     from teeflow.scheduler.identity import load_or_create
@@ -66,9 +67,14 @@ def invite(db: Path, data_dir: Path | None, roles: tuple[str, ...], name: str | 
         token = store.invite(roles, name, parse_duration(ttl, "--ttl"))
     finally:
         store.close()
+    log_key = ident.signer().public_key()
+    if as_json:
+        echo_json({"invitation": token, "scheduler_certificate": ident.fingerprint,
+                   "log_key": verifier_key(origin_of(log_key), log_key),
+                   "roles": sorted(roles), "name": name})
+        return
     click.echo(f"invitation: {token}")
     click.echo(f"scheduler certificate: {ident.fingerprint}")
-    log_key = ident.signer().public_key()
     click.echo(f"log key: {verifier_key(origin_of(log_key), log_key)} (nodes check every "
                "checkpoint against the first they see; compare it with this)")
     click.echo(f"join with: --scheduler https://HOST:PORT#{ident.fingerprint} "

@@ -56,6 +56,10 @@ def _node(ctx: click.Context, config: Path | None, policy: Path | None,
             return None
         checks.append(Check("config", True, f"{config}: node {cfg.name}, "
                             f"{len(cfg.datasets)} dataset(s)"))
+        for d in cfg.datasets:
+            found = Path(d.path).is_file()
+            checks.append(Check(f"dataset {d.name}", found, f"{d.path}" if found else
+                                f"{d.path}: no such file (the node would offer it to no one)"))
         return Node(cfg.key_file, cfg.scheduler, cfg.policy,
                     make_verifiers(cfg.collateral, cfg.amd_ark))
     node = Node(key_path(ctx), session(ctx).scheduler)
