@@ -57,8 +57,8 @@ def _node(ctx: click.Context, config: Path | None, policy: Path | None,
         checks.append(Check("config", True, f"{config}: node {cfg.name}, "
                             f"{len(cfg.datasets)} dataset(s)"))
         for d in cfg.datasets:
-            found = Path(d.path).is_file()
-            checks.append(Check(f"dataset {d.name}", found, f"{d.path}" if found else
+            exists = Path(d.path).is_file()
+            checks.append(Check(f"dataset {d.name}", exists, f"{d.path}" if exists else
                                 f"{d.path}: no such file (the node would offer it to no one)"))
         return Node(cfg.key_file, cfg.scheduler, cfg.policy,
                     make_verifiers(cfg.collateral, cfg.amd_ark))
