@@ -306,3 +306,12 @@ def test_results_as_data_through_a_cluster(tmp_path):
     np.testing.assert_allclose(est.predict_proba(both[FEATS])[:, 1],
                                oracle.predict_proba(both[FEATS].to_numpy())[:, 1], atol=1e-6)
     assert (est.predict(both[FEATS]) == oracle.predict(both[FEATS].to_numpy())).all()
+
+
+def test_a_log_level_that_is_not_one_is_named(monkeypatch):
+    from teeflow.cli.common import setup_logging
+    from teeflow.core.errors import ConfigError
+
+    monkeypatch.setenv("TEEFLOW_LOG_LEVEL", "loud")
+    with pytest.raises(ConfigError, match="TEEFLOW_LOG_LEVEL: one of DEBUG, INFO"):
+        setup_logging(False)
