@@ -201,6 +201,15 @@ def test_xgboost_to_booster_and_classifier():
     assert set(clf.predict(frame).tolist()) <= {0, 1}
 
 
+def test_a_dp_aggregate_by_category_is_a_row_per_category():
+    df = _model_frame(200, 6).assign(ward=["a", "b"] * 100)
+    result = _opened("dp_aggregate", _tables(df),
+                     {"statistic": "count", "group_by": "ward", "categories": "b,a",
+                      "epsilon": "1"})
+    frame = result.to_pandas()
+    assert frame["category"].tolist() == ["b", "a"] and "count" in frame.columns
+
+
 # -- parameters -------------------------------------------------------------------------------
 
 def test_list_and_native_parameters_become_spec_text():

@@ -108,13 +108,16 @@ class Result:
         """A table result as its DataFrame: integer and boolean columns holding nulls become
         pandas' nullable dtypes (Int64, boolean), so ints stay ints and nulls stay missing
         (`arrow_dtypes`: every column as pandas' ArrowDtype). A model: its coefficients
-        (parameters) as (name, value) rows in column order, then the intercept. Anything
-        else: the result's fields, flattened."""
+        (parameters) as (name, value) rows in column order, then the intercept. A DP
+        aggregate by category: a row per category. Anything else: the result's fields,
+        flattened."""
         import pandas as pd
 
         if self.is_table():
             return _frame(self.to_arrow(), arrow_dtypes)
         value = ordered(self.value)
+        if isinstance(value.get("groups"), list):  # dp_aggregate by category: one row each
+            return pd.DataFrame(value["groups"])
         for key in ("coefficients", "parameters"):
             if isinstance(value.get(key), dict):
                 items = list(value[key].items())
