@@ -113,6 +113,20 @@ def test_a_tampered_arrow_copy_is_a_named_error():
         bad.to_arrow()
 
 
+def test_a_user_code_table_reads_back_and_bytes_are_not_a_table():
+    from teeflow.compute.usercode import table_json
+
+    table = pa.table({"k": pa.array([1, None, 3], pa.int32()), "s": ["a", None, "c"]})
+    value = {"kind": "table", **table_json(table), "code_sha256": "00"}
+    result = Result("t", value, True, "simulated", CLAIMS, b"", compute="user_code")
+    assert result.to_arrow().equals(table)
+    assert str(result.to_pandas()["k"].dtype) == "Int32"
+    raw = Result("t", {"kind": "bytes", "base64": "AA=="}, True, "simulated", CLAIMS, b"",
+                 compute="user_code")
+    with pytest.raises(ResultKindError, match="not a table"):
+        raw.to_arrow()
+
+
 def test_polars_when_installed_or_a_named_error(monkeypatch):
     result = _opened("sql", _typed_inputs(),
                      {"query": "SELECT ward, count(*) AS n FROM people GROUP BY ward",
