@@ -229,6 +229,8 @@ def test_a_dp_aggregate_by_category_is_a_row_per_category():
 def test_list_and_native_parameters_become_spec_text():
     assert param_text("features", ["age", "bmi"], FEATURES) == "age,bmi"
     assert param_text("features", ("age",), FEATURES) == "age"
+    assert param_text("features", pd.Index(["age", "bmi"]), FEATURES) == "age,bmi"
+    assert param_text("features", np.array(["age", "bmi"]), FEATURES) == "age,bmi"
     assert param_text("features", "age,bmi", FEATURES) == "age,bmi"
     assert FEATURES.parse(param_text("features", ["age", "bmi"], FEATURES)) == ["age", "bmi"]
     assert param_text("C", 0.1) == "0.1" and param_text("max_iter", 200) == "200"

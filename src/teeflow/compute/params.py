@@ -136,15 +136,17 @@ class Param:
 
 def param_text(name: str, value: Any, param: Param | None = None) -> str:
     """A caller's value (SDK, CLI) as the string a spec carries, checked for its shape: a
-    list or tuple of names (``list[str]`` parameters) comma-joined, booleans ``true`` /
-    ``false``, numbers in full precision; a string as it is. Raises ParameterError naming
-    the parameter (never its value) for a shape the parameter cannot take."""
+    list, tuple or one-dimensional array of names (``list[str]`` parameters) comma-joined,
+    booleans ``true`` / ``false``, numbers in full precision; a string as it is. Raises
+    ParameterError naming the parameter (never its value) for a shape it cannot take."""
 
     def fail(message: str) -> ParameterError:
         return ParameterError(f"parameter {name!r}: {message}")
 
     if isinstance(value, str):
         return value
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        value = value.tolist()  # a numpy array, a pandas Index or Series of names
     if isinstance(value, (list, tuple)):
         if param is not None and param.type != "list[str]":
             raise fail(f"a list was given, but it takes a {param.type}")
