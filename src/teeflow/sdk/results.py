@@ -80,10 +80,11 @@ class Result:
         if encoded is None:  # a result from an executor before the Arrow copy: JSON types
             columns = [str(c) for c in self.value["columns"]]
             rows = self.value["rows"]
-            return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}) \
-                if len(set(columns)) == len(columns) else \
-                pa.Table.from_arrays([pa.array([r[i] for r in rows]) for i in
-                                      range(len(columns))], names=columns)
+            try:
+                return pa.Table.from_arrays([pa.array([r[i] for r in rows])
+                                             for i in range(len(columns))], names=columns)
+            except (IndexError, TypeError, pa.ArrowException):
+                raise InputError("result fields 'columns' and 'rows': not a table") from None
         if not isinstance(encoded, str) or len(encoded) > MAX_ARROW:
             raise InputError("result field 'arrow': not a base64 string within "
                              f"{MAX_ARROW} characters")
