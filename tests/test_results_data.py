@@ -340,3 +340,33 @@ def test_a_log_level_that_is_not_one_is_named(monkeypatch):
     monkeypatch.setenv("TEEFLOW_LOG_LEVEL", "loud")
     with pytest.raises(ConfigError, match="TEEFLOW_LOG_LEVEL: one of DEBUG, INFO"):
         setup_logging(False)
+
+
+def test_every_test_the_threat_model_names_exists():
+    """docs/threat-model.md cites `file.py::test`, `::test` (the file named before it) and
+    bare `test_name` after a file: each must be a test of that file."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+
+    def tests_in(name: str) -> set[str]:
+        tree = ast.parse((root / name).read_text())
+        return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+
+    text = (root.parent / "docs" / "threat-model.md").read_text()
+    last, named = None, 0
+    for token in re.findall(r"`([^`]+)`", text):
+        m = re.fullmatch(r"(test_\w+\.py)?(?:::)?(test_\w+)?", token)
+        if not m or not any(m.groups()):
+            continue
+        file, name = m.groups()
+        if file:
+            assert (root / file).is_file(), f"threat model names {file}, which does not exist"
+            last = file
+        if name:
+            assert last is not None and name in tests_in(last), \
+                f"threat model names {last}::{name}, which is not a test"
+            named += 1
+    assert named >= 40
