@@ -62,9 +62,13 @@ def computations(name: str | None, as_json: bool) -> None:
         for p in entry["params"]:
             console.print(_param_line(p, p["name"] in revealing), highlight=False,
                           markup=False)
-        reveals = ", ".join(entry["revealing"]) or "none"
-        console.print(f"  reveals: {reveals} (an owner's approval rule must bind each "
-                      "of these to match)", highlight=False, markup=False)
+        if entry["revealing"]:
+            console.print(f"  reveals: {', '.join(entry['revealing'])} (an owner's approval "
+                          "rule must bind each of these to match)", highlight=False,
+                          markup=False)
+        else:
+            console.print("  reveals: none of its parameters can make a result reveal rows "
+                          "(an approval rule need bind none)", highlight=False, markup=False)
     if not name:
         console.print("* can reveal rows: an owner's approval rule must bind it. "
                       "`teeflow computations NAME` for the parameters in full.",
