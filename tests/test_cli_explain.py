@@ -404,3 +404,54 @@ def test_invite_prints_json(tmp_path):
     doc = json.loads(out.output)
     assert doc["invitation"].startswith("tfi_") and doc["roles"] == ["owner"]
     assert doc["scheduler_certificate"].startswith("sha256:")
+
+
+class _SwappingScheduler:
+    """A scheduler that shows one spec and, asked again, serves another under the same id."""
+
+    def __init__(self, shown: dict, swapped: dict) -> None:
+        self.answers = [shown, swapped]
+        self.decided: list[str] = []
+
+    def task(self, task_id: str) -> dict:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    def nodes(self) -> list:
+        return []
+
+    def decide(self, task_id: str, decision: str, signature: str) -> dict:
+        self.decided.append(signature)
+        return {"state": "submitted"}
+
+    def close(self) -> None:
+        pass
+
+
+def test_approve_signs_only_the_spec_it_showed(monkeypatch, tmp_path):
+    """A scheduler that swaps the spec between the display and the signature gets none."""
+    from teeflow.cli import initiator
+    from teeflow.core.crypto import KeySigner
+    from teeflow.core.errors import AuthError
+    from tests.factories import make_spec
+
+    owner, initiator_key = KeySigner.generate(), KeySigner.generate()
+    data = [("d1", "ann", owner, "fp")]
+    shown = make_spec(data, initiator_key, "logistic_regression", {"label": "y"}, "task0001")
+    other = make_spec(data, initiator_key, "logistic_regression", {"label": "x"}, "task0001")
+
+    def task(spec):
+        return {"id": "task0001", "spec": spec.to_dict(), "spec_digest": spec.digest(),
+                "executor": "127.0.0.1:1"}
+
+    fake = _SwappingScheduler(task(shown), task(other))
+    c = Client("https://127.0.0.1:1#sha256:" + "0" * 64, key=owner, specs=tmp_path / "s.db")
+    c.scheduler = fake  # type: ignore[assignment]
+    monkeypatch.setattr(initiator, "client", lambda *a, **k: c)
+    out = CliRunner().invoke(cli, ["approve", "task0001", "--yes"], env={"COLUMNS": "200"})
+    assert out.exit_code == 1 and isinstance(out.exception, AuthError)
+    assert "spec changed after it was shown" in str(out.exception)
+    assert "param label = 'y'" in out.output and fake.decided == []
+    with pytest.raises(AuthError, match="changed after it was shown"):
+        fake.answers = [task(other)]
+        c.decide("task0001", "approved", expect_digest=shown.digest())
+    assert fake.decided == []

@@ -122,19 +122,21 @@ def init(ctx: click.Context, name: str | None, invite: str | None, as_json: bool
 @click.command()
 @click.argument("task_id")
 @click.option("--yes", is_flag=True, help="Sign without asking (after showing the spec).")
+@JSON
 @click.pass_context
-def approve(ctx: click.Context, task_id: str, yes: bool) -> None:
+def approve(ctx: click.Context, task_id: str, yes: bool, as_json: bool) -> None:
     """Show what a task would do with your data and sign its digest as an owner."""
-    _decide(ctx, task_id, "approved", yes)
+    _decide(ctx, task_id, "approved", yes, as_json)
 
 
 @click.command()
 @click.argument("task_id")
 @click.option("--yes", is_flag=True, help="Refuse without asking (after showing the spec).")
+@JSON
 @click.pass_context
-def reject(ctx: click.Context, task_id: str, yes: bool) -> None:
+def reject(ctx: click.Context, task_id: str, yes: bool, as_json: bool) -> None:
     """Refuse a task that uses your data; it will not run."""
-    _decide(ctx, task_id, "rejected", yes)
+    _decide(ctx, task_id, "rejected", yes, as_json)
 
 
 def policy_summary(policy: dict[str, Any]) -> str:
@@ -197,11 +199,19 @@ def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
     say(f"  spec digest {task['spec_digest']}")
 
 
-def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool) -> None:
+def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool,
+            as_json: bool = False) -> None:
+    from teeflow.core import wire
+
     verb = "approve" if decision == "approved" else "reject"
+    if as_json and not yes:
+        raise InputError("--json: pass --yes too (the prompt needs the spec shown as text)")
     with client(ctx) as c:
         task = c.task(task_id)
-        show_spec(task, signer_names(c, [task]))
+        # what is shown is what is signed: the digest of the spec as displayed
+        shown = wire.TaskSpec.from_dict(task["spec"]).digest()
+        if not as_json:
+            show_spec(task, signer_names(c, [task]))
         if not yes:
             try:
                 ok = click.confirm(f"{verb} task {task_id} with your key?", default=False,
@@ -211,7 +221,11 @@ def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool) -> None:
             if not ok:
                 raise InputError(f"not signed: you did not confirm; task {task_id} is "
                                  "unchanged (pass --yes to sign without a prompt)")
-        state = c.decide(task_id, decision)["state"]
+        state = c.decide(task_id, decision, expect_digest=shown)["state"]
+    if as_json:
+        echo_json({"task_id": task_id, "decision": decision, "spec_digest": shown,
+                   "state": state, "spec": task["spec"]})
+        return
     console.print(f"{decision}; task is now {state}")
 
 

@@ -201,12 +201,18 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self.scheduler.cancel(task_id)
 
-    def decide(self, task_id: str, decision: str) -> dict[str, Any]:
-        """Sign (`approved`) or refuse (`rejected`) a task's digest as an owner."""
+    def decide(self, task_id: str, decision: str,
+               expect_digest: str | None = None) -> dict[str, Any]:
+        """Sign (`approved`) or refuse (`rejected`) a task's digest as an owner.
+        `expect_digest`: the digest of the spec shown to the person deciding; a spec the
+        scheduler swaps in after that is refused, not signed."""
         task = self.scheduler.task(task_id)
         spec = wire.TaskSpec.from_dict(task["spec"])
         if spec.digest() != task["spec_digest"]:
             raise AuthError(f"task {task_id}: the scheduler's digest is not the spec's")
+        if expect_digest is not None and spec.digest() != expect_digest:
+            raise AuthError(f"task {task_id}: the spec changed after it was shown to you "
+                            "(not signed)")
         payload = audit.signed_payload(task_id, decision, {"spec_digest": spec.digest()})
         if decision == "approved":  # this node's provider uploads only for what it signed
             self.signed.record(spec, "owner")
