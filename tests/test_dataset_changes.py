@@ -5,8 +5,10 @@ only its own dataset offline. Real processes (LocalCluster)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,14 +91,29 @@ def _received(c: LocalCluster, digest: str) -> dict:
             return {}
 
 
+def _wait_log(c: LocalCluster, node: str, text: str, timeout: float = 60) -> None:
+    path = c.workdir / "logs" / f"provider-{node}.log"
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{node}'s log never said {text!r}"
+        time.sleep(0.1)
+
+
 def _submit_then_change(c: LocalCluster, change) -> tuple[dict, dict]:
-    """Submit over d1 and d2; bob signs by rule; change alice's file; alice signs (by
-    hand: her node's own pre-signing check is not on this path); the task ends."""
+    """Submit over d1 and d2; bob signs by rule; alice signs by hand while her node is
+    stopped (SIGSTOP), her file is changed, and her node resumes to upload: only its
+    check before sending stands between the changed file and the executor."""
+    alice = c.processes["provider-alice"]
     with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
-        change(c.alice.path)
-        _alice_approves(c, task["id"])
+        _wait_log(c, "alice", f"task {task['id']}: no rule approves it")
+        os.killpg(alice.pid, signal.SIGSTOP)
+        try:
+            _alice_approves(c, task["id"])
+            change(c.alice.path)
+        finally:
+            os.killpg(alice.pid, signal.SIGCONT)
         ended = wait_task_state(client, task["id"], {"failed"}, timeout=120)
     return ended, task
 
