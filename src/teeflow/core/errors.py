@@ -8,6 +8,9 @@
     │   ├── UnknownTask
     │   ├── ParameterError     computation parameters that do not fit its schema
     │   ├── SchemaMismatch     uploaded data whose schema is not the catalogued one
+    │   ├── DatasetChanged     a dataset file no longer what was catalogued (names which:
+    │   │                      rows, size, content)
+    │   ├── DatasetOffline     a dataset file that cannot be read or parsed (this one only)
     │   └── ResultKindError    a result asked for as what it is not (a table, a model)
     ├── AttestationError       evidence that is not believed
     │   ├── EvidenceFormatError    malformed or oversized evidence / collateral
@@ -75,6 +78,17 @@ class ParameterError(InputError):
 
 class SchemaMismatch(InputError):
     code = "schema_mismatch"
+
+
+class DatasetChanged(InputError):
+    """A provider's dataset file changed since it was catalogued; `what` names which of
+    rows, size, content (never a value)."""
+
+    code = "dataset_changed"
+
+
+class DatasetOffline(InputError):
+    code = "dataset_offline"
 
 
 class ResultKindError(InputError):

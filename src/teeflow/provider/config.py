@@ -158,6 +158,13 @@ def _check_rule_computations(rules: DatasetRules, privacy: PrivacyConfig | None,
                           "(privacy.required), so list its DP computations here")
 
 
+def _columns(path: Path) -> list[str] | None:
+    try:
+        return list(read_schema(path).names) if path.is_file() else None
+    except ConfigError:
+        return None
+
+
 def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
     """Check a config that `with_defaults` has filled in; the error names the bad field."""
     for key in doc:
@@ -184,13 +191,15 @@ def check_fields(doc: dict[str, Any], base: Path) -> ProviderConfig:
         _unknown(d, DATASET_FIELDS, where)
         p = Path(_str(d, "path", where))
         p = p if p.is_absolute() else base / p
-        if not p.is_file():
-            raise ConfigError(f"{where}.path: no such file {p}")
+        # a missing or unreadable file is not a config error: it takes only its own dataset
+        # offline when the node catalogues it (provider/catalog.py)
         privacy = load_privacy(d["privacy"], f"{where}.privacy") if "privacy" in d else None
         rules = load_analysis_rules(d["rules"], f"{where}.rules") if "rules" in d else None
         if rules is not None:
             _check_rule_computations(rules, privacy, f"{where}.rules.computations")
-            check_rule_columns(rules, read_schema(p).names, f"{where}.rules")
+            columns = _columns(p)
+            if columns is not None:
+                check_rule_columns(rules, columns, f"{where}.rules")
         checked.append(DatasetConfig(_str(d, "name", where), p, privacy, rules))
     if len({d.name for d in checked}) != len(checked):
         raise ConfigError("datasets: a dataset name appears twice")

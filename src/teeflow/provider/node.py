@@ -37,12 +37,13 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.files.checkpoints import checkpoint_path
-from teeflow.files.datasets import count_rows, iter_batches, read_schema
+from teeflow.files.datasets import read_schema
 from teeflow.files.keys import load_existing_key, load_or_create_key
 from teeflow.files.signed_specs import SignedSpecs
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.provider.budget import Ledger, PrivacyGuard
+from teeflow.provider.catalog import Catalog
 from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
 from teeflow.provider.federated import take_part
@@ -73,14 +74,16 @@ class Provider:
                                     {d.name: d.privacy for d in config.datasets})
         self.signed = SignedSpecs(config.specs_path)  # what this key signed, and where
         self.ledger = UploadLedger(config.ledger_path)  # consent spent once
+        self.catalog = Catalog(config.datasets)  # each file as catalogued; a bad one offline
 
     def register(self) -> None:
         """Announce this node's keys and its datasets' schemas and sizes (never rows)."""
         cfg = self.config
         self.scheduler.register_node(cfg.name, cfg.invite)
-        for d in cfg.datasets:
+        for d in self.catalog.online():
             schema = read_schema(d.path)
-            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema), count_rows(d.path),
+            self.scheduler.add_dataset(cfg.name, d.name, schema_to_b64(schema),
+                                       self.catalog.record(d.name).rows,
                                        rules=d.rules.to_dict() if d.rules else None)
             log.info("catalogued %s (%s)", d.name, d.path)
 
@@ -137,6 +140,7 @@ class Provider:
             mine = self.config.dataset(ref.name)
             if mine is None:
                 raise InputError(f"spec names dataset {ref.name!r}, which this node does not hold")
+            self.catalog.check(ref.name)  # the file is still what was catalogued
             if schema_fingerprint(read_schema(mine.path)) != ref.fingerprint:
                 raise InputError(f"spec's schema for {ref.name!r} is not this node's file's")
             mine_rules = mine.rules.digest() if mine.rules else None
@@ -209,10 +213,11 @@ class Provider:
             if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
                 raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
                                  "not uploading")
+            source = self.catalog.open(name)  # checked against its catalogue record
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
             client, claims = attested_connect(executor, self.config.policy, self.verifiers)
-            with client:
+            with client, source:
                 satisfies(claims, spec_policy)
                 seen = client.tls_key_hash.hex()
                 if spec.executor_key is not None and seen != spec.executor_key:
@@ -241,7 +246,7 @@ class Provider:
                 else:
                     receipt = client.upload(task_id, name, self.identity,
                                             read_schema(dataset.path),
-                                            self._paced(iter_batches(dataset.path)),
+                                            self._paced(self.catalog.batches(name, source)),
                                             _Progress(self, task_id, name),
                                             spec_digest=spec.digest())
         except AttestationError as exc:
