@@ -214,9 +214,14 @@ class Provider:
                 raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
                                  "not uploading")
             source = self.catalog.open(name)  # checked against its catalogue record
-            self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
-            spec_policy = load_policy(spec.executor_policy, "executor_policy")
-            client, claims = attested_connect(executor, self.config.policy, self.verifiers)
+            try:
+                self.privacy.before_upload(spec, name)  # debited (also if signed by hand)
+                spec_policy = load_policy(spec.executor_policy, "executor_policy")
+                client, claims = attested_connect(executor, self.config.policy,
+                                                  self.verifiers)
+            except BaseException:
+                source.close()  # refused before the upload began: no handle left open
+                raise
             with client, source:
                 satisfies(claims, spec_policy)
                 seen = client.tls_key_hash.hex()
