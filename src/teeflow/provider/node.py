@@ -20,7 +20,7 @@ import pyarrow as pa
 from teeflow import compute
 from teeflow.attestation.policy import load_policy, satisfies
 from teeflow.attestation.registry import make_verifiers
-from teeflow.core import audit, wire
+from teeflow.core import api, audit, wire
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import (
     AttestationError,
@@ -57,6 +57,9 @@ class Provider:
                                          checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
+        # approval requests no rule signs: left for a person, not considered (or logged)
+        # again on every poll while they wait
+        self._parked: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # privacy budgets: debited here, before this node's signature or data leaves it
@@ -78,9 +81,11 @@ class Provider:
 
     def run_forever(self) -> None:
         self.register()
+        seen = ""  # what this node holds already: the long poll waits while it is all
         while not self._stop.is_set():
             try:
-                work = self.scheduler.work(self.config.name, self.config.poll_wait)
+                work = self.scheduler.work(self.config.name, self.config.poll_wait, seen)
+                seen = api.work_digest(work)
             except Unreachable as exc:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
@@ -88,10 +93,13 @@ class Provider:
             except LogInconsistent as exc:  # the scheduler rewrote what this node saw
                 log.error("stopping: %s", exc)
                 raise
-            for item in work:
-                key = (item["kind"], item["task_id"], item.get("dataset", ""))
+            keys = [(i["kind"], i["task_id"], i.get("dataset", ""), i["spec_digest"])
+                    for i in work]
+            with self._lock:
+                self._parked &= set(keys)  # decided by hand, cancelled, or gone
+            for item, key in zip(work, keys, strict=True):
                 with self._lock:
-                    if key in self._busy:
+                    if key in self._busy or key in self._parked:
                         continue
                     self._busy.add(key)
                 threading.Thread(target=self._handle_guarded, args=(item, key),
@@ -100,7 +108,9 @@ class Provider:
     def _handle_guarded(self, item: dict[str, Any], key: tuple[str, ...]) -> None:
         try:
             if item["kind"] == "approve":
-                self.consider(item)
+                if self.consider(item) is None:
+                    with self._lock:
+                        self._parked.add(key)
             else:
                 self.handle(item)
         except Exception:

@@ -137,6 +137,7 @@ class Store:
         self._lock = threading.RLock()
         self.log_signer: Signer = log_signer or KeySigner.generate()
         self._tree = tlog.Tree()
+        self.version = 0  # counts this connection's commits: long polls re-read on a change
         with self._lock:
             if str(path) != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -193,7 +194,7 @@ class Store:
             self._db.close()
 
     def _tx(self):
-        return _Tx(self._db, self._lock, self._sync_tree, self._load_tree)
+        return _Tx(self)
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -571,13 +572,14 @@ def _set_state(cursor: sqlite3.Cursor, task_id: str) -> None:
 
 
 class _Tx:
-    """BEGIN IMMEDIATE .. COMMIT under the store lock; `began` runs first inside it (to
-    catch up in-memory state with other connections' writes); ROLLBACK (and `rolled_back`,
-    which undoes in-memory state such as the tree) on any error."""
+    """BEGIN IMMEDIATE .. COMMIT under the store lock; the tree is first caught up with
+    other connections' writes; ROLLBACK (and the tree reloaded) on any error."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock,
-                 began: Callable[[], None], rolled_back: Callable[[], None]) -> None:
-        self.db, self.lock, self.began, self.rolled_back = db, lock, began, rolled_back
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db, self.lock = store._db, store._lock
+        self.began: Callable[[], None] = store._sync_tree
+        self.rolled_back: Callable[[], None] = store._load_tree
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
@@ -599,6 +601,8 @@ class _Tx:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             if exc_type:
                 self.rolled_back()
+            else:
+                self.store.version += 1
         finally:
             self.lock.release()
 
