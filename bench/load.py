@@ -33,6 +33,7 @@ POLL_WAIT = 1  # the providers' long poll: short, so the cluster stops quickly
 class LoadRun:
     tasks: int
     states: dict[str, str] = field(default_factory=dict)  # task id -> last state seen
+    errors: dict[str, str] = field(default_factory=dict)  # task id -> why it failed
     reached_done: set[str] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)  # submit -> result taken, seconds
     wall: float = 0.0
@@ -105,6 +106,7 @@ def drive(workdir: Path, tasks: int, rows: int = 2000) -> LoadRun:
                         run.states[t["id"]] = "released"
                         live.discard(t["id"])
                     elif t["state"] in FINAL:
+                        run.errors[t["id"]] = str(t.get("error") or "")
                         live.discard(t["id"])
                 time.sleep(0.2)
             run.wall = time.monotonic() - started

@@ -8,6 +8,7 @@ its own view of the log: a stale read there must not become a lost or doubled wr
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 from collections import Counter
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teeflow.core import audit
 from teeflow.core.crypto import KeySigner
-from teeflow.core.errors import StateError
+from teeflow.core.errors import OverBudget, StateError
+from teeflow.scheduler import service
 from teeflow.scheduler.service import Scheduler
 from teeflow.scheduler.store import Store
 from tests.factories import make_spec, sign_entry, submit_signature
@@ -207,4 +209,51 @@ def test_scheduler_dispatches_each_task_once(tmp_path, round_):
     assert {t.state for t in store.tasks()} == {"accepted"}
     kinds = Counter((e.task_id, e.kind) for e in store.audit_log())
     assert all(kinds[(s.task_id, "accept")] == 1 for s in specs)
+    store.close()
+
+
+class _FullLink(_Link):
+    """An executor with room for `room` tasks: create-task beyond it is OverBudget."""
+
+    def __init__(self, calls: list[str], taken: set[str], room: int) -> None:
+        super().__init__(calls)
+        self.taken, self.room = taken, room
+
+    def action(self, kind: str, body: bytes = b"") -> bytes:
+        self.calls.append(kind)
+        if kind == "create-task":
+            task_id = json.loads(body)["spec"]["task_id"]
+            if task_id not in self.taken and len(self.taken) >= self.room:
+                raise OverBudget("its initiator has 4 live tasks here already")
+            self.taken.add(task_id)
+        return b"{}"
+
+
+def test_tasks_beyond_the_executors_room_wait_approved_and_go_on(tmp_path, monkeypatch):
+    """An executor with no room yet (its live-task cap per initiator) is no reason to fail
+    a task: it stays approved, queued, and is handed over once there is room."""
+    monkeypatch.setattr(service, "DISPATCH_RETRY", 0.0)
+    path = tmp_path / "s.sqlite"
+    specs = _create_all(path)
+    store = Store(path)
+    calls: list[str] = []
+    taken: set[str] = set()
+    sched = Scheduler(store, connect=lambda _address: _FullLink(calls, taken, room=4))
+    sched._submit_signature = lambda task: ""  # type: ignore[method-assign]
+    store.dataset = lambda name: {"schema_b64": "", "rules": None}  # type: ignore
+    for spec in specs:
+        for owner in OWNERS:
+            signature = sign_entry(owner, spec.task_id, "approved",
+                                   {"spec_digest": spec.digest()})
+            sched.decide(owner.public_key(), spec.task_id,
+                         {"decision": "approved", "signature": signature})
+    states = Counter(t.state for t in store.tasks())
+    assert states == {"accepted": 4, "approved": TASKS - 4}
+    for _ in range(TASKS):  # room frees up, a task at a time (one leaves per pass here)
+        taken.pop()
+        sched.tick()
+    assert {t.state for t in store.tasks()} == {"accepted"}
+    kinds = Counter((e.task_id, e.kind) for e in store.audit_log())
+    assert all(kinds[(s.task_id, "accept")] == 1 for s in specs)
+    assert not any(k == "fail" for _, k in kinds)
     store.close()

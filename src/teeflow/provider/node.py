@@ -46,6 +46,10 @@ from teeflow.provider.federated import take_part
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
 OUTCOME_RETRY = 120.0
+# uploads this node runs at once: the executor's default cap per owner key (Budgets), so
+# many tasks at once queue here instead of being refused there
+UPLOAD_SLOTS = 2
+ROOM_WAIT = 600.0  # seconds an upload waits for an executor that has no room yet
 
 
 class Provider:
@@ -60,6 +64,7 @@ class Provider:
         # approval requests no rule signs: left for a person, not considered (or logged)
         # again on every poll while they wait
         self._parked: set[tuple[str, ...]] = set()
+        self._upload_slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # privacy budgets: debited here, before this node's signature or data leaves it
@@ -202,30 +207,8 @@ class Provider:
                                  "not uploading")
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
-            client, claims = attested_connect(executor, self.config.policy, self.verifiers)
-            with client:
-                satisfies(claims, spec_policy)
-                if spec.compute == "user_code":
-                    _check_isolation(client, self.config.policy, spec_policy)
-                body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
-                        "spec_digest": spec.digest(), "claims": claims.to_dict(),
-                        **self._log_anchor()}
-                signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
-                self._try_report(task_id, name, "started", attested={
-                    "body": body, "signature": base64.b64encode(signature).decode()})
-                log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
-                         claims.measurements)
-                comp = compute.get(spec.compute)
-                if comp.layout == "federated":  # rows stay here; only updates leave
-                    receipt = take_part(client, task_id, name, dataset.path,
-                                        comp.precheck(dict(spec.params)), self.identity,
-                                        spec_digest=spec.digest())
-                else:
-                    receipt = client.upload(task_id, name, self.identity,
-                                            read_schema(dataset.path),
-                                            self._paced(iter_batches(dataset.path)),
-                                            _Progress(self, task_id, name),
-                                            spec_digest=spec.digest())
+            receipt = self._send_when_room(task_id, name, executor, spec, spec_policy,
+                                           dataset.path)
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")
@@ -240,6 +223,55 @@ class Provider:
             return None
         self._report_until_heard(task_id, name, "uploaded", rows=int(receipt.get("rows", 0)))
         log.info("task %s: uploaded %s (%s rows)", task_id, name, receipt.get("rows"))
+        return receipt
+
+    def _send_when_room(self, task_id: str, name: str, executor: str,
+                        spec: wire.TaskSpec, spec_policy: Any, path: Any) -> dict[str, Any]:
+        """Send, at most UPLOAD_SLOTS uploads at once (federated rounds take no slot: they
+        wait on the other parties). An executor with no room yet (OverBudget: uploads by
+        this key or overall) is asked again with backoff, for up to ROOM_WAIT."""
+        if compute.get(spec.compute).layout == "federated":
+            return self._send(task_id, name, executor, spec, spec_policy, path)
+        delay, deadline = 1.0, time.monotonic() + ROOM_WAIT
+        while True:
+            with self._upload_slots:
+                try:
+                    return self._send(task_id, name, executor, spec, spec_policy, path)
+                except OverBudget as exc:
+                    if time.monotonic() > deadline or self._stop.is_set():
+                        raise
+                    log.info("task %s: executor has no room for %s yet (%s); trying again",
+                             task_id, name, exc)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+
+    def _send(self, task_id: str, name: str, executor: str, spec: wire.TaskSpec,
+              spec_policy: Any, path: Any) -> dict[str, Any]:
+        """Appraise the executor under both policies, record the attestation, upload."""
+        client, claims = attested_connect(executor, self.config.policy, self.verifiers)
+        with client:
+            satisfies(claims, spec_policy)
+            if spec.compute == "user_code":
+                _check_isolation(client, self.config.policy, spec_policy)
+            body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
+                    "spec_digest": spec.digest(), "claims": claims.to_dict(),
+                    **self._log_anchor()}
+            signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
+            self._try_report(task_id, name, "started", attested={
+                "body": body, "signature": base64.b64encode(signature).decode()})
+            log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
+                     claims.measurements)
+            comp = compute.get(spec.compute)
+            if comp.layout == "federated":  # rows stay here; only updates leave
+                receipt = take_part(client, task_id, name, path,
+                                    comp.precheck(dict(spec.params)), self.identity,
+                                    spec_digest=spec.digest())
+            else:
+                receipt = client.upload(task_id, name, self.identity,
+                                        read_schema(path),
+                                        self._paced(iter_batches(path)),
+                                        _Progress(self, task_id, name),
+                                        spec_digest=spec.digest())
         return receipt
 
     def _paced(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
