@@ -125,16 +125,18 @@ def drive(workdir: Path, tasks: int, rows: int = 2000) -> LoadRun:
 def run(opts: Options) -> list[Row]:
     import tempfile
 
-    tasks = 8 if opts.quick else 50
+    tasks, rows = (8, 2000) if opts.quick else (50, 20_000)
     with tempfile.TemporaryDirectory(prefix="teeflow-load-") as tmp:
-        r = drive(Path(tmp), tasks)
+        r = drive(Path(tmp), tasks, rows)
     done = sum(s == "released" for s in r.states.values())
     mid, low, high = median_range(r.latencies) if r.latencies else (0.0, 0.0, 0.0)
     MiB = 2**20
     others = sorted({s for s in r.states.values() if s != "released"})
     return [
-        Row("tasks done", f"{done}/{tasks}", f"{OWNERS} owners each, one executor; "
+        Row("tasks done", f"{done}/{tasks}", f"{OWNERS} owners x {rows} rows each, one "
+            f"executor, {COMPUTE}; "
             + (f"others: {', '.join(others)}" if others else "every result taken")),
+        *[Row("failed", task_id, reason[:100]) for task_id, reason in sorted(r.errors.items())][:5],
         Row("wall time", f"{r.wall:.1f} s", "first submit to last result taken"),
         Row("task latency (median)", f"{mid:.1f} s", f"submit to result; {low:.1f}-{high:.1f} s"),
         Row("executor RSS before", f"{r.rss_before / MiB:.0f} MiB", "after one warm-up task"),
