@@ -4,6 +4,7 @@ Flight servers on port 0, and a signed client of the scheduler's app."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -34,6 +35,9 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 
+FAR_FUTURE = 4_102_444_800  # 2100-01-01, unix seconds
+
+
 def simulated_policy(measurement: str | None = None) -> dict:
     return load_policy({"tee_types": ["simulated"], "allow_simulated": True,
                         "simulated": {"measurement": [measurement or code_measurement()]}}
@@ -47,15 +51,21 @@ def receiver(key: KeySigner) -> wire.Receiver:
 def make_spec(datasets: Sequence[tuple[str, str, KeySigner, str]], initiator: KeySigner,
               compute_name: str = "model_aggregation", params: dict | None = None,
               task_id: str = "task0001", receivers: Sequence[KeySigner] | None = None,
-              policy: dict | None = None) -> wire.TaskSpec:
-    """datasets: (name, owner name, owner key, schema fingerprint)."""
+              policy: dict | None = None, **consent: Any) -> wire.TaskSpec:
+    """datasets: (name, owner name, owner key, schema fingerprint). A nonce and an expiry
+    (far ahead: tests move their clocks), the same for the same task id and initiator so
+    that building a spec twice gives one digest, unless `consent` says (nonce, expires,
+    runs, executor_key)."""
+    seed = f"{task_id}:{initiator.public_key()}".encode()
+    consent = {"nonce": hashlib.sha256(seed).hexdigest()[:32], "expires": FAR_FUTURE,
+               **consent}
     return wire.TaskSpec(
         task_id=task_id, compute=compute_name,
         code_digest=compute.get(compute_name).code_digest, params=dict(params or {}),
         datasets=tuple(wire.DatasetRef(n, o, k.public_key(), fp) for n, o, k, fp in datasets),
         executor_policy=policy or simulated_policy(),
         receivers=tuple(receiver(r) for r in (receivers or [initiator])),
-        initiator_key=initiator.public_key())
+        initiator_key=initiator.public_key(), **consent)
 
 
 def sign_entry(key: KeySigner, task_id: str, kind: str, body: dict) -> str:

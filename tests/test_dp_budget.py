@@ -360,6 +360,7 @@ def test_a_scheduler_reassigning_a_signed_dp_task_gets_no_second_upload(tmp_path
     node.scheduler = _Reports()  # type: ignore[assignment]
     spec = _spec()
     signed = approval(spec, OWNER)
+    node.signed.record(spec, "owner")  # signed with this node's key, as `teeflow approve` does
     item = {"kind": "upload", "task_id": spec.task_id, "dataset": "patients",
             "executor": "127.0.0.1:1", "spec": spec.to_dict(),
             "approvals": [{"owner_key": OWNER.public_key(), "decision": "approved",

@@ -153,14 +153,14 @@ def test_a_receiver_refuses_a_planted_result_the_computed_entry_does_not_commit_
 
     receiver = Receiver()
     with pytest.raises(AuthError, match="commits to"):
-        receiver._check_commitment(TASK, envelope["sealed_sha256"], forged_plain)
+        receiver._check_commitment(TASK, envelope["sealed_sha256"], forged_plain, p.spec)
     genuine = _take(real, p.initiator)
     plaintext = seal.open_sealed(base64.b64decode(genuine["sealed"]),
                                  p.initiator.encryption_private_key(), p.spec.digest())
-    receiver._check_commitment(TASK, genuine["sealed_sha256"], plaintext)
+    receiver._check_commitment(TASK, genuine["sealed_sha256"], plaintext, p.spec)
     log.pop(1)  # no owner attested the key that signed the computed entry
     with pytest.raises(AuthError, match="attested"):
-        receiver._check_commitment(TASK, genuine["sealed_sha256"], plaintext)
+        receiver._check_commitment(TASK, genuine["sealed_sha256"], plaintext, p.spec)
 
 
 def test_a_start_wipes_what_dead_runs_left_and_spares_live_ones(tmp_path):

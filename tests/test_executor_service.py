@@ -134,7 +134,7 @@ def test_create_task_with_every_owners_approval(p):
     ex.create_task(p.spec, list(reversed(p.approvals)))  # order does not matter
     status = ex.status(TASK)
     assert status["status"] == "waiting" and status["expected"] == ["a_data", "b_data"]
-    assert status["audit"] == []
+    assert [(e["kind"], e["body"]["run"]) for e in status["audit"]] == [("admitted", 1)]
     ex.create_task(p.spec, p.approvals)  # a retry of the same spec is harmless
 
 
@@ -474,7 +474,8 @@ def test_computation_error_fails_and_wipes(p):
     status = ex.status(TASK)
     assert status["status"] == "failed" and "parameter names differ" in status["error"]
     assert ex.held_bytes(TASK) == 0
-    assert [e["kind"] for e in status["audit"]] == ["received", "received", "wiped"]
+    assert [e["kind"] for e in status["audit"]] == ["admitted", "received", "received",
+                                                   "wiped"]
     assert status["audit"][-1]["body"]["reason"] == "failed"
     with pytest.raises(StateError):
         _take(ex, p, p.initiator)
@@ -525,7 +526,7 @@ def test_audit_entries_are_signed_by_the_attested_key(ex, p):
     _take(ex, p, p.bob)
     entries = _audit(ex)
     assert [e["kind"] for e in entries] == [
-        "received", "received", "wiped", "computed", "released", "released"]
+        "admitted", "received", "received", "wiped", "computed", "released", "released"]
     for e in entries:
         assert e["signer"] == audit.p256_signer(TLS_SPKI)
         assert audit.p256_key_hash(e["signer"]) == SPKI.hex() == ex.tls_spki_hash.hex()
@@ -536,16 +537,16 @@ def test_audit_entries_are_signed_by_the_attested_key(ex, p):
         with pytest.raises(AuthError):
             audit.verify_entry_signature(TASK, e["kind"], {**e["body"], "x": 1}, e["signer"],
                                          e["signature"])
-    received = {e["body"]["dataset"]: e["body"] for e in entries[:2]}
+    received = {e["body"]["dataset"]: e["body"] for e in entries[1:3]}
     assert {k: v["rows"] for k, v in received.items()} == {"a_data": 2, "b_data": 2}
     assert all(len(v["sha256"]) == 64 and v["bytes"] > 0 for v in received.values())
     assert received["a_data"]["sha256"] != received["b_data"]["sha256"]
-    assert entries[2]["body"] == {"inputs": ["a_data", "b_data"], "reason": "computed"}
-    computed = entries[3]["body"]
+    assert entries[3]["body"] == {"inputs": ["a_data", "b_data"], "reason": "computed"}
+    computed = entries[4]["body"]
     assert computed["spec_digest"] == p.spec.digest()
     assert computed["code_digest"] == p.spec.code_digest
     assert computed["receivers"] == sorted([p.initiator.public_key(), p.bob.public_key()])
-    assert [e["body"]["to"] for e in entries[4:]] == [p.initiator.public_key(),
+    assert [e["body"]["to"] for e in entries[5:]] == [p.initiator.public_key(),
                                                       p.bob.public_key()]
 
 
@@ -606,7 +607,7 @@ def test_audit_entries_verify_in_a_chain(ex, p):
     for e in _audit(ex):
         log.append(audit.chain(log, TASK, e["kind"], e["body"], e["signer"],
                                e["signature"]))
-    assert audit.verify_chain(log) == len(log) == 9
+    assert audit.verify_chain(log) == len(log) == 10
 
 
 # -- evidence --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.flight as fl
@@ -113,6 +114,7 @@ def _item(spec: wire.TaskSpec, owner: KeySigner, address: str, approvals=None) -
 class FakeScheduler:
     def __init__(self) -> None:
         self.reports: list[tuple] = []
+        self.log = SimpleNamespace(snapshot=lambda: None)  # no log head held yet
 
     def report(self, task_id, dataset, state, **extra):
         self.reports.append((state, extra))
@@ -144,6 +146,7 @@ def test_provider_sends_nothing_when_evidence_fails(serve, tmp_path, case, check
     policy = {"wrong_measurement": _policy("00" * 32),
               "simulated_not_allowed": _policy(allow_simulated=False)}.get(case, _policy())
     node = _provider(tmp_path, policy, owner)
+    node.signed.record(spec, "owner")  # as its decide() records
     assert node.handle(_item(spec, owner, running.address)) is None
     assert server.puts == 0
     assert server.executor.status(TASK)["received"] == {}
@@ -157,6 +160,7 @@ def test_provider_uploads_to_good_executor(serve, tmp_path):
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     spec = _create(server, owner, initiator)
     node = _provider(tmp_path, _policy(), owner)
+    node.signed.record(spec, "owner")  # as its decide() records
     receipt = node.handle(_item(spec, owner, running.address))
     assert receipt is not None and receipt["rows"] == 2
     assert server.puts == 1
@@ -171,6 +175,7 @@ def test_provider_uploads_only_for_a_spec_it_signed(serve, tmp_path):
     owner, initiator, other = KeySigner.generate(), KeySigner.generate(), KeySigner.generate()
     spec = _create(server, owner, initiator)
     node = _provider(tmp_path, _policy(), owner)
+    node.signed.record(spec, "owner")  # as its decide() records
     forged = approval(spec, other)
     for approvals in ([], [{"owner_key": owner.public_key(), "decision": "approved",
                             "signature": forged["signature"]}]):
@@ -186,6 +191,7 @@ def test_provider_checks_the_spec_policy_too(serve, tmp_path):
     owner, initiator = KeySigner.generate(), KeySigner.generate()
     spec = _create(server, owner, initiator, policy=simulated_policy("cd" * 32))
     node = _provider(tmp_path, _policy(), owner)  # its own policy accepts the executor
+    node.signed.record(spec, "owner")  # as its decide() records
     assert node.handle(_item(spec, owner, running.address)) is None
     assert server.puts == 0
     assert node.scheduler.reports[-1][1]["error"].startswith(

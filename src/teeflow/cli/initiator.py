@@ -61,8 +61,8 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
             _write_result(c, task["id"], out)
 
 
-def _write_result(c: Client, task_id: str, out: Path) -> None:
-    result = c.result(task_id)
+def _write_result(c: Client, task_id: str, out: Path, digest: str | None = None) -> None:
+    result = c.result(task_id, digest=digest)
     out.write_bytes(json.dumps(json.loads(result.raw), indent=2).encode())
     mark = " [yellow](SIMULATED TEE: not a hardware attestation)[/]" if result.simulated else ""
     console.print(f"result of {task_id} written to {out}{mark}")
@@ -182,11 +182,15 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
               help="Your appraisal policy for the executor (env TEEFLOW_POLICY).")
+@click.option("--digest", default=None,
+              help="The spec digest you signed (default: the one recorded when you submitted).")
 @click.pass_context
-def result(ctx: click.Context, task_id: str, out: Path, policy: Path | None) -> None:
-    """Appraise the executor and take a finished task's result (once)."""
+def result(ctx: click.Context, task_id: str, out: Path, policy: Path | None,
+           digest: str | None) -> None:
+    """Appraise the executor and take a finished task's result (once), only for the spec
+    you signed: a task, spec digest or executor other than it is refused, named."""
     with client(ctx, policy) as c:
-        _write_result(c, task_id, out)
+        _write_result(c, task_id, out, digest)
 
 
 @click.command()

@@ -78,12 +78,17 @@ class TaskSpecBody(Model):
     receivers: list[SpecReceiver] = Field(min_length=1)
     initiator_key: str
     deadline: int | None = None  # unix seconds; absent, not null, when not given
+    nonce: str | None = None  # consent spent once (docs/task-spec.md)
+    expires: int | None = None
+    runs: int | None = None
+    executor_key: str | None = None
 
     @model_serializer(mode="wrap")
     def _absent_deadline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("deadline") is None:  # a spec without one keeps its digest
-            data.pop("deadline", None)
+        for name in ("deadline", "nonce", "expires", "runs", "executor_key"):
+            if data.get(name) is None:  # a spec without one keeps its digest
+                data.pop(name, None)
         return data
 
 

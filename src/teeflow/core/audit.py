@@ -44,7 +44,7 @@ from teeflow.core.wire import canonical
 LEAF_PREFIX = b"teeflow-audit-leaf-v1\x00"
 SCHEDULER = "scheduler"
 OWNER_KINDS = ("approved", "rejected")
-EXECUTOR_KINDS = ("received", "computed", "released", "wiped")
+EXECUTOR_KINDS = ("admitted", "received", "computed", "released", "wiped")
 
 
 class AuditError(TeeflowError):

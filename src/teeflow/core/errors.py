@@ -13,9 +13,13 @@
     │   └── PolicyRefused          verified, but the appraisal policy says no
     ├── AuthError              a request is not from who it claims to be
     │   ├── NotInvited         a key joins without a valid invitation (closed membership)
-    │   └── RoleRefused        a member asks for what its roles do not allow
+    │   ├── RoleRefused        a member asks for what its roles do not allow
+    │   └── ResultMismatch     a result that is not for the spec this party signed (names
+    │                          which: task, spec digest, executor)
     ├── StateError             an illegal task state transition
-    │   └── OverBudget         refused: a task's, an initiator's or the executor's budget is spent
+    │   ├── OverBudget         refused: a task's, an initiator's or the executor's budget is spent
+    │   ├── ConsentSpent       a signed spec already served as many runs as it allows
+    │   └── ConsentExpired     a signed spec past its `expires` time
     ├── ComputeError           the computation itself failed
     ├── TaskFailed             a task ended failed or cancelled (carries its reason)
     ├── LogError               the transparency log, a checkpoint or a proof does not verify
@@ -101,6 +105,17 @@ class RoleRefused(AuthError):
     code = "role"
 
 
+class ResultMismatch(AuthError):
+    """A result whose task, spec digest or executor is not the one this party signed for;
+    `field` names which."""
+
+    code = "result_mismatch"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class StateError(TeeflowError):
     code = "state"
 
@@ -110,6 +125,18 @@ class OverBudget(StateError):
     request may succeed later."""
 
     code = "over_budget"
+
+
+class ConsentSpent(StateError):
+    """A spec digest already served (uploaded for, or run) as many times as it allows."""
+
+    code = "consent_spent"
+
+
+class ConsentExpired(StateError):
+    """A spec past the `expires` time its signers gave it."""
+
+    code = "consent_expired"
 
 
 class ComputeError(TeeflowError):
@@ -161,7 +188,7 @@ _index(TeeflowError)
 def from_code(code: str, message: str) -> TeeflowError:
     """Rebuild an error sent by a peer as {code, message}."""
     cls = _BY_CODE.get(code, PeerError)
-    if cls is PolicyRefused:
+    if cls in (PolicyRefused, ResultMismatch):
         check, _, rest = message.partition(": ")
-        return PolicyRefused(check, rest)
+        return cls(check, rest)  # type: ignore[call-arg]
     return cls(message)

@@ -133,6 +133,27 @@ class Receiver:
 
 
 SPEC_VERSION = 1
+OPTIONAL_FIELDS = ("deadline", "nonce", "expires", "runs", "executor_key")
+MAX_RUNS = 1000
+
+
+def _is_hex(text: Any, low: int, high: int) -> bool:
+    return (isinstance(text, str) and low <= len(text) <= high and len(text) % 2 == 0
+            and all(c in "0123456789abcdef" for c in text))
+
+
+def _check_consent_fields(body: dict[str, Any]) -> None:
+    """The consent fields, where present: InputError names the field, never its value."""
+    if "nonce" in body and not _is_hex(body["nonce"], 32, 64):
+        raise InputError("task spec: nonce must be 16 to 32 random bytes in lower-case hex")
+    expires = body.get("expires")
+    if "expires" in body and (type(expires) is not int or not 0 < expires <= MAX_SAFE_INTEGER):
+        raise InputError("task spec: expires must be a positive integer (unix seconds)")
+    runs = body.get("runs")
+    if "runs" in body and (type(runs) is not int or not 1 <= runs <= MAX_RUNS):
+        raise InputError(f"task spec: runs must be a whole number from 1 to {MAX_RUNS}")
+    if "executor_key" in body and not _is_hex(body["executor_key"], 64, 64):
+        raise InputError("task spec: executor_key must be a SHA-256 in lower-case hex")
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,18 @@ class TaskSpec:
     initiator_key: str
     version: int = SPEC_VERSION
     deadline: int | None = None  # unix seconds; absent: the executor's default
+    # consent spent once (docs/task-spec.md): a fresh random nonce, when the consent lapses
+    # (unix seconds), how many runs it allows (absent: 1), and the one executor it is for
+    # (SHA-256 of its attested TLS key, as the initiator appraised it)
+    nonce: str | None = None
+    expires: int | None = None
+    runs: int | None = None
+    executor_key: str | None = None
+
+    @property
+    def run_limit(self) -> int:
+        """How many runs the owners' consent allows (1 unless the spec says)."""
+        return 1 if self.runs is None else self.runs
 
     def to_dict(self) -> dict[str, Any]:
         body = {"version": self.version, "task_id": self.task_id, "compute": self.compute,
@@ -162,8 +195,10 @@ class TaskSpec:
                 "executor_policy": self.executor_policy,
                 "receivers": [r.to_dict() for r in self.receivers],
                 "initiator_key": self.initiator_key}
-        if self.deadline is not None:  # absent, not null: older specs keep their digest
-            body["deadline"] = self.deadline
+        # absent, not null: older specs keep their digest
+        for name in OPTIONAL_FIELDS:
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
         return body
 
     def encode(self) -> bytes:
@@ -213,9 +248,12 @@ class TaskSpec:
         if "deadline" in body and (type(deadline) is not int
                                    or not 0 < deadline <= MAX_SAFE_INTEGER):
             raise InputError("task spec: deadline must be a positive integer (unix seconds)")
+        _check_consent_fields(body)
         spec = cls(task_id, _field(body, "compute", str, w), _field(body, "code_digest", str, w),
                    params, datasets, _field(body, "executor_policy", dict, w), receivers,
-                   _field(body, "initiator_key", str, w), deadline=deadline)
+                   _field(body, "initiator_key", str, w), deadline=deadline,
+                   nonce=body.get("nonce"), expires=body.get("expires"), runs=body.get("runs"),
+                   executor_key=body.get("executor_key"))
         if spec.to_dict() != body:
             raise InputError("task spec: unknown or extra fields")
         return spec

@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -43,7 +44,7 @@ from teeflow.attestation.evidence import Evidence, bind_report_data
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.crypto import verify_signature
-from teeflow.core.errors import AuthError, InputError, StateError
+from teeflow.core.errors import AuthError, ConsentExpired, InputError, StateError
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.inputs import MemoryBudget
 from teeflow.executor.intake import MAX_BATCH_BYTES, UPLOAD_IDLE_TIMEOUT, Intake
@@ -52,6 +53,7 @@ from teeflow.executor.notary import Notary
 from teeflow.executor.release import Release
 from teeflow.executor.rounds import Rounds
 from teeflow.executor.runner import Runner
+from teeflow.executor.runs import RunLedger
 from teeflow.executor.spill import RunDir
 from teeflow.executor.states import RESULT, TASK, ResultEvent, TaskEvent, TaskState
 from teeflow.executor.store import DEFAULT_TTL, ResultStore
@@ -103,14 +105,16 @@ class Executor:
         self.tls_spki_hash = notary.tls_spki_hash
         self.signer = notary.signer
         self._challenges = Challenges(clock)
-        self._tasks = Tasks(notary, MemoryBudget(memory_budget), budgets, now)
+        if state_dir is None and spill_dir is not None:
+            state_dir = os.path.join(spill_dir, "state")
+        # digests admitted to run, kept with the results so a restart forgets neither
+        runs = RunLedger(Path(state_dir) / "runs.sqlite" if state_dir else None)
+        self._tasks = Tasks(notary, MemoryBudget(memory_budget), budgets, now, runs)
         self._uploads = UploadSlots(self._tasks.budgets)
         self._stop = threading.Event()
         if reap_every is not None:
             threading.Thread(target=self._reaper, args=(reap_every,), daemon=True,
                              name="teeflow-reaper").start()
-        if state_dir is None and spill_dir is not None:
-            state_dir = os.path.join(spill_dir, "state")
         self._store = ResultStore(state_dir, result_ttl, now) if state_dir else None
         self._intake = Intake(self._tasks, self._challenges, self.spill_dir, validate_batches,
                               max_batch_bytes, upload_idle_timeout)
@@ -207,6 +211,9 @@ class Executor:
             task.spec.task_id, request.dataset, request.challenge, self.tls_spki_hash))
         if not TASK.allows(task.status, TaskEvent.UPLOAD):
             raise StateError(f"task {task.spec.task_id} is {task.status}, not taking uploads")
+        if task.spec.expires is not None and task.spec.expires <= self._tasks.now():
+            raise ConsentExpired(f"task {task.spec.task_id}: its consent expired at unix time "
+                                 f"{task.spec.expires}")
         with self._uploads.slot(task.digest, owner):
             return self._intake.receive(request, schema, self._charged(task, messages),
                                         hang_up)

@@ -27,6 +27,8 @@ from teeflow.core import audit, wire
 from teeflow.core.crypto import verify_signature
 from teeflow.core.errors import (
     AuthError,
+    ConsentExpired,
+    ConsentSpent,
     InputError,
     OverBudget,
     ParameterError,
@@ -38,6 +40,7 @@ from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.inputs import Digest, MemoryBudget
 from teeflow.executor.messages import Approval
 from teeflow.executor.notary import Notary
+from teeflow.executor.runs import RunLedger
 from teeflow.executor.spill import SealedSpill
 from teeflow.executor.states import (
     INPUT,
@@ -194,8 +197,9 @@ class Tasks:
     """Every task of one executor. Callers take `lock` around `get` and the steps."""
 
     def __init__(self, notary: Notary, memory: MemoryBudget, budgets: Budgets | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, runs: RunLedger | None = None) -> None:
         self.lock = threading.Lock()
+        self.runs = runs or RunLedger()  # consent spent once: runs admitted per digest
         self.notary = notary
         self.memory = memory
         self.budgets = budgets or Budgets()
@@ -255,14 +259,27 @@ class Tasks:
         now = self.now()
         if spec.deadline is not None and spec.deadline <= now:
             raise InputError(f"task {spec.task_id}: its deadline has passed")
+        if spec.expires is not None and spec.expires <= now:
+            raise ConsentExpired(f"task {spec.task_id}: its consent expired at unix time "
+                                 f"{spec.expires}")
+        mine = self.notary.tls_spki_hash.hex()
+        if spec.executor_key is not None and spec.executor_key != mine:
+            raise AuthError(f"task {spec.task_id}: the spec is for executor key "
+                            f"{spec.executor_key[:16]}, this executor's is {mine[:16]}")
         with self.lock:
-            if digest in self._tasks:
+            held = self._tasks.get(digest)
+            if held is not None and held.status not in (TaskState.RELEASED, TaskState.FAILED,
+                                                        TaskState.CANCELLED):
                 return  # a retried create is harmless
+            if held is not None and self.runs.count(digest) >= spec.run_limit:
+                raise ConsentSpent(f"task {spec.task_id}: spec {digest[:16]} already ran "
+                                   f"{spec.run_limit} time(s) here, all it allows")
             live = sum(1 for t in self._tasks.values()
                        if t.live and t.budget_key == budget_key)
             if live >= self.budgets.initiator_tasks:
                 raise OverBudget(f"task {spec.task_id}: its initiator has "
                                  f"{self.budgets.initiator_tasks} live tasks here already")
+            run = self.runs.admit(digest, spec.task_id, spec.run_limit)
             task = Task(spec=spec, params=params, digest=digest, budget_key=budget_key,
                         deadline=float(spec.deadline) if spec.deadline is not None
                         else now + DEFAULT_DEADLINE,
@@ -271,7 +288,9 @@ class Tasks:
                 task.fed = Fed(rounds=params["rounds"])
             else:
                 task.uploads = {d.name: InputState(INPUT.initial) for d in spec.datasets}
-            self._tasks[digest] = task
+            self._tasks[digest] = task  # a finished earlier run's record gives way
+            self.record(task, "admitted", {"spec_digest": digest, "run": run,
+                                           "runs": spec.run_limit})
         log.info("task %s created: %s over %s", spec.task_id, spec.compute,
                  [d.name for d in spec.datasets])
 

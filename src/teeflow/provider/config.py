@@ -57,6 +57,17 @@ class ProviderConfig:
     def budget_path(self) -> Path:
         return self.budget_file or self.key_file.with_name(self.key_file.name + ".budget.sqlite")
 
+    @property
+    def ledger_path(self) -> Path:
+        """The owner's consent ledger (provider/ledger.py), next to its key."""
+        return self.key_file.with_name(self.key_file.name + ".uploads.sqlite")
+
+    @property
+    def specs_path(self) -> Path:
+        """The specs this node's key signed (files/signed_specs.py), next to the key:
+        `teeflow approve` with the same key file records there too."""
+        return self.key_file.with_name(self.key_file.name + ".specs.sqlite")
+
     def dataset(self, name: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.name == name), None)
 

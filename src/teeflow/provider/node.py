@@ -1,9 +1,11 @@
 """A data owner's node: outbound only. Long-polls the scheduler, signs the task specs
 its rules allow, appraises executors, uploads.
 
-Sends a byte of data only for a spec this node signed, to an executor whose
-evidence passed both this node's own policy and the policy inside that spec,
-over a channel pinned to the key that evidence binds.
+Sends a byte of data only for a spec this node signed (its own record says so, not only
+a signature the scheduler relays), to the executor that spec names by its attested key,
+whose evidence passed both this node's own policy and the policy inside that spec, over a
+channel pinned to the key that evidence binds; and only as many times as the spec allows,
+before it expires (provider/ledger.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from teeflow.core.errors import (
     AttestationError,
     AuthError,
     ConfigError,
+    ConsentExpired,
     InputError,
     LogInconsistent,
     OverBudget,
@@ -36,12 +39,14 @@ from teeflow.core.schemas import schema_fingerprint, schema_to_b64
 from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.datasets import count_rows, iter_batches, read_schema
 from teeflow.files.keys import load_or_create_key
+from teeflow.files.signed_specs import SignedSpecs
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.provider.budget import Ledger, PrivacyGuard
 from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
 from teeflow.provider.federated import take_part
+from teeflow.provider.ledger import UploadLedger
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
@@ -70,6 +75,8 @@ class Provider:
         # privacy budgets: debited here, before this node's signature or data leaves it
         self.privacy = PrivacyGuard(Ledger(config.budget_path), self.identity.public_key(),
                                     {d.name: d.privacy for d in config.datasets})
+        self.signed = SignedSpecs(config.specs_path)  # what this key signed, and where
+        self.ledger = UploadLedger(config.ledger_path)  # consent spent once
 
     def register(self) -> None:
         """Announce this node's keys and its datasets' schemas and sizes (never rows)."""
@@ -146,6 +153,7 @@ class Provider:
             mine_rules = mine.rules.digest() if mine.rules else None
             if ref.rules != mine_rules:  # the executor enforces the rules this digest names
                 raise InputError(f"spec's analysis rules for {ref.name!r} are not this node's")
+        check_consent_fields(spec)
         try:
             load_policy(spec.executor_policy, "executor_policy")
         except ConfigError as exc:
@@ -164,7 +172,7 @@ class Provider:
             approve = any(rule.matches(spec, me) for rule in self.config.approve)
             if approve:
                 self.privacy.charge(spec)
-        except (InputError, OverBudget) as exc:
+        except (InputError, OverBudget, ConsentExpired) as exc:
             self.decide(spec, "rejected")
             log.warning("task %s: rejected: %s", spec.task_id, exc)
             return "rejected"
@@ -179,6 +187,8 @@ class Provider:
         return None
 
     def decide(self, spec: wire.TaskSpec, decision: str) -> None:
+        if decision == "approved":  # recorded before the signature leaves
+            self.signed.record(spec, "owner")
         signature = self.identity.sign(audit.signed_payload(spec.task_id, decision,
                                                             approval_body(spec)))
         self.scheduler.decide(spec.task_id, decision, base64.b64encode(signature).decode())
@@ -201,6 +211,11 @@ class Provider:
                     self.identity.public_key():
                 raise AuthError(f"assignment does not match the spec of task {task_id}")
             check_signed_by(spec, item.get("approvals", []), self.identity.public_key())
+            if not self.signed.signed(spec.digest(), "owner"):
+                raise AuthError(f"task {task_id}: this node never signed spec "
+                                f"{spec.digest()[:16]} (not in its own record of what it "
+                                "signed)")
+            check_consent_fields(spec)
             mine_rules = dataset.rules.digest() if dataset.rules else None
             if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
                 raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
@@ -230,13 +245,15 @@ class Provider:
         """Send, at most UPLOAD_SLOTS uploads at once (federated rounds take no slot: they
         wait on the other parties). An executor with no room yet (OverBudget: uploads by
         this key or overall) is asked again with backoff, for up to ROOM_WAIT."""
+        claimed: dict[str, int] = {}
         if compute.get(spec.compute).layout == "federated":
-            return self._send(task_id, name, executor, spec, spec_policy, path)
+            return self._send(task_id, name, executor, spec, spec_policy, path, claimed)
         delay, deadline = 1.0, time.monotonic() + ROOM_WAIT
         while True:
             with self._upload_slots:
                 try:
-                    return self._send(task_id, name, executor, spec, spec_policy, path)
+                    return self._send(task_id, name, executor, spec, spec_policy, path,
+                                      claimed)
                 except OverBudget as exc:
                     if time.monotonic() > deadline or self._stop.is_set():
                         raise
@@ -246,15 +263,28 @@ class Provider:
             delay = min(delay * 2, 15.0)
 
     def _send(self, task_id: str, name: str, executor: str, spec: wire.TaskSpec,
-              spec_policy: Any, path: Any) -> dict[str, Any]:
-        """Appraise the executor under both policies, record the attestation, upload."""
+              spec_policy: Any, path: Any, claimed: dict[str, int]) -> dict[str, Any]:
+        """Appraise the executor under both policies, record the attestation, upload.
+        `claimed`: the run of the spec this upload spent, by executor key (a retry for
+        room spends none again)."""
         client, claims = attested_connect(executor, self.config.policy, self.verifiers)
         with client:
             satisfies(claims, spec_policy)
+            seen = client.tls_key_hash.hex()
+            if spec.executor_key is not None and seen != spec.executor_key:
+                raise AttestationError(
+                    f"executor_key: the spec is for executor key {spec.executor_key[:16]}, "
+                    f"{executor} attests key {seen[:16]}")
             if spec.compute == "user_code":
                 _check_isolation(client, self.config.policy, spec_policy)
+            if seen not in claimed:
+                claimed[seen] = self.ledger.claim(spec, name, seen)  # before any byte leaves
+            run = claimed[seen]
+            log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
+                     spec.run_limit)
             body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
                     "spec_digest": spec.digest(), "claims": claims.to_dict(),
+                    "run": run,  # which of the spec's runs this upload is
                     **self._log_anchor()}
             signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
             self._try_report(task_id, name, "started", attested={
@@ -313,6 +343,18 @@ class Provider:
 
     def _report_failure(self, task_id: str, name: str, message: str) -> None:
         self._report_until_heard(task_id, name, "failed", error=message)
+
+
+def check_consent_fields(spec: wire.TaskSpec, now: float | None = None) -> None:
+    """A spec this node signs or serves asks for consent once: a nonce and an expiry not
+    passed. (Its `executor_key`, where given, is checked against the attested key.)"""
+    missing = [n for n in ("nonce", "expires") if getattr(spec, n) is None]
+    if missing:
+        raise InputError(f"task {spec.task_id}: spec has no {' or '.join(missing)} (consent "
+                         "is given for a stated number of runs, until an expiry)")
+    if spec.expires is not None and spec.expires <= (time.time() if now is None else now):
+        raise ConsentExpired(f"task {spec.task_id}: its consent expired at unix time "
+                             f"{spec.expires}")
 
 
 class _Progress:

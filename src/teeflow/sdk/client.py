@@ -9,6 +9,9 @@
     client.wait(task["id"])
     result = client.result(task["id"])       # appraises the executor, opens the sealed result
     result.value["coefficients"], result.to_pandas()
+
+Every spec this client signs is recorded next to its key (files/signed_specs.py): a result
+is taken only for that digest, from that executor (sdk/pin.py), whatever the scheduler says.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ from teeflow.core.errors import AuthError, ConfigError, InputError, TaskFailed, 
 from teeflow.core.seal import open_sealed
 from teeflow.files.checkpoints import checkpoint_path
 from teeflow.files.keys import load_or_create_key
+from teeflow.files.signed_specs import SignedSpecs, specs_path
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
+from teeflow.sdk import pin
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
 FAILED = ("failed", "cancelled", "rejected")
 DEFAULT_DEADLINE = 24 * 3600  # seconds from build_spec to a task's deadline
+DEFAULT_EXPIRES = 24 * 3600  # seconds from build_spec until the owners' consent lapses
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,18 @@ class Client:
     def __init__(self, scheduler: str, key: Identity | str | Path | None = None,
                  policy: AppraisalPolicy | None = None,
                  collateral: CollateralSource | None = None, amd_ark: bytes | None = None,
-                 name: str | None = None, invite: str | None = None) -> None:
-        checkpoints = None
+                 name: str | None = None, invite: str | None = None,
+                 specs: SignedSpecs | Path | None = None) -> None:
+        """`specs`: where the specs this key signs are recorded (default: next to the key
+        file, `<key>.specs.sqlite`; memory only for a key given in code)."""
+        key_file = checkpoints = None
         if key is None or isinstance(key, (str, Path)):
             key_file = Path(key or DEFAULT_HOME / "key.pem").expanduser()
             key, checkpoints = load_or_create_key(key_file), checkpoint_path(key_file)
         self.identity: Identity = key
+        if not isinstance(specs, SignedSpecs):
+            specs = SignedSpecs(specs or (specs_path(key_file) if key_file else None))
+        self.signed = specs
         # `scheduler`: the pinned URL from the invitation, https://HOST:PORT#sha256:...;
         # every answer is checked against the log checkpoint kept next to the key
         self.scheduler = SchedulerClient(scheduler, self.identity, checkpoints=checkpoints)
@@ -97,6 +109,7 @@ class Client:
 
     def close(self) -> None:
         self.scheduler.close()
+        self.signed.close()
 
     def __enter__(self) -> Client:
         return self
@@ -118,12 +131,17 @@ class Client:
                    params: dict[str, Any] | None = None,
                    receivers: Sequence[wire.Receiver] | None = None,
                    policy: AppraisalPolicy | None = None,
-                   code_digest: str = "", deadline: int | None = None) -> wire.TaskSpec:
+                   code_digest: str = "", deadline: int | None = None,
+                   executor_key: str | None = None, expires: int | None = None,
+                   runs: int = 1) -> wire.TaskSpec:
         """The spec to sign. ``code_digest`` is the one the chosen executor published for
         ``compute_name`` (see ``executor_catalog``); the parameters and the catalogued
         schemas are checked here first, as far as the catalog can without the engine.
         ``deadline`` (unix seconds, default 24 hours from now): past it the executor fails
-        the task and wipes its inputs if it has not started to run."""
+        the task and wipes its inputs if it has not started to run. The consent it asks
+        for is spent once: a fresh nonce, ``expires`` (unix seconds, default 24 hours from
+        now), ``runs`` (how many runs the owners allow) and ``executor_key`` (SHA-256 of
+        the attested TLS key of the one executor it is for)."""
         catalog = {d["name"]: d for d in self.scheduler.datasets()}
         refs = []
         for name in datasets:
@@ -142,15 +160,23 @@ class Client:
             params=raw, datasets=tuple(refs),
             executor_policy=self._policy(policy).to_dict(),
             receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key(),
-            deadline=int(time.time() + DEFAULT_DEADLINE) if deadline is None else deadline)
+            deadline=int(time.time() + DEFAULT_DEADLINE) if deadline is None else deadline,
+            nonce=secrets.token_hex(16),
+            expires=int(time.time() + DEFAULT_EXPIRES) if expires is None else expires,
+            runs=runs, executor_key=executor_key)
 
     def executor_catalog(self, executor: str,
                          policy: AppraisalPolicy | None = None) -> dict[str, CatalogEntry]:
         """The computations an executor runs, with their code digests, read over a channel
         pinned to the key its evidence binds, after appraising it with your policy."""
-        client, _ = attested_connect(executor, self._policy(policy), self.verifiers)
+        return self._appraise(executor, policy)[0]
+
+    def _appraise(self, executor: str, policy: AppraisalPolicy | None = None
+                  ) -> tuple[dict[str, CatalogEntry], str, Claims]:
+        """The executor's catalog, its attested key's SHA-256 (hex) and its claims."""
+        client, claims = attested_connect(executor, self._policy(policy), self.verifiers)
         with client:
-            return client.catalog()
+            return client.catalog(), client.tls_key_hash.hex(), claims
 
     def choose_executor(self, policy: AppraisalPolicy | None = None) -> str:
         """The first registered executor that your policy accepts when you appraise it now
@@ -171,21 +197,26 @@ class Client:
     def submit(self, datasets: Sequence[str], executor: str | None, compute: str,
                params: dict[str, Any] | None = None,
                receivers: Sequence[wire.Receiver] | None = None,
-               deadline: int | None = None) -> dict[str, Any]:
+               deadline: int | None = None, expires: int | None = None,
+               runs: int = 1) -> dict[str, Any]:
         """Sign and submit a task; owners then approve it. `executor=None`: the first
         registered executor your policy accepts, appraised by you now. The spec names the
-        code digest that executor publishes over its attested channel, and `deadline`
-        (unix seconds; default 24 hours from now)."""
+        code digest that executor publishes over its attested channel and that executor's
+        attested key, `deadline` (unix seconds; default 24 hours from now), and the consent
+        it asks for: `expires` (unix seconds; default 24 hours from now) and `runs`. The
+        signed digest is recorded here before the signature leaves."""
         address = executor or self.choose_executor()
-        catalog = self.executor_catalog(address)
+        catalog, executor_key, claims = self._appraise(address)
         if compute not in catalog:
             known = ", ".join(sorted(catalog))
             raise InputError(f"computation {compute!r}: executor {address} does not run it "
                              f"(it runs: {known})")
         spec = self.build_spec(datasets, compute, params, receivers,
-                               code_digest=catalog[compute].code_digest, deadline=deadline)
+                               code_digest=catalog[compute].code_digest, deadline=deadline,
+                               executor_key=executor_key, expires=expires, runs=runs)
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
+        self.signed.record(spec, "initiator", address, claims.tee, claims.measurements)
         signature = base64.b64encode(self.identity.sign(payload)).decode()
         return self.scheduler.submit(spec.to_dict(), signature, address)
 
@@ -205,6 +236,8 @@ class Client:
         if spec.digest() != task["spec_digest"]:
             raise AuthError(f"task {task_id}: the scheduler's digest is not the spec's")
         payload = audit.signed_payload(task_id, decision, {"spec_digest": spec.digest()})
+        if decision == "approved":  # this node's provider uploads only for what it signed
+            self.signed.record(spec, "owner")
         return self.scheduler.decide(task_id, decision,
                                      base64.b64encode(self.identity.sign(payload)).decode())
 
@@ -225,15 +258,21 @@ class Client:
                 raise TimeoutError(f"task {task_id} still {task['state']} after {timeout}s")
             time.sleep(poll)
 
-    def result(self, task_id: str, policy: AppraisalPolicy | None = None) -> Result:
+    def result(self, task_id: str, policy: AppraisalPolicy | None = None,
+               digest: str | None = None) -> Result:
         """Appraise the task's executor with your own policy, take your sealed result from
-        it, check the executor's signature on it and open it with your key."""
+        it, check the executor's signature on it and open it with your key. Only for the
+        spec you signed (recorded at submit) or the `digest` you give: ResultMismatch
+        names what differs (task, spec digest, executor, executor evidence or key)."""
+        pinned = pin.pin_for(task_id, self.signed.of_task(task_id), digest)
         task = self.scheduler.task(task_id)
-        client, claims = attested_connect(task["executor"], self._policy(policy),
-                                          self.verifiers)
+        spec = pin.check_task(pinned, task)
+        client, claims = attested_connect(pinned.executor or task["executor"],
+                                          self._policy(policy), self.verifiers)
         with client:
+            pin.check_claims(pinned, claims)
             envelope = client.take_result(task_id, self.identity,
-                                          spec_digest=task["spec_digest"])
+                                          spec_digest=pinned.spec_digest)
             executor_key = client.tls_key_hash.hex()
         try:
             sealed = base64.b64decode(envelope.sealed, validate=True)
@@ -246,16 +285,16 @@ class Client:
             raise AuthError("result is not signed by the executor you appraised")
         audit.verify_entry_signature(task_id, "result", body, envelope.signer,
                                      envelope.signature)
-        if envelope.spec_digest != task["spec_digest"]:
-            raise AuthError("result is sealed for another task spec")
-        raw = open_sealed(sealed, self.identity.encryption_private_key(), task["spec_digest"])
-        self._check_commitment(task_id, envelope.sealed_sha256, raw)
+        pin.check_envelope(pinned, envelope.task_id, envelope.spec_digest)
+        raw = open_sealed(sealed, self.identity.encryption_private_key(), pinned.spec_digest)
+        self._check_commitment(task_id, envelope.sealed_sha256, raw, spec)
         opened = json.loads(raw)
         return Result(task_id=task_id, value=opened["result"],
                       simulated=bool(opened["simulated"]), tee=opened["tee"], claims=claims,
                       raw=raw)
 
-    def _check_commitment(self, task_id: str, sealed_sha256: str, raw: bytes) -> None:
+    def _check_commitment(self, task_id: str, sealed_sha256: str, raw: bytes,
+                          spec: wire.TaskSpec) -> None:
         """The opened result must be the one the `computed` entry commits to, signed by an
         executor key an owner of the task attested: its salted hash, and this receiver's
         ciphertext. That entry is what vouches for an envelope a restarted executor
@@ -272,9 +311,13 @@ class Client:
                     and audit.p256_key_hash(e.signer) in attested]
         if not computed:
             raise AuthError("the audit log has no computed entry by an attested executor key")
+        pin.check_executor_key(spec, [audit.p256_key_hash(e.signer) for e in computed])
+        computed = [e for e in computed if spec.executor_key is None
+                    or audit.p256_key_hash(e.signer) == spec.executor_key]
         for e in computed:
             audit.verify_entry_signature(task_id, e.kind, e.body, e.signer, e.signature)
-            if e.body.get("result_commitment") != hashlib.sha256(raw).hexdigest() or \
+            if e.body.get("spec_digest") != spec.digest() or \
+                    e.body.get("result_commitment") != hashlib.sha256(raw).hexdigest() or \
                     e.body.get("sealed_sha256", {}).get(self.identity.public_key()) != \
                     sealed_sha256:
                 raise AuthError("result is not the one the executor's computed entry "

@@ -1,0 +1,74 @@
+"""A data owner's consent ledger: every upload this node made, per spec digest and dataset,
+in a SQLite file of its own (`<key_file>.uploads.sqlite`, next to its key; never the
+scheduler's state, which can neither read nor reset it).
+
+A signed spec allows `runs` uploads of each of the owner's datasets (one unless it says);
+the one after is refused, whichever executor the scheduler names. The claim is taken in
+one BEGIN IMMEDIATE transaction before the first byte leaves, so two threads (or two
+processes sharing the file) cannot both take the last run, and it survives a restart. A
+claim is never given back: an upload that broke may have delivered rows, so it counts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from teeflow.core import wire
+from teeflow.core.errors import ConsentExpired, ConsentSpent
+
+
+class UploadLedger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                   isolation_level=None, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS uploads (spec_digest TEXT NOT NULL, dataset TEXT NOT "
+            "NULL, run INTEGER NOT NULL CHECK (run >= 1), task_id TEXT NOT NULL, executor_key "
+            "TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (spec_digest, dataset, run))")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def claim(self, spec: wire.TaskSpec, dataset: str, executor_key: str,
+              now: float | None = None) -> int:
+        """Take the next run of `dataset` under `spec` for the executor whose attested key
+        hashes to `executor_key` (hex); its run number, or ConsentSpent / ConsentExpired."""
+        at = time.time() if now is None else now
+        if spec.expires is not None and spec.expires <= at:
+            raise ConsentExpired(f"task {spec.task_id}: its consent expired at unix time "
+                                 f"{spec.expires}")
+        digest = spec.digest()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                done = self._db.execute(
+                    "SELECT COUNT(*) FROM uploads WHERE spec_digest=? AND dataset=?",
+                    (digest, dataset)).fetchone()[0]
+                if done >= spec.run_limit:
+                    raise ConsentSpent(
+                        f"dataset {dataset!r}: already uploaded {done} time(s) for spec "
+                        f"{digest[:16]} of task {spec.task_id}, which allows "
+                        f"{spec.run_limit}")
+                self._db.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?)",
+                                 (digest, dataset, done + 1, spec.task_id, executor_key, at))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return int(done + 1)
+
+    def uploads(self, spec_digest: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT dataset, run, task_id, executor_key, at FROM uploads WHERE spec_digest=? "
+            "ORDER BY dataset, run", (spec_digest,)).fetchall()
+        return [{"dataset": r[0], "run": r[1], "task_id": r[2], "executor_key": r[3],
+                 "at": r[4]} for r in rows]
