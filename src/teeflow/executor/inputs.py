@@ -27,6 +27,16 @@ def _libc_trim() -> Callable[[], object] | None:
 _TRIM = _libc_trim()
 
 
+def few_arenas(count: int = 2) -> None:
+    """At most `count` C heaps (glibc's M_ARENA_MAX), set before the server's threads
+    start: each thread that allocates would otherwise get a heap of its own (up to 8 per
+    core), each keeping its freed pages, fragmented, after a load has passed."""
+    try:
+        ctypes.CDLL(None).mallopt(-8, count)  # M_ARENA_MAX; glibc only
+    except (OSError, AttributeError):
+        pass
+
+
 def give_back() -> None:
     """Return memory freed by a task (its inputs, the computation's working set) to the
     OS: Arrow's pool and the C heap keep freed pages for reuse, so an executor that ran
