@@ -47,8 +47,16 @@ def session(ctx: click.Context) -> Session:
     return obj
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """Log to stderr at INFO (DEBUG if `verbose`), or at TEEFLOW_LOG_LEVEL if it is set."""
+    level = os.environ.get("TEEFLOW_LOG_LEVEL", "").strip().upper() or \
+        ("DEBUG" if verbose else "INFO")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"TEEFLOW_LOG_LEVEL: one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(level=getattr(logging, level),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 

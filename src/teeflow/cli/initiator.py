@@ -63,7 +63,9 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
 
 def _write_result(c: Client, task_id: str, out: Path, digest: str | None = None) -> None:
     result = c.result(task_id, digest=digest)
-    out.write_bytes(json.dumps(json.loads(result.raw), indent=2).encode())
+    # result.value: coefficients in the model's column order (raw JSON has sorted keys)
+    out.write_bytes(json.dumps({**json.loads(result.raw), "result": result.value},
+                               indent=2).encode())
     mark = " [yellow](SIMULATED TEE: not a hardware attestation)[/]" if result.simulated else ""
     console.print(f"result of {task_id} written to {out}{mark}")
 

@@ -120,6 +120,7 @@ def run(inputs: list[tuple[str, pa.Table]], params: dict[str, Any]) -> dict[str,
     means = (weights / weights.sum()) @ rows
     return {
         "parameters": {name: float(v) for name, v in zip(order, means, strict=True)},
+        "names": list(order),  # the parameters' order (JSON keys come back sorted)
         "n_samples": total,
         "parties": len(parties),
     }
@@ -144,4 +145,4 @@ def run_stream(sources: list[Source], params: dict[str, Any]) -> dict[str, Any]:
         sums += n * values[[position[name] for name in order]]
         total += n
     return {"parameters": {name: float(v) for name, v in zip(order, sums / total, strict=True)},
-            "n_samples": total, "parties": len(sources)}
+            "names": list(order), "n_samples": total, "parties": len(sources)}

@@ -4,6 +4,7 @@ converted and bounded here, before any data moves. Light: every role imports it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,45 @@ class Param:
         if self.choices is not None:
             out["choices"] = list(self.choices)
         return out
+
+
+def param_text(name: str, value: Any, param: Param | None = None) -> str:
+    """A caller's value (SDK, CLI) as the string a spec carries, checked for its shape: a
+    list, tuple or one-dimensional array of names (``list[str]`` parameters) comma-joined,
+    booleans ``true`` / ``false``, numbers in full precision; a string as it is. Raises
+    ParameterError naming the parameter (never its value) for a shape it cannot take."""
+
+    def fail(message: str) -> ParameterError:
+        return ParameterError(f"parameter {name!r}: {message}")
+
+    if isinstance(value, str):
+        return value
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        value = value.tolist()  # a numpy array, a pandas Index or Series of names
+    if isinstance(value, (list, tuple)):
+        if param is not None and param.type != "list[str]":
+            raise fail(f"a list was given, but it takes a {param.type}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise fail(f"item {i} is a {type(item).__name__}, not a name (str)")
+            if "," in item or not item.strip():
+                raise fail(f"item {i} is empty or holds a comma (each item is one name)")
+        if not value:
+            raise fail("an empty list (leave the parameter out for its default)")
+        return ",".join(value)
+    if param is not None and param.type == "list[str]":
+        raise fail(f"takes a list of names, got a {type(value).__name__}")
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number):
+            raise fail("not a finite number")
+        return repr(number)
+    raise fail(f"a {type(value).__name__} is not a parameter value (give a str, int, float, "
+               "bool, or a list of names)")
 
 
 def parse_params(

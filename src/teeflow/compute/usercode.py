@@ -12,11 +12,13 @@ no network, writes no file, and runs under CPU-time (``cpu_seconds``) and memory
 says which isolation applied (``isolation``). A failure is reported by its kind only (limit
 reached, exception type), never by a message the code produced.
 
-The result is ``{"kind": "table", "columns": [...], "rows": [[...], ...]}`` or ``{"kind":
-"bytes", "base64": "..."}``, plus ``code_sha256`` and ``isolation``.
+The result is ``{"kind": "table", "columns": [...], "rows": [[...], ...], "arrow": "..."}`` or
+``{"kind": "bytes", "base64": "..."}``, plus ``code_sha256`` and ``isolation``.
 
 This module also holds ``table_json``, the conversion of a result table to JSON-ready values
-(shared with ``sql``).
+(shared with ``sql``), with the same table as a base64 Arrow IPC stream (``arrow``): the
+types JSON loses (int64 beyond 2**53, decimals, timestamps, NaN, nulls in an int column) are
+kept there, and the SDK's ``Result.to_arrow()`` reads it.
 """
 
 from __future__ import annotations
@@ -209,4 +211,16 @@ def table_json(table: pa.Table, max_cells: int = MAX_CELLS) -> dict[str, Any]:
                      unit="cells")
     columns = [[_json_value(v) for v in col.to_pylist()] for col in table.columns]
     rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
-    return {"columns": list(table.column_names), "rows": rows}
+    return {"columns": list(table.column_names), "rows": rows, "arrow": table_ipc(table)}
+
+
+def table_ipc(table: pa.Table) -> str:
+    """The table as a base64 Arrow IPC stream (zstd-compressed when pyarrow has it), its
+    schema metadata dropped (a user's table may carry anything there)."""
+    table = table.replace_schema_metadata(None)
+    codec = "zstd" if pa.Codec.is_available("zstd") else None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema,
+                           options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+        writer.write_table(table)
+    return base64.b64encode(sink.getvalue().to_pybytes()).decode("ascii")

@@ -2,11 +2,13 @@
 
     TeeflowError
     ├── ConfigError            a local config or policy file is wrong (names the field)
+    │   └── MissingPackage     an optional package (polars, xgboost) is not installed
     ├── InputError             a caller asked for something invalid
     │   ├── UnknownDataset
     │   ├── UnknownTask
     │   ├── ParameterError     computation parameters that do not fit its schema
-    │   └── SchemaMismatch     uploaded data whose schema is not the catalogued one
+    │   ├── SchemaMismatch     uploaded data whose schema is not the catalogued one
+    │   └── ResultKindError    a result asked for as what it is not (a table, a model)
     ├── AttestationError       evidence that is not believed
     │   ├── EvidenceFormatError    malformed or oversized evidence / collateral
     │   ├── VerificationError      a signature, chain or collateral check failed
@@ -51,6 +53,10 @@ class ConfigError(TeeflowError):
     code = "config"
 
 
+class MissingPackage(ConfigError):
+    code = "missing_package"
+
+
 class InputError(TeeflowError):
     code = "input"
 
@@ -69,6 +75,10 @@ class ParameterError(InputError):
 
 class SchemaMismatch(InputError):
     code = "schema_mismatch"
+
+
+class ResultKindError(InputError):
+    code = "result_kind"
 
 
 class AttestationError(TeeflowError):

@@ -10,24 +10,18 @@ It holds digests and counts, nothing of any data.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from teeflow.core.errors import ConsentSpent
+from teeflow.files.sqlite import open_db
 
 
 class RunLedger:
     def __init__(self, path: Path | None = None) -> None:
-        if path is not None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if path is None else str(path),
-                                   check_same_thread=False, isolation_level=None, timeout=30.0)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(path, dir_mode=0o700)
         self._db.execute("CREATE TABLE IF NOT EXISTS runs (spec_digest TEXT NOT NULL, run "
                          "INTEGER NOT NULL CHECK (run >= 1), task_id TEXT NOT NULL, at REAL "
                          "NOT NULL, PRIMARY KEY (spec_digest, run))")

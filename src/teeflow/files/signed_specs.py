@@ -11,7 +11,6 @@ secret; it holds no data and no key.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from teeflow.core import wire
 from teeflow.core.errors import InputError
+from teeflow.files.sqlite import open_db
 
 ROLES = ("initiator", "owner")
 
@@ -45,14 +45,8 @@ class SignedSpecs:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if path is None else str(path),
-                                   check_same_thread=False, isolation_level=None, timeout=30.0)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS signed (task_id TEXT NOT NULL, spec_digest TEXT NOT "
             "NULL, role TEXT NOT NULL, executor TEXT NOT NULL, executor_key TEXT NOT NULL, "

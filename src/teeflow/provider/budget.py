@@ -22,6 +22,7 @@ from typing import Any
 from teeflow import compute
 from teeflow.core import wire
 from teeflow.core.errors import ConfigError, InputError, OverBudget, TeeflowError
+from teeflow.files.sqlite import open_db
 
 # Spends are compared with this slack, so 10 tasks of 0.1 fit a budget of 1.0 despite
 # rounding; it is far below any epsilon a task may ask for.
@@ -119,14 +120,8 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # autocommit; every change is an explicit BEGIN IMMEDIATE transaction, which also
-        # serializes two provider processes sharing the file
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                   isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(self.path)  # every change: one BEGIN IMMEDIATE transaction
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spends (dataset TEXT NOT NULL, spec_digest TEXT NOT "
             "NULL, task_id TEXT NOT NULL, epsilon REAL NOT NULL CHECK (epsilon >= 0), delta "

@@ -11,7 +11,6 @@ claim is never given back: an upload that broke may have delivered rows, so it c
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -19,17 +18,14 @@ from typing import Any
 
 from teeflow.core import wire
 from teeflow.core.errors import ConsentExpired, ConsentSpent
+from teeflow.files.sqlite import open_db
 
 
 class UploadLedger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                   isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(self.path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS uploads (spec_digest TEXT NOT NULL, dataset TEXT NOT "
             "NULL, run INTEGER NOT NULL CHECK (run >= 1), task_id TEXT NOT NULL, executor_key "

@@ -8,7 +8,9 @@
                          compute="logistic_regression", params={"label": "y"})
     client.wait(task["id"])
     result = client.result(task["id"])       # appraises the executor, opens the sealed result
-    result.value["coefficients"], result.to_pandas()
+    result.value["coefficients"]            # in the model's column order
+    result.to_sklearn().predict(frame)       # a fitted scikit-learn estimator
+    # a sql or user_code task: result.to_arrow(), .to_pandas(), .to_polars()
 
 Every spec this client signs is recorded next to its key (files/signed_specs.py): a result
 is taken only for that digest, from that executor (sdk/pin.py), whatever the scheduler says.
@@ -22,7 +24,6 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from teeflow.attestation.collateral import CollateralSource
 from teeflow.attestation.evidence import Claims
 from teeflow.attestation.policy import AppraisalPolicy
 from teeflow.attestation.registry import make_verifiers
+from teeflow.compute.params import param_text
 from teeflow.core import audit, wire
 from teeflow.core.answers import CatalogEntry
 from teeflow.core.crypto import Identity
@@ -42,45 +44,12 @@ from teeflow.files.signed_specs import SignedSpecs, specs_path
 from teeflow.net.executor_client import attested_connect
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.sdk import pin
+from teeflow.sdk.results import Result, ordered
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
 FAILED = ("failed", "cancelled", "rejected")
 DEFAULT_DEADLINE = 24 * 3600  # seconds from build_spec to a task's deadline
 DEFAULT_EXPIRES = 24 * 3600  # seconds from build_spec until the owners' consent lapses
-
-
-@dataclass(frozen=True)
-class Result:
-    """A task's result, opened with your key, and the executor's claims as you appraised them."""
-
-    task_id: str
-    value: dict[str, Any]
-    simulated: bool
-    tee: str
-    claims: Claims
-    raw: bytes
-
-    def to_pandas(self):
-        """Coefficients or aggregated parameters as a DataFrame (name, value)."""
-        import pandas as pd
-
-        for key in ("coefficients", "parameters"):
-            if isinstance(self.value.get(key), dict):
-                items = list(self.value[key].items())
-                if "intercept" in self.value:
-                    items.append(("intercept", self.value["intercept"]))
-                return pd.DataFrame(items, columns=["name", "value"])
-        return pd.json_normalize(self.value)
-
-
-def _param_text(value: Any) -> str:
-    """A parameter as the string the spec carries: lists and tuples of names comma-joined
-    (``features=["age", "bmi"]`` is ``"age,bmi"``), booleans lower-case."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 class Client:
@@ -151,7 +120,7 @@ class Client:
             refs.append(wire.DatasetRef(name, d["owner"], d["owner_key"], d["fingerprint"],
                                         d.get("rules_digest")))
         comp = compute.get(compute_name)
-        raw = {k: _param_text(v) for k, v in (params or {}).items()}
+        raw = {k: param_text(k, v, comp.param(k)) for k, v in (params or {}).items()}
         # e.g. federated's min_parties, counted in distinct owners
         comp.parties_ok(len({r.owner_key for r in refs}), comp.precheck(raw))
         me = wire.Receiver(self.identity.public_key(), self.identity.encryption_public_key())
@@ -289,9 +258,9 @@ class Client:
         raw = open_sealed(sealed, self.identity.encryption_private_key(), pinned.spec_digest)
         self._check_commitment(task_id, envelope.sealed_sha256, raw, spec)
         opened = json.loads(raw)
-        return Result(task_id=task_id, value=opened["result"],
+        return Result(task_id=task_id, value=ordered(opened["result"]),
                       simulated=bool(opened["simulated"]), tee=opened["tee"], claims=claims,
-                      raw=raw)
+                      raw=raw, compute=str(opened.get("compute", "")))
 
     def _check_commitment(self, task_id: str, sealed_sha256: str, raw: bytes,
                           spec: wire.TaskSpec) -> None:
