@@ -25,7 +25,7 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench import Options, Row, attestation, compute, dp, memory, upload  # noqa: E402
+from bench import Options, Row, attestation, compute, dp, load, memory, upload  # noqa: E402
 
 SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "upload": ("Upload: one provider -> executor, Arrow Flight do_put", upload.run),
@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "compute": ("Computations: executor vs. plain Python on the same data", compute.run),
     "dp": ("Differential privacy: accuracy cost of the DP model, time of a DP aggregate",
            dp.run),
+    "load": ("Load: concurrent tasks over four owners and one executor", load.run),
 }
 
 

@@ -10,6 +10,7 @@ the field and what was expected, never the value sent (`describe`).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -312,6 +313,15 @@ class UploadWork(Model):
 
 
 WorkItem = Annotated[ApproveWork | UploadWork, Field(discriminator="kind")]
+
+
+def work_digest(items: list[dict[str, Any]]) -> str:
+    """What a node already holds of its work, as it passes it back on its next long poll
+    (`seen`): the scheduler answers when this changes, not while the same items wait (a
+    task waiting for a person would otherwise make every poll return at once)."""
+    keys = sorted(f"{i.get('kind')} {i.get('task_id')} {i.get('dataset', '')} "
+                  f"{i.get('spec_digest')}" for i in items)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 # -- validation errors -------------------------------------------------------------------------

@@ -5,6 +5,8 @@ the executor: the passes feed the computation and the digest only.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
@@ -12,6 +14,37 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 from teeflow.executor.spill import SealedSpill
+
+
+def _libc_trim() -> Callable[[], object] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
+_TRIM = _libc_trim()
+
+
+def few_arenas(count: int = 2) -> None:
+    """At most `count` C heaps (glibc's M_ARENA_MAX), set before the server's threads
+    start: each thread that allocates would otherwise get a heap of its own (up to 8 per
+    core), each keeping its freed pages, fragmented, after a load has passed."""
+    try:
+        ctypes.CDLL(None).mallopt(-8, count)  # M_ARENA_MAX; glibc only
+    except (OSError, AttributeError):
+        pass
+
+
+def give_back() -> None:
+    """Return memory freed by a task (its inputs, the computation's working set) to the
+    OS: Arrow's pool and the C heap keep freed pages for reuse, so an executor that ran
+    many tasks at once would stay at its peak long after they all ended."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    if _TRIM is not None:
+        _TRIM()
 
 
 class MemoryBudget:

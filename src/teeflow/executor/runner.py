@@ -17,7 +17,7 @@ from teeflow import compute
 from teeflow.compute.errors import is_public, public
 from teeflow.compute.rows import Source
 from teeflow.core.errors import StateError, TeeflowError
-from teeflow.executor.inputs import batches_of
+from teeflow.executor.inputs import batches_of, give_back
 from teeflow.executor.release import Release
 from teeflow.executor.states import TASK, TaskEvent, TaskState, missing_inputs
 from teeflow.executor.tasks import Task, Tasks
@@ -46,6 +46,12 @@ class Runner:
         return str(TaskState.RUNNING)
 
     def _compute(self, task: Task) -> None:
+        try:
+            self._compute_once(task)
+        finally:  # done or failed, its inputs are wiped: their memory goes back too
+            give_back()
+
+    def _compute_once(self, task: Task) -> None:
         spec = task.spec
         self.tasks.settle(task)  # every input's `received` entry is in before the run
         try:  # before any data is read: messages quote only the spec and the schemas

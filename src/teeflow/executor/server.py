@@ -33,6 +33,7 @@ from teeflow.core.answers import (
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.core.schemas import schema_from_b64
 from teeflow.executor import hangup, hardening
+from teeflow.executor.inputs import few_arenas
 from teeflow.executor.messages import (
     CancelRequest,
     ChallengeRequest,
@@ -230,6 +231,7 @@ def build(backend: TeeBackend, host: str = "127.0.0.1", port: int = 0,
     """`options`: the Executor's other keyword options (state_dir, result_ttl,
     upload_idle_timeout, ...)."""
     hardening.harden()  # before the key exists: no other process may read this one's memory
+    few_arenas()  # before the server's threads start
     cert_pem, key_pem = make_ratls_identity(backend)
     key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -201,8 +201,12 @@ class SchedulerClient:
     def datasets(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/datasets", answer=list[api.Dataset])
 
-    def work(self, node: str, wait: float) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/nodes/{node}/work", params={"wait": wait},
+    def work(self, node: str, wait: float, seen: str = "") -> list[dict[str, Any]]:
+        """Long poll; `seen` (api.work_digest of the last answer): wait while it still holds."""
+        params: dict[str, Any] = {"wait": wait}
+        if seen:
+            params["seen"] = seen
+        return self._call("GET", f"/v1/nodes/{node}/work", params=params,
                           timeout=wait + 30, answer=list[api.WorkItem])
 
     def report(self, task_id: str, dataset: str, state: str, rows: int = 0,

@@ -22,7 +22,7 @@ import pyarrow as pa
 from teeflow import compute
 from teeflow.attestation.policy import load_policy, satisfies
 from teeflow.attestation.registry import make_verifiers
-from teeflow.core import audit, wire
+from teeflow.core import api, audit, wire
 from teeflow.core.crypto import Identity
 from teeflow.core.errors import (
     AttestationError,
@@ -52,6 +52,10 @@ from teeflow.provider.ledger import UploadLedger
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
 OUTCOME_RETRY = 120.0
+# uploads this node runs at once: the executor's default cap per owner key (Budgets), so
+# many tasks at once queue here instead of being refused there
+UPLOAD_SLOTS = 2
+ROOM_WAIT = 600.0  # seconds an upload waits for an executor that has no room yet
 
 
 class Provider:
@@ -67,6 +71,10 @@ class Provider:
                                          checkpoints=checkpoint_path(config.key_file))
         self.verifiers = make_verifiers(config.collateral, config.amd_ark)
         self._busy: set[tuple[str, ...]] = set()
+        # approval requests no rule signs: left for a person, not considered (or logged)
+        # again on every poll while they wait
+        self._parked: set[tuple[str, ...]] = set()
+        self._upload_slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # privacy budgets: debited here, before this node's signature or data leaves it
@@ -92,9 +100,11 @@ class Provider:
 
     def run_forever(self) -> None:
         self.register()
+        seen = ""  # what this node holds already: the long poll waits while it is all
         while not self._stop.is_set():
             try:
-                work = self.scheduler.work(self.config.name, self.config.poll_wait)
+                work = self.scheduler.work(self.config.name, self.config.poll_wait, seen)
+                seen = api.work_digest(work)
             except Unreachable as exc:
                 log.warning("%s; retrying", exc)
                 self._stop.wait(2.0)
@@ -102,10 +112,13 @@ class Provider:
             except LogInconsistent as exc:  # the scheduler rewrote what this node saw
                 log.error("stopping: %s", exc)
                 raise
-            for item in work:
-                key = (item["kind"], item["task_id"], item.get("dataset", ""))
+            keys = [(i["kind"], i["task_id"], i.get("dataset", ""), i["spec_digest"])
+                    for i in work]
+            with self._lock:
+                self._parked &= set(keys)  # decided by hand, cancelled, or gone
+            for item, key in zip(work, keys, strict=True):
                 with self._lock:
-                    if key in self._busy:
+                    if key in self._busy or key in self._parked:
                         continue
                     self._busy.add(key)
                 threading.Thread(target=self._handle_guarded, args=(item, key),
@@ -114,7 +127,9 @@ class Provider:
     def _handle_guarded(self, item: dict[str, Any], key: tuple[str, ...]) -> None:
         try:
             if item["kind"] == "approve":
-                self.consider(item)
+                if self.consider(item) is None:
+                    with self._lock:
+                        self._parked.add(key)
             else:
                 self.handle(item)
         except Exception:
@@ -213,47 +228,10 @@ class Provider:
             if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
                 raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
                                  "not uploading")
-            source = self.catalog.open(name)  # checked against its catalogue record
-            try:
-                self.privacy.before_upload(spec, name)  # debited (also if signed by hand)
-                spec_policy = load_policy(spec.executor_policy, "executor_policy")
-                client, claims = attested_connect(executor, self.config.policy,
-                                                  self.verifiers)
-            except BaseException:
-                source.close()  # refused before the upload began: no handle left open
-                raise
-            with client, source:
-                satisfies(claims, spec_policy)
-                seen = client.tls_key_hash.hex()
-                if spec.executor_key is not None and seen != spec.executor_key:
-                    raise AttestationError(
-                        f"executor_key: the spec is for executor key {spec.executor_key[:16]}, "
-                        f"{executor} attests key {seen[:16]}")
-                if spec.compute == "user_code":
-                    _check_isolation(client, self.config.policy, spec_policy)
-                run = self.ledger.claim(spec, name, seen)  # before any byte leaves
-                log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
-                         spec.run_limit)
-                body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
-                        "spec_digest": spec.digest(), "claims": claims.to_dict(),
-                        "run": run,  # which of the spec's runs this upload is
-                        **self._log_anchor()}
-                signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
-                self._try_report(task_id, name, "started", attested={
-                    "body": body, "signature": base64.b64encode(signature).decode()})
-                log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
-                         claims.measurements)
-                comp = compute.get(spec.compute)
-                if comp.layout == "federated":  # rows stay here; only updates leave
-                    receipt = take_part(client, task_id, name, dataset.path,
-                                        comp.precheck(dict(spec.params)), self.identity,
-                                        spec_digest=spec.digest())
-                else:
-                    receipt = client.upload(task_id, name, self.identity,
-                                            read_schema(dataset.path),
-                                            self._paced(self.catalog.batches(name, source)),
-                                            _Progress(self, task_id, name),
-                                            spec_digest=spec.digest())
+            self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
+            spec_policy = load_policy(spec.executor_policy, "executor_policy")
+            receipt = self._send_when_room(task_id, name, executor, spec, spec_policy,
+                                           dataset.path)
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")
@@ -268,6 +246,75 @@ class Provider:
             return None
         self._report_until_heard(task_id, name, "uploaded", rows=int(receipt.get("rows", 0)))
         log.info("task %s: uploaded %s (%s rows)", task_id, name, receipt.get("rows"))
+        return receipt
+
+    def _send_when_room(self, task_id: str, name: str, executor: str,
+                        spec: wire.TaskSpec, spec_policy: Any, path: Any) -> dict[str, Any]:
+        """Send, at most UPLOAD_SLOTS uploads at once (federated rounds take no slot: they
+        wait on the other parties). An executor with no room yet (OverBudget: uploads by
+        this key or overall) is asked again with backoff, for up to ROOM_WAIT."""
+        claimed: dict[str, int] = {}
+        if compute.get(spec.compute).layout == "federated":
+            return self._send(task_id, name, executor, spec, spec_policy, path, claimed)
+        delay, deadline = 1.0, time.monotonic() + ROOM_WAIT
+        while True:
+            with self._upload_slots:
+                try:
+                    return self._send(task_id, name, executor, spec, spec_policy, path,
+                                      claimed)
+                except OverBudget as exc:
+                    if time.monotonic() > deadline or self._stop.is_set():
+                        raise
+                    log.info("task %s: executor has no room for %s yet (%s); trying again",
+                             task_id, name, exc)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+
+    def _send(self, task_id: str, name: str, executor: str, spec: wire.TaskSpec,
+              spec_policy: Any, path: Any, claimed: dict[str, int]) -> dict[str, Any]:
+        """Appraise the executor under both policies, record the attestation, upload.
+        `claimed`: the run of the spec this upload spent, by executor key (a retry for
+        room spends none again)."""
+        source = self.catalog.open(name)  # checked against its catalogue record, each try
+        try:
+            client, claims = attested_connect(executor, self.config.policy, self.verifiers)
+        except BaseException:
+            source.close()  # refused before the upload began: no handle left open
+            raise
+        with client, source:
+            satisfies(claims, spec_policy)
+            seen = client.tls_key_hash.hex()
+            if spec.executor_key is not None and seen != spec.executor_key:
+                raise AttestationError(
+                    f"executor_key: the spec is for executor key {spec.executor_key[:16]}, "
+                    f"{executor} attests key {seen[:16]}")
+            if spec.compute == "user_code":
+                _check_isolation(client, self.config.policy, spec_policy)
+            if seen not in claimed:
+                claimed[seen] = self.ledger.claim(spec, name, seen)  # before any byte leaves
+            run = claimed[seen]
+            log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
+                     spec.run_limit)
+            body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
+                    "spec_digest": spec.digest(), "claims": claims.to_dict(),
+                    "run": run,  # which of the spec's runs this upload is
+                    **self._log_anchor()}
+            signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
+            self._try_report(task_id, name, "started", attested={
+                "body": body, "signature": base64.b64encode(signature).decode()})
+            log.info("task %s: executor %s attested: %s %s", task_id, executor, claims.tee,
+                     claims.measurements)
+            comp = compute.get(spec.compute)
+            if comp.layout == "federated":  # rows stay here; only updates leave
+                receipt = take_part(client, task_id, name, path,
+                                    comp.precheck(dict(spec.params)), self.identity,
+                                    spec_digest=spec.digest())
+            else:
+                receipt = client.upload(task_id, name, self.identity,
+                                        read_schema(path),
+                                        self._paced(self.catalog.batches(name, source)),
+                                        _Progress(self, task_id, name),
+                                        spec_digest=spec.digest())
         return receipt
 
     def _paced(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

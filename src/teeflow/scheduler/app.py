@@ -339,19 +339,32 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
         return api.Ok(ok=True)
 
     @signed.get("/v1/nodes/{node}/work")
-    async def work(node: str, key: Caller, wait: float = 0.0) -> list[api.WorkItem]:
-        """Long poll: a node's approval requests and uploads, as soon as there are any."""
+    async def work(node: str, key: Caller, wait: float = 0.0,
+                   seen: str = "") -> list[api.WorkItem]:
+        """Long poll: a node's approval requests and uploads, as soon as there are any the
+        node does not hold yet (`seen`: api.work_digest of what it holds); the store is
+        read again only after it changed (or once a second), so a node waiting costs
+        next to nothing on either side."""
         if store.node_key(node) != key:
             raise AuthError(f"only node {node!r} can take its own work")
         if not math.isfinite(wait):
             raise InputError("wait: a number of seconds")
+        if len(seen) > 64:
+            raise InputError("seen: a SHA-256 hex digest")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait, 0.0), MAX_WAIT)
+        version, read_at = -1, 0.0
+        items: list[dict[str, Any]] = []
         while True:
-            items = store.approval_requests(key) + store.pending_for(node)
-            if items or loop.time() >= deadline:
-                return [_WORK.validate_python(i) for i in items]
+            if store.version != version or loop.time() - read_at >= 1.0:
+                version, read_at = store.version, loop.time()
+                items = store.approval_requests(key) + store.pending_for(node)
+                if items and api.work_digest(items) != seen:
+                    break
+            if loop.time() >= deadline:
+                break
             await asyncio.sleep(0.1)
+        return [_WORK.validate_python(i) for i in items]
 
     app.include_router(joining)
     app.include_router(signed)

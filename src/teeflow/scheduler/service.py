@@ -8,6 +8,7 @@ relays was signed by an owner's key and is checked again by the executor.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from teeflow.core.errors import (
     AuthError,
     ConfigError,
     InputError,
+    OverBudget,
     PeerError,
     StateError,
     TeeflowError,
@@ -33,6 +35,7 @@ from teeflow.scheduler.store import Store, Task
 
 log = logging.getLogger("teeflow.scheduler")
 UNREACHABLE_GRACE = 60.0
+DISPATCH_RETRY = 2.0  # seconds before an executor that was full is asked again
 
 
 class ExecutorLink(Protocol):
@@ -69,6 +72,11 @@ class Scheduler:
         self.store = store
         self._connect = connect
         self._unreachable_since: dict[str, float] = {}
+        # approved tasks being handed to their executor (one hand-over at a time), and
+        # those the executor had no room for yet: asked again after this time
+        self._dispatching: set[str] = set()
+        self._queued: dict[str, float] = {}
+        self._dispatch_lock = threading.Lock()
 
     # -- visibility ----------------------------------------------------------
     def parties(self, task: Task) -> set[str]:
@@ -185,7 +193,23 @@ class Scheduler:
         return self.store.task(task_id)
 
     def _dispatch(self, task: Task) -> None:
-        """Hand the spec and every owner's signature to the executor."""
+        """Hand the spec and every owner's signature to the executor, once at a time per
+        task. An executor with no room yet (OverBudget: its live tasks per initiator) keeps
+        the task `approved`, queued: the tick asks again (the executor refuses it once its
+        deadline has passed, and it fails then)."""
+        with self._dispatch_lock:
+            if task.id in self._dispatching:
+                return
+            self._dispatching.add(task.id)
+        try:
+            task = self.store.task(task.id)  # not a stale copy: handed over once
+            if task.state == "approved":
+                self._hand_over(task)
+        finally:
+            with self._dispatch_lock:
+                self._dispatching.discard(task.id)
+
+    def _hand_over(self, task: Task) -> None:
         approvals = [{"signer": audit.ed25519_signer(a["owner_key"]),
                       "signature": a["signature"]}
                      for a in self.store.approvals(task.id) if a["decision"] == "approved"]
@@ -207,9 +231,16 @@ class Scheduler:
                     "initiator_signature": self._submit_signature(task)}))
             finally:
                 link.close()
+        except OverBudget as exc:
+            if task.id not in self._queued:
+                log.info("task %s: queued, the executor has no room yet: %s", task.id, exc)
+            self._queued[task.id] = time.time() + DISPATCH_RETRY
+            return
         except TeeflowError as exc:
+            self._queued.pop(task.id, None)
             self.store.transition(task.id, "fail", {"reason": str(exc)}, error=str(exc))
             return
+        self._queued.pop(task.id, None)
         self.store.transition(task.id, "accept", {"executor": task.executor})
 
     def _submit_signature(self, task: Task) -> str:
@@ -342,7 +373,11 @@ class Scheduler:
             self.store.append(task.id, kind, body, signer, signature)
 
     def _follow(self, task: Task) -> None:
-        if task.state in ("submitted", "approved"):
+        if task.state == "approved":  # queued, or its hand-over was cut short
+            if time.time() >= self._queued.get(task.id, 0.0):
+                self._dispatch(task)
+            return
+        if task.state == "submitted":
             return
         try:
             status = self._status(task.executor, task.spec_digest)  # its id there

@@ -5,8 +5,12 @@ and core/tlog.py, each entry signed by the scheduler's log key at its index) and
 cosignatures members sent for its checkpoints.
 
 It routes and records; it never holds a row of anyone's data. Every task state
-change goes through `transition`, which consults the table in `state.py` and
-appends the audit entry in the same transaction. The audit log is the task
+change goes through `transition` (or `approve`), which reads the state, consults the
+table in `state.py`, writes the new state only if the state is still the one read, and
+appends the audit entry, all in one `BEGIN IMMEDIATE` transaction. The in-memory Merkle
+tree is caught up with the file at the start of each transaction, so another connection
+to the same file (a second process, the operator's CLI) can never make this one append
+at an index already taken. The audit log is the task
 history: one log over all tasks (see core/audit.py).
 """
 
@@ -76,6 +80,7 @@ CREATE TABLE IF NOT EXISTS cosignatures (
     size INTEGER NOT NULL, root TEXT NOT NULL, public_key TEXT NOT NULL, line TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (size, public_key));
 """
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for another connection's transaction
 ROLES = ("owner", "initiator", "executor_host", "auditor")
 INVITE_PREFIX = "tfi_"
 INVITE_TTL = 7 * 86400.0
@@ -126,11 +131,13 @@ class Store:
     `log_signer`: the scheduler's log key (identity.py); a fresh one if not given."""
 
     def __init__(self, path: str | Path, log_signer: Signer | None = None) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self.log_signer: Signer = log_signer or KeySigner.generate()
         self._tree = tlog.Tree()
+        self.version = 0  # counts this connection's commits: long polls re-read on a change
         with self._lock:
             if str(path) != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -158,6 +165,19 @@ class Store:
         self._tree = tlog.Tree([bytes.fromhex(r["hash"]) for r in
                                 self._db.execute("SELECT hash FROM audit ORDER BY seq")])
 
+    def _sync_tree(self) -> None:
+        """Catch the tree up with leaves another connection appended (under the lock; in a
+        write transaction, so nothing can append between this and our own append)."""
+        size = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+        if size == len(self._tree):
+            return
+        if size < len(self._tree):  # pragma: no cover - the file lost leaves we saw
+            self._load_tree()
+            return
+        for r in self._db.execute("SELECT hash FROM audit WHERE seq > ? ORDER BY seq",
+                                  (len(self._tree),)):
+            self._tree.append(bytes.fromhex(r["hash"]))
+
     def _upgrade(self) -> None:
         """A database from before closed membership: its nodes get no roles (so they can
         do nothing until the operator lists them with `--members`), its executors no
@@ -174,7 +194,7 @@ class Store:
             self._db.close()
 
     def _tx(self):
-        return _Tx(self._db, self._lock, self._load_tree)
+        return _Tx(self)
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -349,6 +369,7 @@ class Store:
         """(size, root) of the log now and, given `since` (a size a party holds), the
         consistency proof from it, all from one state (None if `since` is past the end)."""
         with self._lock:
+            self._sync_tree()
             size = len(self._tree)
             proof = None
             if since is not None and 0 <= since <= size:
@@ -357,14 +378,17 @@ class Store:
 
     def log_root(self, size: int) -> bytes:
         with self._lock:
+            self._sync_tree()
             return self._tree.root(size)
 
     def log_consistency(self, old: int, new: int) -> list[bytes]:
         with self._lock:
+            self._sync_tree()
             return self._tree.consistency(old, new)
 
     def log_inclusion(self, index: int, size: int) -> list[bytes]:
         with self._lock:
+            self._sync_tree()
             return self._tree.inclusion(index, size)
 
     def log_leaves(self, start: int, end: int) -> list[audit.Entry]:
@@ -413,8 +437,9 @@ class Store:
             if row is None:
                 raise UnknownTask(f"unknown task {task_id!r}")
             new = next_state(row["state"], event)
-            db.execute("UPDATE tasks SET state=?, updated_at=?, error=COALESCE(?, error) "
-                       "WHERE id=?", (new, time.time(), error, task_id))
+            _set_state(db.execute("UPDATE tasks SET state=?, updated_at=?, error=COALESCE(?, "
+                                  "error) WHERE id=? AND state=?",
+                                  (new, time.time(), error, task_id, row["state"])), task_id)
             self._append(db, task_id, event, detail or {}, signer, signature)
         return new
 
@@ -469,8 +494,9 @@ class Store:
             if all_in and event == "approved":
                 state = next_state(state, "consented")
                 self._append(db, task_id, "consented", {}, audit.SCHEDULER, "")
-            db.execute("UPDATE tasks SET state=?, updated_at=? WHERE id=?",
-                       (state, time.time(), task_id))
+            _set_state(db.execute("UPDATE tasks SET state=?, updated_at=? WHERE id=? AND "
+                                  "state=?", (state, time.time(), task_id, row["state"])),
+                       task_id)
         return state
 
     def approvals(self, task_id: str) -> list[dict[str, Any]]:
@@ -538,17 +564,36 @@ def _entry(row: sqlite3.Row) -> audit.Entry:
                        hash=row["hash"], log_signature=row["log_signature"])
 
 
-class _Tx:
-    """BEGIN IMMEDIATE .. COMMIT under the store lock; ROLLBACK (and `rolled_back`, which
-    undoes in-memory state such as the tree) on any error."""
+def _set_state(cursor: sqlite3.Cursor, task_id: str) -> None:
+    """A state write is conditional on the state read in the same transaction: if anything
+    else changed it meanwhile, nothing is written (StateError, the transaction rolls back)."""
+    if cursor.rowcount != 1:  # pragma: no cover - BEGIN IMMEDIATE makes this unreachable
+        raise StateError(f"task {task_id} changed state meanwhile; try again")
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock,
-                 rolled_back: Callable[[], None]) -> None:
-        self.db, self.lock, self.rolled_back = db, lock, rolled_back
+
+class _Tx:
+    """BEGIN IMMEDIATE .. COMMIT under the store lock; the tree is first caught up with
+    other connections' writes; ROLLBACK (and the tree reloaded) on any error."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db, self.lock = store._db, store._lock
+        self.began: Callable[[], None] = store._sync_tree
+        self.rolled_back: Callable[[], None] = store._load_tree
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        try:
+            self.began()
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self.lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -556,6 +601,8 @@ class _Tx:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             if exc_type:
                 self.rolled_back()
+            else:
+                self.store.version += 1
         finally:
             self.lock.release()
 
