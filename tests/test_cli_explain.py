@@ -222,8 +222,10 @@ def _held_port() -> tuple[socket.socket, int]:
     (["scheduler", "--db", "{tmp}/no/such/dir/s.sqlite", "--listen", "127.0.0.1:0"],
      ["--db", "does not exist"]),
     (["scheduler", "--db", "{tmp}", "--listen", "127.0.0.1:0"], ["--db", "is a directory"]),
-    (["executor", "--listen", "127.0.0.1:0", "--spill-dir", "{tmp}/gone"],
-     ["--spill-dir", "no such directory"]),
+    (["executor", "--listen", "127.0.0.1:0", "--spill-dir", "/proc/teeflow-spill"],
+     ["--spill-dir", "cannot create"]),
+    (["executor", "--listen", "127.0.0.1:0", "--tee", "sgx", "--attestation-dir",
+      "{tmp}/gone"], ["--attestation-dir", "no such directory"]),
 ])
 def test_daemon_mistakes_are_named_errors(tmp_path, args, words):
     sock, held = _held_port()

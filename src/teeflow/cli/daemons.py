@@ -135,8 +135,13 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
 
     setup_logging(False)
     host, port = listen_address(listen)
-    for option, path in (("--spill-dir", spill_dir), ("--attestation-dir", attestation_dir),
-                         ("--tsm-root", tsm_root)):
+    if spill_dir is not None:  # made when missing, as the spill code would; named if it can't
+        try:
+            Path(spill_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--spill-dir {spill_dir}: cannot create this directory "
+                             f"({exc.strerror or type(exc).__name__})") from None
+    for option, path in (("--attestation-dir", attestation_dir), ("--tsm-root", tsm_root)):
         if path is not None and not Path(path).is_dir():
             raise InputError(f"{option} {path}: no such directory")
     if register_with:
