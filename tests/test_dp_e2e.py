@@ -46,13 +46,8 @@ def _data(path, n, seed):
 
 
 def _start_provider(c: LocalCluster, party: Party, approve: bool) -> None:
-    config = c.write_provider_config(party, approve=approve, bind=BIND)
-    text = config.read_text()
-    line = f"path = \"{party.path.resolve()}\"\n"
-    assert line in text
-    config.write_text(text.replace("poll_wait = 5\n", "poll_wait = 1\n")
-                      .replace(line, line + PRIVACY[party.node]))
-    c._spawn(f"provider-{party.node}", "provider", "--config", str(config))
+    c.start_provider(party, approve=approve, bind=BIND, dataset_toml=PRIVACY[party.node],
+                     poll_wait=1)
 
 
 def _start(c: LocalCluster, parties: list[Party], db: str) -> None:

@@ -43,11 +43,8 @@ def _client(c: LocalCluster) -> Client:
 def _start_provider(c: LocalCluster, party: Party, policy: str | None = None,
                     approve: bool = True, node_settings: str = "") -> None:
     """As LocalCluster.start_provider, with a short long poll and extra [node] settings."""
-    config = c.write_provider_config(party, policy, approve)
-    text = config.read_text()
-    assert "poll_wait = 5\n" in text
-    config.write_text(text.replace("poll_wait = 5\n",
-                                   f"poll_wait = {POLL_WAIT}\n{node_settings}"))
+    config = c.write_provider_config(party, policy, approve, poll_wait=POLL_WAIT,
+                                     node_toml=node_settings)
     c._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
 

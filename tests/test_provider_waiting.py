@@ -26,9 +26,8 @@ def test_a_task_waiting_for_a_person_is_no_busy_loop(tmp_path):
     with LocalCluster(tmp_path / "c") as c:
         c.start_scheduler()
         executor = c.start_executor()
-        config = c.write_provider_config(party, approve=False)
         # a short long poll: before the fix every poll returned at once, whatever its length
-        config.write_text(config.read_text().replace("poll_wait = 5\n", "poll_wait = 1\n"))
+        config = c.write_provider_config(party, approve=False, poll_wait=1)
         c._spawn("provider-grace", "provider", "--config", str(config))
         c.wait_for_datasets([party.dataset])
         with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy(),

@@ -288,9 +288,7 @@ def test_results_as_data_through_a_cluster(tmp_path):
         c.start_scheduler()
         c.start_executor()
         for p in parties:
-            config = c.write_provider_config(p, bind=BIND)
-            config.write_text(config.read_text().replace("poll_wait = 5\n", "poll_wait = 1\n"))
-            c._spawn(f"provider-{p.node}", "provider", "--config", str(config))
+            c.start_provider(p, bind=BIND, poll_wait=1)
         c.wait_for_datasets([p.dataset for p in parties])
         c.wait_for_executor(c.executor_address)
         with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy(),

@@ -43,9 +43,7 @@ def cluster(tmp_path_factory):
         c.start_scheduler()
         c.start_executor()
         for p in parties:  # the generated rules: min_intersection held to its default, 10
-            config = c.write_provider_config(p)
-            config.write_text(config.read_text().replace("poll_wait = 5\n", "poll_wait = 1\n"))
-            c._spawn(f"provider-{p.node}", "provider", "--config", str(config))
+            c.start_provider(p, poll_wait=1)
         c.wait_for_datasets([p.dataset for p in parties])
         c.wait_for_executor(c.executor_address)
         yield c

@@ -186,10 +186,12 @@ class LocalCluster:
     def write_provider_config(self, party: Party, policy: str | None = None,
                               approve: bool = True,
                               bind: dict[str, dict[str, Any]] | None = None,
-                              dataset_toml: str = "") -> Path:
+                              dataset_toml: str = "", poll_wait: int = 5,
+                              node_toml: str = "") -> Path:
         """The party's config; with `approve`, rules for results that go only to the
         initiator (`approve_toml`; `bind` adds per-computation constraints). `dataset_toml`:
-        tables of the party's dataset, such as its `[datasets.rules]`."""
+        tables of the party's dataset, such as its `[datasets.rules]`; `node_toml`: more
+        `[node]` settings; `poll_wait`: its long poll, in seconds (tests take 1)."""
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -200,7 +202,7 @@ class LocalCluster:
             f"key_file = {_toml_str(str(key_file))}\n"
             f"scheduler = {_toml_str(self.scheduler_url)}\n"
             f"invite = {_toml_str(self.invite('owner', name=party.node))}\n"
-            "poll_wait = 5\n\n"
+            f"poll_wait = {int(poll_wait)}\n{node_toml}\n"
             "[[datasets]]\n"
             f"name = {_toml_str(party.dataset)}\n"
             f"path = {_toml_str(str(party.path.resolve()))}\n"
@@ -218,8 +220,9 @@ class LocalCluster:
     def start_provider(self, party: Party, policy: str | None = None,
                        approve: bool = True,
                        bind: dict[str, dict[str, Any]] | None = None,
-                       dataset_toml: str = "") -> subprocess.Popen:
-        config = self.write_provider_config(party, policy, approve, bind, dataset_toml)
+                       dataset_toml: str = "", poll_wait: int = 5) -> subprocess.Popen:
+        config = self.write_provider_config(party, policy, approve, bind, dataset_toml,
+                                            poll_wait)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:
