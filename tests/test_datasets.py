@@ -159,3 +159,12 @@ def test_schema_from_b64_garbage(text):
 def test_schema_from_b64_malformed_ipc(raw):
     with pytest.raises(InputError):
         schema_from_b64(base64.b64encode(raw).decode())
+
+
+def test_a_malformed_csv_names_no_value(tmp_path):
+    """Arrow's parse error quotes the offending row; the schema reader's error must not."""
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b\n1,2\n3,SECRET-ROW-VALUE,9\n")
+    with pytest.raises(ConfigError, match="cannot read: not a well-formed csv file") as info:
+        read_schema(path)
+    assert "SECRET-ROW-VALUE" not in str(info.value)

@@ -46,8 +46,12 @@ def read_schema(path: Path) -> pa.Schema:
             return pq.read_schema(path)
         with _csv_reader(path) as reader:
             return reader.schema
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ConfigError(f"dataset {path}: cannot read: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"dataset {path}: cannot read: {exc.strerror or type(exc).__name__}"
+                          ) from None
+    except pa.ArrowInvalid:  # the parser's message can quote a row: name the kind only
+        raise ConfigError(f"dataset {path}: cannot read: not a well-formed "
+                          f"{_kind(path)} file") from None
 
 
 def iter_batches(path: Path, batch_rows: int = BATCH_ROWS,
