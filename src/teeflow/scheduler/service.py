@@ -238,7 +238,7 @@ class Scheduler:
             return
         except TeeflowError as exc:
             self._queued.pop(task.id, None)
-            self.store.transition(task.id, "fail", {"reason": str(exc)}, error=str(exc))
+            self.end_task(task.id, "fail", {"reason": str(exc)}, error=str(exc))
             return
         self._queued.pop(task.id, None)
         self.store.transition(task.id, "accept", {"executor": task.executor})
@@ -291,7 +291,7 @@ class Scheduler:
             self.store.transition(task_id, "upload", {**detail, "step": "uploaded"})
         elif state == "failed" and task.state not in ("released", "failed", "cancelled"):
             reason = f"{node['name']} could not upload {dataset}: {error}"
-            self.store.transition(task_id, "fail", {**detail, "reason": error}, error=reason)
+            self.end_task(task_id, "fail", {**detail, "reason": error}, error=reason)
             self._cancel_at_executor(task, caller_key, body.get("cancel_signature"))
 
     def cancel(self, caller_key: str, task_id: str, body: dict[str, Any]) -> Task:
@@ -305,10 +305,16 @@ class Scheduler:
             raise InputError("cancel: needs the caller's signature for the executor")
         verify_signature(caller_key, bytes.fromhex(signature) if _is_hex(signature) else b"",
                          wire.cancel_message(task_id))
-        self.store.transition(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
+        self.end_task(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
         if task.state not in ("submitted", "approved"):
             self._cancel_at_executor(task, caller_key, signature)
         return self.store.task(task_id)
+
+    def end_task(self, task_id: str, event: str, detail: dict[str, Any],
+                 error: str | None = None) -> str:
+        """Fail or cancel a live task: the one place the scheduler ends a task itself."""
+        assert event in ("fail", "cancel")
+        return self.store.transition(task_id, event, detail, error=error)
 
     def _cancel_at_executor(self, task: Task, key: str, signature: Any) -> None:
         if not isinstance(signature, str):
@@ -384,17 +390,17 @@ class Scheduler:
         except (Unreachable, PeerError) as exc:
             first = self._unreachable_since.setdefault(task.id, time.time())
             if time.time() - first > UNREACHABLE_GRACE:
-                self.store.transition(task.id, "fail", {"reason": str(exc)},
-                                      error=f"executor lost: {exc}")
+                self.end_task(task.id, "fail", {"reason": str(exc)},
+                              error=f"executor lost: {exc}")
             return
         self._unreachable_since.pop(task.id, None)
         self._record_executor_entries(task, status.audit)
         remote = status.status
         if remote == "failed":
-            self.store.transition(task.id, "fail", {"reason": status.error},
-                                  error=status.error or "executor failed the task")
+            self.end_task(task.id, "fail", {"reason": status.error},
+                          error=status.error or "executor failed the task")
         elif remote == "cancelled":
-            self.store.transition(task.id, "cancel", {"by": "executor"})
+            self.end_task(task.id, "cancel", {"by": "executor"})
         elif task.state == "uploading" and remote == "waiting":
             assignments = self.store.assignments(task.id)
             if all(a["state"] == "uploaded" for a in assignments) and \
