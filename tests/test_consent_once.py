@@ -114,6 +114,9 @@ def test_ledger_gives_the_last_run_to_one_of_two_racing_nodes(tmp_path):
 
 
 class FakeScheduler:
+    def log_key(self) -> None:  # specs here name no scheduler (make_spec's default)
+        return None
+
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 

@@ -226,6 +226,9 @@ def test_concurrent_provider_processes_and_restarts_never_overdraw(tmp_path):
 
 # -- the provider's signing ----------------------------------------------------------------------
 class _Scheduler:
+    def log_key(self) -> None:  # specs here name no scheduler (make_spec's default)
+        return None
+
     def __init__(self) -> None:
         self.decisions: list[tuple[str, str]] = []
 
@@ -344,6 +347,9 @@ def test_upload_of_a_hand_signed_non_dp_task_on_a_required_dataset_is_refused(tm
 
 
 class _Reports:
+    def log_key(self) -> None:  # specs here name no scheduler (make_spec's default)
+        return None
+
     def __init__(self) -> None:
         self.reports: list[tuple] = []
 

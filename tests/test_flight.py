@@ -112,6 +112,9 @@ def _item(spec: wire.TaskSpec, owner: KeySigner, address: str, approvals=None) -
 
 
 class FakeScheduler:
+    def log_key(self) -> None:  # specs here name no scheduler (make_spec's default)
+        return None
+
     def __init__(self) -> None:
         self.reports: list[tuple] = []
         self.log = SimpleNamespace(snapshot=lambda: None)  # no log head held yet

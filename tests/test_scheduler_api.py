@@ -516,7 +516,8 @@ def test_upload_progress_then_run(world: World):
     r = world.report(task_id, "a_data", "alice", state="started", attested={
         "body": attested, "signature": sign_entry(world.alice, task_id, "attested", attested)})
     assert r.status_code == 200, r.text
-    assert [i["dataset"] for i in world.work("alice").json()] == []
+    # a started upload stays in its node's work: restarted, the node takes it up again
+    assert [i["dataset"] for i in world.work("alice").json()] == ["a_data"]
     assert [w["dataset"] for w in world.work("bob").json()] == ["b_data"]
     assert world.report(task_id, "b_data", "bob", state="started").status_code == 200
     assert world.report(task_id, "a_data", "alice", state="uploaded", rows=2).status_code == 200

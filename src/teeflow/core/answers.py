@@ -88,6 +88,8 @@ class TaskStatus(Model):
     simulated: bool
     taken_by: list[str]
     audit: list[ExecutorEntry]
+    run: int = 1  # which run of the spec (a scheduler's abort or release names it)
+    granted: bool = False  # the spec's scheduler let the result out
 
 
 class ResultEnvelope(Model):

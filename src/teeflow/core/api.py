@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from teeflow.core.errors import InputError, PeerError
+from teeflow.core.wire import OPTIONAL_FIELDS
 
 AssignmentState = Literal["pending", "started", "uploaded", "failed"]
 Role = Literal["owner", "initiator", "executor_host", "auditor"]
@@ -82,11 +83,12 @@ class TaskSpecBody(Model):
     expires: int | None = None
     runs: int | None = None
     executor_key: str | None = None
+    scheduler_key: str | None = None
 
     @model_serializer(mode="wrap")
     def _absent_deadline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        for name in ("deadline", "nonce", "expires", "runs", "executor_key"):
+        for name in OPTIONAL_FIELDS:
             if data.get(name) is None:  # a spec without one keeps its digest
                 data.pop(name, None)
         return data

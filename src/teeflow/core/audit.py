@@ -44,7 +44,7 @@ from teeflow.core.wire import canonical
 LEAF_PREFIX = b"teeflow-audit-leaf-v1\x00"
 SCHEDULER = "scheduler"
 OWNER_KINDS = ("approved", "rejected")
-EXECUTOR_KINDS = ("admitted", "received", "computed", "released", "wiped")
+EXECUTOR_KINDS = ("admitted", "received", "computed", "released", "wiped", "aborted")
 
 
 class AuditError(TeeflowError):
@@ -192,6 +192,8 @@ def verify_chain(entries: Iterable[Entry], log_key: str | None = None) -> int:
     owners: dict[str, set[str]] = {}
     initiators: dict[str, str] = {}
     executors: dict[str, set[str]] = {}
+    agreeing: set[str] = set()  # tasks whose spec names a scheduler key
+    granted: set[str] = set()  # ... and whose release that scheduler recorded
     for e in entries:
         expected = len(tree) + 1
         if e.seq != expected:
@@ -201,6 +203,7 @@ def verify_chain(entries: Iterable[Entry], log_key: str | None = None) -> int:
                                     "inserted or re-chained)")
         check_entry(e, log_key)
         _check_signer(e, owners, initiators, executors)
+        _check_release(e, agreeing, granted)
         anchor = log_anchor(e)
         if anchor is not None and (anchor[0] > len(tree) or tree.root(anchor[0]) != anchor[1]):
             raise AuditError(e.seq, f"its signer saw a log of size {anchor[0]} that is not "
@@ -223,6 +226,18 @@ def log_anchor(e: Entry) -> tuple[int, bytes] | None:
     except (TypeError, KeyError, ValueError):
         raise AuditError(e.seq, "log: needs size and a 32-byte hex root") from None
     return size, root
+
+
+def _check_release(e: Entry, agreeing: set[str], granted: set[str]) -> None:
+    """A result of a spec that names its scheduler leaves only after that scheduler
+    recorded `release-granted` (executor/verdicts.py)."""
+    if e.kind == "submitted" and isinstance(e.body.get("spec"), dict) and \
+            e.body["spec"].get("scheduler_key"):
+        agreeing.add(e.task_id)
+    elif e.kind == "release-granted" and e.signer == SCHEDULER:
+        granted.add(e.task_id)
+    elif e.kind == "released" and e.task_id in agreeing and e.task_id not in granted:
+        raise AuditError(e.seq, "a result released with no release-granted entry before it")
 
 
 def _check_signer(e: Entry, owners: dict[str, set[str]], initiators: dict[str, str],

@@ -151,6 +151,13 @@ class OverBudget(StateError):
     code = "over_budget"
 
 
+class NotReleased(StateError):
+    """A done task's result, asked for before its scheduler recorded the release; it may
+    succeed shortly."""
+
+    code = "not_released"
+
+
 class ConsentSpent(StateError):
     """A spec digest already served (uploaded for, or run) as many times as it allows."""
 

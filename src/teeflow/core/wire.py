@@ -133,7 +133,7 @@ class Receiver:
 
 
 SPEC_VERSION = 1
-OPTIONAL_FIELDS = ("deadline", "nonce", "expires", "runs", "executor_key")
+OPTIONAL_FIELDS = ("deadline", "nonce", "expires", "runs", "executor_key", "scheduler_key")
 MAX_RUNS = 1000
 
 
@@ -154,6 +154,9 @@ def _check_consent_fields(body: dict[str, Any]) -> None:
         raise InputError(f"task spec: runs must be a whole number from 1 to {MAX_RUNS}")
     if "executor_key" in body and not _is_hex(body["executor_key"], 64, 64):
         raise InputError("task spec: executor_key must be a SHA-256 in lower-case hex")
+    key = body.get("scheduler_key")
+    if "scheduler_key" in body and not (isinstance(key, str) and len(key) == 44):
+        raise InputError("task spec: scheduler_key must be a base64 Ed25519 public key")
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ class TaskSpec:
     expires: int | None = None
     runs: int | None = None
     executor_key: str | None = None
+    # the scheduler's signing key (base64 Ed25519), whose signed word the executor takes to
+    # end the task (abort) or to hand its result out (release): the owners sign which
+    # scheduler decides, so the scheduler and the executor cannot disagree on the outcome
+    scheduler_key: str | None = None
 
     @property
     def run_limit(self) -> int:
@@ -253,7 +260,8 @@ class TaskSpec:
                    params, datasets, _field(body, "executor_policy", dict, w), receivers,
                    _field(body, "initiator_key", str, w), deadline=deadline,
                    nonce=body.get("nonce"), expires=body.get("expires"), runs=body.get("runs"),
-                   executor_key=body.get("executor_key"))
+                   executor_key=body.get("executor_key"),
+                   scheduler_key=body.get("scheduler_key"))
         if spec.to_dict() != body:
             raise InputError("task spec: unknown or extra fields")
         return spec
@@ -295,6 +303,18 @@ def fl_message(kind: str, task_id: str, dataset: str, round_: int, challenge: by
 def cancel_message(task_id: str) -> bytes:
     """What the initiator or an owner signs to stop a task (repeating it is harmless)."""
     return b"teeflow-cancel-v1\x00" + task_id.encode()
+
+
+def abort_message(spec_digest: str, run: int) -> bytes:
+    """What the scheduler named in a spec signs to end a run of it at the executor (it
+    failed or was cancelled there): `run` so that a replay cannot end a later run."""
+    return b"teeflow-abort-v1\x00" + canonical({"spec_digest": spec_digest, "run": run})
+
+
+def release_message(spec_digest: str, run: int) -> bytes:
+    """What the scheduler named in a spec signs, once it has recorded the release, to let
+    the executor hand the sealed result of that run to its receivers."""
+    return b"teeflow-release-v1\x00" + canonical({"spec_digest": spec_digest, "run": run})
 
 
 def end_marker(rows: int, batches: int) -> bytes:

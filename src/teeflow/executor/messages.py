@@ -202,3 +202,13 @@ class CancelRequest(_TaskMessage):
     key: str
     signature: HexBytes
     spec_digest: str | None = None
+
+
+class Verdict(_TaskMessage):
+    """The scheduler's signed word on a task: abort it, or release its result."""
+
+    KIND: ClassVar[str] = "verdict"
+    task_id: str
+    run: int
+    signature: HexBytes
+    spec_digest: str | None = None

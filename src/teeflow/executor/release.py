@@ -27,12 +27,13 @@ from teeflow import compute
 from teeflow.core import wire
 from teeflow.core.answers import ResultEnvelope
 from teeflow.core.crypto import verify_signature
-from teeflow.core.errors import AuthError, StateError
+from teeflow.core.errors import AuthError, NotReleased, StateError
 from teeflow.core.seal import SUITE_NAME, seal
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.notary import Notary
 from teeflow.executor.states import RESULT, ResultEvent, TaskEvent
 from teeflow.executor.tasks import Task, Tasks
+from teeflow.executor.verdicts import released
 
 if TYPE_CHECKING:
     from teeflow.executor.store import ResultStore
@@ -100,6 +101,9 @@ class Release:
             task_id = task.spec.task_id
             if task.spec.receiver(receiver_key) is None:
                 raise AuthError(f"this key is not a receiver of task {task_id}")
+            if not released(task):  # before the challenge is spent: asking again is fine
+                raise NotReleased(f"task {task_id}: its scheduler has not released the "
+                                  "result yet")
         self.challenges.take(challenge, task.digest, receiver_key)
         with self.tasks.lock:
             message = wire.result_message(task_id, challenge, self.tasks.notary.tls_spki_hash)

@@ -42,6 +42,7 @@ from teeflow.executor.messages import (
     FlUpdate,
     ResultRequest,
     UploadRequest,
+    Verdict,
 )
 from teeflow.executor.service import Executor
 from teeflow.net.flight_errors import to_flight
@@ -141,6 +142,16 @@ def _cancel(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     return _json({"cancelled": True})
 
 
+def _abort(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = Verdict.decode(body)
+    return _json({"status": server.executor.abort(req.ref, req.run, req.signature)})
+
+
+def _release(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = Verdict.decode(body)
+    return _json({"granted": server.executor.grant_release(req.ref, req.run, req.signature)})
+
+
 # action name -> (what it does, its handler)
 ACTIONS: dict[str, tuple[str, Handler]] = {
     "info": ("TEE type and whether it is simulated", _info),
@@ -155,6 +166,8 @@ ACTIONS: dict[str, tuple[str, Handler]] = {
     "fl-model": ("a federated task's global model, to an owner (signed)", _fl_model),
     "fl-update": ("an owner's update for the current round (signed)", _fl_update),
     "cancel": ("cancel a task and wipe its inputs (initiator or owner, signed)", _cancel),
+    "abort": ("end a task and wipe it (signed by the scheduler its spec names)", _abort),
+    "release": ("let a done task's result out (signed by the spec's scheduler)", _release),
 }
 
 

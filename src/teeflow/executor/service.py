@@ -45,6 +45,7 @@ from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.crypto import verify_signature
 from teeflow.core.errors import AuthError, ConsentExpired, InputError, StateError
+from teeflow.executor import verdicts
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.inputs import MemoryBudget
 from teeflow.executor.intake import MAX_BATCH_BYTES, UPLOAD_IDLE_TIMEOUT, Intake
@@ -192,6 +193,24 @@ class Executor:
                 task = self._tasks.get(task_id, signer_key)
                 if task.status == TaskState.CANCELLED:
                     self._store.forget(task.digest)
+
+    def abort(self, task_id: str, run: int, signature: bytes) -> str:
+        """The spec's scheduler ended the task: fail, wipe, drop results (verdicts.py)."""
+        status = verdicts.abort(self._tasks, task_id, run, signature)
+        if self._store is not None:
+            with self._tasks.lock:
+                task = self._tasks.get(task_id)
+                if task.status != TaskState.DONE:
+                    self._store.forget(task.digest)
+        return status
+
+    def grant_release(self, task_id: str, run: int, signature: bytes) -> bool:
+        """The spec's scheduler recorded the release: receivers may take the result."""
+        verdicts.grant(self._tasks, task_id, run, signature)
+        if self._store is not None:
+            with self._tasks.lock:
+                self._store.save(self._tasks.get(task_id))
+        return True
 
     def held_bytes(self, task_id: str) -> int:
         return self._tasks.held_bytes(task_id)

@@ -90,7 +90,7 @@ class ResultStore:
                   for r, e in sorted(task.sealed.items())}
         record = {"version": VERSION, "spec": task.spec.to_dict(), "status": str(task.status),
                   "expires_at": expires, "received": task.received, "audit": task.audit,
-                  "sealed": sealed,
+                  "sealed": sealed, "run": task.run, "granted": task.granted,
                   "taken": sorted(r for r, s in task.results.items() if s == ResultState.TAKEN)}
         _write_atomically(self._path(digest), json.dumps(record).encode())
 
@@ -147,7 +147,8 @@ class ResultStore:
             comp.precheck_params or comp.check_params)
         task = Task(spec=spec, params=check(dict(spec.params)),
                     status=TaskState.DONE, received=record["received"],
-                    audit=list(record["audit"]), digest=spec.digest())
+                    audit=list(record["audit"]), digest=spec.digest(),
+                    run=int(record.get("run", 1)), granted=record.get("granted") is True)
         restored = {}
         for receiver in spec.receivers:
             key = receiver.sign_key

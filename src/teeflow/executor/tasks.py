@@ -33,6 +33,7 @@ from teeflow.core.errors import (
     OverBudget,
     ParameterError,
     SchemaMismatch,
+    StateError,
     UnknownTask,
 )
 from teeflow.core.rules import DatasetRules, given_rules
@@ -111,6 +112,8 @@ class Task:
     charged: int = 0  # input bytes taken in by uploads (held or in flight) since the last wipe
     digest: str = ""  # of the spec: the executor's id for the task
     budget_key: str = ""  # whose budgets it counts against (tasks.create says how it is chosen)
+    run: int = 1  # which run of its spec this is (executor/runs.py)
+    granted: bool = False  # the spec's scheduler let its result out (executor/verdicts.py)
 
     def step(self, event: TaskEvent) -> None:
         self.status = TaskState(TASK.next_state(self.status, event))
@@ -280,7 +283,7 @@ class Tasks:
                 raise OverBudget(f"task {spec.task_id}: its initiator has "
                                  f"{self.budgets.initiator_tasks} live tasks here already")
             run = self.runs.admit(digest, spec.task_id, spec.run_limit)
-            task = Task(spec=spec, params=params, digest=digest, budget_key=budget_key,
+            task = Task(spec=spec, params=params, digest=digest, budget_key=budget_key, run=run,
                         deadline=float(spec.deadline) if spec.deadline is not None
                         else now + DEFAULT_DEADLINE,
                         results={r.sign_key: ResultState(RESULT.initial) for r in spec.receivers})
@@ -336,11 +339,14 @@ class Tasks:
                 "taken_by": sorted(k for k, s in task.results.items() if s == ResultState.TAKEN)
                 if task.status in (TaskState.DONE, TaskState.RELEASED) else [],
                 "audit": list(task.audit),
+                "run": task.run,
+                "granted": task.granted,
             }
 
     def fail(self, task: Task, message: str) -> None:
-        """Mark failed, if it still can be, and drop every input. Caller holds the lock."""
-        if TASK.allows(task.status, TaskEvent.FAIL):
+        """Mark failed, if it still can be, and drop every input. Caller holds the lock.
+        A done task is failed only by its scheduler's word (executor/verdicts.py)."""
+        if task.live and TASK.allows(task.status, TaskEvent.FAIL):
             task.step(TaskEvent.FAIL)
             task.error = message
         self.wipe(task, "failed")
@@ -377,6 +383,9 @@ class Tasks:
         verify_signature(signer_key, signature, wire.cancel_message(task_id))
         self.settle(task)
         with self.lock:
+            if task.granted and task.status == TaskState.DONE:  # the log says it is out
+                raise StateError(f"task {task_id}: its scheduler released the result; too "
+                                 "late to cancel")
             if TASK.allows(task.status, TaskEvent.CANCEL):
                 task.step(TaskEvent.CANCEL)
                 task.sealed.clear()

@@ -252,6 +252,14 @@ class SchedulerClient:
                            answer=api.LogProof, observe=False)
         return [bytes.fromhex(h) for h in reply["proof"]]
 
+    def log_key(self) -> str:
+        """The scheduler's log key, as this client holds it (first seen, then pinned)."""
+        if self.log.log_key is None:
+            self.checkpoint()
+        if self.log.log_key is None:
+            raise PeerError("scheduler sent no log key")
+        return self.log.log_key
+
     def checkpoint(self) -> dict[str, Any]:
         """The newest checkpoint with its cosignatures (checked like every answer)."""
         return self._call("GET", "/v1/log/checkpoint", answer=api.Checkpoint)

@@ -7,6 +7,11 @@ the one after is refused, whichever executor the scheduler names. The claim is t
 one BEGIN IMMEDIATE transaction before the first byte leaves, so two threads (or two
 processes sharing the file) cannot both take the last run, and it survives a restart. A
 claim is never given back: an upload that broke may have delivered rows, so it counts.
+
+An upload taken up again after this node restarted, to the very executor it claimed the
+run for (the same attested key: the same enclave instance, whose keys die with it), keeps
+that run: that enclave takes one upload of the dataset per run and fails the task if one
+broke off, so resending cannot make a second run. Another executor key takes a new run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ class UploadLedger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                again = self._db.execute(
+                    "SELECT run FROM uploads WHERE spec_digest=? AND dataset=? AND "
+                    "executor_key=? AND task_id=?",
+                    (digest, dataset, executor_key, spec.task_id)).fetchone()
+                if again is not None:  # the same run, resumed (see the module's note)
+                    self._db.execute("ROLLBACK")
+                    return int(again[0])
                 done = self._db.execute(
                     "SELECT COUNT(*) FROM uploads WHERE spec_digest=? AND dataset=?",
                     (digest, dataset)).fetchone()[0]

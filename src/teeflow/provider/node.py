@@ -162,10 +162,18 @@ class Provider:
             if ref.rules != mine_rules:  # the executor enforces the rules this digest names
                 raise InputError(f"spec's analysis rules for {ref.name!r} are not this node's")
         check_consent_fields(spec)
+        self._check_scheduler(spec)
         try:
             load_policy(spec.executor_policy, "executor_policy")
         except ConfigError as exc:
             raise InputError(str(exc)) from exc
+
+    def _check_scheduler(self, spec: wire.TaskSpec) -> None:
+        """The spec names this node's scheduler: its word ends the task and lets the
+        result out (executor/verdicts.py), so no other key may hold that."""
+        if spec.scheduler_key != self.scheduler.log_key():
+            raise InputError(f"task {spec.task_id}: the spec's scheduler_key is not the "
+                             "key of this node's scheduler")
 
     def consider(self, item: dict[str, Any]) -> str | None:
         """Sign an approval request if a rule in the config allows it; else leave it."""
@@ -224,6 +232,7 @@ class Provider:
                                 f"{spec.digest()[:16]} (not in its own record of what it "
                                 "signed)")
             check_consent_fields(spec)
+            self._check_scheduler(spec)
             mine_rules = dataset.rules.digest() if dataset.rules else None
             if spec.dataset(name).rules != mine_rules:  # also for a spec signed by hand
                 raise InputError(f"spec's analysis rules for {name!r} are not this node's; "
@@ -295,6 +304,9 @@ class Provider:
             run = claimed[seen]
             log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
                      spec.run_limit)
+            done = _already_received(client, spec, name)
+            if done is not None:  # sent before a restart, its outcome not yet reported
+                return done
             body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
                     "spec_digest": spec.digest(), "claims": claims.to_dict(),
                     "run": run,  # which of the spec's runs this upload is
@@ -383,6 +395,17 @@ class _Progress:
         if time.monotonic() - self.last >= REPORT_EVERY:
             self.last = time.monotonic()
             self.provider._try_report(self.task_id, self.dataset, "started", rows=self.rows)
+
+
+def _already_received(client: Any, spec: wire.TaskSpec, name: str) -> dict[str, Any] | None:
+    """The executor's receipt for this dataset if it holds it whole already (this node
+    sent it, then restarted before it could report it), else None."""
+    try:
+        status = client.status(spec.digest())
+    except TeeflowError:  # not created there yet, or no longer: the upload says why
+        return None
+    got = status.received.get(name)
+    return {"rows": int(got.get("rows", 0)), "resumed": True} if got else None
 
 
 def _check_isolation(client: Any, *policies: Any) -> None:

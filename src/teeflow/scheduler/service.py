@@ -34,8 +34,9 @@ from teeflow.net.executor_client import ExecutorClient, parse_address
 from teeflow.scheduler.store import Store, Task
 
 log = logging.getLogger("teeflow.scheduler")
-UNREACHABLE_GRACE = 60.0
+UNREACHABLE_GRACE = 60.0  # seconds an executor may not answer before its tasks fail
 DISPATCH_RETRY = 2.0  # seconds before an executor that was full is asked again
+NOTICE_RETRY = 5.0  # seconds between tries to tell an executor that a task ended
 
 
 class ExecutorLink(Protocol):
@@ -68,10 +69,13 @@ def _is_hex(text: str) -> bool:
 
 class Scheduler:
     def __init__(self, store: Store,
-                 connect: Callable[[str], ExecutorLink] = _unverified) -> None:
+                 connect: Callable[[str], ExecutorLink] = _unverified,
+                 unreachable_grace: float = UNREACHABLE_GRACE) -> None:
         self.store = store
         self._connect = connect
+        self.unreachable_grace = unreachable_grace
         self._unreachable_since: dict[str, float] = {}
+        self._notice_next: dict[str, float] = {}  # task -> when to tell its executor again
         # approved tasks being handed to their executor (one hand-over at a time), and
         # those the executor had no room for yet: asked again after this time
         self._dispatching: set[str] = set()
@@ -129,6 +133,11 @@ class Scheduler:
         spec = wire.TaskSpec.from_dict(raw_spec)
         if spec.initiator_key != caller_key:
             raise AuthError("submit: the spec names another initiator than the caller")
+        if spec.scheduler_key not in (None, self.store.log_signer.public_key()):
+            # its word ends the task and lets the result out (executor/verdicts.py); a
+            # spec naming none is left to the owners, whose providers refuse to sign it
+            raise InputError("submit: the spec's scheduler_key is not this scheduler's "
+                             "log key")
         digest = spec.digest()
         audit.verify_entry_signature(spec.task_id, "submitted",
                                      {"spec": spec.to_dict(), "spec_digest": digest},
@@ -305,16 +314,73 @@ class Scheduler:
             raise InputError("cancel: needs the caller's signature for the executor")
         verify_signature(caller_key, bytes.fromhex(signature) if _is_hex(signature) else b"",
                          wire.cancel_message(task_id))
-        self.end_task(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
-        if task.state not in ("submitted", "approved"):
+        if self.store.granted(task_id):
+            raise StateError(f"task {task_id}: its result was released; too late to cancel")
+        if task.state not in ("submitted", "approved"):  # the executor records who cancelled
             self._cancel_at_executor(task, caller_key, signature)
+        self.end_task(task_id, "cancel", {"by": audit.ed25519_signer(caller_key)})
         return self.store.task(task_id)
 
     def end_task(self, task_id: str, event: str, detail: dict[str, Any],
                  error: str | None = None) -> str:
-        """Fail or cancel a live task: the one place the scheduler ends a task itself."""
+        """Fail or cancel a live task: the one place the scheduler ends a task itself. Its
+        executor is told (signed abort), now and after any restart until it confirms."""
         assert event in ("fail", "cancel")
-        return self.store.transition(task_id, event, detail, error=error)
+        state = self.store.end(task_id, event, detail, error=error)
+        self._notice_next.pop(task_id, None)
+        self._deliver(task_id)
+        return state
+
+    def _sign(self, message: bytes) -> str:
+        return self.store.log_signer.sign(message).hex()
+
+    def _deliver(self, task_id: str) -> None:
+        """Tell an ended task's executor to fail and wipe it; record what it then signs
+        (`aborted`, `wiped`). Kept until the executor confirms or no longer holds it."""
+        if time.time() < self._notice_next.get(task_id, 0.0):
+            return
+        task = self.store.task(task_id)
+        if task.spec.get("scheduler_key") is None:  # no word of ours counts there
+            self.store.notice_delivered(task_id)
+            return
+        try:
+            status = self._status(task.executor, task.spec_digest)
+            if status.status not in ("failed", "cancelled") or status.inputs_held:
+                link = self._connect(task.executor)
+                try:
+                    link.action("abort", wire.canonical({
+                        "task_id": task.id, "spec_digest": task.spec_digest,
+                        "run": status.run,
+                        "signature": self._sign(wire.abort_message(task.spec_digest,
+                                                                   status.run))}))
+                finally:
+                    link.close()
+                status = self._status(task.executor, task.spec_digest)
+            self._record_executor_entries(task, status.audit)
+        except UnknownTask:
+            pass  # the executor holds nothing of it (never had it, or restarted)
+        except TeeflowError as exc:
+            self._notice_next[task_id] = time.time() + NOTICE_RETRY
+            log.info("task %s: executor not yet told it ended: %s", task_id, exc)
+            return
+        self._notice_next.pop(task_id, None)
+        self.store.notice_delivered(task_id)
+
+    def _grant(self, task: Task, run: int) -> None:
+        """Record the release, then sign the word that lets the executor hand it out."""
+        self.store.grant_release(task.id, run)
+        if task.spec.get("scheduler_key") is None:
+            return  # such a spec's result is out without our word
+        self._tell_verdict(task, "release", wire.release_message(task.spec_digest, run), run)
+
+    def _tell_verdict(self, task: Task, kind: str, message: bytes, run: int) -> None:
+        link = self._connect(task.executor)
+        try:
+            link.action(kind, wire.canonical({"task_id": task.id,
+                                              "spec_digest": task.spec_digest,
+                                              "run": run, "signature": self._sign(message)}))
+        finally:
+            link.close()
 
     def _cancel_at_executor(self, task: Task, key: str, signature: Any) -> None:
         if not isinstance(signature, str):
@@ -350,6 +416,11 @@ class Scheduler:
                 log.debug("task %s: %s", task.id, exc)
             except TeeflowError as exc:
                 log.warning("task %s: %s", task.id, exc)
+        for task_id in self.store.notices():
+            try:
+                self._deliver(task_id)
+            except TeeflowError as exc:
+                log.warning("task %s: %s", task_id, exc)
 
     def _status(self, executor: str, task: str) -> TaskStatus:
         link = self._connect(executor)
@@ -387,9 +458,18 @@ class Scheduler:
             return
         try:
             status = self._status(task.executor, task.spec_digest)  # its id there
+        except UnknownTask:
+            # it held the task (accepted) and no longer does: it restarted, its inputs gone
+            self._unreachable_since.pop(task.id, None)
+            if not self.store.granted(task.id):
+                self.end_task(task.id, "fail", {"reason": "executor lost the task"},
+                              error=f"executor {task.executor} no longer holds the task "
+                                    "(it restarted?)")
+            return
         except (Unreachable, PeerError) as exc:
             first = self._unreachable_since.setdefault(task.id, time.time())
-            if time.time() - first > UNREACHABLE_GRACE:
+            if time.time() - first > self.unreachable_grace and \
+                    not self.store.granted(task.id):
                 self.end_task(task.id, "fail", {"reason": str(exc)},
                               error=f"executor lost: {exc}")
             return
@@ -411,5 +491,8 @@ class Scheduler:
             self.store.transition(task.id, "run", {"inputs": status.received})
         elif task.state == "running" and remote in ("done", "released"):
             self.store.transition(task.id, "finish", {})
+            self._grant(task, status.run)
+        elif task.state == "done" and remote == "done" and not status.granted:
+            self._grant(task, status.run)  # recorded once; told until the executor has it
         elif task.state == "done" and remote == "released":
             self.store.transition(task.id, "close", {})

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS audit (
     body TEXT NOT NULL, signer TEXT NOT NULL, signature TEXT NOT NULL,
     prev_root TEXT NOT NULL, hash TEXT NOT NULL, log_signature TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_task ON audit(task_id);
+CREATE TABLE IF NOT EXISTS notices (
+    task_id TEXT PRIMARY KEY REFERENCES tasks(id), created_at REAL NOT NULL,
+    delivered_at REAL);
 CREATE TABLE IF NOT EXISTS cosignatures (
     size INTEGER NOT NULL, root TEXT NOT NULL, public_key TEXT NOT NULL, line TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (size, public_key));
@@ -443,6 +446,60 @@ class Store:
             self._append(db, task_id, event, detail or {}, signer, signature)
         return new
 
+    def end(self, task_id: str, event: str, detail: dict[str, Any],
+            error: str | None = None) -> str:
+        """Fail or cancel a task, and note (in the same transaction, so a restart keeps it)
+        that its executor must be told, if it may hold the task. A task whose release this
+        scheduler granted ends only when its result is taken: StateError."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if row is None:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if db.execute("SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
+                          (task_id,)).fetchone():
+                raise StateError(f"task {task_id}: its result was released to its receivers; "
+                                 "it ends when they take it")
+            new = next_state(row["state"], event)
+            _set_state(db.execute("UPDATE tasks SET state=?, updated_at=?, error=COALESCE(?, "
+                                  "error) WHERE id=? AND state=?",
+                                  (new, time.time(), error, task_id, row["state"])), task_id)
+            self._append(db, task_id, event, detail, audit.SCHEDULER, "")
+            if row["state"] != "submitted":  # it may have been handed to the executor
+                db.execute("INSERT OR IGNORE INTO notices VALUES (?,?,NULL)",
+                           (task_id, time.time()))
+        return new
+
+    def notices(self) -> list[str]:
+        """Ended tasks whose executor has not yet confirmed it dropped them."""
+        return [r["task_id"] for r in self._rows(
+            "SELECT task_id FROM notices WHERE delivered_at IS NULL ORDER BY created_at")]
+
+    def notice_delivered(self, task_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE notices SET delivered_at=? WHERE task_id=?",
+                       (time.time(), task_id))
+
+    def grant_release(self, task_id: str, run: int) -> None:
+        """Record, once, that this scheduler lets a done task's result out (before it
+        signs the word that lets the executor hand it over)."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, spec_digest FROM tasks WHERE id=?",
+                             (task_id,)).fetchone()
+            if row is None:
+                raise UnknownTask(f"unknown task {task_id!r}")
+            if row["state"] not in ("done", "released"):
+                raise StateError(f"task {task_id} is {row['state']}; no result to release")
+            if not db.execute("SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
+                              (task_id,)).fetchone():
+                self._append(db, task_id, "release-granted",
+                             {"spec_digest": row["spec_digest"], "run": run},
+                             audit.SCHEDULER, "")
+
+    def granted(self, task_id: str) -> bool:
+        """Whether this scheduler let the task's result out (`release-granted`)."""
+        return bool(self._rows("SELECT 1 FROM audit WHERE task_id=? AND "
+                               "kind='release-granted'", task_id))
+
     def set_executor(self, task_id: str, executor: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE tasks SET executor=? WHERE id=?", (executor, task_id))
@@ -523,12 +580,14 @@ class Store:
             "SELECT * FROM assignments WHERE task_id=? ORDER BY dataset", task_id)]
 
     def pending_for(self, node: str) -> list[dict[str, Any]]:
-        """Uploads a node should start: pending assignments of accepted or uploading tasks."""
+        """Uploads a node should start, or take up again after a restart (it keeps track
+        of the one it is running): assignments not yet uploaded of accepted or uploading
+        tasks."""
         rows = self._rows(
             "SELECT a.task_id, a.dataset, t.executor, t.compute, t.spec, t.spec_digest "
             "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE a.node=? AND "
-            "a.state='pending' AND t.state IN ('accepted','uploading') ORDER BY t.created_at",
-            node)
+            "a.state IN ('pending','started') AND t.state IN ('accepted','uploading') "
+            "ORDER BY t.created_at", node)
         return [{**dict(r), "kind": "upload", "spec": json.loads(r["spec"]),
                  "approvals": self.approvals(r["task_id"])} for r in rows]
 
