@@ -8,10 +8,11 @@ one BEGIN IMMEDIATE transaction before the first byte leaves, so two threads (or
 processes sharing the file) cannot both take the last run, and it survives a restart. A
 claim is never given back: an upload that broke may have delivered rows, so it counts.
 
-An upload taken up again after this node restarted, to the very executor it claimed the
-run for (the same attested key: the same enclave instance, whose keys die with it), keeps
-that run: that enclave takes one upload of the dataset per run and fails the task if one
-broke off, so resending cannot make a second run. Another executor key takes a new run.
+An upload taken up again after this node restarted keeps its run only where the executor
+it claimed the run for (the same attested key: the same enclave instance, whose keys die
+with it) is on that same run and holds no upload of the dataset for it: that enclave takes
+one upload of a dataset per run and fails the task if one broke off, so resending cannot
+feed a second run. Anything else takes a new run.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class UploadLedger:
         self._db.close()
 
     def claim(self, spec: wire.TaskSpec, dataset: str, executor_key: str,
-              now: float | None = None) -> int:
+              now: float | None = None, resume: int | None = None) -> int:
         """Take the next run of `dataset` under `spec` for the executor whose attested key
-        hashes to `executor_key` (hex); its run number, or ConsentSpent / ConsentExpired."""
+        hashes to `executor_key` (hex); its run number, or ConsentSpent / ConsentExpired.
+        `resume`: the run that executor is on and holds no upload of `dataset` for: if
+        this node claimed that very run for it, the claim is kept, not taken again."""
         at = time.time() if now is None else now
         if spec.expires is not None and spec.expires <= at:
             raise ConsentExpired(f"task {spec.task_id}: its consent expired at unix time "
@@ -51,13 +54,12 @@ class UploadLedger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                again = self._db.execute(
-                    "SELECT run FROM uploads WHERE spec_digest=? AND dataset=? AND "
-                    "executor_key=? AND task_id=?",
-                    (digest, dataset, executor_key, spec.task_id)).fetchone()
-                if again is not None:  # the same run, resumed (see the module's note)
-                    self._db.execute("ROLLBACK")
-                    return int(again[0])
+                if resume is not None and self._db.execute(
+                        "SELECT 1 FROM uploads WHERE spec_digest=? AND dataset=? AND run=? "
+                        "AND executor_key=? AND task_id=?",
+                        (digest, dataset, resume, executor_key, spec.task_id)).fetchone():
+                    self._db.execute("ROLLBACK")  # that run, taken up again (module note)
+                    return resume
                 done = self._db.execute(
                     "SELECT COUNT(*) FROM uploads WHERE spec_digest=? AND dataset=?",
                     (digest, dataset)).fetchone()[0]

@@ -299,14 +299,17 @@ class Provider:
                     f"{executor} attests key {seen[:16]}")
             if spec.compute == "user_code":
                 _check_isolation(client, self.config.policy, spec_policy)
-            if seen not in claimed:
-                claimed[seen] = self.ledger.claim(spec, name, seen)  # before any byte leaves
+            there = _executor_view(client, spec)
+            if there is not None and name in there.received:
+                # sent before this node restarted, its outcome not yet reported
+                return {"rows": int(there.received[name].get("rows", 0)), "resumed": True}
+            if seen not in claimed:  # before any byte leaves
+                resume = there.run if there is not None and name not in there.receiving \
+                    else None
+                claimed[seen] = self.ledger.claim(spec, name, seen, resume=resume)
             run = claimed[seen]
             log.info("task %s: upload of %s, run %d of %d", task_id, name, run,
                      spec.run_limit)
-            done = _already_received(client, spec, name)
-            if done is not None:  # sent before a restart, its outcome not yet reported
-                return done
             body = {"executor": executor, "tls_key_sha256": client.tls_key_hash.hex(),
                     "spec_digest": spec.digest(), "claims": claims.to_dict(),
                     "run": run,  # which of the spec's runs this upload is
@@ -397,15 +400,13 @@ class _Progress:
             self.provider._try_report(self.task_id, self.dataset, "started", rows=self.rows)
 
 
-def _already_received(client: Any, spec: wire.TaskSpec, name: str) -> dict[str, Any] | None:
-    """The executor's receipt for this dataset if it holds it whole already (this node
-    sent it, then restarted before it could report it), else None."""
+def _executor_view(client: Any, spec: wire.TaskSpec) -> Any:
+    """The executor's status of this spec's task (its run, what it holds whole), or None
+    where it has none to give (not created there yet, or gone: the upload says why)."""
     try:
-        status = client.status(spec.digest())
-    except TeeflowError:  # not created there yet, or no longer: the upload says why
+        return client.status(spec.digest())
+    except TeeflowError:
         return None
-    got = status.received.get(name)
-    return {"rows": int(got.get("rows", 0)), "resumed": True} if got else None
 
 
 def _check_isolation(client: Any, *policies: Any) -> None:

@@ -455,8 +455,9 @@ class Store:
             row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None:
                 raise UnknownTask(f"unknown task {task_id!r}")
-            if db.execute("SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
-                          (task_id,)).fetchone():
+            if row["state"] == "done" and db.execute(
+                    "SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
+                    (task_id,)).fetchone():
                 raise StateError(f"task {task_id}: its result was released to its receivers; "
                                  "it ends when they take it")
             new = next_state(row["state"], event)
@@ -489,16 +490,17 @@ class Store:
                 raise UnknownTask(f"unknown task {task_id!r}")
             if row["state"] not in ("done", "released"):
                 raise StateError(f"task {task_id} is {row['state']}; no result to release")
-            if not db.execute("SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
-                              (task_id,)).fetchone():
+            if not db.execute("SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted' "
+                              "AND json_extract(body, '$.run')=?", (task_id, run)).fetchone():
                 self._append(db, task_id, "release-granted",
                              {"spec_digest": row["spec_digest"], "run": run},
                              audit.SCHEDULER, "")
 
     def granted(self, task_id: str) -> bool:
-        """Whether this scheduler let the task's result out (`release-granted`)."""
-        return bool(self._rows("SELECT 1 FROM audit WHERE task_id=? AND "
-                               "kind='release-granted'", task_id))
+        """Whether this scheduler let the done task's result out (`release-granted`)."""
+        return bool(self._rows("SELECT 1 FROM tasks t JOIN audit a ON a.task_id = t.id WHERE "
+                               "t.id=? AND t.state='done' AND a.kind='release-granted'",
+                               task_id))
 
     def set_executor(self, task_id: str, executor: str) -> None:
         with self._tx() as db:
