@@ -553,7 +553,7 @@ def test_upload_progress_then_run(world: World):
     assert world.events(task_id) == [
         "submitted", "approved", "approved", "consented", "accept", "upload", "attested",
         "upload", "upload", "received", "upload", "received", "run", "wiped", "computed",
-        "finish", "released", "close"]
+        "finish", "release-granted", "released", "close"]
     log = world.audit_log(task_id)
     assert [e.signer for e in log if e.kind == "received"] == [EXECUTOR_SIGNER] * 2
     assert audit.verify_chain(world.audit_log()) == len(log)

@@ -345,6 +345,9 @@ class StoreContract:
         assert [a["owner_key"] for a in work[0]["approvals"]] == [
             ALICE.public_key(), BOB.public_key()]
         catalog.update_assignment("task0001", "a_data", "alice", "started")
+        # started, not uploaded: still alice's work (a restarted node takes it up again)
+        assert [w["dataset"] for w in catalog.pending_for("alice")] == ["a_data"]
+        catalog.update_assignment("task0001", "a_data", "alice", "uploaded")
         assert catalog.pending_for("alice") == []
         assert [w["dataset"] for w in catalog.pending_for("bob")] == ["b_data"]
         catalog.transition("task0001", "upload")

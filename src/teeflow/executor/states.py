@@ -6,8 +6,8 @@ signature, so its first state already means "consented"):
     waiting -upload/round-> waiting -run-> running -finish-> done
     waiting -last-round-> done              (federated: its last round closed)
     done -take-> done (a receiver took its result) -close-> released (the last one did)
-    waiting, running, done -fail-> failed;  waiting, running, done -cancel-> cancelled
-    (a done task fails only by its scheduler's abort, before its result is let out)
+    waiting, running -fail-> failed;  waiting, running, done -cancel-> cancelled
+    (a done task is cancelled by its scheduler's abort too, before its result is let out)
 
 An input (one per dataset of a task that uploads):
 
@@ -100,7 +100,6 @@ TASK = Table(
         (_T.DONE, _TE.CLOSE): _T.RELEASED,
         (_T.WAITING, _TE.FAIL): _T.FAILED,
         (_T.RUNNING, _TE.FAIL): _T.FAILED,
-        (_T.DONE, _TE.FAIL): _T.FAILED,
         (_T.WAITING, _TE.CANCEL): _T.CANCELLED,
         (_T.RUNNING, _TE.CANCEL): _T.CANCELLED,
         (_T.DONE, _TE.CANCEL): _T.CANCELLED,

@@ -3,7 +3,7 @@
 The owners sign `scheduler_key` into the spec; with it the scheduler signs
 
     abort    (spec digest, run): it failed or cancelled the task. The executor fails it
-             (a done task too, as long as no result was let out), drops every input and
+             (cancels a done one, as long as no result was let out), drops every input and
              every sealed result, and records `aborted` and `wiped`.
     release  (spec digest, run): it recorded `release-granted` in its log. Only then does
              the executor hand the sealed result of that run to a receiver.
@@ -46,7 +46,8 @@ def abort(tasks: Tasks, ref: str, run: int, signature: bytes) -> str:
             raise StateError(f"task {task.spec.task_id}: its scheduler let the result out "
                              "already")
         if task.status in (TaskState.WAITING, TaskState.RUNNING, TaskState.DONE):
-            task.step(TaskEvent.FAIL)
+            # a computed task is never failed (states.py): a done one is cancelled
+            task.step(TaskEvent.CANCEL if task.status == TaskState.DONE else TaskEvent.FAIL)
             task.error = "ended by the scheduler"
             task.sealed.clear()
             for receiver, state in task.results.items():

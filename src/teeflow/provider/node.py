@@ -401,12 +401,14 @@ class _Progress:
 
 
 def _executor_view(client: Any, spec: wire.TaskSpec) -> Any:
-    """The executor's status of this spec's task (its run, what it holds whole), or None
-    where it has none to give (not created there yet, or gone: the upload says why)."""
+    """The executor's status of this spec's task (its run, what it holds whole) while it
+    waits for uploads, else None (not created there yet, gone, or past its uploads: the
+    upload says why)."""
     try:
-        return client.status(spec.digest())
+        status = client.status(spec.digest())
     except TeeflowError:
         return None
+    return status if status.status == "waiting" else None  # only then is an upload due
 
 
 def _check_isolation(client: Any, *policies: Any) -> None:

@@ -36,6 +36,7 @@ from teeflow.scheduler.store import Store, Task
 log = logging.getLogger("teeflow.scheduler")
 UNREACHABLE_GRACE = 60.0  # seconds an executor may not answer before its tasks fail
 DISPATCH_RETRY = 2.0  # seconds before an executor that was full is asked again
+UNKNOWN_GRACE = 10.0  # seconds an executor may not know a task it accepted (restarted)
 NOTICE_RETRY = 5.0  # seconds between tries to tell an executor that a task ended
 
 
@@ -75,6 +76,7 @@ class Scheduler:
         self._connect = connect
         self.unreachable_grace = unreachable_grace
         self._unreachable_since: dict[str, float] = {}
+        self._unknown_since: dict[str, float] = {}
         self._notice_next: dict[str, float] = {}  # task -> when to tell its executor again
         # approved tasks being handed to their executor (one hand-over at a time), and
         # those the executor had no room for yet: asked again after this time
@@ -300,8 +302,9 @@ class Scheduler:
             self.store.transition(task_id, "upload", {**detail, "step": "uploaded"})
         elif state == "failed" and task.state not in ("released", "failed", "cancelled"):
             reason = f"{node['name']} could not upload {dataset}: {error}"
-            self.end_task(task_id, "fail", {**detail, "reason": error}, error=reason)
+            # the owner's own signed cancel first: the executor records who stopped it
             self._cancel_at_executor(task, caller_key, body.get("cancel_signature"))
+            self.end_task(task_id, "fail", {**detail, "reason": error}, error=reason)
 
     def cancel(self, caller_key: str, task_id: str, body: dict[str, Any]) -> Task:
         """The initiator or an owner stops a task; its signed word goes on to the executor."""
@@ -460,8 +463,8 @@ class Scheduler:
             status = self._status(task.executor, task.spec_digest)  # its id there
         except UnknownTask:
             # it held the task (accepted) and no longer does: it restarted, its inputs gone
-            self._unreachable_since.pop(task.id, None)
-            if not self.store.granted(task.id):
+            first = self._unknown_since.setdefault(task.id, time.time())
+            if time.time() - first > UNKNOWN_GRACE and not self.store.granted(task.id):
                 self.end_task(task.id, "fail", {"reason": "executor lost the task"},
                               error=f"executor {task.executor} no longer holds the task "
                                     "(it restarted?)")
@@ -474,6 +477,7 @@ class Scheduler:
                               error=f"executor lost: {exc}")
             return
         self._unreachable_since.pop(task.id, None)
+        self._unknown_since.pop(task.id, None)
         self._record_executor_entries(task, status.audit)
         remote = status.status
         if remote == "failed":
