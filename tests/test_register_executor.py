@@ -1,0 +1,53 @@
+"""Registering an executor by hand: the executor's `registration` action."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.flight as fl
+import pytest
+
+from teeflow.cli.cluster import LocalCluster
+from teeflow.files.keys import load_or_create_key
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with LocalCluster(tmp_path) as c:
+        c.start_scheduler()
+        c.start_executor(register=False)
+        yield c
+
+
+def _action(address: str, body: bytes) -> list[bytes]:
+    client = fl.FlightClient(f"grpc+tls://{address}", disable_server_verification=True)
+    try:
+        return [r.body.to_pybytes() for r in client.do_action(fl.Action("registration", body))]
+    finally:
+        client.close()
+
+
+def test_registration_action_signs_for_the_asked_address_and_key(cluster, tmp_path):
+    key = load_or_create_key(tmp_path / "host.key")
+    body = json.dumps({"address": cluster.executor_address,
+                       "node_key": key.public_key()}).encode()
+    answer = json.loads(_action(cluster.executor_address, body)[0])
+    assert answer["address"] == cluster.executor_address
+    assert "BEGIN CERTIFICATE" in answer["cert_pem"]
+    assert answer["signature"]
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b"not json", "registration request"),
+    (json.dumps({"address": "127.0.0.1:1"}).encode(), "node_key"),
+    (json.dumps({"address": "127.0.0.1:1", "node_key": "AAAA"}).encode(), "node_key"),
+    (json.dumps({"address": "nowhere", "node_key": "x"}).encode(), "node_key"),
+    (json.dumps({"address": "nowhere",
+                 "node_key": "A" * 43 + "="}).encode(), "HOST:PORT"),
+    (json.dumps({"address": "127.0.0.1:1", "node_key": "A" * 43 + "=",
+                 "extra": 1}).encode(), "extra"),
+])
+def test_malformed_registration_body_gets_a_named_error(cluster, body, named):
+    with pytest.raises(fl.FlightError) as err:
+        _action(cluster.executor_address, body)
+    assert named in str(err.value)
