@@ -51,3 +51,59 @@ def test_malformed_registration_body_gets_a_named_error(cluster, body, named):
     with pytest.raises(fl.FlightError) as err:
         _action(cluster.executor_address, body)
     assert named in str(err.value)
+
+
+def _teeflow(cluster, key, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", "--scheduler",
+                           cluster.scheduler_url, "--key", str(key), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _host(cluster, tmp_path, role: str = "executor_host"):
+    key = tmp_path / f"op-{role}.key"
+    joined = _teeflow(cluster, key, "init", "--name", f"op-{role}", "--invite",
+                      cluster.invite(role, name=f"op-{role}"))
+    assert joined.returncode == 0, joined.stderr
+    return key
+
+
+def _listed(cluster) -> list[str]:
+    from teeflow.net.scheduler_client import SchedulerClient
+
+    with SchedulerClient(cluster.scheduler_url, cluster.initiator) as c:
+        return [e["address"] for e in c.executors()]
+
+
+def test_executor_registered_by_hand_is_listed(cluster, tmp_path):
+    assert cluster.executor_address not in _listed(cluster)
+    done = _teeflow(cluster, _host(cluster, tmp_path), "register-executor",
+                    cluster.executor_address, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["address"] == cluster.executor_address
+    assert cluster.executor_address in _listed(cluster)
+
+
+def test_registration_for_another_servers_address_is_refused(cluster, tmp_path):
+    other = cluster.start_executor(name="other", register=False)
+    done = _teeflow(cluster, _host(cluster, tmp_path), "register-executor",
+                    cluster.executor_address, "--advertise", other)
+    assert done.returncode != 0
+    assert "scheduler refused" in done.stderr + done.stdout
+    assert other not in _listed(cluster)
+
+
+def test_key_without_executor_host_role_is_refused(cluster, tmp_path):
+    done = _teeflow(cluster, _host(cluster, tmp_path, "initiator"), "register-executor",
+                    cluster.executor_address)
+    assert done.returncode != 0
+    assert "scheduler refused" in done.stderr + done.stdout
+    assert cluster.executor_address not in _listed(cluster)
+
+
+def test_unreachable_executor_is_named(cluster, tmp_path):
+    done = _teeflow(cluster, _host(cluster, tmp_path), "register-executor", "127.0.0.1:1")
+    assert done.returncode != 0
+    assert "unreachable" in done.stderr + done.stdout
