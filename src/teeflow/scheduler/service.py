@@ -428,7 +428,10 @@ class Scheduler:
         finally:
             link.close()
         self.store.mark_seen(executor)  # it answered: for the waiting line
-        self._taken[task] = list(status.taken_by)
+        if status.status == "done":  # who took a result: only a `done` task waits on it
+            self._taken[task] = list(status.taken_by)
+        else:
+            self._taken.pop(task, None)
         return status
 
     def _record_executor_entries(self, task: Task, entries: list[ExecutorEntry]) -> None:
