@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from teeflow.cli.cluster import LocalCluster, Party
 from teeflow.cli.demo import make_party_data
-from teeflow.dashboard.app import COOKIE, create_app
+from teeflow.dashboard.app import create_app
 from teeflow.sdk import Client
 from tests.factories import appraisal_policy
 
@@ -190,7 +190,7 @@ def test_browser_submit_approve_result(cluster, tmp_path):
         def until(check, what: str) -> None:
             deadline = time.monotonic() + 120
             while not check():
-                assert time.monotonic() < deadline, f"never: {what}"
+                assert time.monotonic() < deadline, f"never: {what}: {browser.page_source}"
                 time.sleep(0.3)
 
         browser.get(mine_url)

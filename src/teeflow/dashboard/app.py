@@ -36,7 +36,8 @@ HEADERS = {
                                "style-src 'unsafe-inline'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+    # not no-referrer: under it a browser's form POST says `Origin: null`
+    "Referrer-Policy": "same-origin", "Cache-Control": "no-store",
 }
 
 
@@ -53,6 +54,8 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
     me = audit.ed25519_signer(client.identity.public_key())
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.token, app.state.csrf = token, csrf
+    # cookies are not kept apart by port: each dashboard on this host has its own name
+    cookie = f"{COOKIE}_{host.rsplit(':', 1)[-1]}"
 
     @app.middleware("http")
     async def guard(request: Request,
@@ -62,9 +65,9 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
         given = request.query_params.get("token")
         if given is not None and hmac.compare_digest(given, token):
             back = RedirectResponse(request.url.path, status_code=303, headers=HEADERS)
-            back.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+            back.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
             return back
-        if not hmac.compare_digest(request.cookies.get(COOKIE, ""), token):
+        if not hmac.compare_digest(request.cookies.get(cookie, ""), token):
             return refused(403, "open the URL `teeflow dashboard` printed (with its token)")
         if request.method not in ("GET", "HEAD", "POST"):
             return refused(405, "method not allowed")
