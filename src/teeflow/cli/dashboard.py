@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from teeflow.cli.common import client
-from teeflow.cli.daemons import listen_address
+from teeflow.core.errors import InputError
 
 
 @click.command()
@@ -22,8 +22,13 @@ def dashboard(ctx: click.Context, listen: str, port_file: str | None,
     """Serve your dashboard: tasks, approvals, datasets, executors, the audit log. Prints
     the URL to open (with its one-time token); only this machine can reach it."""
     from teeflow.dashboard.serve import check_loopback, serve
+    from teeflow.net.listen import parse_listen
 
-    host, port = listen_address(listen)
+    try:
+        host, port = parse_listen(listen)
+    except ValueError:
+        raise InputError(f"--listen {listen!r} is not HOST:PORT (e.g. 127.0.0.1:8790, "
+                         "port 0 for any free one)") from None
     check_loopback(host)
     with client(ctx, policy, needs_policy=True) as c:
         serve(c, host, port, port_file)
