@@ -162,16 +162,22 @@ def policy_summary(policy: dict[str, Any]) -> str:
 
 
 def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
+    """What an owner signs (`spec_lines`), printed as is: no markup, so no value can
+    restyle or hide the rest."""
+    for line in spec_lines(task, names):
+        console.print(line, highlight=False, markup=False)
+
+
+def spec_lines(task: dict[str, Any], names: dict[str, str]) -> list[str]:
     """What an owner signs: the computation and its parameters, every dataset with its
     owner, who can open the result, which executors may run it. Every value is the
-    initiator's or the scheduler's text: printed as is (no markup) and values quoted, so
-    none can restyle or hide the rest."""
+    initiator's or the scheduler's text: values are quoted, and whoever shows the lines
+    shows them as plain text (the console without markup, the dashboard escaped)."""
     from teeflow import compute
     from teeflow.core.audit import ed25519_signer
 
-    def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False)
-
+    out: list[str] = []
+    say = out.append
     spec = task["spec"]
     say(f"task {task['id']} asks to run {spec['compute']!r} (code {spec['code_digest'][:16]}…)")
     try:
@@ -202,6 +208,7 @@ def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
 
         say(f"  deadline in {(spec['deadline'] - time.time()) / 3600:.1f} h")
     say(f"  spec digest {task['spec_digest']}")
+    return out
 
 
 def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool,

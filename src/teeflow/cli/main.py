@@ -17,6 +17,7 @@ from teeflow.cli.audit import audit
 from teeflow.cli.budget import budget
 from teeflow.cli.catalog import computations
 from teeflow.cli.common import DEFAULT_SCHEDULER, Session, TeeflowGroup, run, version
+from teeflow.cli.dashboard import dashboard
 from teeflow.cli.demo import demo
 from teeflow.cli.doctor import doctor
 
@@ -36,7 +37,7 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
 
 
 for command in (*daemons.COMMANDS, *initiator.COMMANDS, *register.COMMANDS, audit, attest,
-                budget, demo, computations, doctor):
+                budget, demo, computations, doctor, dashboard):
     cli.add_command(command)
 
 
