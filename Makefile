@@ -42,6 +42,11 @@ sysdeps:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	    apt-get install -y -qq bubblewrap libseccomp2; } || \
 	  echo "bubblewrap or libseccomp missing: user_code will be refused"
+	@# the dashboard's browser test drives Debian's headless Chromium (skipped without it)
+	@{ test -x /usr/bin/chromium && command -v chromedriver; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "chromium or chromium-driver missing: the dashboard's browser test is skipped"
 
 demo: $(STAMP) sysdeps
 	$(BIN)/teeflow demo

@@ -31,6 +31,7 @@ fi
 if [ -f "$name.mrenclave" ]; then
     echo "Starting $name, MRENCLAVE $(cat "$name.mrenclave")"
 fi
+echo "Register it from this host: teeflow register-executor HOST:PORT [--advertise HOST:PORT]"
 # Host side of the encrypted mount (/tmp/teeflow-spill inside the enclave).
 mkdir -p spill
 exec gramine-sgx "$name"

@@ -58,6 +58,11 @@ class FakeExecutor:
         self.status: dict = {"status": "waiting", "received": {}}
         self._lock = threading.Lock()
 
+    def probe(self, address: str) -> None:
+        """Automatic choice's probe: answers, unless told it is down."""
+        if self.unreachable:
+            raise Unreachable(f"executor {address} unreachable: connection refused")
+
     def connect(self, address: str) -> FakeExecutor:
         if self.unreachable:
             raise Unreachable(f"executor {address} unreachable: connection refused")
@@ -178,7 +183,7 @@ class World:
 def world():
     store = Store(":memory:")
     fake = FakeExecutor()
-    scheduler = Scheduler(store, connect=fake.connect)
+    scheduler = Scheduler(store, connect=fake.connect, probe=fake.probe)
     with scheduler_app(store, scheduler) as api:
         yield World(api, store, scheduler, fake)
     store.close()

@@ -172,12 +172,16 @@ class LocalCluster:
             client.register_node(self.initiator_name,
                                  self.invite("initiator", name=self.initiator_name))
 
-    def start_executor(self, *extra: str, name: str = "executor") -> str:
+    def start_executor(self, *extra: str, name: str = "executor",
+                       register: bool = True) -> str:
+        """`register=False`: the executor does not announce itself (as the Gramine one,
+        whose argv is fixed); register it with `teeflow register-executor`."""
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
+        announce = (["--register", self.scheduler_url, "--invite",
+                     self.invite("executor_host")] if register else [])
         self._spawn(name, "executor", "--tee", "simulated", "--listen", "127.0.0.1:0",
-                    "--port-file", str(port_file), "--register", self.scheduler_url,
-                    "--invite", self.invite("executor_host"), *extra)
+                    "--port-file", str(port_file), *announce, *extra)
         address = self._wait_port(name, port_file)
         if name == "executor":
             self.executor_address = address

@@ -271,7 +271,15 @@ def _progress(client: Client, task_id: str, timeout: float | None,
                   console=err_console, transient=False) as bar:
         job = bar.add_task("submitted", total=None, rows="")
 
+        said: list[Any] = [None]
+
         def update(task: dict[str, Any]) -> None:
+            waiting = task.get("waiting") or {}
+            # the line again only when who or what it waits for changes, not every tick
+            who = [(w["who"], w["what"]) for w in waiting.get("for", [])]
+            if who and who != said[0]:
+                bar.console.print(waiting.get("text", ""), highlight=False, markup=False)
+            said[0] = who
             assignments = task.get("assignments", [])
             rows = sum(a["rows"] for a in assignments)
             want = sum(total.get(a["dataset"], 0) for a in assignments)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from teeflow.cli.common import SCHEDULER_LISTEN, console, echo_json, setup_logging
+from teeflow.core.durations import parse_duration
 from teeflow.core.errors import InputError
 
 EXECUTOR_LISTEN = "127.0.0.1:8815"
@@ -26,9 +27,11 @@ EXECUTOR_LISTEN = "127.0.0.1:8815"
                    "db file's directory); made on first start.")
 @click.option("--members", type=click.Path(path_type=Path), default=None,
               help="TOML list of member keys with roles, admitted without an invitation.")
+@click.option("--task-deadline", default="1h", show_default=True,
+              help="Deadline of a task whose spec names none, from its submission.")
 @click.pass_context
 def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str | None,
-              data_dir: Path | None, members: Path | None) -> None:
+              data_dir: Path | None, members: Path | None, task_deadline: str) -> None:
     """Run the scheduler (HTTPS JSON API over a SQLite file); `invite` makes invitations."""
     if ctx.invoked_subcommand is not None:
         return
@@ -36,11 +39,12 @@ def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str |
         raise click.UsageError("Missing option '--db'.")
     from teeflow.scheduler.server import serve
 
+    deadline = parse_duration(task_deadline, "--task-deadline")
     setup_logging(False)
     host, port = listen_address(listen)
     check_db(db)
     serve(str(db), host, port, port_file, str(data_dir) if data_dir else None,
-          str(members) if members else None)
+          str(members) if members else None, task_deadline=deadline)
 
 
 @scheduler.command("invite")
@@ -222,19 +226,6 @@ def print_measurement(backend: Any) -> None:
         # plain, one line: it is copied into policies
         click.echo(f"teeflow executor ({backend.tee}) {name} = {value}  (owners put this in "
                    f"[policy.{backend.tee}] {name} = [...])")
-
-
-def parse_duration(text: str, option: str = "--result-ttl") -> float:
-    """Seconds from '3600', '90s', '30m', '12h', '7d'."""
-    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    number = text.strip().lower().rstrip("smhd")
-    try:
-        value = float(number) * units[text.strip().lower()[len(number):]]
-    except (ValueError, KeyError):
-        raise InputError(f"{option} {text!r} is not a duration like 12h or 7d") from None
-    if not value > 0 or value == float("inf"):
-        raise InputError(f"{option} must be a positive, finite duration")
-    return value
 
 
 def parse_size(text: str) -> int:

@@ -27,6 +27,7 @@ from teeflow.cli.common import (
     wait_with_progress,
 )
 from teeflow.cli.legacy import SeedForm, apply_seed_form
+from teeflow.core.durations import format_span, parse_duration
 from teeflow.core.errors import InputError, TeeflowError
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--task_type", default=None, help="Seed form: 6 (TEE task).")
 @click.option("--params", "seed_params", default=None, help="Seed form parameter string.")
 @click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--deadline", default=None,
+              help="Fail the task if it is not done within this long, e.g. 30m or 2h "
+                   "(signed into the spec; default: the scheduler's --task-deadline).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="With --wait: take the result and write it here as JSON.")
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
@@ -52,9 +56,10 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
            compute: str | None, params: tuple[str, ...], task_lang: str | None,
-           task_type: str | None, seed_params: str | None, wait: bool, out: Path | None,
-           policy: Path | None) -> None:
+           task_type: str | None, seed_params: str | None, wait: bool, deadline: str | None,
+           out: Path | None, policy: Path | None) -> None:
     """Submit a task to the scheduler and (by default) wait for it."""
+    seconds = None if deadline is None else parse_duration(deadline, "--deadline")
     given = SeedForm(datasets, executor_addr, compute, kv(params, "--param"))
     if seed_params is not None:
         given = apply_seed_form(task_lang, task_type, seed_params, given)
@@ -64,7 +69,7 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
     if not given.compute:
         raise InputError("--compute: name the computation")
     with client(ctx, policy, needs_policy=True) as c:
-        task = c.submit(names, given.executor, given.compute, given.params)
+        task = c.submit(names, given.executor, given.compute, given.params, deadline=seconds)
         console.print(f"task [bold]{task['id']}[/] submitted ({task['state']}; executor "
                       f"{task['executor']}); waiting for the owners' signatures")
         if not wait:
@@ -157,16 +162,22 @@ def policy_summary(policy: dict[str, Any]) -> str:
 
 
 def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
+    """What an owner signs (`spec_lines`), printed as is: no markup, so no value can
+    restyle or hide the rest."""
+    for line in spec_lines(task, names):
+        console.print(line, highlight=False, markup=False)
+
+
+def spec_lines(task: dict[str, Any], names: dict[str, str]) -> list[str]:
     """What an owner signs: the computation and its parameters, every dataset with its
     owner, who can open the result, which executors may run it. Every value is the
-    initiator's or the scheduler's text: printed as is (no markup) and values quoted, so
-    none can restyle or hide the rest."""
+    initiator's or the scheduler's text: values are quoted, and whoever shows the lines
+    shows them as plain text (the console without markup, the dashboard escaped)."""
     from teeflow import compute
     from teeflow.core.audit import ed25519_signer
 
-    def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False)
-
+    out: list[str] = []
+    say = out.append
     spec = task["spec"]
     say(f"task {task['id']} asks to run {spec['compute']!r} (code {spec['code_digest'][:16]}…)")
     try:
@@ -197,6 +208,7 @@ def show_spec(task: dict[str, Any], names: dict[str, str]) -> None:
 
         say(f"  deadline in {(spec['deadline'] - time.time()) / 3600:.1f} h")
     say(f"  spec digest {task['spec_digest']}")
+    return out
 
 
 def _decide(ctx: click.Context, task_id: str, decision: str, yes: bool,
@@ -272,8 +284,25 @@ def tasks(ctx: click.Context, as_json: bool) -> None:
     console.print(table)
 
 
+def deadline_line(task: dict[str, Any], now: float) -> str:
+    deadline = task.get("deadline")
+    if deadline is None:
+        return ""
+    left = deadline - now
+    when = f"in {format_span(left)}" if left > 0 else f"passed {format_span(-left)} ago"
+    return f"deadline {when} (unix time {int(deadline)})"
+
+
 def print_task(task: dict[str, Any], names: dict[str, str]) -> None:
+    import time
+
     console.print(f"task [bold]{task['id']}[/]: {task['state']}  ({task['compute']})")
+    waiting = (task.get("waiting") or {}).get("text")
+    if waiting:
+        console.print(f"  {waiting}", highlight=False, markup=False)
+    if task["state"] not in ("failed", "cancelled", "rejected", "released") and \
+            deadline_line(task, time.time()):
+        console.print(f"  {deadline_line(task, time.time())}", highlight=False, markup=False)
     if task.get("error"):
         console.print(f"  error: {task['error']}", highlight=False, markup=False)
     for a in task["assignments"]:

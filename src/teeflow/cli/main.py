@@ -11,12 +11,13 @@ from pathlib import Path
 
 import click
 
-from teeflow.cli import daemons, initiator
+from teeflow.cli import daemons, initiator, register
 from teeflow.cli.attest import attest
 from teeflow.cli.audit import audit
 from teeflow.cli.budget import budget
 from teeflow.cli.catalog import computations
 from teeflow.cli.common import DEFAULT_SCHEDULER, Session, TeeflowGroup, run, version
+from teeflow.cli.dashboard import dashboard
 from teeflow.cli.demo import demo
 from teeflow.cli.doctor import doctor
 
@@ -35,8 +36,8 @@ def cli(ctx: click.Context, scheduler: str, key_file: Path | None) -> None:
     ctx.obj = Session(scheduler=scheduler, key=key_file)
 
 
-for command in (*daemons.COMMANDS, *initiator.COMMANDS, audit, attest, budget, demo,
-                computations, doctor):
+for command in (*daemons.COMMANDS, *initiator.COMMANDS, *register.COMMANDS, audit, attest,
+                budget, demo, computations, doctor, dashboard):
     cli.add_command(command)
 
 

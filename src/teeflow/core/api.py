@@ -213,6 +213,7 @@ class TaskView(Model):
     error: str | None
     created_at: float
     updated_at: float
+    deadline: float | None = None  # unix seconds: past it, a task not yet done is failed
 
 
 class Assignment(Model):
@@ -241,11 +242,29 @@ class Event(Model):
     signer: str
 
 
+class Waiter(Model):
+    """One party a task waits for (scheduler/waiting.py): names and times, never data."""
+
+    who: str
+    what: str
+    since: float
+    last_seen: float | None
+
+
+class Waiting(Model):
+    for_: list[Waiter] = Field(alias="for")
+    text: str
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+
 class TaskDetail(TaskView):
     spec: TaskSpecBody
     assignments: list[Assignment]
     approvals: list[Approval]
     events: list[Event]
+    waiting: Waiting | None = None  # None once the task is final
 
 
 class AuditEntry(Model):

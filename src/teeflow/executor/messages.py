@@ -204,6 +204,27 @@ class CancelRequest(_TaskMessage):
     spec_digest: str | None = None
 
 
+class RegistrationRequest(Message):
+    """The executor host's operator asks for this executor's signed registration."""
+
+    KIND: ClassVar[str] = "registration request"
+    address: str
+    node_key: str
+
+    def checked(self) -> RegistrationRequest:
+        from teeflow.core.crypto import check_public_key
+        from teeflow.core.errors import AuthError
+        from teeflow.net.executor_client import parse_address
+
+        try:
+            check_public_key(self.node_key)
+        except AuthError:
+            raise InputError(f"{self.KIND}: field 'node_key' is not a base64 Ed25519 key"
+                             ) from None
+        parse_address(self.address)
+        return self
+
+
 class Verdict(_TaskMessage):
     """The scheduler's signed word on a task: abort it, or release its result."""
 

@@ -40,6 +40,7 @@ from teeflow.executor.messages import (
     CreateTask,
     FlModel,
     FlUpdate,
+    RegistrationRequest,
     ResultRequest,
     UploadRequest,
     Verdict,
@@ -142,6 +143,15 @@ def _cancel(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     return _json({"cancelled": True})
 
 
+def _registration(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    # Signing for any address the caller names is safe: the scheduler probes that address
+    # and it must present this same certificate, so a registration for another server's
+    # address is refused there.
+    req = RegistrationRequest.decode(body).checked()
+    cert_pem, signature = server.registration(req.address, req.node_key)
+    return _json({"address": req.address, "cert_pem": cert_pem, "signature": signature})
+
+
 def _abort(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = Verdict.decode(body)
     return _json({"status": server.executor.abort(req.ref, req.run, req.signature)})
@@ -165,6 +175,8 @@ ACTIONS: dict[str, tuple[str, Handler]] = {
     "result": ("the result, to the initiator only (signed challenge)", _result),
     "fl-model": ("a federated task's global model, to an owner (signed)", _fl_model),
     "fl-update": ("an owner's update for the current round (signed)", _fl_update),
+    "registration": ("this executor's signed registration for an address and node key",
+                     _registration),
     "cancel": ("cancel a task and wipe its inputs (initiator or owner, signed)", _cancel),
     "abort": ("end a task and wipe it (signed by the scheduler its spec names)", _abort),
     "release": ("let a done task's result out (signed by the spec's scheduler)", _release),

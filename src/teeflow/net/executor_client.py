@@ -60,7 +60,8 @@ def fetch_certificate(address: str, timeout: float = 10.0) -> bytes:
 
 
 class ExecutorClient:
-    def __init__(self, address: str, cert_pem: bytes | None) -> None:
+    def __init__(self, address: str, cert_pem: bytes | None,
+                 timeout: float = CALL_TIMEOUT) -> None:
         host, port = parse_address(address)
         self.address = f"{host}:{port}"
         self.cert_pem = cert_pem
@@ -70,7 +71,7 @@ class ExecutorClient:
         else:
             self._client = fl.FlightClient(f"grpc+tls://{host}:{port}", tls_root_certs=cert_pem,
                                            override_hostname=EXECUTOR_TLS_NAME)
-        self._options = fl.FlightCallOptions(timeout=CALL_TIMEOUT)
+        self._options = fl.FlightCallOptions(timeout=timeout)
 
     def close(self) -> None:
         self._client.close()

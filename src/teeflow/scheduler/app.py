@@ -159,6 +159,8 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
                     raise Unauthenticated(str(exc)) from None
                 if registered and store.node_by_key(key) is None:
                     raise Unauthenticated("request signed by a key that is not registered")
+                if registered:  # only a verified request of a member counts as seen
+                    store.mark_seen(key)
                 request.scope[CALLER] = key  # for checkpoint_headers, once answered
                 # every body is JSON whatever content-type it claims (as the signature
                 # covers the body, not that header), so FastAPI decodes it as JSON
@@ -277,9 +279,12 @@ def create_app(store: Store, scheduler: Scheduler | None = None, tick: float = T
     @signed.get("/v1/tasks/{task_id}")
     async def get_task(task_id: str, key: Caller) -> api.TaskDetail:
         task = sched.visible_task(key, task_id)
+        waiting = sched.waiting(task)
         return api.TaskDetail.model_validate({
-            **task.to_dict(), "spec": task.spec, "assignments": store.assignments(task_id),
-            "approvals": store.approvals(task_id), "events": store.events(task_id)})
+            **task.to_dict(), "deadline": sched.deadline_of(task), "spec": task.spec,
+            "assignments": store.assignments(task_id), "approvals": store.approvals(task_id),
+            "events": store.events(task_id),
+            "waiting": waiting.to_dict() if waiting is not None else None})
 
     @signed.post("/v1/tasks/{task_id}/decision", dependencies=[needs("owner")])
     async def decide(task_id: str, body: api.Decision, key: Caller) -> api.TaskView:

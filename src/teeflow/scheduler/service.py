@@ -31,6 +31,7 @@ from teeflow.core.errors import (
 )
 from teeflow.core.schemas import schema_from_b64
 from teeflow.net.executor_client import ExecutorClient, parse_address
+from teeflow.scheduler import waiting as waits
 from teeflow.scheduler.store import Store, Task
 
 log = logging.getLogger("teeflow.scheduler")
@@ -38,6 +39,8 @@ UNREACHABLE_GRACE = 60.0  # seconds an executor may not answer before its tasks 
 DISPATCH_RETRY = 2.0  # seconds before an executor that was full is asked again
 UNKNOWN_GRACE = 10.0  # seconds an executor may not know a task it accepted (restarted)
 NOTICE_RETRY = 5.0  # seconds between tries to tell an executor that a task ended
+TASK_DEADLINE = 3600.0  # seconds from submission, for a spec that names no deadline
+PROBE_TIMEOUT = 2.0  # seconds an executor has to answer `info` before it is skipped
 
 
 class ExecutorLink(Protocol):
@@ -50,14 +53,24 @@ def _unverified(address: str) -> ExecutorLink:
     return ExecutorClient(address, None)
 
 
-def _policy_accepts(policy: AppraisalPolicy, executor: dict[str, Any]) -> bool:
-    """Whether an executor's registered claims fit a spec's policy (owners re-check live)."""
-    if executor["tee"] not in policy.tee_types:
-        return False
-    for name, accepted in policy.measurements.get(executor["tee"], {}).items():
+def probe_executor(address: str) -> None:
+    """The executor answers `info` within PROBE_TIMEOUT, else Unreachable or PeerError."""
+    with ExecutorClient(address, None, timeout=PROBE_TIMEOUT) as link:
+        link.action("info")
+
+
+def _policy_refusal(policy: AppraisalPolicy, executor: dict[str, Any]) -> str | None:
+    """Why an executor's registered claims do not fit a spec's policy, or None (owners
+    re-check live evidence; this only routes)."""
+    tee = executor["tee"]
+    if tee not in policy.tee_types:
+        return f"its TEE {tee!r} is not one the policy accepts"
+    if tee == "simulated" and not policy.allow_simulated:
+        return "it is simulated and the policy does not allow simulated"
+    for name, accepted in policy.measurements.get(tee, {}).items():
         if executor["measurements"].get(name) not in accepted:
-            return False
-    return True
+            return f"its {name} is not one the policy accepts"
+    return None
 
 
 def _is_hex(text: str) -> bool:
@@ -71,10 +84,18 @@ def _is_hex(text: str) -> bool:
 class Scheduler:
     def __init__(self, store: Store,
                  connect: Callable[[str], ExecutorLink] = _unverified,
+                 task_deadline: float = TASK_DEADLINE,
+                 probe: Callable[[str], None] = probe_executor,
                  unreachable_grace: float = UNREACHABLE_GRACE) -> None:
+        """`task_deadline`: seconds from submission to the deadline of a task whose spec
+        names none; `probe`: raises if an executor does not answer (automatic choice);
+        `unreachable_grace`: seconds an executor may not answer before its tasks fail."""
         self.store = store
         self._connect = connect
+        self.task_deadline = task_deadline
+        self._probe = probe
         self.unreachable_grace = unreachable_grace
+        self._taken: dict[str, list[str]] = {}  # spec digest -> receivers who took results
         self._unreachable_since: dict[str, float] = {}
         self._unknown_since: dict[str, float] = {}
         self._notice_next: dict[str, float] = {}  # task -> when to tell its executor again
@@ -175,14 +196,62 @@ class Scheduler:
             # the scheduler connects only to executors that proved their address
             raise InputError(f"executor {executor!r} is not registered with this scheduler")
         executor = f"{host}:{port}"
-        self.store.create_task(spec.to_dict(), digest, executor, signature)
+        now = time.time()
+        if spec.deadline is not None and spec.deadline <= now:
+            raise InputError(f"task {spec.task_id}: its deadline has passed")
+        self.store.create_task(spec.to_dict(), digest, executor, signature,
+                               deadline=waits.task_deadline(spec.deadline, now,
+                                                              self.task_deadline))
         return self.store.task(spec.task_id)
 
     def _pick_executor(self, policy: AppraisalPolicy) -> str:
+        """The first registered executor whose registered claims fit the policy and that
+        answers a short probe; else InputError naming each one and why it was skipped."""
+        skipped = []
         for ex in self.store.executors():
-            if _policy_accepts(policy, ex):
-                return str(ex["address"])
-        raise InputError("no registered executor satisfies the task's executor policy")
+            address = str(ex["address"])
+            reason = _policy_refusal(policy, ex)
+            if reason is None:
+                try:
+                    self._probe(address)
+                except TeeflowError as exc:
+                    reason = f"it does not answer ({exc})"
+                else:
+                    self.store.mark_seen(address)
+                    return address
+            skipped.append(f"{address}: {reason}")
+        raise InputError("no registered executor satisfies the task's executor policy and "
+                         "answers: " + ("; ".join(skipped) or "none is registered"))
+
+    # -- waiting and deadlines -------------------------------------------------
+    def waiting(self, task: Task, now: float | None = None) -> waits.Waiting | None:
+        """Who the task waits for, since when, and when each was last seen."""
+        spec = task.spec
+        keys = [*(d["owner_key"] for d in spec["datasets"]),
+                *(r["sign_key"] for r in spec["receivers"])]
+        names = {n["public_key"]: n["name"] for n in self.store.nodes()
+                 if n["public_key"] in keys}
+        return waits.waiting_for(
+            task.state, spec, task.created_at, task.executor,
+            self.store.approvals(task.id), self.store.assignments(task.id),
+            self.store.events(task.id), self.store.last_seen([*keys, task.executor]),
+            names, time.time() if now is None else now, self._taken.get(task.spec_digest))
+
+    def deadline_of(self, task: Task) -> float:
+        return task.deadline if task.deadline is not None else \
+            task.created_at + self.task_deadline
+
+    def _past_deadline(self, task: Task) -> bool:
+        """Fail a live task past its deadline, naming what it waited for (`done` is left:
+        its result is being taken)."""
+        now = time.time()
+        deadline = self.deadline_of(task)
+        if task.state not in waits.DEADLINE_STATES or now < deadline:
+            return False
+        reason = waits.deadline_reason(self.waiting(task, now), deadline, task.created_at,
+                                         now)
+        self.end_task(task.id, "fail", {"reason": reason}, error=reason)
+        return True
 
     # -- consent -------------------------------------------------------------
     def decide(self, caller_key: str, task_id: str, body: dict[str, Any]) -> Task:
@@ -414,7 +483,8 @@ class Scheduler:
         """One pass over live tasks: start runs, follow executors, fail what is lost."""
         for task in self.store.tasks(active_only=True):
             try:
-                self._follow(task)
+                if not self._past_deadline(task):
+                    self._follow(task)
             except StateError as exc:  # a concurrent change won; next tick sees it
                 log.debug("task %s: %s", task.id, exc)
             except TeeflowError as exc:
@@ -428,10 +498,16 @@ class Scheduler:
     def _status(self, executor: str, task: str) -> TaskStatus:
         link = self._connect(executor)
         try:
-            return answers.decode(TaskStatus, link.action("status", task.encode()),
-                                  "executor status")
+            status = answers.decode(TaskStatus, link.action("status", task.encode()),
+                                    "executor status")
         finally:
             link.close()
+        self.store.mark_seen(executor)  # it answered: for the waiting line
+        if status.status == "done":  # who took a result: only a `done` task waits on it
+            self._taken[task] = list(status.taken_by)
+        else:
+            self._taken.pop(task, None)
+        return status
 
     def _record_executor_entries(self, task: Task, entries: list[ExecutorEntry]) -> None:
         """Append the executor's signed entries, but only from a key an owner attested

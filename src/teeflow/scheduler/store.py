@@ -82,11 +82,14 @@ CREATE TABLE IF NOT EXISTS notices (
 CREATE TABLE IF NOT EXISTS cosignatures (
     size INTEGER NOT NULL, root TEXT NOT NULL, public_key TEXT NOT NULL, line TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (size, public_key));
+CREATE TABLE IF NOT EXISTS seen (
+    who TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another connection's transaction
 ROLES = ("owner", "initiator", "executor_host", "auditor")
 INVITE_PREFIX = "tfi_"
 INVITE_TTL = 7 * 86400.0
+SEEN_EVERY = 5.0  # seconds: at most one last-seen write per node (or executor) this often
 
 
 def _token_hash(token: str) -> str:
@@ -119,13 +122,15 @@ class Task:
     error: str | None
     created_at: float
     updated_at: float
+    deadline: float | None = None  # unix seconds; None: a task from before deadlines
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "compute": self.compute,
                 "params": self.params, "executor": self.executor,
                 "datasets": [d["name"] for d in self.spec["datasets"]],
                 "spec_digest": self.spec_digest, "error": self.error,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+                "created_at": self.created_at, "updated_at": self.updated_at,
+                "deadline": self.deadline}
 
 
 class Store:
@@ -141,6 +146,7 @@ class Store:
         self.log_signer: Signer = log_signer or KeySigner.generate()
         self._tree = tlog.Tree()
         self.version = 0  # counts this connection's commits: long polls re-read on a change
+        self._seen_written: dict[str, float] = {}
         with self._lock:
             if str(path) != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -191,6 +197,10 @@ class Store:
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL "
                                  "DEFAULT ''")
+        # a task from before deadlines gets none stored: the scheduler's default then runs
+        # from its creation (service.py)
+        if "deadline" not in {r["name"] for r in self._db.execute("PRAGMA table_info(tasks)")}:
+            self._db.execute("ALTER TABLE tasks ADD COLUMN deadline REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -213,6 +223,28 @@ class Store:
             except sqlite3.IntegrityError:
                 return False
         return True
+
+    # -- last seen ----------------------------------------------------------
+    def mark_seen(self, who: str, now: float | None = None) -> None:
+        """`who` (a node's key after an authenticated request, or an executor's address
+        after it answered) was seen now. Written at most once per SEEN_EVERY per `who`,
+        and outside `_tx`: no version bump, so long polls are not woken by it."""
+        now = time.time() if now is None else now
+        if now - self._seen_written.get(who, float("-inf")) < SEEN_EVERY:
+            return
+        with self._lock:
+            self._seen_written[who] = now
+            self._db.execute("INSERT INTO seen VALUES (?,?) ON CONFLICT(who) DO UPDATE SET "
+                             "at=MAX(at, excluded.at)", (who, now))
+
+    def last_seen(self, who: Collection[str]) -> dict[str, float]:
+        """who -> unix time last seen, for those ever seen."""
+        wanted = sorted(set(who))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        return {r["who"]: float(r["at"]) for r in
+                self._rows(f"SELECT who, at FROM seen WHERE who IN ({marks})", *wanted)}
 
     # -- membership: invitations, the operator's key list, nodes -----------
     def invite(self, roles: Collection[str], name: str | None = None,
@@ -414,17 +446,19 @@ class Store:
 
     # -- tasks -------------------------------------------------------------
     def create_task(self, spec: dict[str, Any], spec_digest: str, executor: str,
-                    signature: str) -> None:
+                    signature: str, deadline: float | None = None) -> None:
         """A submitted task, its assignments and its signed `submitted` entry, at once."""
         now = time.time()
         task_id = spec["task_id"]
         with self._tx() as db:
             if db.execute("SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone():
                 raise StateError(f"task {task_id} already exists")
-            db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO tasks (id, state, compute, params, executor, "
+                       "initiator_key, spec, spec_digest, error, created_at, updated_at, "
+                       "deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (task_id, "submitted", spec["compute"], json.dumps(spec["params"]),
                         executor, spec["initiator_key"], json.dumps(spec), spec_digest, None,
-                        now, now))
+                        now, now, deadline))
             for d in spec["datasets"]:
                 db.execute("INSERT INTO assignments VALUES (?,?,?,?,?,?,?)",
                            (task_id, d["name"], d["owner"], "pending", 0, None, now))
@@ -615,7 +649,8 @@ def _task(row: sqlite3.Row) -> Task:
                 params=json.loads(row["params"]), executor=row["executor"],
                 initiator_key=row["initiator_key"], spec=json.loads(row["spec"]),
                 spec_digest=row["spec_digest"], error=row["error"],
-                created_at=row["created_at"], updated_at=row["updated_at"])
+                created_at=row["created_at"], updated_at=row["updated_at"],
+                deadline=row["deadline"])
 
 
 def _entry(row: sqlite3.Row) -> audit.Entry:

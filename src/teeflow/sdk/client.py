@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +56,6 @@ from teeflow.sdk.results import Result, ordered
 
 DEFAULT_HOME = Path("~/.config/teeflow").expanduser()
 FAILED = ("failed", "cancelled", "rejected")
-DEFAULT_DEADLINE = 24 * 3600  # seconds from build_spec to a task's deadline
 DEFAULT_EXPIRES = 24 * 3600  # seconds from build_spec until the owners' consent lapses
 
 
@@ -116,8 +116,9 @@ class Client:
         """The spec to sign. ``code_digest`` is the one the chosen executor published for
         ``compute_name`` (see ``executor_catalog``); the parameters and the catalogued
         schemas are checked here first, as far as the catalog can without the engine.
-        ``deadline`` (unix seconds, default 24 hours from now): past it the executor fails
-        the task and wipes its inputs if it has not started to run. The consent it asks
+        ``deadline`` (unix seconds; default none: the scheduler's ``--task-deadline`` from
+        submission, and the executor's own default): past it the scheduler fails the task
+        and the executor wipes its inputs if it has not started to run. The consent it asks
         for is spent once: a fresh nonce, ``expires`` (unix seconds, default 24 hours from
         now), ``runs`` (how many runs the owners allow) and ``executor_key`` (SHA-256 of
         the attested TLS key of the one executor it is for)."""
@@ -139,7 +140,7 @@ class Client:
             params=raw, datasets=tuple(refs),
             executor_policy=self._policy(policy).to_dict(),
             receivers=tuple(receivers or (me,)), initiator_key=self.identity.public_key(),
-            deadline=int(time.time() + DEFAULT_DEADLINE) if deadline is None else deadline,
+            deadline=deadline,
             nonce=secrets.token_hex(16),
             expires=int(time.time() + DEFAULT_EXPIRES) if expires is None else expires,
             runs=runs, executor_key=executor_key,
@@ -178,14 +179,17 @@ class Client:
     def submit(self, datasets: Sequence[str], executor: str | None, compute: str,
                params: dict[str, Any] | None = None,
                receivers: Sequence[wire.Receiver] | None = None,
-               deadline: int | None = None, expires: int | None = None,
+               deadline: float | None = None, expires: int | None = None,
                runs: int = 1) -> dict[str, Any]:
         """Sign and submit a task; owners then approve it. `executor=None`: the first
         registered executor your policy accepts, appraised by you now. The spec names the
         code digest that executor publishes over its attested channel and that executor's
-        attested key, `deadline` (unix seconds; default 24 hours from now), and the consent
+        attested key, `deadline` (seconds from now, signed into the spec so the executor
+        holds it too; default: the scheduler's `--task-deadline`), and the consent
         it asks for: `expires` (unix seconds; default 24 hours from now) and `runs`. The
         signed digest is recorded here before the signature leaves."""
+        if deadline is not None and not (math.isfinite(deadline) and deadline > 0):
+            raise InputError("deadline: a positive number of seconds from now")
         address = executor or self.choose_executor()
         catalog, executor_key, claims = self._appraise(address)
         if compute not in catalog:
@@ -193,7 +197,9 @@ class Client:
             raise InputError(f"computation {compute!r}: executor {address} does not run it "
                              f"(it runs: {known})")
         spec = self.build_spec(datasets, compute, params, receivers,
-                               code_digest=catalog[compute].code_digest, deadline=deadline,
+                               code_digest=catalog[compute].code_digest,
+                               deadline=None if deadline is None else
+                               int(time.time() + deadline),
                                executor_key=executor_key, expires=expires, runs=runs)
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
@@ -231,7 +237,7 @@ class Client:
     def wait(self, task_id: str, timeout: float | None = None, poll: float = 0.3,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Block until the task's result is ready; TaskFailed if it fails, is rejected or
-        cancelled."""
+        cancelled; TimeoutError after `timeout` seconds, saying what it still waits for."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             task = self.scheduler.task(task_id)
@@ -242,7 +248,9 @@ class Client:
             if task["state"] in ("done", "released"):
                 return task
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"task {task_id} still {task['state']} after {timeout}s")
+                line = (task.get("waiting") or {}).get("text") or ""
+                raise TimeoutError(f"task {task_id} still {task['state']} after {timeout}s"
+                                   + (f": {line}" if line else ""))
             time.sleep(poll)
 
     def result(self, task_id: str, policy: AppraisalPolicy | None = None,
