@@ -29,9 +29,12 @@ EXECUTOR_LISTEN = "127.0.0.1:8815"
               help="TOML list of member keys with roles, admitted without an invitation.")
 @click.option("--task-deadline", default="1h", show_default=True,
               help="Deadline of a task whose spec names none, from its submission.")
+@click.option("--executor-grace", default="60s", show_default=True,
+              help="How long an executor may not answer before its live tasks fail.")
 @click.pass_context
 def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str | None,
-              data_dir: Path | None, members: Path | None, task_deadline: str) -> None:
+              data_dir: Path | None, members: Path | None, task_deadline: str,
+              executor_grace: str) -> None:
     """Run the scheduler (HTTPS JSON API over a SQLite file); `invite` makes invitations."""
     if ctx.invoked_subcommand is not None:
         return
@@ -40,11 +43,12 @@ def scheduler(ctx: click.Context, db: Path | None, listen: str, port_file: str |
     from teeflow.scheduler.server import serve
 
     deadline = parse_duration(task_deadline, "--task-deadline")
+    grace = parse_duration(executor_grace, "--executor-grace")
     setup_logging(False)
     host, port = listen_address(listen)
     check_db(db)
     serve(str(db), host, port, port_file, str(data_dir) if data_dir else None,
-          str(members) if members else None, task_deadline=deadline)
+          str(members) if members else None, task_deadline=deadline, executor_grace=grace)
 
 
 @scheduler.command("invite")

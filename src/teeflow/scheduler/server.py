@@ -15,13 +15,14 @@ from teeflow.net.listen import bind, write_port_file
 from teeflow.scheduler.app import create_app
 from teeflow.scheduler.identity import load_or_create
 from teeflow.scheduler.members import load_members
-from teeflow.scheduler.service import TASK_DEADLINE, Scheduler
+from teeflow.scheduler.service import TASK_DEADLINE, UNREACHABLE_GRACE, Scheduler
 from teeflow.scheduler.store import Store
 
 
 def serve(db: str, host: str, port: int, port_file: str | None = None,
           data_dir: str | None = None, members: str | None = None,
-          task_deadline: float = TASK_DEADLINE) -> None:
+          task_deadline: float = TASK_DEADLINE,
+          executor_grace: float = UNREACHABLE_GRACE) -> None:
     ident = load_or_create(data_dir or Path(db).resolve().parent)
     store = Store(db, log_signer=ident.signer())
     if members is not None:
@@ -29,7 +30,8 @@ def serve(db: str, host: str, port: int, port_file: str | None = None,
     sock = bind(host, port)
     sock.listen(128)  # connections queue from now on, before the port is announced
     address = f"{host}:{sock.getsockname()[1]}"
-    app = create_app(store, Scheduler(store, task_deadline=task_deadline))
+    app = create_app(store, Scheduler(store, task_deadline=task_deadline,
+                                         unreachable_grace=executor_grace))
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             ssl_certfile=str(ident.cert_file), ssl_keyfile=str(ident.key_file))
     server = uvicorn.Server(config)
