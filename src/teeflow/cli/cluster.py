@@ -173,14 +173,15 @@ class LocalCluster:
                                  self.invite("initiator", name=self.initiator_name))
 
     def start_executor(self, *extra: str, name: str = "executor",
-                       register: bool = True) -> str:
+                       register: bool = True, listen: str = "127.0.0.1:0") -> str:
         """`register=False`: the executor does not announce itself (as the Gramine one,
-        whose argv is fixed); register it with `teeflow register-executor`."""
+        whose argv is fixed); register it with `teeflow register-executor`. `listen`: an
+        address of its own, to restart one where it was."""
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         announce = (["--register", self.scheduler_url, "--invite",
                      self.invite("executor_host")] if register else [])
-        self._spawn(name, "executor", "--tee", "simulated", "--listen", "127.0.0.1:0",
+        self._spawn(name, "executor", "--tee", "simulated", "--listen", listen,
                     "--port-file", str(port_file), *announce, *extra)
         address = self._wait_port(name, port_file)
         if name == "executor":
