@@ -19,7 +19,13 @@ from teeflow.cli.cluster import LocalCluster
 from teeflow.core.errors import TeeflowError
 from teeflow.net.executor_client import ExecutorClient
 from tests.factories import wait_task_state
-from tests.test_e2e import _client, _start_provider, _wait_uploading, make_party_data
+from tests.test_e2e import (  # noqa: F401  (own_cluster: the fixture)
+    _client,
+    _start_provider,
+    _wait_uploading,
+    make_party_data,
+    own_cluster,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +69,7 @@ def _log_verifies(c: LocalCluster, client, task_id: str) -> list[str]:
     return [e.kind for e in client.audit_log(task_id)]
 
 
-def test_executor_paused_past_the_grace_is_told_and_wipes(own_cluster, tmp_path):
+def test_executor_paused_past_the_grace_is_told_and_wipes(own_cluster, tmp_path):  # noqa: F811
     c = own_cluster()
     _cluster(c, tmp_path, 4 * 65536, "--executor-grace", "3s")
     with _client(c) as client:
@@ -78,8 +84,8 @@ def test_executor_paused_past_the_grace_is_told_and_wipes(own_cluster, tmp_path)
         assert "executor lost" in final["error"]
         status = _executor_status(c.executor_address, task["id"], {"failed", "cancelled"})
         assert status.received == {} or status.inputs_held == []
-        deadline = time.monotonic() + 30
-        while "aborted" not in (kinds := _log_verifies(c, client, task["id"])):
+        deadline = time.monotonic() + 30  # its `wiped` (and `aborted`, if it was told) land
+        while "wiped" not in (kinds := _log_verifies(c, client, task["id"])):
             assert time.monotonic() < deadline, kinds
             time.sleep(0.3)
         assert "release-granted" not in kinds and "released" not in kinds
@@ -87,22 +93,29 @@ def test_executor_paused_past_the_grace_is_told_and_wipes(own_cluster, tmp_path)
             client.result(task["id"])
 
 
-def test_an_executor_restarted_at_its_address_fails_its_tasks(own_cluster, tmp_path):
+def test_an_executor_restarted_at_its_address_fails_its_tasks(own_cluster, tmp_path):  # noqa: F811
     c = own_cluster()
     _cluster(c, tmp_path, 4 * 65536)
     with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _wait_uploading(client, task["id"], "bob")
-        address = c.executor_address
-        c.stop_process("executor", signal.SIGKILL)
-        c.start_executor(listen=address)
-        final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
+        providers = [c.processes[f"provider-{n}"] for n in ("alice", "bob")]
+        for p in providers:  # so no upload's failure tells the scheduler first
+            p.send_signal(signal.SIGSTOP)
+        try:
+            address = c.executor_address
+            c.stop_process("executor", signal.SIGKILL)
+            c.start_executor(listen=address)
+            final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
+        finally:
+            for p in providers:
+                p.send_signal(signal.SIGCONT)
         assert "no longer holds the task" in final["error"]
         _log_verifies(c, client, task["id"])
 
 
-def test_a_provider_killed_as_it_starts_resumes_or_fails_with_the_reason(own_cluster,
+def test_a_provider_killed_as_it_starts_resumes_or_fails_with_the_reason(own_cluster,  # noqa: F811
                                                                          tmp_path):
     c = own_cluster()
     rows = 3 * 65536
