@@ -140,3 +140,19 @@ def test_a_provider_killed_as_it_starts_resumes_or_fails_with_the_reason(own_clu
         else:
             assert client.result(task["id"]).value["n_samples"] == 2000 + rows
         _log_verifies(c, client, task["id"])
+
+
+def test_a_provider_started_while_the_scheduler_is_down_waits_for_it(own_cluster,  # noqa: F811
+                                                                     tmp_path):
+    c = own_cluster()
+    make_party_data(tmp_path / "a.parquet", 200, seed=1)
+    c.start_scheduler()
+    port = c.scheduler_address.rsplit(":", 1)[1]
+    c.stop_process("scheduler")
+    _start_provider(c, Party("alice", "d1", tmp_path / "a.parquet"))
+    time.sleep(3)  # a few failed tries: it must not have exited
+    assert c.processes["provider-alice"].poll() is None
+    c._spawn("scheduler", "scheduler", "--db", str(c.db), "--data-dir", str(c.workdir),
+             "--listen", f"127.0.0.1:{port}", "--port-file", str(c.workdir / "s2.port"))
+    c._wait_port("scheduler", c.workdir / "s2.port")
+    c.wait_for_datasets(["d1"])  # it registered once the scheduler came back

@@ -276,20 +276,23 @@ def announce(scheduler: str, address: str, server: ExecutorFlightServer,
     memory (the executor keeps no state of the log; its entries reach the log through
     the scheduler's polling and are checked by the parties)."""
     from teeflow.core.crypto import KeySigner, key_id
+    from teeflow.net.retry import patiently
     from teeflow.net.scheduler_client import SchedulerClient
 
     identity = KeySigner.generate()
     cert_pem, signature = server.registration(address, identity.public_key())
-    for attempt in range(30):
-        try:
-            with SchedulerClient(scheduler, identity) as client:
-                client.register_node(f"executor-{key_id(identity.public_key())}", invite)
-                client.register_executor(address, cert_pem, signature)
-            log.info("registered with scheduler %s as %s", scheduler, address)
-            return
-        except TeeflowError as exc:
-            log.warning("registration with %s failed (%s); retrying", scheduler, exc)
-            threading.Event().wait(min(2.0, 0.2 * (attempt + 1)))
+
+    def register() -> None:
+        with SchedulerClient(scheduler, identity) as client:
+            client.register_node(f"executor-{key_id(identity.public_key())}", invite)
+            client.register_executor(address, cert_pem, signature)
+
+    try:  # a scheduler that is down is waited for (with backoff), as long as it takes
+        patiently(register, f"registration with {scheduler}", log)
+    except TeeflowError as exc:  # it answered and refused: say why, keep serving
+        log.error("registration with %s refused: %s", scheduler, exc)
+        return
+    log.info("registered with scheduler %s as %s", scheduler, address)
 
 
 def _return_freed_memory() -> None:

@@ -41,6 +41,7 @@ from teeflow.files.datasets import read_schema
 from teeflow.files.keys import load_existing_key, load_or_create_key
 from teeflow.files.signed_specs import SignedSpecs
 from teeflow.net.executor_client import attested_connect
+from teeflow.net.retry import FIRST_WAIT, LONGEST_WAIT, patiently
 from teeflow.net.scheduler_client import SchedulerClient
 from teeflow.provider.budget import Ledger, PrivacyGuard
 from teeflow.provider.catalog import Catalog
@@ -51,7 +52,7 @@ from teeflow.provider.ledger import UploadLedger
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
-OUTCOME_RETRY = 120.0
+OUTCOME_RETRY = 24 * 3600.0  # seconds an outcome report is retried
 # uploads this node runs at once: the executor's default cap per owner key (Budgets), so
 # many tasks at once queue here instead of being refused there
 UPLOAD_SLOTS = 2
@@ -99,19 +100,24 @@ class Provider:
         self._stop.set()
 
     def run_forever(self) -> None:
-        self.register()
+        # a scheduler that is down (or not up yet) is waited for, not a reason to exit
+        patiently(self.register, "scheduler not reachable to register", log,
+                  stop=self._stop)
         seen = ""  # what this node holds already: the long poll waits while it is all
+        down = FIRST_WAIT  # backoff while the scheduler is unreachable
         while not self._stop.is_set():
             try:
                 work = self.scheduler.work(self.config.name, self.config.poll_wait, seen)
                 seen = api.work_digest(work)
             except Unreachable as exc:
-                log.warning("%s; retrying", exc)
-                self._stop.wait(2.0)
+                log.warning("%s; retrying in %.0fs", exc, down)
+                self._stop.wait(down)
+                down = min(down * 2, LONGEST_WAIT)
                 continue
             except LogInconsistent as exc:  # the scheduler rewrote what this node saw
                 log.error("stopping: %s", exc)
                 raise
+            down = FIRST_WAIT
             keys = [(i["kind"], i["task_id"], i.get("dataset", ""), i["spec_digest"])
                     for i in work]
             with self._lock:
@@ -354,20 +360,16 @@ class Provider:
             return False
 
     def _report_until_heard(self, task_id: str, name: str, state: str, **extra: Any) -> None:
-        """Outcomes must arrive: retry while the scheduler is unreachable."""
-        deadline = time.monotonic() + OUTCOME_RETRY
-        while True:
-            try:
-                self.scheduler.report(task_id, name, state, **extra)
-                return
-            except Unreachable as exc:
-                if time.monotonic() > deadline or self._stop.is_set():
-                    log.warning("task %s: gave up reporting %s: %s", task_id, state, exc)
-                    return
-                time.sleep(1.0)
-            except TeeflowError as exc:
-                log.warning("task %s: scheduler refused %s report: %s", task_id, state, exc)
-                return
+        """Outcomes must arrive: retried with backoff while the scheduler is unreachable
+        (for OUTCOME_RETRY; the task's deadline ends it at the scheduler if never heard)."""
+        try:
+            patiently(lambda: self.scheduler.report(task_id, name, state, **extra),
+                      f"task {task_id}: {state} report not delivered", log,
+                      give_up_after=OUTCOME_RETRY, stop=self._stop)
+        except Unreachable as exc:
+            log.warning("task %s: gave up reporting %s: %s", task_id, state, exc)
+        except TeeflowError as exc:
+            log.warning("task %s: scheduler refused %s report: %s", task_id, state, exc)
 
     def _report_failure(self, task_id: str, name: str, message: str) -> None:
         self._report_until_heard(task_id, name, "failed", error=message)
