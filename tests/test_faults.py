@@ -1,0 +1,116 @@
+"""Fault injection: each role SIGKILLed (then restarted) or SIGSTOPped (then resumed) while a
+task waits for an owner's consent and while it uploads. Every time the task ends (done, or
+failed with a reason), the executor holds nothing of it, no result is released twice, and
+`teeflow audit verify` passes on the scheduler's file."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from teeflow.attestation.simulated import code_measurement
+from teeflow.cli.cluster import LocalCluster, Party, policy_toml
+from teeflow.core.errors import TeeflowError
+from teeflow.net.executor_client import ExecutorClient
+from teeflow.sdk import Client
+from tests.factories import appraisal_policy, wait_task_state
+from tests.test_e2e import (  # noqa: F401  (own_cluster: the fixture)
+    _client,
+    _start_provider,
+    _wait_uploading,
+    make_party_data,
+    own_cluster,
+)
+from tests.test_task_ends import _log_verifies
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+ROWS = 3 * 65536  # bob's, paced at a batch a second: the upload lasts ~3 s
+PAUSE = 4.0  # seconds a stopped process stays stopped
+
+
+def _parties(tmp_path) -> tuple[Party, Party]:
+    return (Party("alice", "d1", tmp_path / "a.parquet"),
+            Party("bob", "d2", tmp_path / "b.parquet"))
+
+
+def _start_bob(c: LocalCluster, bob: Party) -> None:
+    # no approval rule: bob signs by hand, so the task waits for his consent
+    _start_provider(c, bob, policy_toml(code_measurement()), approve=False,
+                    node_settings="upload_rows_per_second = 65536\n")
+
+
+def _restart(c: LocalCluster, role: str, tmp_path) -> None:
+    if role == "scheduler":
+        port = c.scheduler_address.rsplit(":", 1)[1]
+        (c.workdir / "again.port").unlink(missing_ok=True)
+        c._spawn("scheduler", "scheduler", "--db", str(c.db), "--data-dir", str(c.workdir),
+                 "--listen", f"127.0.0.1:{port}", "--port-file", str(c.workdir / "again.port"))
+        c._wait_port("scheduler", c.workdir / "again.port")
+    elif role == "executor":
+        c.start_executor(listen=c.executor_address)
+    else:
+        _start_bob(c, _parties(tmp_path)[1])
+
+
+def _inject(c: LocalCluster, role: str, sig: int, tmp_path) -> None:
+    name = {"scheduler": "scheduler", "executor": "executor", "provider": "provider-bob"}[role]
+    if sig == signal.SIGKILL:
+        c.stop_process(name, signal.SIGKILL)
+        _restart(c, role, tmp_path)
+    else:
+        proc = c.processes[name]
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(PAUSE)
+        proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("stage", ["consent", "uploading"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "stop"])
+@pytest.mark.parametrize("role", ["scheduler", "provider", "executor"])
+def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):  # noqa: F811
+    c = own_cluster()
+    alice, bob = _parties(tmp_path)
+    make_party_data(alice.path, 2000, seed=1)
+    make_party_data(bob.path, ROWS, seed=2)
+    c.start_scheduler()
+    c.start_executor()
+    _start_provider(c, alice)
+    _start_bob(c, bob)
+    c.wait_for_datasets(["d1", "d2"])
+    with _client(c) as client:
+        task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
+                             {"label": "y"})
+        wait_task_state(client, task["id"], {"submitted"})
+        if stage == "consent":
+            _inject(c, role, sig, tmp_path)
+        with Client(c.scheduler_url, key=c.workdir / "bob.key",
+                    policy=appraisal_policy()) as by_hand:
+            by_hand.decide(task["id"], "approved")
+        if stage == "uploading":
+            _wait_uploading(client, task["id"], "bob")
+            _inject(c, role, sig, tmp_path)
+        final = wait_task_state(client, task["id"], {"done", "released", "failed"},
+                                timeout=150)
+        if final["state"] == "failed":
+            assert final["error"], final
+        else:
+            assert client.result(task["id"]).value["n_samples"] == 2000 + ROWS
+        _nothing_held(c.executor_address, final["spec_digest"])
+        kinds = _log_verifies(c, client, task["id"])
+        assert kinds.count("released") <= 1 and kinds.count("release-granted") <= 1
+
+
+def _nothing_held(address: str, digest: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ExecutorClient(address, None) as ex:
+                status = ex.status(digest)
+        except TeeflowError:  # restarted: it holds no task of that digest at all
+            return
+        if not status.inputs_held and not status.receiving:
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
