@@ -1,5 +1,6 @@
 """Fault injection: each role SIGKILLed (then restarted) or SIGSTOPped (then resumed) while a
-task waits for an owner's consent and while it uploads. Every time the task ends (done, or
+task waits for an owner's consent, while it uploads, and once done, before its result is
+taken. Every time the task ends (done, or
 failed with a reason), the executor holds nothing of it, no result is released twice, and
 `teeflow audit verify` passes on the scheduler's file."""
 
@@ -66,7 +67,7 @@ def _inject(c: LocalCluster, role: str, sig: int, tmp_path) -> None:
         proc.send_signal(signal.SIGCONT)
 
 
-@pytest.mark.parametrize("stage", ["consent", "uploading"])
+@pytest.mark.parametrize("stage", ["consent", "uploading", "releasing"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "stop"])
 @pytest.mark.parametrize("role", ["scheduler", "provider", "executor"])
 def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):  # noqa: F811
@@ -91,11 +92,20 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
         if stage == "uploading":
             _wait_uploading(client, task["id"], "bob")
             _inject(c, role, sig, tmp_path)
+        if stage == "releasing":  # done: its result waits for the initiator
+            client.wait(task["id"], timeout=150)
+            _inject(c, role, sig, tmp_path)
+            if (role, sig) == ("executor", signal.SIGKILL):  # no state dir: result gone
+                final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
+                assert "lost the result" in final["error"]
+            else:
+                assert client.result(task["id"]).value["n_samples"] == 2000 + ROWS
+                final = wait_task_state(client, task["id"], {"released"}, timeout=60)
         final = wait_task_state(client, task["id"], {"done", "released", "failed"},
                                 timeout=150)
         if final["state"] == "failed":
             assert final["error"], final
-        else:
+        elif stage != "releasing":
             assert client.result(task["id"]).value["n_samples"] == 2000 + ROWS
         _nothing_held(c.executor_address, final["spec_digest"])
         kinds = _log_verifies(c, client, task["id"])

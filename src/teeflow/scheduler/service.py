@@ -394,11 +394,11 @@ class Scheduler:
         return self.store.task(task_id)
 
     def end_task(self, task_id: str, event: str, detail: dict[str, Any],
-                 error: str | None = None) -> str:
+                 error: str | None = None, result_lost: bool = False) -> str:
         """Fail or cancel a live task: the one place the scheduler ends a task itself. Its
         executor is told (signed abort), now and after any restart until it confirms."""
         assert event in ("fail", "cancel")
-        state = self.store.end(task_id, event, detail, error=error)
+        state = self.store.end(task_id, event, detail, error=error, result_lost=result_lost)
         self._notice_next.pop(task_id, None)
         self._deliver(task_id)
         return state
@@ -540,7 +540,15 @@ class Scheduler:
         except UnknownTask:
             # it held the task (accepted) and no longer does: it restarted, its inputs gone
             first = self._unknown_since.setdefault(task.id, time.time())
-            if time.time() - first > UNKNOWN_GRACE and not self.store.granted(task.id):
+            if time.time() - first <= UNKNOWN_GRACE:
+                return
+            if self.store.granted(task.id):  # restarted without its state dir: gone
+                self.end_task(task.id, "fail", {"reason": "executor lost the result"},
+                              error=f"executor {task.executor} lost the result after its "
+                                    "release was granted (restarted without a state dir); "
+                                    "receivers who had not taken it cannot now",
+                              result_lost=True)
+            else:
                 self.end_task(task.id, "fail", {"reason": "executor lost the task"},
                               error=f"executor {task.executor} no longer holds the task "
                                     "(it restarted?)")

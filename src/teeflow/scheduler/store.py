@@ -481,15 +481,16 @@ class Store:
         return new
 
     def end(self, task_id: str, event: str, detail: dict[str, Any],
-            error: str | None = None) -> str:
+            error: str | None = None, result_lost: bool = False) -> str:
         """Fail or cancel a task, and note (in the same transaction, so a restart keeps it)
         that its executor must be told, if it may hold the task. A task whose release this
-        scheduler granted ends only when its result is taken: StateError."""
+        scheduler granted ends only when its result is taken: StateError, unless
+        `result_lost` (its executor no longer holds it)."""
         with self._tx() as db:
             row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None:
                 raise UnknownTask(f"unknown task {task_id!r}")
-            if row["state"] == "done" and db.execute(
+            if row["state"] == "done" and not result_lost and db.execute(
                     "SELECT 1 FROM audit WHERE task_id=? AND kind='release-granted'",
                     (task_id,)).fetchone():
                 raise StateError(f"task {task_id}: its result was released to its receivers; "
