@@ -59,6 +59,12 @@ def _wait(web: TestClient, task_id: str, state: str) -> None:
         time.sleep(0.3)
 
 
+def _shown_version(page: str) -> str:
+    found = re.search(r'<script src="/live.js" data-version="([0-9a-f]{64})">', page)
+    assert found, "a live page names the version it shows"
+    return found.group(1)
+
+
 def _clients(c: LocalCluster) -> tuple[Client, Client]:
     return (Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy()),
             Client(c.scheduler_url, key=c.workdir / "grace.key", policy=appraisal_policy()))
@@ -75,6 +81,7 @@ def test_submit_approve_result_through_the_pages(cluster):
         task_id = sent.headers["location"].rsplit("/", 1)[1]
         page = me.get(f"/tasks/{task_id}").text
         assert "grace (approval)" in page and "signer verified by you" in page
+        before = _shown_version(page)
         assert task_id in owner.get("/approvals").text
         shown = html.unescape(owner.get(f"/approve/{task_id}").text)
         assert "'logistic_regression'" in shown and "'by_hand' owned by 'grace'" in shown
@@ -90,6 +97,14 @@ def test_submit_approve_result_through_the_pages(cluster):
         assert done.status_code == 303
         assert task_id not in owner.get("/approvals").text
         _wait(me, task_id, "done")
+        # a page made before the change watches the version it showed: /live differs, so
+        # it reloads (even when the change came as it loaded); a fresh page is current
+        assert me.get("/live").json()["version"] != before
+        deadline = time.monotonic() + 30  # (entries may still land between the two GETs)
+        while _shown_version(me.get(f"/tasks/{task_id}").text) != \
+                me.get("/live").json()["version"]:
+            assert time.monotonic() < deadline, "a fresh page is never current"
+            time.sleep(0.3)
         taken = me.post(f"/tasks/{task_id}/result",
                         data={"csrf": _csrf(me, f"/tasks/{task_id}/result")})
         assert taken.status_code == 200 and "SIMULATED TEE" in taken.text

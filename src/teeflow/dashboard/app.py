@@ -105,7 +105,8 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
                 return ""
         return f"you: {names_cache['me']}"
 
-    def html(title: str, body: Markup, live: bool = False) -> HTMLResponse:
+    def html(title: str, body: Markup, live: str | None = None) -> HTMLResponse:
+        """`live`: the version the page shows (taken before its facts were read)."""
         return HTMLResponse(page(title, body, whoami(), live))
 
     def form_of(request: Request) -> dict[str, str]:
@@ -118,24 +119,28 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
     def live_js() -> Response:
         return Response(LIVE_JS, media_type="text/javascript")
 
-    @app.get("/live")
-    def live() -> JSONResponse:
+    def version() -> str:
+        """What a live page watches: every task's state and the log's size."""
         with lock:
             found = [(t["id"], t["state"]) for t in client.tasks()]
             held = client.scheduler.log.snapshot()
         size = held.size if held else 0
-        version = hashlib.sha256(json.dumps([found, size]).encode()).hexdigest()
-        return JSONResponse({"version": version})
+        return hashlib.sha256(json.dumps([found, size]).encode()).hexdigest()
+
+    @app.get("/live")
+    def live() -> JSONResponse:
+        return JSONResponse({"version": version()})
 
     @app.get("/")
     def tasks() -> HTMLResponse:
+        shown_at = version()  # first: a change while the page is made reloads it
         with lock:
             found = client.tasks()
         rows = [(link(f"/tasks/{t['id']}", t["id"]), t["state"], t["compute"],
                  ", ".join(t["datasets"]), t["executor"], t.get("error") or "")
                 for t in found]
         return html("tasks", table(("id", "state", "compute", "datasets", "executor",
-                                    "error"), rows), live=True)
+                                    "error"), rows), live=shown_at)
 
     def verified(task_id: str | None) -> list[audit.Entry]:
         entries = client.audit_log(task_id)
@@ -144,6 +149,7 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
 
     @app.get("/tasks/{task_id}")
     def task_page(task_id: str) -> HTMLResponse:
+        shown_at = version()  # first: a change while the page is made reloads it
         with lock:
             task = client.task(task_id)
             names = signer_names(client, [task])
@@ -175,17 +181,18 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
             [(a["dataset"], a["node"], a["state"], a["rows"]) for a in task["assignments"]]))
         if task["state"] in ("done", "released") or task_id in results:
             parts.append(link(f"/tasks/{task_id}/result", "result"))
-        return html(f"task {task_id}", join(parts), live=True)
+        return html(f"task {task_id}", join(parts), live=shown_at)
 
     @app.get("/approvals")
     def approvals() -> HTMLResponse:
+        shown_at = version()  # first: a change while the page is made reloads it
         with lock:
             waiting = facts.waiting_for_me(client.tasks(), client.audit_log(), me)
         rows = [(link(f"/approve/{t['id']}", t["id"]), t["compute"], ", ".join(t["datasets"]))
                 for t in waiting]
         body = table(("task", "compute", "datasets"), rows) if rows else \
             Markup("<p>nothing waits for your approval</p>")
-        return html("approvals waiting for you", body, live=True)
+        return html("approvals waiting for you", body, live=shown_at)
 
     @app.get("/approve/{task_id}")
     def approve_page(task_id: str) -> HTMLResponse:
@@ -296,6 +303,7 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
 
     @app.get("/audit")
     def audit_page() -> HTMLResponse:
+        shown_at = version()  # first: a change while the page is made reloads it
         from teeflow.net.logcheck import verify_party
 
         with lock:
@@ -316,7 +324,7 @@ def create_app(client: Client, host: str, token: str | None = None) -> FastAPI:
         rows = [(x.seq, link(f"/tasks/{x.task_id}", x.task_id), x.kind,
                  signer_label(x.signer, names), json.dumps(x.body)[:160]) for x in entries]
         return html("audit log", verdict + table(("#", "task", "step", "signed by",
-                                                  "detail"), rows), live=True)
+                                                  "detail"), rows), live=shown_at)
 
     return app
 

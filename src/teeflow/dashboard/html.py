@@ -67,21 +67,25 @@ NAV = (("/", "tasks"), ("/approvals", "approvals"), ("/submit", "submit"),
        ("/datasets", "datasets"), ("/executors", "executors"), ("/audit", "audit log"))
 
 
-def page(title: str, body: Markup, whoami: str, live: bool = False) -> str:
-    """A whole page; `live` pages reload themselves when the tasks or the log change."""
+def page(title: str, body: Markup, whoami: str, live: str | None = None) -> str:
+    """A whole page; a `live` one (the version of the facts it shows) reloads itself when
+    the tasks or the log change from that version."""
     nav = join(link(href, text) for href, text in NAV)
-    script = Markup('<script src="/live.js"></script>') if live else Markup("")
+    script = fmt('<script src="/live.js" data-version="{}"></script>', live) \
+        if live is not None else Markup("")
     return fmt('<!doctype html><html><head><meta charset="utf-8"><title>{} - teeflow'
                '</title><style>{}</style></head><body><nav>{}<span class="who" '
                'style="color:#ccc">{}</span></nav><main><h1>{}</h1>{}</main>{}</body></html>',
                title, Markup(STYLE), nav, whoami, title, body, script)
 
 
-# Polls /live and reloads when the state it names changes; served as a file of this origin
-# (the page's CSP allows scripts from 'self' only, never inline ones).
+# Polls /live and reloads when the version differs from the page's own (taken as it was
+# made, so a change while it loads is not missed); served as a file of this origin (the
+# page's CSP allows scripts from 'self' only, never inline ones).
 LIVE_JS = """
 (function(){
-  var seen = null;
+  var me = document.currentScript;
+  var seen = me ? me.getAttribute('data-version') : null;
   function poll(){
     fetch('/live', {credentials: 'same-origin', cache: 'no-store'})
       .then(function(r){ return r.ok ? r.json() : null; })
