@@ -96,6 +96,9 @@ def admit(self_name: str, self_cert: bytes, candidates: list[Candidate],
         if any(m.spki_sha256 == member.spki_sha256 for m in members):
             raise MemberRefused(candidate.name, "tls_key",
                                 "its key is already another member's: one key, one member")
+        if any(_subject(m.cert_pem) == _subject(member.cert_pem) for m in members):
+            raise MemberRefused(candidate.name, "subject", "its certificate's subject is "
+                                "another member's (trust anchors are found by subject)")
         members.append(member)
     return Roster(tuple(members))
 
@@ -122,6 +125,10 @@ def _check_not_a_ca(cert_pem: bytes) -> None:
     if ca is not False:
         raise PolicyRefused("ca", "a member's certificate must say CA=false: as a trust "
                                   "anchor it could otherwise vouch for any other key")
+
+
+def _subject(cert_pem: bytes) -> bytes:
+    return load_cert(cert_pem).subject.public_bytes()
 
 
 def _kind(exc: Exception) -> str:

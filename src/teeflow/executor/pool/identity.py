@@ -69,7 +69,7 @@ def member_certificate(key: ec.EllipticCurvePrivateKey, evidence: x509.Extension
                        now: datetime.datetime | None = None) -> x509.Certificate:
     """A self-signed, CA=false certificate for `key` with the evidence extension."""
     now = now or datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, POOL_TLS_NAME)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member_cn(key.public_key()))])
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -83,6 +83,14 @@ def member_certificate(key: ec.EllipticCurvePrivateKey, evidence: x509.Extension
         .add_extension(evidence, critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def member_cn(public_key: ec.EllipticCurvePublicKey) -> str:
+    """A subject name of the member's own: OpenSSL finds trust anchors by subject name, and
+    with two anchors of one name it may try the wrong one and refuse the right peer."""
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"{POOL_TLS_NAME}-{hashlib.sha256(spki).hexdigest()[:32]}"
 
 
 def answer_nonce(backend: TeeBackend, identity: MemberIdentity, nonce: bytes) -> Evidence:
