@@ -29,7 +29,13 @@ from distributed import Client, Scheduler
 from teeflow.attestation.evidence import NONCE_LEN, Evidence
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.attestation.registry import TeeBackend, make_backend, make_verifiers
-from teeflow.core.errors import InputError, PeerError, TeeflowError
+from teeflow.core.errors import (
+    EvidenceFormatError,
+    InputError,
+    MemberRefused,
+    PeerError,
+    TeeflowError,
+)
 from teeflow.executor.pool import linreg
 from teeflow.executor.pool.admission import Candidate, Roster, admit
 from teeflow.executor.pool.cluster import pool_config, start_scheduler, start_worker
@@ -82,10 +88,17 @@ def form_roster(config: MemberConfig, backend: TeeBackend, identity: MemberIdent
     for peer, nonce in asked.items():
         rv.publish("answer", me, answer_nonce(backend, identity, nonce).encode(), to=peer)
     answers = rv.wait("answer", config.peers, config.deadline, to=me)
-    candidates = [Candidate(peer, certs[peer], nonces[peer], Evidence.decode(answers[peer]))
+    candidates = [Candidate(peer, certs[peer], nonces[peer], _evidence(peer, answers[peer]))
                   for peer in config.peers]
     return admit(me, identity.cert_pem, candidates, config.policy, make_verifiers(),
                  at=int(time.time()))
+
+
+def _evidence(peer: str, body: bytes) -> Evidence:
+    try:
+        return Evidence.decode(body)
+    except EvidenceFormatError as exc:
+        raise MemberRefused(peer, "evidence_format", str(exc)) from exc
 
 
 def _address(body: bytes, what: str) -> str:
@@ -223,12 +236,13 @@ def main(rendezvous: str, name: str, members: str, policy: str, data: str, label
                 raise InputError("--measurement: only for the simulated TEE")
             backend = make_backend(tee, **options)
             asyncio.run(run(config, backend))
-    except (TeeflowError, TimeoutError) as exc:
+    except (TeeflowError, TimeoutError, OSError, ValueError) as exc:
+        # OSError covers Dask's comm errors (CommClosedError); a peer's, not a traceback
         _fail(rendezvous, name, exc)
 
 
 def _fail(rendezvous: str, name: str, exc: BaseException) -> None:
-    code = getattr(exc, "code", "timeout")
+    code = getattr(exc, "code", type(exc).__name__)
     print(f"teeflow pool member {name}: error [{code}]: {exc}", file=sys.stderr, flush=True)
     try:
         Rendezvous(Path(rendezvous)).publish("failed", name, code.encode())
