@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -112,11 +113,13 @@ def test_only_admitted_certificates_get_through_and_plaintext_never(tmp_path):
     everyone = bundle + stranger.cert_pem.decode()  # the prober trusts the servers
 
     async def main() -> dict[str, bool]:
-        scheduler = await start_scheduler(PinnedSecurity(m1, bundle))
+        scheduler = await start_scheduler(PinnedSecurity(m1, bundle),
+                                          local_directory=str(tmp_path))
         worker = await start_worker(scheduler.address, PinnedSecurity(m2, bundle), "m2",
                                     local_directory=str(tmp_path))
-        plain = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0")
-        await plain  # a Dask scheduler as shipped, with no TLS: the control of the probe
+        with dask.config.set({"temporary-directory": str(tmp_path)}):
+            plain = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0")
+            await plain  # a Dask scheduler as shipped, with no TLS: the probe's control
         try:
             probes = {
                 "member": (scheduler.address, client_context(m2, everyone)),
@@ -174,7 +177,8 @@ def test_why_members_must_not_be_cas(tmp_path):
     bundle = (m1.cert_pem + m2.cert_pem).decode()
 
     async def main() -> bool:
-        scheduler = await start_scheduler(PinnedSecurity(m1, bundle))
+        scheduler = await start_scheduler(PinnedSecurity(m1, bundle),
+                                          local_directory=str(tmp_path))
         try:
             return await asyncio.to_thread(greeted, scheduler.address,
                                            client_context(child_of(m2), bundle))

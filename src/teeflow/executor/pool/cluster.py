@@ -27,8 +27,11 @@ _CONFIG = {
 
 
 @contextmanager
-def pool_config() -> Iterator[None]:
-    with dask.config.set(_CONFIG):
+def pool_config(scratch: str | None = None) -> Iterator[None]:
+    """Dask's config for pool nodes; `scratch` is the member's own folder for the files
+    every Dask server keeps (default: the system's temporary folder)."""
+    extra = {"temporary-directory": scratch} if scratch else {}
+    with dask.config.set({**_CONFIG, **extra}):
         yield
 
 
@@ -38,8 +41,9 @@ def _close_http(node: Server) -> None:
         http.stop()
 
 
-async def start_scheduler(security: PinnedSecurity, host: str = "127.0.0.1") -> Scheduler:
-    with pool_config():
+async def start_scheduler(security: PinnedSecurity, host: str = "127.0.0.1",
+                          local_directory: str | None = None) -> Scheduler:
+    with pool_config(local_directory):
         scheduler = Scheduler(host=host, port=0, protocol="tls", security=security,
                               dashboard=False, dashboard_address=f"{host}:0")
         await scheduler
@@ -52,7 +56,7 @@ async def start_worker(scheduler_address: str, security: PinnedSecurity, name: s
                        local_directory: str | None = None) -> Worker:
     if not scheduler_address.startswith("tls://"):
         raise ValueError("a pool worker joins only a tls:// scheduler")
-    with pool_config():
+    with pool_config(local_directory):
         worker = Worker(scheduler_address, host=host, port=0, protocol="tls",
                         security=security, name=name, nthreads=nthreads,
                         dashboard=False, dashboard_address=f"{host}:0",

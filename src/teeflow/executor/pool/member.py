@@ -118,7 +118,7 @@ async def run(config: MemberConfig, backend: TeeBackend,
     linreg.hold_partition(me, config.table, config.features, config.label)
     scheduler = None
     if me == config.leader:
-        scheduler = await start_scheduler(security)
+        scheduler = await start_scheduler(security, local_directory=config.work_dir)
         rv.publish("scheduler", me, scheduler.address.encode())
         say(me, f"scheduler listening on {scheduler.address}")
         address = scheduler.address
@@ -153,7 +153,7 @@ async def _workers_left(scheduler: Scheduler, deadline: float) -> None:
 
 
 async def _lead(config: MemberConfig, address: str, security: PinnedSecurity) -> None:
-    with pool_config():
+    with pool_config(config.work_dir):
         async with Client(address, security=security, asynchronous=True) as client:
             timeout = max(1.0, config.deadline - time.monotonic())
             await client.wait_for_workers(len(config.members), timeout=timeout)
