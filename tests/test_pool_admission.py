@@ -109,3 +109,9 @@ def test_one_key_counts_once_and_names_are_unique():
 
 def test_a_pool_of_one_is_not_a_pool():
     assert refused([]).check == "size"
+
+
+def test_an_identity_never_shows_its_key():
+    identity = make_member_identity(HONEST)
+    assert b"PRIVATE KEY" in identity.key_pem
+    assert "PRIVATE" not in repr(identity) and identity.key_pem.decode() not in repr(identity)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +38,7 @@ class MemberIdentity:
     """What a member holds: its certificate (public) and key (never leaves the TEE)."""
 
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line or a traceback
 
     @property
     def spki_sha256(self) -> bytes:
