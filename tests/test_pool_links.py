@@ -107,7 +107,8 @@ def child_of(parent: MemberIdentity) -> MemberIdentity:
 # --- in process ------------------------------------------------------------------------
 
 def test_only_admitted_certificates_get_through_and_plaintext_never(tmp_path):
-    """A scheduler and a worker of members m1, m2 (their certificates the whole bundle)."""
+    """A scheduler and a worker of members m1, m2 (their certificates the whole bundle);
+    and a member never talks to a server that is not one of them."""
     m1, m2, stranger = (make_member_identity(BACKEND) for _ in range(3))
     bundle = (m1.cert_pem + m2.cert_pem).decode()
     everyone = bundle + stranger.cert_pem.decode()  # the prober trusts the servers
@@ -117,6 +118,9 @@ def test_only_admitted_certificates_get_through_and_plaintext_never(tmp_path):
                                           local_directory=str(tmp_path))
         worker = await start_worker(scheduler.address, PinnedSecurity(m2, bundle), "m2",
                                     local_directory=str(tmp_path))
+        # a stranger's scheduler, as if the (untrusted) rendezvous gave out its address
+        fake = await start_scheduler(PinnedSecurity(stranger, everyone),
+                                     local_directory=str(tmp_path))
         with dask.config.set({"temporary-directory": str(tmp_path)}):
             plain = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0")
             await plain  # a Dask scheduler as shipped, with no TLS: the probe's control
@@ -131,6 +135,10 @@ def test_only_admitted_certificates_get_through_and_plaintext_never(tmp_path):
                 "plaintext": (scheduler.address, None),
                 "plaintext at worker": (worker.address, None),
                 "plaintext to plain Dask": (plain.address, None),
+                "member to a stranger's scheduler": (fake.address,
+                                                     client_context(m2, bundle)),
+                "anyone to a stranger's scheduler": (fake.address,
+                                                     client_context(m2, everyone)),
             }
             seen = {name: await asyncio.to_thread(greeted, address, ctx)
                     for name, (address, ctx) in probes.items()}
@@ -143,12 +151,15 @@ def test_only_admitted_certificates_get_through_and_plaintext_never(tmp_path):
             await worker.close()
             await scheduler.close()
             await plain.close()
+            await fake.close()
 
     seen = asyncio.run(main())
     assert seen == {"member": True, "member at worker": True, "stranger": False,
                     "stranger at worker": False, "child of a member": False,
                     "plaintext": False, "plaintext at worker": False,
-                    "plaintext to plain Dask": True}
+                    "plaintext to plain Dask": True,
+                    "member to a stranger's scheduler": False,
+                    "anyone to a stranger's scheduler": True}
 
 
 def ca_identity() -> MemberIdentity:
