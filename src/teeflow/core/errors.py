@@ -15,7 +15,8 @@
     ├── AttestationError       evidence that is not believed
     │   ├── EvidenceFormatError    malformed or oversized evidence / collateral
     │   ├── VerificationError      a signature, chain or collateral check failed
-    │   └── PolicyRefused          verified, but the appraisal policy says no
+    │   ├── PolicyRefused          verified, but the appraisal policy says no
+    │   └── MemberRefused          a pool member another member did not admit (names it)
     ├── AuthError              a request is not from who it claims to be
     │   ├── NotInvited         a key joins without a valid invitation (closed membership)
     │   ├── RoleRefused        a member asks for what its roles do not allow
@@ -114,6 +115,18 @@ class PolicyRefused(AttestationError):
 
     def __init__(self, check: str, message: str) -> None:
         super().__init__(f"{check}: {message}")
+        self.check = check
+
+
+class MemberRefused(AttestationError):
+    """A would-be member of an executor pool that another member's appraisal refused;
+    `member` names it, `check` says which check (a PolicyRefused check, "evidence", ...)."""
+
+    code = "member_refused"
+
+    def __init__(self, member: str, check: str, message: str) -> None:
+        super().__init__(f"pool member {member!r} not admitted: {check}: {message}")
+        self.member = member
         self.check = check
 
 
