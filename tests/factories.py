@@ -1,16 +1,21 @@
 """Builders shared by the tests: signed task specs and approvals, executor keys and entries,
-Flight servers on port 0, and a signed client of the scheduler's app."""
+Flight servers on port 0, a signed client of the scheduler's app, and the CLI run as a
+subprocess."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,6 +41,7 @@ with warnings.catch_warnings():
 
 
 FAR_FUTURE = 4_102_444_800  # 2100-01-01, unix seconds
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def simulated_policy(measurement: str | None = None) -> dict:
@@ -220,3 +226,13 @@ def wait_task_state(client: Any, task_id: str, states: set[str], timeout: float 
             return task
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} never reached {states}: {client.task(task_id)}")
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, input: str | None = None,
+            columns: int = 80, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`teeflow ARGS` as a user runs it: a subprocess of this Python over this tree's source
+    (unless PYTHONPATH says otherwise), with os.environ and then `env`; output as text."""
+    full = {**os.environ, "COLUMNS": str(columns), **(env or {})}
+    full.setdefault("PYTHONPATH", str(SRC))
+    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=full,
+                          input=input, capture_output=True, text=True, timeout=timeout)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from teeflow.attestation.evidence import Evidence
 from teeflow.attestation.policy import appraise, load_policy
 from teeflow.attestation.registry import collateral_source, make_verifiers
 from teeflow.core.errors import ConfigError, PolicyRefused
+from tests.factories import run_cli
 
 SGX_AT, TDX_AT = 1751624924, 1751624655
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
@@ -106,8 +106,7 @@ def test_collateral_config_fields(tmp_path):
 
 
 def _teeflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args],
-                          capture_output=True, text=True, timeout=60)
+    return run_cli(*args, timeout=60)
 
 
 def test_cli_attest_verify(vectors, tmp_path):

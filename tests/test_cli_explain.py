@@ -30,18 +30,10 @@ from teeflow.cli.main import cli
 from teeflow.core.errors import ConfigError
 from teeflow.files.keys import load_key
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, wait_task_state
+from tests.factories import appraisal_policy, run_cli, wait_task_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def _run(*args: str, env: dict[str, str] | None = None, input: str | None = None,
-         columns: int = 80) -> subprocess.CompletedProcess:
-    full = {**os.environ, "COLUMNS": str(columns), **(env or {})}
-    full.setdefault("PYTHONPATH", str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=full,
-                          input=input, capture_output=True, text=True, timeout=180)
 
 
 def _named_error(proc: subprocess.CompletedProcess, *words: str) -> None:
@@ -98,17 +90,17 @@ def test_computations_lists_the_catalog_with_parameters_and_what_reveals():
     assert "max_depth" in xgb["revealing"]
     vertical = json.loads(runner.invoke(cli, ["computations", "vertical", "--json"]).output)
     assert {"id", "model", "max_depth"} <= {p["name"] for p in vertical["params"]}
-    unknown = _run("computations", "nope")
+    unknown = run_cli("computations", "nope")
     _named_error(unknown, "unknown computation 'nope'")
 
 
 # -- 2. datasets with columns ------------------------------------------------------------------
 def test_datasets_show_columns_and_types(cluster):
-    shown = _run("datasets", env=cluster.env, columns=200)
+    shown = run_cli("datasets", env=cluster.env, columns=200)
     assert shown.returncode == 0, shown.stderr
     assert "ex_alice" in shown.stdout and "y: int64" in shown.stdout
     assert "x0: double" in shown.stdout
-    entries = json.loads(_run("datasets", "--json", env=cluster.env).stdout)
+    entries = json.loads(run_cli("datasets", "--json", env=cluster.env).stdout)
     alice = next(d for d in entries if d["name"] == "ex_alice")
     assert any(col["name"] == "y" and col["type"] == "int64" for col in alice["columns"])
     assert alice["rows"] == 400 and alice["owner"] == "alice"
@@ -119,7 +111,7 @@ def test_approve_shows_the_spec_and_refusing_signs_nothing(cluster):
     c = cluster
     task_id = _submit(c, "ex_alice", "ex_bob")
     bob = str(c.workdir / "bob.key")
-    refused = _run("approve", task_id, "--key", bob, env=c.env, input="n\n", columns=200)
+    refused = run_cli("approve", task_id, "--key", bob, env=c.env, input="n\n", columns=200)
     assert refused.returncode != 0
     assert "not signed" in refused.stderr and "Traceback" not in refused.stderr
     out = refused.stdout
@@ -129,13 +121,13 @@ def test_approve_shows_the_spec_and_refusing_signs_nothing(cluster):
     assert "result sealed to initiator (initiator)" in out
     assert "executor policy: tee simulated; simulated allowed; no debug" in out
     assert code_measurement()[:16] in out and "spec digest" in out
-    closed_stdin = _run("approve", task_id, "--key", bob, env=c.env, input="")
+    closed_stdin = run_cli("approve", task_id, "--key", bob, env=c.env, input="")
     assert closed_stdin.returncode != 0 and "not signed" in closed_stdin.stderr
     with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy()) as client:
         task = wait_task_state(client, task_id, {"submitted"})
         bob_key = load_key(Path(bob)).public_key()
         assert bob_key not in [a["owner_key"] for a in task["approvals"]]  # nothing signed
-        signed = _run("approve", task_id, "--key", bob, env=c.env, input="y\n")
+        signed = run_cli("approve", task_id, "--key", bob, env=c.env, input="y\n")
         assert signed.returncode == 0, signed.stderr
         assert "approved; task is now" in signed.stdout
         assert bob_key in [a["owner_key"] for a in client.task(task_id)["approvals"]]
@@ -143,46 +135,46 @@ def test_approve_shows_the_spec_and_refusing_signs_nothing(cluster):
 
 def test_wait_resumes_a_task_submitted_with_no_wait(cluster, tmp_path):
     c = cluster
-    sent = _run("submit", "--datasets", "ex_alice", "--compute", "logistic_regression",
+    sent = run_cli("submit", "--datasets", "ex_alice", "--compute", "logistic_regression",
                 "--param", "label=y", "--no-wait", env=c.env, columns=200)
     assert sent.returncode == 0, sent.stderr
     task_id = sent.stdout.split("task ", 1)[1].split()[0]
     assert f"teeflow wait {task_id}" in sent.stdout
     out = tmp_path / "model.json"
-    waited = _run("wait", task_id, "--out", str(out), env=c.env, columns=200)
+    waited = run_cli("wait", task_id, "--out", str(out), env=c.env, columns=200)
     assert waited.returncode == 0, waited.stderr
     assert "rows uploaded" in waited.stderr  # the same progress as submit
     assert json.loads(out.read_text())["task_id"] == task_id
     # 7: the metrics printed say which rows they were measured on
     assert "accuracy (training set)" in waited.stdout
-    again = json.loads(_run("wait", task_id, "--json", env=c.env).stdout)
+    again = json.loads(run_cli("wait", task_id, "--json", env=c.env).stdout)
     assert again["id"] == task_id and again["state"] in ("done", "released")
     rejected = _submit(c, "ex_bob")
-    assert _run("reject", rejected, "--yes", "--key", str(c.workdir / "bob.key"),
+    assert run_cli("reject", rejected, "--yes", "--key", str(c.workdir / "bob.key"),
                 env=c.env).returncode == 0
-    failed = _run("wait", rejected, env=c.env)
+    failed = run_cli("wait", rejected, env=c.env)
     _named_error(failed, "rejected")
 
 
 # -- 5. --json, --version, full ids, global options after the subcommand ------------------------
 def test_json_version_full_ids_and_options_after_the_subcommand(cluster):
     c = cluster
-    version = _run("--version")
+    version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("teeflow, version ")
     task_id = _submit(c, "ex_alice")
-    listing = _run("tasks", env=c.env, columns=80)
+    listing = run_cli("tasks", env=c.env, columns=80)
     assert listing.returncode == 0 and task_id in listing.stdout  # whole, at 80 columns
-    rows = json.loads(_run("tasks", "--json", env=c.env).stdout)
+    rows = json.loads(run_cli("tasks", "--json", env=c.env).stdout)
     assert task_id in [t["id"] for t in rows]
-    assert json.loads(_run("status", task_id, "--json", env=c.env).stdout)["id"] == task_id
-    executors = json.loads(_run("executors", "--json", env=c.env).stdout)
+    assert json.loads(run_cli("status", task_id, "--json", env=c.env).stdout)["id"] == task_id
+    executors = json.loads(run_cli("executors", "--json", env=c.env).stdout)
     assert executors[0]["verdict"] == "accepted"
-    entries = json.loads(_run("audit", "show", task_id, "--json", env=c.env).stdout)
+    entries = json.loads(run_cli("audit", "show", task_id, "--json", env=c.env).stdout)
     assert entries[0]["kind"] == "submitted"
-    assert json.loads(_run("audit", "checkpoint", "--json", env=c.env).stdout)["note"]
+    assert json.loads(run_cli("audit", "checkpoint", "--json", env=c.env).stdout)["note"]
     # the group's options after the subcommand, as the README writes them
     bare = {k: v for k, v in c.env.items() if k not in ("TEEFLOW_SCHEDULER", "TEEFLOW_KEY")}
-    after = _run("status", task_id, "--json", "--scheduler", c.scheduler_url,
+    after = run_cli("status", task_id, "--json", "--scheduler", c.scheduler_url,
                  f"--key={c.initiator_key}", env=bare)
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["id"] == task_id
@@ -230,7 +222,7 @@ def _held_port() -> tuple[socket.socket, int]:
 def test_daemon_mistakes_are_named_errors(tmp_path, args, words):
     sock, held = _held_port()
     try:
-        proc = _run(*(a.format(tmp=tmp_path, held=held) for a in args))
+        proc = run_cli(*(a.format(tmp=tmp_path, held=held) for a in args))
     finally:
         sock.close()
     _named_error(proc, *words)
@@ -238,9 +230,9 @@ def test_daemon_mistakes_are_named_errors(tmp_path, args, words):
 
 def test_a_mistyped_key_is_an_error_never_a_new_key(cluster, tmp_path):
     typo = tmp_path / "initator.key"
-    proc = _run("tasks", "--key", str(typo), env=cluster.env)
+    proc = run_cli("tasks", "--key", str(typo), env=cluster.env)
     _named_error(proc, "--key", str(typo), "no such key file")
-    default = _run("tasks", env={**cluster.env, "TEEFLOW_KEY": "", "HOME": str(tmp_path)})
+    default = run_cli("tasks", env={**cluster.env, "TEEFLOW_KEY": "", "HOME": str(tmp_path)})
     _named_error(default, "no such key file")
     assert not typo.exists() and not (tmp_path / ".config").exists()
     with pytest.raises(ConfigError, match="no such file"):
@@ -255,23 +247,23 @@ def test_a_mistyped_key_is_an_error_never_a_new_key(cluster, tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         Provider(config)
     assert not typo.exists()
-    made = _run("init", "--key", str(typo), "--json")
+    made = run_cli("init", "--key", str(typo), "--json")
     assert made.returncode == 0 and json.loads(made.stdout)["made"] is True
     assert typo.exists() and (typo.stat().st_mode & 0o777) == 0o600
 
 
 def test_a_stale_policy_variable_breaks_only_what_needs_a_policy(cluster, tmp_path):
     stale = {**cluster.env, "TEEFLOW_POLICY": str(tmp_path / "moved.toml")}
-    assert _run("tasks", env=stale).returncode == 0
-    assert _run("datasets", env=stale).returncode == 0
-    _named_error(_run("executors", env=stale), "TEEFLOW_POLICY", "moved.toml")
+    assert run_cli("tasks", env=stale).returncode == 0
+    assert run_cli("datasets", env=stale).returncode == 0
+    _named_error(run_cli("executors", env=stale), "TEEFLOW_POLICY", "moved.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[policy\n")
-    _named_error(_run("executors", env={**cluster.env, "TEEFLOW_POLICY": str(broken)}),
+    _named_error(run_cli("executors", env={**cluster.env, "TEEFLOW_POLICY": str(broken)}),
                  "TEEFLOW_POLICY", "broken.toml")
     # an error quoting text that looks like console markup is printed as it is
     odd = tmp_path / "p[" / "x]policy.toml"
-    _named_error(_run("executors", env={**cluster.env, "TEEFLOW_POLICY": str(odd)}),
+    _named_error(run_cli("executors", env={**cluster.env, "TEEFLOW_POLICY": str(odd)}),
                  "p[/x]policy.toml")
 
 
@@ -311,13 +303,13 @@ def test_audit_and_status_say_who_signed(cluster):
     task_id = _submit(c, "ex_alice")
     with Client(c.scheduler_url, key=c.initiator_key, policy=appraisal_policy()) as client:
         wait_task_state(client, task_id, {"done", "released"}, timeout=120)
-    shown = _run("audit", "show", task_id, env=c.env, columns=200)
+    shown = run_cli("audit", "show", task_id, env=c.env, columns=200)
     assert shown.returncode == 0, shown.stderr
     assert "submitted by initiator (initiator)" in shown.stdout
     assert "approved by alice (owner)" in shown.stdout
     assert "computed by the executor" in shown.stdout
     assert "ed25519" not in shown.stdout
-    status = _run("status", task_id, env=c.env, columns=200)
+    status = run_cli("status", task_id, env=c.env, columns=200)
     assert "by alice (owner)" in status.stdout and "(by ed25519" not in status.stdout
 
 
@@ -334,7 +326,7 @@ def test_metrics_say_where_they_were_measured():
 # -- 8. doctor -------------------------------------------------------------------------------
 def test_doctor_checks_a_node(cluster, tmp_path):
     c = cluster
-    good = _run("doctor", "--config", str(c.workdir / "alice.toml"), "--json", env=c.env)
+    good = run_cli("doctor", "--config", str(c.workdir / "alice.toml"), "--json", env=c.env)
     assert good.returncode == 0, good.stdout + good.stderr
     report = json.loads(good.stdout)
     by_name = {ch["name"]: ch for ch in report["checks"]}
@@ -344,23 +336,23 @@ def test_doctor_checks_a_node(cluster, tmp_path):
     refusing = tmp_path / "refusing.toml"
     refusing.write_text((c.workdir / "alice.toml").read_text().replace(
         code_measurement(), "ab" * 32))
-    bad = _run("doctor", "--config", str(refusing), env=c.env, columns=200)
+    bad = run_cli("doctor", "--config", str(refusing), env=c.env, columns=200)
     assert bad.returncode == 1 and "refused" in bad.stdout and "measurement" in bad.stdout
 
     wrong_pin = c.scheduler_url.split("#")[0] + "#sha256:" + "0" * 64
-    unpinned = _run("doctor", "--scheduler", wrong_pin, env=c.env, columns=200)
+    unpinned = run_cli("doctor", "--scheduler", wrong_pin, env=c.env, columns=200)
     assert unpinned.returncode == 1 and "FAIL scheduler" in unpinned.stdout
     assert "not the pinned" in unpinned.stdout
 
-    nokey = _run("doctor", "--key", str(tmp_path / "missing.key"), env=c.env, columns=200)
+    nokey = run_cli("doctor", "--key", str(tmp_path / "missing.key"), env=c.env, columns=200)
     assert nokey.returncode == 1 and "FAIL key" in nokey.stdout
     assert not (tmp_path / "missing.key").exists()
 
     broken = tmp_path / "broken.toml"
     broken.write_text("[node]\nname = 1\n")
-    assert _run("doctor", "--config", str(broken), env=c.env).returncode == 1
+    assert run_cli("doctor", "--config", str(broken), env=c.env).returncode == 1
 
-    initiator = _run("doctor", env=c.env, columns=200)  # --key/--scheduler/TEEFLOW_POLICY
+    initiator = run_cli("doctor", env=c.env, columns=200)  # --key/--scheduler/TEEFLOW_POLICY
     assert initiator.returncode == 0, initiator.stdout
     assert "accepted" in initiator.stdout
 

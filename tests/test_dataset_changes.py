@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from teeflow.core.errors import DatasetChanged, DatasetOffline, UnknownTask
 from teeflow.files.datasets import catalogue, open_unchanged, unchanged_batches
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, wait_task_state
+from tests.factories import appraisal_policy, run_cli, wait_task_state
 
 SECRET = "SECRETVALUE42"
 A_ROWS, B_ROWS = 400, 300
@@ -76,10 +74,9 @@ def _client(c: LocalCluster) -> Client:
 
 
 def _alice_approves(c: LocalCluster, task_id: str) -> None:
-    env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
-           "TEEFLOW_KEY": str(c.workdir / "alice.key"), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "teeflow.cli.main", "approve", task_id],
-                          env=env, capture_output=True, text=True, timeout=120, input="y\n")
+    proc = run_cli("approve", task_id, env={"TEEFLOW_SCHEDULER": c.scheduler_url,
+                                            "TEEFLOW_KEY": str(c.workdir / "alice.key")},
+                   input="y\n", columns=200, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 

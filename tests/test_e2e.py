@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from teeflow.cli.demo import make_party_data
 from teeflow.core.errors import TaskFailed, UnknownTask
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, wait_task_state
+from tests.factories import appraisal_policy, run_cli, wait_task_state
 
 pytestmark = pytest.mark.e2e
 
@@ -141,11 +140,9 @@ def test_logistic_regression_matches_plaintext(cluster, tmp_path):
 def _cli(cluster, tmp_path, *args, policy: str | None = None) -> subprocess.CompletedProcess:
     pol = tmp_path / "policy.toml"
     pol.write_text(policy or policy_toml(code_measurement()))
-    env = {**os.environ, "TEEFLOW_SCHEDULER": cluster.scheduler_url,
-           "TEEFLOW_KEY": str(cluster.initiator_key), "TEEFLOW_POLICY": str(pol),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=180)
+    return run_cli(*args, env={"TEEFLOW_SCHEDULER": cluster.scheduler_url,
+                               "TEEFLOW_KEY": str(cluster.initiator_key),
+                               "TEEFLOW_POLICY": str(pol)}, columns=200)
 
 
 def test_cli_seed_form_model_aggregation(cluster, tmp_path):
@@ -272,12 +269,10 @@ def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
     """No approval rule: the task waits for `teeflow approve`; a rejected task never runs;
     the audit log of the whole run verifies offline, and an edited row is caught."""
     c = cluster  # frank (consent_d1) approves by rule; grace (consent_d2) has no rule
-    env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
-           "TEEFLOW_KEY": str(c.workdir / "grace.key"), "COLUMNS": "200"}
+    env = {"TEEFLOW_SCHEDULER": c.scheduler_url, "TEEFLOW_KEY": str(c.workdir / "grace.key")}
 
     def grace_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return run_cli(*args, env=env, columns=200, timeout=120)
 
     datasets = ["consent_d1", "consent_d2"]
     with _client(c) as client:
@@ -300,11 +295,9 @@ def test_consent_by_hand_reject_and_audit(cluster, tmp_path):
         with ExecutorClient(c.executor_address, None) as ex, pytest.raises(UnknownTask):
             ex.status(second["id"])  # the executor never heard of it
         wait_task_state(client, task["id"], {"released"})
-        listing = subprocess.run(
-            [sys.executable, "-m", "teeflow.cli.main", "executors"],
-            env={**env, "TEEFLOW_KEY": str(c.initiator_key),
-                 "TEEFLOW_POLICY": str(c.workdir / "frank.toml")},
-            capture_output=True, text=True, timeout=60)
+        listing = run_cli("executors", env={**env, "TEEFLOW_KEY": str(c.initiator_key),
+                                            "TEEFLOW_POLICY": str(c.workdir / "frank.toml")},
+                          columns=200, timeout=60)
         assert listing.returncode == 0 and "accepted" in listing.stdout
     db = c.workdir / "scheduler.sqlite"
     ok = grace_cli("audit", "verify", "--db", str(db))

@@ -13,7 +13,6 @@ from teeflow.core import wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import AuthError, NotReleased, StateError
 from teeflow.executor.service import Executor
-from tests.factories import approval, make_spec
 from tests.test_executor_service import (
     TASK,
     TLS_KEY,
@@ -26,30 +25,19 @@ from tests.test_executor_service import (
 SCHEDULER = KeySigner.generate()
 
 
-class Agreeing(Parties):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spec = make_spec([(d.name, d.owner, k, d.fingerprint) for d, k in
-                               zip(self.spec.datasets, (self.alice, self.bob), strict=True)],
-                              self.initiator, task_id=TASK,
-                              receivers=[self.initiator, self.bob],
-                              scheduler_key=SCHEDULER.public_key())
-        self.approvals = [approval(self.spec, self.alice), approval(self.spec, self.bob)]
+@pytest.fixture
+def p() -> Parties:
+    return Parties(scheduler_key=SCHEDULER.public_key())
 
 
 @pytest.fixture
-def p() -> Agreeing:
-    return Agreeing()
-
-
-@pytest.fixture
-def ex(p: Agreeing) -> Executor:
+def ex(p: Parties) -> Executor:
     executor = Executor(SimulatedBackend(), TLS_KEY)
     executor.create_task(p.spec, p.approvals)
     return executor
 
 
-def _word(kind: str, p: Agreeing, run: int = 1, key: KeySigner = SCHEDULER) -> bytes:
+def _word(kind: str, p: Parties, run: int = 1, key: KeySigner = SCHEDULER) -> bytes:
     make = wire.abort_message if kind == "abort" else wire.release_message
     return key.sign(make(p.spec.digest(), run))
 

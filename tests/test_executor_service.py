@@ -52,7 +52,8 @@ SPKI = hashlib.sha256(TLS_SPKI).digest()
 
 
 class Parties:
-    def __init__(self) -> None:
+    def __init__(self, scheduler_key: str | None = None) -> None:
+        """`scheduler_key`: the scheduler the spec names (none by default)."""
         self.alice = KeySigner.generate()
         self.bob = KeySigner.generate()
         self.initiator = KeySigner.generate()
@@ -61,7 +62,8 @@ class Parties:
         # two receivers: the initiator and bob
         self.spec = make_spec([("a_data", "alice", self.alice, fp),
                                ("b_data", "bob", self.bob, fp)], self.initiator,
-                              task_id=TASK, receivers=[self.initiator, self.bob])
+                              task_id=TASK, receivers=[self.initiator, self.bob],
+                              scheduler_key=scheduler_key)
         self.approvals = [approval(self.spec, self.alice), approval(self.spec, self.bob)]
         self.tables = {"a_data": ALICE_TABLE, "b_data": BOB_TABLE}
         self.owners = {"a_data": self.alice, "b_data": self.bob}

@@ -5,9 +5,7 @@ owners upload only for a digest they signed themselves, to the executor the spec
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
-import sys
 
 import pytest
 
@@ -19,7 +17,7 @@ from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import InputError, ResultMismatch, from_code
 from teeflow.files.signed_specs import SignedSpec, SignedSpecs, specs_path
 from teeflow.sdk import Client, pin
-from tests.factories import appraisal_policy, make_spec, wait_task_state
+from tests.factories import appraisal_policy, make_spec, run_cli, wait_task_state
 from tests.rogue import Operator
 
 OWNER, INITIATOR = KeySigner.generate(), KeySigner.generate()
@@ -121,11 +119,10 @@ def _client(c: LocalCluster) -> Client:
 
 
 def _cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TEEFLOW_SCHEDULER": c.scheduler_url,
-           "TEEFLOW_KEY": str(c.initiator_key), "COLUMNS": "200",
-           "TEEFLOW_POLICY": str(c.workdir / "alice.toml")}
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_cli(*args, env={"TEEFLOW_SCHEDULER": c.scheduler_url,
+                               "TEEFLOW_KEY": str(c.initiator_key),
+                               "TEEFLOW_POLICY": str(c.workdir / "alice.toml")},
+                   columns=200, timeout=120)
 
 
 @pytest.mark.e2e

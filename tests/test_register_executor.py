@@ -9,6 +9,7 @@ import pytest
 
 from teeflow.cli.cluster import LocalCluster
 from teeflow.files.keys import load_or_create_key
+from tests.factories import run_cli
 
 
 @pytest.fixture
@@ -54,12 +55,8 @@ def test_malformed_registration_body_gets_a_named_error(cluster, body, named):
 
 
 def _teeflow(cluster, key, *args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", "--scheduler",
-                           cluster.scheduler_url, "--key", str(key), *args],
-                          capture_output=True, text=True, timeout=120)
+    return run_cli("--scheduler", cluster.scheduler_url, "--key", str(key), *args,
+                   timeout=120)
 
 
 def _host(cluster, tmp_path, role: str = "executor_host"):

@@ -18,7 +18,7 @@ from teeflow.cli.cluster import LocalCluster, Party
 from teeflow.core import audit, wire
 from teeflow.core.errors import InputError, TaskFailed
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy
+from tests.factories import appraisal_policy, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -238,21 +238,17 @@ def test_a_spec_without_the_published_rules_digest_is_refused(client):
 
 
 def test_the_cli_shows_the_published_rules(cluster, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     from teeflow.attestation.simulated import code_measurement
     from teeflow.cli.cluster import policy_toml
 
     pol = tmp_path / "policy.toml"
     pol.write_text(policy_toml(code_measurement()))
-    env = {**os.environ, "TEEFLOW_SCHEDULER": cluster.scheduler_url, "COLUMNS": "250",
+    env = {"TEEFLOW_SCHEDULER": cluster.scheduler_url,
            "TEEFLOW_KEY": str(cluster.initiator_key), "TEEFLOW_POLICY": str(pol)}
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = run_cli(*args, env=env, columns=250, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 

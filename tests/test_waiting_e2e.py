@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,17 +26,9 @@ from teeflow.core import audit
 from teeflow.core.errors import InputError, TeeflowError
 from teeflow.net.executor_client import ExecutorClient
 from teeflow.sdk import Client
-from tests.factories import appraisal_policy, wait_task_state
+from tests.factories import appraisal_policy, run_cli, wait_task_state
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def _run(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", **c.env}
-    env.setdefault("PYTHONPATH", str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "teeflow.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +81,18 @@ def test_status_names_the_stopped_provider_and_when_it_was_last_seen(cluster):
         task = client.submit(["w_alice", "w_bob"], c.executor_address, "logistic_regression",
                              {"label": "y"})
         _until("alice signed", lambda: client.task(task["id"])["approvals"])
-        shown = _run(c, "status", task["id"])
+        shown = run_cli("status", task["id"], env=c.env, columns=200)
         assert shown.returncode == 0, shown.stderr
         line = next(ln.strip() for ln in shown.stdout.splitlines() if "waiting" in ln)
         assert line.startswith("waiting ") and "for bob's signature; bob last seen " in line
         assert line.endswith(" ago") and "alice" not in line
-        doc = json.loads(_run(c, "status", task["id"], "--json").stdout)
+        doc = json.loads(run_cli("status", task["id"], "--json", env=c.env, columns=200).stdout)
         (waiter,) = doc["waiting"]["for"]
         assert (waiter["who"], waiter["what"]) == ("bob", "signature")
         assert waiter["last_seen"] is not None and waiter["last_seen"] <= time.time()
         assert doc["deadline"] > time.time()
         # `wait` resumes waiting (after Ctrl-C or --no-wait) and says the same line
-        waited = _run(c, "wait", task["id"], "--timeout", "2")
+        waited = run_cli("wait", task["id"], "--timeout", "2", env=c.env, columns=200)
         assert waited.returncode != 0
         assert "for bob's signature; bob last seen" in waited.stderr
         client.cancel(task["id"])
@@ -111,9 +101,9 @@ def test_status_names_the_stopped_provider_and_when_it_was_last_seen(cluster):
 def test_a_task_past_its_deadline_fails_naming_what_it_waited_for(cluster):
     c = cluster
     with _stopped(c, "provider-bob"), _client(c) as client:
-        submitted = _run(c, "submit", "--datasets", "w_alice,w_bob", "--executor",
+        submitted = run_cli("submit", "--datasets", "w_alice,w_bob", "--executor",
                          c.executor_address, "--compute", "logistic_regression", "--param",
-                         "label=y", "--deadline", "20s", "--no-wait")
+                         "label=y", "--deadline", "20s", "--no-wait", env=c.env, columns=200)
         assert submitted.returncode == 0, submitted.stderr
         task_id = next(t["id"] for t in client.tasks() if t["state"] == "submitted")
         digest = client.task(task_id)["spec_digest"]
@@ -139,12 +129,12 @@ def test_a_bad_deadline_is_a_named_error(cluster):
     with _client(c) as client:
         before = len(client.tasks())
     for bad in ("5x", "-3m", "0s", "soon"):
-        proc = _run(c, "submit", "--datasets", "w_alice", "--compute", "logistic_regression",
-                    "--param", "label=y", "--deadline", bad, "--no-wait")
+        proc = run_cli("submit", "--datasets", "w_alice", "--compute", "logistic_regression",
+                    "--param", "label=y", "--deadline", bad, "--no-wait", env=c.env, columns=200)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert "--deadline" in proc.stderr and "error" in proc.stderr, proc.stderr
-    proc = _run(c, "scheduler", "--db", str(c.workdir / "other.sqlite"), "--task-deadline",
-                "forever")
+    proc = run_cli("scheduler", "--db", str(c.workdir / "other.sqlite"), "--task-deadline",
+                "forever", env=c.env, columns=200)
     assert proc.returncode != 0 and "--task-deadline" in proc.stderr, proc.stderr
     with _client(c) as client:
         assert len(client.tasks()) == before  # nothing submitted

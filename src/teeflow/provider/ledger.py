@@ -76,6 +76,13 @@ class UploadLedger:
             self._db.execute("COMMIT")
         return int(done + 1)
 
+    def claimed_for(self, spec_digest: str, dataset: str, executor_key: str) -> bool:
+        """Whether this node claimed a run of `dataset` under the spec for that executor
+        (an upload taken up again), so only then is the executor's view of it needed."""
+        return self._db.execute(
+            "SELECT 1 FROM uploads WHERE spec_digest=? AND dataset=? AND executor_key=?",
+            (spec_digest, dataset, executor_key)).fetchone() is not None
+
     def uploads(self, spec_digest: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT dataset, run, task_id, executor_key, at FROM uploads WHERE spec_digest=? "

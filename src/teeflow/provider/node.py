@@ -305,7 +305,10 @@ class Provider:
                     f"{executor} attests key {seen[:16]}")
             if spec.compute == "user_code":
                 _check_isolation(client, self.config.policy, spec_policy)
-            there = _executor_view(client, spec)
+            # the executor's view matters only to an upload this node began before (it
+            # claimed a run for this executor): a first one costs no status RPC
+            there = _executor_view(client, spec) if seen not in claimed and \
+                self.ledger.claimed_for(spec.digest(), name, seen) else None
             if there is not None and name in there.received:
                 # sent before this node restarted, its outcome not yet reported
                 return {"rows": int(there.received[name].get("rows", 0)), "resumed": True}

@@ -394,21 +394,24 @@ class Scheduler:
         return self.store.task(task_id)
 
     def end_task(self, task_id: str, event: str, detail: dict[str, Any],
-                 error: str | None = None, result_lost: bool = False) -> str:
+                 error: str | None = None, result_lost: bool = False,
+                 known: TaskStatus | None = None) -> str:
         """Fail or cancel a live task: the one place the scheduler ends a task itself. Its
-        executor is told (signed abort), now and after any restart until it confirms."""
+        executor is told (signed abort), now and after any restart until it confirms.
+        `known`: the executor's status of the task, just read (not asked again)."""
         assert event in ("fail", "cancel")
         state = self.store.end(task_id, event, detail, error=error, result_lost=result_lost)
         self._notice_next.pop(task_id, None)
-        self._deliver(task_id)
+        self._deliver(task_id, known)
         return state
 
     def _sign(self, message: bytes) -> str:
         return self.store.log_signer.sign(message).hex()
 
-    def _deliver(self, task_id: str) -> None:
+    def _deliver(self, task_id: str, known: TaskStatus | None = None) -> None:
         """Tell an ended task's executor to fail and wipe it; record what it then signs
-        (`aborted`, `wiped`). Kept until the executor confirms or no longer holds it."""
+        (`aborted`, `wiped`). Kept until the executor confirms or no longer holds it.
+        Its status is asked before (unless `known`) and, only if an abort went, after."""
         if time.time() < self._notice_next.get(task_id, 0.0):
             return
         task = self.store.task(task_id)
@@ -416,7 +419,8 @@ class Scheduler:
             self.store.notice_delivered(task_id)
             return
         try:
-            status = self._status(task.executor, task.spec_digest)
+            status = known if known is not None else self._status(task.executor,
+                                                                  task.spec_digest)
             if status.status not in ("failed", "cancelled") or status.inputs_held:
                 link = self._connect(task.executor)
                 try:
@@ -564,11 +568,11 @@ class Scheduler:
         self._unknown_since.pop(task.id, None)
         self._record_executor_entries(task, status.audit)
         remote = status.status
-        if remote == "failed":
+        if remote == "failed":  # its status just read: _deliver need not ask it again
             self.end_task(task.id, "fail", {"reason": status.error},
-                          error=status.error or "executor failed the task")
+                          error=status.error or "executor failed the task", known=status)
         elif remote == "cancelled":
-            self.end_task(task.id, "cancel", {"by": "executor"})
+            self.end_task(task.id, "cancel", {"by": "executor"}, known=status)
         elif task.state == "uploading" and remote == "waiting":
             assignments = self.store.assignments(task.id)
             if all(a["state"] == "uploaded" for a in assignments) and \
