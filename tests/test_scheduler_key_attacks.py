@@ -11,6 +11,7 @@ approved it by hand, to that owner's provider as an upload. Real processes, port
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from teeflow.cli.cluster import LocalCluster, Party
 from teeflow.cli.demo import make_party_data
-from teeflow.core import wire
+from teeflow.core import audit, wire
 from teeflow.core.crypto import KeySigner
 from teeflow.core.errors import UnknownTask
 from teeflow.files.keys import load_key
@@ -102,6 +103,17 @@ def _executor_view(c: LocalCluster, digest: str) -> Any:
         return ex.status(digest)
 
 
+def _sign_without_the_check(c: LocalCluster, task_id: str) -> None:
+    """What `Client.decide` does, minus its scheduler_key check."""
+    with Client(c.scheduler_url, key=c.workdir / "bob.key", policy=appraisal_policy()) as bob:
+        task = bob.scheduler.task(task_id)
+        spec = wire.TaskSpec.from_dict(task["spec"])
+        bob.signed.record(spec, "owner")
+        payload = audit.signed_payload(task_id, "approved", {"spec_digest": spec.digest()})
+        bob.scheduler.decide(task_id, "approved",
+                             base64.b64encode(bob.identity.sign(payload)).decode())
+
+
 def test_a_provider_refuses_to_sign_a_spec_that_names_another_scheduler(cluster):
     c = cluster
     c.stop_process("provider-alice")  # so it first sees the task as the operator left it
@@ -124,10 +136,12 @@ def test_a_provider_sends_no_data_for_a_spec_that_names_another_scheduler(cluste
     c.stop_process("provider-bob")
     task_id = _submit(c, "sk_bob")
     digest = _rename_scheduler(c.operator, task_id)
-    signed = run_cli("approve", task_id, "--yes", env={
+    refused = run_cli("approve", task_id, "--yes", env={
         "TEEFLOW_SCHEDULER": c.scheduler_url, "TEEFLOW_KEY": str(c.workdir / "bob.key")},
-        columns=200)
-    assert signed.returncode == 0, signed.stderr
+        columns=200)  # teeflow's own approve checks the key before it signs
+    assert refused.returncode != 0 and "scheduler_key" in refused.stderr, refused.stderr
+    assert _decisions(c, task_id) == []
+    _sign_without_the_check(c, task_id)  # bob's tool is not teeflow's, or an old one
     _settled(c.operator, task_id, {"accepted"})  # handed to the executor, bob's upload due
     c.start_provider(_bob(c), approve=False, poll_wait=1)
     row = _settled(c.operator, task_id, {"failed", "cancelled", "done", "released"})

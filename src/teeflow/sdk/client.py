@@ -228,6 +228,10 @@ class Client:
         if expect_digest is not None and spec.digest() != expect_digest:
             raise AuthError(f"task {task_id}: the spec changed after it was shown to you "
                             "(not signed)")
+        if decision == "approved" and spec.scheduler_key != self.scheduler.log_key():
+            # that key's word would end the task and let its result out; no log holds it
+            raise AuthError(f"task {task_id}: the spec's scheduler_key is not the key of "
+                            "the scheduler you pinned (not signed)")
         payload = audit.signed_payload(task_id, decision, {"spec_digest": spec.digest()})
         if decision == "approved":  # this node's provider uploads only for what it signed
             self.signed.record(spec, "owner")
