@@ -1,6 +1,6 @@
 """Fault injection: each role SIGKILLed (then restarted) or SIGSTOPped (then resumed) while a
-task waits for an owner's consent, while it uploads, and once done, before its result is
-taken. Every time the task ends (done, or
+task waits for an owner's consent, while it uploads, while the executor computes, and once
+done, before its result is taken. Every time the task ends (done, or
 failed with a reason), the executor holds nothing of it, no result is released twice, and
 `teeflow audit verify` passes on the scheduler's file."""
 
@@ -29,6 +29,10 @@ from tests.test_task_ends import _log_verifies
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 ROWS = 3 * 65536  # bob's, paced at a batch a second: the upload lasts ~3 s
 PAUSE = 4.0  # seconds a stopped process stays stopped
+# The computation of each stage. `running` needs one that computes for seconds, to be hit in
+# the middle: XGBoost at its defaults (100 rounds; alice's generated rules hold its revealing
+# parameters to them) over the ~200K rows.
+COMPUTE = {"running": "xgboost"}
 
 
 def _parties(tmp_path) -> tuple[Party, Party]:
@@ -67,7 +71,7 @@ def _inject(c: LocalCluster, role: str, sig: int, tmp_path) -> None:
         proc.send_signal(signal.SIGCONT)
 
 
-@pytest.mark.parametrize("stage", ["consent", "uploading", "releasing"])
+@pytest.mark.parametrize("stage", ["consent", "uploading", "running", "releasing"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "stop"])
 @pytest.mark.parametrize("role", ["scheduler", "provider", "executor"])
 def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):  # noqa: F811
@@ -81,8 +85,8 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
     _start_bob(c, bob)
     c.wait_for_datasets(["d1", "d2"])
     with _client(c) as client:
-        task = client.submit(["d1", "d2"], c.executor_address, "logistic_regression",
-                             {"label": "y"})
+        task = client.submit(["d1", "d2"], c.executor_address,
+                             COMPUTE.get(stage, "logistic_regression"), {"label": "y"})
         wait_task_state(client, task["id"], {"submitted"})
         if stage == "consent":
             _inject(c, role, sig, tmp_path)
@@ -92,6 +96,16 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
         if stage == "uploading":
             _wait_uploading(client, task["id"], "bob")
             _inject(c, role, sig, tmp_path)
+        if stage == "running":
+            _wait_running(c.executor_address, task["spec_digest"])
+            _inject(c, role, sig, tmp_path)
+            if (role, sig) == ("executor", signal.SIGKILL):  # its inputs died with it
+                final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
+                assert "no longer holds the task" in final["error"]
+            else:  # the run goes on, or resumes, and its one result is let out
+                client.wait(task["id"], timeout=150)
+                assert client.result(task["id"]).value["n_samples"] == 2000 + ROWS
+                final = wait_task_state(client, task["id"], {"released"}, timeout=60)
         if stage == "releasing":  # done: its result waits for the initiator
             client.wait(task["id"], timeout=150)
             _inject(c, role, sig, tmp_path)
@@ -105,11 +119,28 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
                                 timeout=150)
         if final["state"] == "failed":
             assert final["error"], final
-        elif stage != "releasing":
+        elif stage not in ("running", "releasing"):
             assert client.result(task["id"]).value["n_samples"] == 2000 + ROWS
         _nothing_held(c.executor_address, final["spec_digest"])
         kinds = _log_verifies(c, client, task["id"])
         assert kinds.count("released") <= 1 and kinds.count("release-granted") <= 1
+        if (stage, role, sig) == ("running", "executor", signal.SIGKILL):
+            assert "computed" not in kinds and "release-granted" not in kinds, kinds  # cut short
+
+
+def _wait_running(address: str, digest: str, timeout: float = 120) -> None:
+    """Until the executor says it computes the task; a run that ends first misses the stage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ExecutorClient(address, None) as ex:
+                status = ex.status(digest).status
+        except TeeflowError:  # not handed over yet
+            status = "unknown"
+        if status == "running":
+            return
+        assert status in ("unknown", "waiting") and time.monotonic() < deadline, status
+        time.sleep(0.05)
 
 
 def _nothing_held(address: str, digest: str, timeout: float = 60) -> None:

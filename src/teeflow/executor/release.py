@@ -101,11 +101,13 @@ class Release:
             task_id = task.spec.task_id
             if task.spec.receiver(receiver_key) is None:
                 raise AuthError(f"this key is not a receiver of task {task_id}")
-            if not released(task):  # before the challenge is spent: asking again is fine
-                raise NotReleased(f"task {task_id}: its scheduler has not released the "
-                                  "result yet")
+        # spent also when the answer is NotReleased: a receiver asking again early must not
+        # use up the few challenges its key may hold outstanding
         self.challenges.take(challenge, task.digest, receiver_key)
         with self.tasks.lock:
+            if not released(task):
+                raise NotReleased(f"task {task_id}: its scheduler has not released the "
+                                  "result yet")
             message = wire.result_message(task_id, challenge, self.tasks.notary.tls_spki_hash)
             verify_signature(receiver_key, signature, message)
             if not RESULT.allows(task.results[receiver_key], ResultEvent.TAKE):
