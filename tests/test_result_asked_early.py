@@ -13,8 +13,8 @@ import pytest
 from teeflow.core import wire
 from teeflow.core.errors import AuthError, NotReleased
 from teeflow.executor.challenges import MAX_PER_KEY
-from tests.test_executor_agreement import TASK, Agreeing, _word, ex, p  # noqa: F401
-from tests.test_executor_service import SPKI, _done, _take, challenge_for
+from tests.test_executor_agreement import TASK, _word, ex, p  # noqa: F401
+from tests.test_executor_service import SPKI, Parties, _done, _take, challenge_for
 
 
 def test_asking_early_more_often_than_the_challenge_cap_still_takes_it(ex, p):  # noqa: F811
@@ -26,7 +26,7 @@ def test_asking_early_more_often_than_the_challenge_cap_still_takes_it(ex, p):  
     assert _take(ex, p, p.initiator)["sealed"]
 
 
-def test_the_challenge_of_an_early_ask_is_spent(ex, p: Agreeing):  # noqa: F811
+def test_the_challenge_of_an_early_ask_is_spent(ex, p: Parties):  # noqa: F811
     _done(ex, p)
     challenge = challenge_for(ex, TASK, p.initiator)
     sig = p.initiator.sign(wire.result_message(p.spec.task_id, challenge, SPKI))
