@@ -27,7 +27,7 @@ from tests.test_e2e import (  # noqa: F401  (own_cluster: the fixture)
 from tests.test_task_ends import _log_verifies
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
-ROWS = 3 * 65536  # bob's, paced at a batch a second: the upload lasts ~3 s
+ROWS = 3 * 65536  # bob's; in the uploading stage paced at a batch a second (~3 s)
 PAUSE = 4.0  # seconds a stopped process stays stopped
 # The computation of each stage. `running` needs one that computes for seconds, to be hit in
 # the middle: XGBoost at its defaults (100 rounds; alice's generated rules hold its revealing
@@ -40,13 +40,14 @@ def _parties(tmp_path) -> tuple[Party, Party]:
             Party("bob", "d2", tmp_path / "b.parquet"))
 
 
-def _start_bob(c: LocalCluster, bob: Party) -> None:
-    # no approval rule: bob signs by hand, so the task waits for his consent
+def _start_bob(c: LocalCluster, bob: Party, paced: bool) -> None:
+    # no approval rule: bob signs by hand, so the task waits for his consent; paced only
+    # where the fault must land mid-upload (elsewhere it would only slow the suite)
     _start_provider(c, bob, policy_toml(code_measurement()), approve=False,
-                    node_settings="upload_rows_per_second = 65536\n")
+                    node_settings="upload_rows_per_second = 65536\n" if paced else "")
 
 
-def _restart(c: LocalCluster, role: str, tmp_path) -> None:
+def _restart(c: LocalCluster, role: str, tmp_path, paced: bool) -> None:
     if role == "scheduler":
         port = c.scheduler_address.rsplit(":", 1)[1]
         (c.workdir / "again.port").unlink(missing_ok=True)
@@ -56,14 +57,14 @@ def _restart(c: LocalCluster, role: str, tmp_path) -> None:
     elif role == "executor":
         c.start_executor(listen=c.executor_address)
     else:
-        _start_bob(c, _parties(tmp_path)[1])
+        _start_bob(c, _parties(tmp_path)[1], paced)
 
 
-def _inject(c: LocalCluster, role: str, sig: int, tmp_path) -> None:
+def _inject(c: LocalCluster, role: str, sig: int, tmp_path, paced: bool) -> None:
     name = {"scheduler": "scheduler", "executor": "executor", "provider": "provider-bob"}[role]
     if sig == signal.SIGKILL:
         c.stop_process(name, signal.SIGKILL)
-        _restart(c, role, tmp_path)
+        _restart(c, role, tmp_path, paced)
     else:
         proc = c.processes[name]
         proc.send_signal(signal.SIGSTOP)
@@ -82,23 +83,23 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
     c.start_scheduler()
     c.start_executor()
     _start_provider(c, alice)
-    _start_bob(c, bob)
+    _start_bob(c, bob, stage == "uploading")
     c.wait_for_datasets(["d1", "d2"])
     with _client(c) as client:
         task = client.submit(["d1", "d2"], c.executor_address,
                              COMPUTE.get(stage, "logistic_regression"), {"label": "y"})
         wait_task_state(client, task["id"], {"submitted"})
         if stage == "consent":
-            _inject(c, role, sig, tmp_path)
+            _inject(c, role, sig, tmp_path, stage == "uploading")
         with Client(c.scheduler_url, key=c.workdir / "bob.key",
                     policy=appraisal_policy()) as by_hand:
             by_hand.decide(task["id"], "approved")
         if stage == "uploading":
             _wait_uploading(client, task["id"], "bob")
-            _inject(c, role, sig, tmp_path)
+            _inject(c, role, sig, tmp_path, stage == "uploading")
         if stage == "running":
             _wait_running(c.executor_address, task["spec_digest"])
-            _inject(c, role, sig, tmp_path)
+            _inject(c, role, sig, tmp_path, stage == "uploading")
             if (role, sig) == ("executor", signal.SIGKILL):  # its inputs died with it
                 final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
                 assert "no longer holds the task" in final["error"]
@@ -108,7 +109,7 @@ def test_a_fault_ends_the_task_cleanly(own_cluster, tmp_path, role, sig, stage):
                 final = wait_task_state(client, task["id"], {"released"}, timeout=60)
         if stage == "releasing":  # done: its result waits for the initiator
             client.wait(task["id"], timeout=150)
-            _inject(c, role, sig, tmp_path)
+            _inject(c, role, sig, tmp_path, stage == "uploading")
             if (role, sig) == ("executor", signal.SIGKILL):  # no state dir: result gone
                 final = wait_task_state(client, task["id"], {"failed"}, timeout=90)
                 assert "lost the result" in final["error"]
