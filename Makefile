@@ -54,7 +54,8 @@ demo: $(STAMP) sysdeps
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2  # both cores (pytest-xdist); plain `pytest` runs serially
+	@# three workers on two cores: most e2e tests wait on processes and sockets, not the CPU
+	$(BIN)/python -m pytest -n 3  # pytest-xdist; plain `pytest` runs serially
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
