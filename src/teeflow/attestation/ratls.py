@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,10 +169,21 @@ def evidence_extension(tee: str, quote: bytes, claims_cbor: bytes) -> x509.Unrec
     return x509.UnrecognizedExtension(DICE_EVIDENCE_OID, value)
 
 
+Certify = Callable[[ec.EllipticCurvePrivateKey, x509.ExtensionType, datetime.datetime | None],
+                  x509.Certificate]
+
+
+def _executor_certificate(key: ec.EllipticCurvePrivateKey, extension: x509.ExtensionType,
+                          now: datetime.datetime | None) -> x509.Certificate:
+    return self_signed_certificate(key, [extension], now=now)
+
+
 def make_ratls_identity(
-    backend: TeeBackend, *, now: datetime.datetime | None = None
+    backend: TeeBackend, *, now: datetime.datetime | None = None,
+    certify: Certify = _executor_certificate,
 ) -> tuple[bytes, bytes]:
-    """A fresh P-256 key and a self-signed certificate carrying evidence for it: PEMs."""
+    """A fresh P-256 key and a self-signed certificate carrying evidence for it: PEMs.
+    `certify` makes the certificate from the key and the evidence extension."""
     key = ec.generate_private_key(ec.SECP256R1())
     spki = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -180,8 +192,7 @@ def make_ratls_identity(
     if evidence.tee != backend.tee:
         raise EvidenceFormatError(
             f"backend {backend.tee!r} produced evidence for {evidence.tee!r}")
-    cert = self_signed_certificate(key, [evidence_extension(evidence.tee, evidence.quote, claims)],
-                                   now=now)
+    cert = certify(key, evidence_extension(evidence.tee, evidence.quote, claims), now)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     read_certificate_evidence(cert_pem)  # what we emit must be what we accept
     key_pem = key.private_bytes(

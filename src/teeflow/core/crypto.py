@@ -128,13 +128,17 @@ def self_signed_certificate(
     extensions: list[x509.ExtensionType] | None = None,
     *,
     now: datetime.datetime | None = None,
+    common_name: str = EXECUTOR_TLS_NAME,
+    dns_name: str = EXECUTOR_TLS_NAME,
+    ca: bool = True,
 ) -> x509.Certificate:
-    """The executor's certificate for its key. Extra extensions are non-critical: a TLS
-    stack refuses a certificate with a critical extension it does not know (and Gramine's
-    verifier refuses a critical evidence extension). CA=true lets a client pin it as a root.
+    """The executor's certificate for its key (by default). Extra extensions are
+    non-critical: a TLS stack refuses a certificate with a critical extension it does not
+    know (and Gramine's verifier refuses a critical evidence extension). CA=true lets a
+    client pin it as a root; a pool member's says CA=false (executor/pool/identity.py).
     """
     now = now or datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EXECUTOR_TLS_NAME)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -143,8 +147,8 @@ def self_signed_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CERT_BACKDATE)
         .not_valid_after(now + CERT_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(EXECUTOR_TLS_NAME)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), False)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), True)
     )
     for ext in extensions or []:
         builder = builder.add_extension(ext, critical=False)

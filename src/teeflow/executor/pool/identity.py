@@ -15,20 +15,13 @@ import hashlib
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from teeflow.attestation.evidence import Evidence, bind_report_data
-from teeflow.attestation.ratls import (
-    evidence_extension,
-    make_claims,
-    read_certificate_evidence,
-    report_data_for_claims,
-)
+from teeflow.attestation.ratls import make_ratls_identity
 from teeflow.attestation.registry import TeeBackend
-from teeflow.core.crypto import CERT_BACKDATE, CERT_VALIDITY, load_cert, spki_sha256
-from teeflow.core.errors import EvidenceFormatError
+from teeflow.core.crypto import load_cert, self_signed_certificate, spki_sha256
 
 POOL_TLS_NAME = "teeflow-pool-member"
 
@@ -48,41 +41,16 @@ class MemberIdentity:
 def make_member_identity(backend: TeeBackend, *,
                          now: datetime.datetime | None = None) -> MemberIdentity:
     """A fresh P-256 key and its CA=false self-signed certificate carrying evidence for it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    claims = make_claims(spki)
-    evidence = backend.evidence(report_data_for_claims(claims))
-    if evidence.tee != backend.tee:
-        raise EvidenceFormatError(
-            f"backend {backend.tee!r} produced evidence for {evidence.tee!r}")
-    extension = evidence_extension(evidence.tee, evidence.quote, claims)
-    cert = member_certificate(key, extension, now=now)
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    read_certificate_evidence(cert_pem)  # what we emit must be what we accept
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert_pem, key_pem = make_ratls_identity(backend, now=now, certify=member_certificate)
     return MemberIdentity(cert_pem=cert_pem, key_pem=key_pem)
 
 
-def member_certificate(key: ec.EllipticCurvePrivateKey, evidence: x509.ExtensionType, *,
+def member_certificate(key: ec.EllipticCurvePrivateKey, evidence: x509.ExtensionType,
                        now: datetime.datetime | None = None) -> x509.Certificate:
     """A self-signed, CA=false certificate for `key` with the evidence extension."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member_cn(key.public_key()))])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CERT_BACKDATE)
-        .not_valid_after(now + CERT_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(POOL_TLS_NAME)]), False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(evidence, critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed_certificate(key, [evidence], now=now,
+                                   common_name=member_cn(key.public_key()),
+                                   dns_name=POOL_TLS_NAME, ca=False)
 
 
 def member_cn(public_key: ec.EllipticCurvePublicKey) -> str:
