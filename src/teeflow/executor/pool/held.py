@@ -1,0 +1,36 @@
+"""The partitions a pool member holds: what its providers streamed to it, in its own memory.
+
+One entry per (task, member): ``key`` is ``f"{spec_digest}/{member_name}"``, so several
+in-process workers (tests) each keep their own. Only tasks pinned to this member's worker
+read an entry; what leaves a task is an aggregate, never a row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from teeflow.core.errors import StateError
+
+_HELD: dict[str, dict[str, pa.Table]] = {}
+
+
+def hold(key: str, tables: dict[str, pa.Table]) -> None:
+    """Keep this member's part of every dataset of the task (dataset name -> table)."""
+    _HELD[key] = dict(tables)
+
+
+def tables(key: str) -> dict[str, pa.Table]:
+    try:
+        return _HELD[key]
+    except KeyError:
+        raise StateError(f"pool: no partition held under {key!r} on this member") from None
+
+
+def drop(key: str) -> None:
+    _HELD.pop(key, None)
+
+
+def part(key: str, dataset: str, schema: pa.Schema) -> pa.Table:
+    """This member's part of one dataset; an empty table when it holds none of its rows."""
+    held = tables(key)
+    return held[dataset] if dataset in held else schema.empty_table()
