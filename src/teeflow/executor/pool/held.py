@@ -34,3 +34,9 @@ def part(key: str, dataset: str, schema: pa.Schema) -> pa.Table:
     """This member's part of one dataset; an empty table when it holds none of its rows."""
     held = tables(key)
     return held[dataset] if dataset in held else schema.empty_table()
+
+
+def pinned(address: str) -> dict[str, object]:
+    """Dask submit options that run a task on `address`'s worker and nowhere else: the
+    only way a task that reads rows is started."""
+    return {"workers": [address], "allow_other_workers": False, "pure": False}
