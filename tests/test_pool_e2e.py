@@ -222,3 +222,40 @@ def test_pool_spec_fields_are_signed(cluster):
         wire.TaskSpec.from_dict({**body, "pool": 1})
     with pytest.raises(TeeflowError, match="no single executor_key"):
         wire.TaskSpec.from_dict({**body, "executor_key": "ab" * 32})
+
+
+@pytest.mark.parametrize("stage", ["linking", "computing"])
+def test_a_member_that_dies_while_the_pool_runs_fails_the_task_and_the_others_wipe(
+        cluster, stage):
+    """Killed once the lead runs the task (while the members admit each other and link,
+    or once the victim's worker holds its parts and the lead computes): the lead fails it,
+    naming the member, and the members left hold nothing."""
+    name = f"executor-victim-{stage}"
+    victim = cluster.start_executor(name=name)
+    cluster.wait_for_executor(victim)
+    pool = [cluster.members[0], cluster.members[1], victim]
+    watched = pool[0] if stage == "linking" else victim
+    with _client(cluster) as client:
+        task = client.submit(["pool_d1", "pool_d2"], None, "logistic_regression",
+                             {"label": "y"}, pool=3, members=pool)
+        end = time.monotonic() + 120
+        while _lead_state(watched, task["id"]) != "running":
+            assert time.monotonic() < end, f"{watched} never ran the task"
+            time.sleep(0.05)
+        os.killpg(cluster.processes[name].pid, signal.SIGKILL)
+        with pytest.raises(TaskFailed):
+            client.wait(task["id"], timeout=180)
+        error = client.task(task["id"])["error"]
+    expected = "left before the task ended" if stage == "computing" else victim
+    assert expected in error or victim[-5:] in error, error
+    seen = _wait_wiped(pool[:2], task["id"])
+    for address, status in seen.items():
+        assert status is not None and status.status in ("failed", "cancelled"), address
+        assert status.inputs_held == []
+
+
+def _lead_state(address: str, task_id: str) -> str:
+    try:
+        return _status(address, task_id).status
+    except UnknownTask:
+        return "unknown"

@@ -78,8 +78,7 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
         with pool_config(scratch):
             async with Client(scheduler.address, security=security,
                               asynchronous=True) as client:
-                await client.wait_for_workers(len(task.pool_keys), timeout=JOIN_TIMEOUT)
-                workers = _placement(client, task.pool_keys)
+                workers = _placement(scheduler, task.pool_keys)  # every join returned
                 ok = False
                 try:
                     value = await _watched(scheduler, workers, run_on_pool(
@@ -119,11 +118,14 @@ def _call_in(task: Task, key: str, address: str, scheduler: str, signature: byte
                 time.sleep(JOIN_RETRY)
 
 
-def _placement(client: Client, members: list[str]) -> dict[str, str]:
-    """Member key -> its worker's address; exactly the pool's members, each once."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    placement = {str(w["name"]): addr for addr, w in info.items()}
-    if sorted(placement) != sorted(members) or len(info) != len(members):
+def _placement(scheduler: Scheduler, members: list[str]) -> dict[str, str]:
+    """Member key -> its worker's address: exactly the pool's members, each once (every
+    member's join returned once its worker had registered: one missing now has left)."""
+    placement = {str(w.name): addr for addr, w in scheduler.workers.items()}
+    gone = [k for k in members if k not in placement]
+    if gone:
+        raise MemberLost(f"pool member {gone[0][:16]} left before the task ended")
+    if sorted(placement) != sorted(members):
         raise PeerError("the workers that joined are not the pool's members")
     return placement
 
