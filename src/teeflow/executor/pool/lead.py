@@ -86,7 +86,8 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
                         dict(task.schemas)))
                     ok = True
                 finally:
-                    await _conclude(client, workers, keys, me, ok)
+                    live = {k: a for k, a in workers.items() if a in scheduler.workers}
+                    await _conclude(client, live, keys, me, ok)
         return value
     finally:
         held.drop(keys[me])
@@ -148,8 +149,8 @@ async def _watched(scheduler: Scheduler, workers: dict[str, str], work: Any) -> 
 
 async def _conclude(client: Client, workers: dict[str, str], keys: dict[str, str], me: str,
                     ok: bool) -> None:
-    """Every other member ends its part (wipes it); best effort when failing: a member
-    not reached fails its part when the scheduler closes under it."""
+    """Every other member still linked ends its part (wipes it); best effort when failing:
+    a member not reached fails its part when the scheduler closes under it."""
     others = [a for k, a in workers.items() if k != me]
     if not others:
         return
