@@ -356,3 +356,47 @@ def test_on_pinned_tls_the_pool_computes_what_one_executor_does(tmp_path):
     close(fitted, single("linear_regression", {"label": "y"}, data), 1e-9)
     want = single("sql", sql_raw, data)
     close(counted["rows"], want["rows"], 1e-12)
+
+
+def _with(table: pa.Table, column: str, values: list[Any]) -> pa.Table:
+    i = table.column_names.index(column)
+    return table.set_column(i, column, pa.array(values, type=table.schema.field(i).type))
+
+
+@pytest.mark.parametrize("name,label,column,bad", [
+    ("linear_regression", "y", "b", None),
+    ("linear_regression", "y", "y", float("nan")),
+    ("logistic_regression", "label", "a", float("inf")),
+    ("logistic_regression", "label", "label", None),
+])
+def test_bad_values_fail_with_the_single_executors_public_error(pool, name, label, column,
+                                                                 bad):
+    """A null or non-finite value on one member's part of the second dataset: the same
+    catalogued error, naming the dataset and column, never the value."""
+    make = regression_data if name == "linear_regression" else classification_data
+    second = split(make(16, 60))
+    values = second[2].column(column).to_pylist()
+    values[3] = bad
+    second[2] = _with(second[2], column, values)
+    data = {"first": split(make(15, 60)), "second": second}
+    with pytest.raises(ComputeError) as alone:
+        single(name, {"label": label}, data)
+    with pytest.raises(ComputeError) as pooled:
+        on_pool(pool, name, {"label": label}, data)
+    assert str(pooled.value) == str(alone.value)
+    assert pooled.value.public == alone.value.public
+    assert "'second'" in str(pooled.value)
+
+
+def test_logistic_regression_with_a_numeric_label_and_a_member_without_one_class(pool):
+    table = classification_data(17, 240)
+    label = pa.array((pa.compute.equal(table.column("label"), "yes")).to_pylist(),
+                     type=pa.bool_()).cast(pa.int64())
+    table = table.set_column(3, "label", label)
+    order = pa.compute.sort_indices(table, [("label", "ascending")])
+    parts = split(table.take(order), (0.3, 0.3, 0.4))  # m1 holds only 0s
+    data = {"d": parts}
+    got = on_pool(pool, "logistic_regression", {"label": "label"}, data)
+    want = single("logistic_regression", {"label": "label"}, data)
+    close(got, want, 1e-6)
+    assert got["classes"] == [0, 1]
