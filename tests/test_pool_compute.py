@@ -21,7 +21,7 @@ from distributed import Client, Scheduler, Worker
 
 from teeflow import compute
 from teeflow.attestation.simulated import SimulatedBackend
-from teeflow.core.errors import ComputeError, ParameterError, StateError
+from teeflow.core.errors import ComputeError, ParameterError, SchemaMismatch, StateError
 from teeflow.executor.pool import held
 from teeflow.executor.pool.cluster import pool_config, start_scheduler, start_worker
 from teeflow.executor.pool.compute import check_pool_params, run_on_pool
@@ -197,6 +197,8 @@ QUERIES = [
      "GROUP BY 1 ORDER BY m DESC LIMIT 2", True),
     ("SELECT dept, count(*), sum(salary), count(age), sum(age), sum(level * 2 - 1) "
      "FROM people GROUP BY dept ORDER BY dept", True),
+    ("SELECT dept, sum(salary) FROM people GROUP BY dept ORDER BY count(*) DESC, people.dept",
+     True),
     ("SELECT upper(dept) AS d, fsum(score), favg(score), stddev_pop(score) FROM people "
      "WHERE dept <> 'legal' GROUP BY upper(dept)", False),
 ]
@@ -287,10 +289,18 @@ def test_the_pool_versions_of_the_defaults_are_accepted():
         {"query": "SELECT k, count(*), avg(x) FROM a WHERE x > 0 GROUP BY k"}))
 
 
-def test_a_part_not_held_is_a_named_error():
+def test_a_part_not_held_or_not_of_the_tasks_schema_is_a_named_error():
     with pytest.raises(StateError, match="no partition held"):
         held.tables("digest/nobody")
     held.drop("digest/nobody")  # idempotent
+    schema = pa.schema([("a", pa.float64())])
+    held.hold("digest/odd", {"d": pa.table({"a": pa.array([1], pa.int64())})})
+    try:
+        with pytest.raises(SchemaMismatch, match="'d'.*column 'a'"):
+            held.part("digest/odd", "d", schema)
+        assert held.part("digest/odd", "other", schema).num_rows == 0
+    finally:
+        held.drop("digest/odd")
 
 
 # --- where rows are read -----------------------------------------------------------------
