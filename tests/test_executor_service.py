@@ -633,7 +633,7 @@ def test_evidence_binds_the_tls_key_and_nonce():
 # fl_model hands an owner the averaged global model only; fl_update takes an update in.
 PUBLIC_METHODS = {"evidence", "challenge", "create_task", "status", "cancel",
                   "receive", "run", "take_result", "held_bytes", "abort", "grant_release",
-                  "fl_model", "fl_update",
+                  "fl_model", "fl_update", "pool_evidence", "pool_join",
                   "close", "expire_results", "reap"}
 
 

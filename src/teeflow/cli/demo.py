@@ -106,9 +106,12 @@ def demo_rules(compute: str, params: dict[str, str],
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Result as JSON.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None)
 @click.option("--keep", is_flag=True, help="Leave the workdir (db, configs, logs) in place.")
+@click.option("--executors", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Simulated executors; above 1 the task runs across them as one pool "
+                   "(docs/scale.md).")
 def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: int,
-         out: Path | None, workdir: Path | None, keep: bool) -> None:
-    """Run a local cluster (scheduler, providers, simulated TEE executor) on one task."""
+         out: Path | None, workdir: Path | None, keep: bool, executors: int) -> None:
+    """Run a local cluster (scheduler, providers, simulated TEE executors) on one task."""
     from teeflow.sdk import Client
 
     started = time.monotonic()
@@ -136,7 +139,8 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
     cluster = LocalCluster(work)
     try:
         cluster.start_scheduler()
-        cluster.start_executor()
+        addresses = [cluster.start_executor(name="executor" if i == 0 else f"executor-{i + 1}")
+                     for i in range(executors)]
         bind = demo_rules(compute, param_map,
                           _demo_queries([p.dataset for p in party_list]) if sample else ())
         for party in party_list:
@@ -144,20 +148,26 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
                                    dataset_toml=demo_rules_toml(compute) if sample else "")
         names = [p.dataset for p in party_list]
         cluster.wait_for_datasets(names)
-        console.print(f"cluster up: scheduler {cluster.scheduler_url}, simulated executor "
-                      f"{cluster.executor_address}, providers "
+        console.print(f"cluster up: scheduler {cluster.scheduler_url}, simulated "
+                      f"executor(s) {', '.join(addresses)}, providers "
                       f"{', '.join(p.node for p in party_list)}")
-        cluster.wait_for_executor(cluster.executor_address)
+        for address in addresses:
+            cluster.wait_for_executor(address)
         console.print("every node joined by its own one-time invitation and talks to the "
                       f"scheduler over HTTPS pinned to {cluster.fingerprint}")
         policy = load_policy({"tee_types": ["simulated"], "allow_simulated": True,
                               "simulated": {"measurement": [measurement]}})
         with Client(cluster.scheduler_url, key=cluster.initiator_key, policy=policy,
                     name=cluster.initiator_name) as client:
-            task = client.submit(names, None, compute, param_map)
+            pool = executors if executors > 1 else None
+            task = client.submit(names, None, compute, param_map, pool=pool)
+            picked = (f"a pool of {executors} executors led by {task['executor']} (each "
+                      "provider appraises every member and streams each a part; the "
+                      "members appraise each other and link on pinned TLS under Dask)"
+                      if pool else f"executor {task['executor']}")
             console.print(f"task [bold]{task['id']}[/] submitted: {compute} over {names}; "
-                          f"the scheduler picked executor {task['executor']}; owners sign "
-                          "by their config rules")
+                          f"the scheduler picked {picked}; owners sign by their config "
+                          "rules")
             wait_with_progress(client, task["id"])
             result = client.result(task["id"])
             for entry in client.audit_log(task["id"]):

@@ -53,11 +53,17 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
               help="With --wait: take the result and write it here as JSON.")
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
               help="Your appraisal policy for taking the result (env TEEFLOW_POLICY).")
+@click.option("--pool", type=click.IntRange(2, 16), default=None,
+              help="Run across this many executors as one pool (docs/scale.md).")
+@click.option("--members", default=None,
+              help="With --pool: the members' HOST:PORT, comma-separated, the lead first "
+                   "(default: the scheduler picks them by the spec's policy).")
 @click.pass_context
 def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
            compute: str | None, params: tuple[str, ...], task_lang: str | None,
            task_type: str | None, seed_params: str | None, wait: bool, deadline: str | None,
-           out: Path | None, policy: Path | None) -> None:
+           out: Path | None, policy: Path | None, pool: int | None,
+           members: str | None) -> None:
     """Submit a task to the scheduler and (by default) wait for it."""
     seconds = None if deadline is None else parse_duration(deadline, "--deadline")
     given = SeedForm(datasets, executor_addr, compute, kv(params, "--param"))
@@ -68,10 +74,16 @@ def submit(ctx: click.Context, datasets: str | None, executor_addr: str | None,
         raise InputError("--datasets: name at least one dataset")
     if not given.compute:
         raise InputError("--compute: name the computation")
+    chosen = [m.strip() for m in (members or "").split(",") if m.strip()]
+    if chosen and pool is None:
+        raise InputError("--members: only with --pool")
     with client(ctx, policy, needs_policy=True) as c:
-        task = c.submit(names, given.executor, given.compute, given.params, deadline=seconds)
-        console.print(f"task [bold]{task['id']}[/] submitted ({task['state']}; executor "
-                      f"{task['executor']}); waiting for the owners' signatures")
+        task = c.submit(names, given.executor, given.compute, given.params, deadline=seconds,
+                        pool=pool, members=chosen or None)
+        where = (f"pool of {pool}: {', '.join(task['pool'])}" if pool
+                 else f"executor {task['executor']}")
+        console.print(f"task [bold]{task['id']}[/] submitted ({task['state']}; {where}); "
+                      "waiting for the owners' signatures")
         if not wait:
             console.print(f"follow it with `teeflow wait {task['id']}`", highlight=False)
             return

@@ -84,6 +84,7 @@ class TaskSpecBody(Model):
     runs: int | None = None
     executor_key: str | None = None
     scheduler_key: str | None = None
+    pool: int | None = None
 
     @model_serializer(mode="wrap")
     def _absent_deadline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -127,6 +128,7 @@ class SubmitTask(Model):
     spec: TaskSpecBody
     signature: str
     executor: str | None = None
+    pool: list[str] | None = Field(None, max_length=16)  # a pool spec's members, by address
 
 
 class Decision(Model):
@@ -214,6 +216,7 @@ class TaskView(Model):
     created_at: float
     updated_at: float
     deadline: float | None = None  # unix seconds: past it, a task not yet done is failed
+    pool: list[str] = []  # a pool task's members' addresses, the lead (executor) first
 
 
 class Assignment(Model):
@@ -327,6 +330,7 @@ class UploadWork(Model):
     task_id: str
     dataset: str
     executor: str
+    pool: list[str] = []  # a pool task's members, in order: each gets a part of the dataset
     compute: str
     spec: TaskSpecBody
     spec_digest: str

@@ -133,8 +133,10 @@ class Receiver:
 
 
 SPEC_VERSION = 1
-OPTIONAL_FIELDS = ("deadline", "nonce", "expires", "runs", "executor_key", "scheduler_key")
+OPTIONAL_FIELDS = ("deadline", "nonce", "expires", "runs", "executor_key", "scheduler_key",
+                   "pool")
 MAX_RUNS = 1000
+MAX_POOL = 16  # executors in one pool (executor/pool/)
 
 
 def _is_hex(text: Any, low: int, high: int) -> bool:
@@ -157,6 +159,11 @@ def _check_consent_fields(body: dict[str, Any]) -> None:
     key = body.get("scheduler_key")
     if "scheduler_key" in body and not (isinstance(key, str) and len(key) == 44):
         raise InputError("task spec: scheduler_key must be a base64 Ed25519 public key")
+    pool = body.get("pool")
+    if "pool" in body and (type(pool) is not int or not 2 <= pool <= MAX_POOL):
+        raise InputError(f"task spec: pool must be a whole number from 2 to {MAX_POOL}")
+    if "pool" in body and "executor_key" in body:
+        raise InputError("task spec: a pool spec names no single executor_key")
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,9 @@ class TaskSpec:
     # end the task (abort) or to hand its result out (release): the owners sign which
     # scheduler decides, so the scheduler and the executor cannot disagree on the outcome
     scheduler_key: str | None = None
+    # how many executors the task runs across (executor/pool/): each holds a part of every
+    # input and must meet executor_policy; absent: one executor
+    pool: int | None = None
 
     @property
     def run_limit(self) -> int:
@@ -261,7 +271,7 @@ class TaskSpec:
                    _field(body, "initiator_key", str, w), deadline=deadline,
                    nonce=body.get("nonce"), expires=body.get("expires"), runs=body.get("runs"),
                    executor_key=body.get("executor_key"),
-                   scheduler_key=body.get("scheduler_key"))
+                   scheduler_key=body.get("scheduler_key"), pool=body.get("pool"))
         if spec.to_dict() != body:
             raise InputError("task spec: unknown or extra fields")
         return spec
@@ -271,11 +281,16 @@ class TaskSpec:
         return cls.from_dict(parse_json(data, "task spec"))
 
 
-def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: bytes) -> bytes:
-    """What a provider signs to upload: binds task, dataset, a fresh challenge, the TLS key."""
-    return b"teeflow-upload-v1\x00" + canonical(
-        {"task_id": task_id, "dataset": dataset, "challenge": challenge.hex(),
-         "executor_key": executor_key.hex()})
+def upload_message(task_id: str, dataset: str, challenge: bytes, executor_key: bytes,
+                   pool: list[str] | None = None) -> bytes:
+    """What a provider signs to upload: binds task, dataset, a fresh challenge, the TLS key
+    and, for a pool task, every member's attested TLS key in pool order (so a member takes
+    a part only for the pool it is in itself, executor/pool/)."""
+    body: dict[str, Any] = {"task_id": task_id, "dataset": dataset,
+                            "challenge": challenge.hex(), "executor_key": executor_key.hex()}
+    if pool is not None:
+        body["pool"] = list(pool)
+    return b"teeflow-upload-v1\x00" + canonical(body)
 
 
 def challenge_message(task_id: str, executor_key: bytes, at: int) -> bytes:

@@ -21,7 +21,13 @@ import pyarrow as pa
 
 from teeflow.core import wire
 from teeflow.core.crypto import verify_signature
-from teeflow.core.errors import InputError, SchemaMismatch, StateError, TeeflowError
+from teeflow.core.errors import (
+    AuthError,
+    InputError,
+    SchemaMismatch,
+    StateError,
+    TeeflowError,
+)
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.challenges import Challenges
 from teeflow.executor.inputs import Digest, batches_of
@@ -148,8 +154,15 @@ class Intake:
         self.challenges.take(request.challenge, task.digest, ref.owner_key)
         with self.tasks.lock:
             message = wire.upload_message(task.spec.task_id, request.dataset, request.challenge,
-                                          self.tasks.notary.tls_spki_hash)
-            verify_signature(ref.owner_key, request.signature, message)
+                                          self.tasks.notary.tls_spki_hash, task.pool_keys)
+            try:
+                verify_signature(ref.owner_key, request.signature, message)
+            except AuthError:
+                if task.pool_keys is None:
+                    raise
+                raise AuthError(f"dataset {request.dataset!r}: the upload is not signed for "
+                                "this executor's pool (its owner attested other members)"
+                                ) from None
             if not TASK.allows(task.status, TaskEvent.UPLOAD):
                 raise StateError(f"task {request.task_id} is {task.status}, not taking uploads")
             if task.fed is not None:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+)
 
 from teeflow.core import wire
 from teeflow.core.errors import InputError
@@ -172,6 +179,31 @@ class Approval(Message):
     signature: str
 
 
+class PoolMember(Message):
+    """One member of a pool task: where it serves and its attested TLS key's SHA-256."""
+
+    KIND: ClassVar[str] = "pool member"
+    address: str = Field(min_length=3, max_length=300)
+    key: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class PoolEvidence(Message):
+    """A pool member asks another for its pool certificate and evidence for a nonce."""
+
+    KIND: ClassVar[str] = "pool-evidence"
+    spec_digest: str = Field(pattern="^[0-9a-f]{64}$")
+    nonce: HexBytes
+
+
+class PoolJoin(Message):
+    """The lead calls a member into its Dask scheduler, signed with its pool key."""
+
+    KIND: ClassVar[str] = "pool-join"
+    spec_digest: str = Field(pattern="^[0-9a-f]{64}$")
+    scheduler: str = Field(max_length=256)
+    signature: HexBytes
+
+
 class CreateTask(Message):
     """A spec, every owner's approval and, optionally, the catalogued schemas (base64 IPC)."""
 
@@ -181,6 +213,7 @@ class CreateTask(Message):
     schemas: dict[str, str] = {}
     rules: dict[str, dict[str, Any]] = {}  # analysis rules of the datasets that have any
     initiator_signature: str | None = None  # its signature on the spec, as the scheduler got it
+    pool: list[PoolMember] = Field(default=[], max_length=16)  # a pool spec's members, in order
 
 
 class ResultRequest(_TaskMessage):

@@ -16,25 +16,32 @@ import pyarrow as pa
 from teeflow import compute
 from teeflow.compute.errors import is_public, public
 from teeflow.compute.rows import Source
-from teeflow.core.errors import StateError, TeeflowError
+from teeflow.core.errors import AttestationError, PeerError, StateError, TeeflowError
 from teeflow.executor.inputs import batches_of, give_back
+from teeflow.executor.pool.seat import Seats
 from teeflow.executor.release import Release
 from teeflow.executor.states import TASK, TaskEvent, TaskState, missing_inputs
 from teeflow.executor.tasks import Task, Tasks
 
 log = logging.getLogger("teeflow.executor")
+# a pool's own failures (a member refused or lost): their messages name members, no data
+POOL_ERRORS = (AttestationError, PeerError)
 
 
 class Runner:
-    def __init__(self, tasks: Tasks, release: Release) -> None:
+    def __init__(self, tasks: Tasks, release: Release, seats: Seats | None = None) -> None:
         self.tasks = tasks
         self.release = release
+        self.seats = seats  # this executor's part in pool tasks (executor/pool/seat.py)
 
     def run(self, task_id: str, background: bool = True) -> str:
         with self.tasks.lock:
             task = self.tasks.get(task_id)
             if not TASK.allows(task.status, TaskEvent.RUN) or task.fed is not None:
                 return str(task.status)  # a federated task finishes with its last round
+            if task.pool_keys is not None and (self.seats is None
+                                               or task.pool_keys[0] != self.seats.me):
+                raise StateError(f"task {task_id}: a pool task is run by its lead only")
             missing = missing_inputs(task.uploads)
             if missing:
                 raise StateError(f"task {task_id}: still waiting for {missing}")
@@ -66,7 +73,9 @@ class Runner:
             self._crashed(task, exc)
             return
         try:
-            if task.spills:  # larger than the memory budget: stream it
+            if task.pool_keys is not None:
+                value = self._run_pool(task)
+            elif task.spills:  # larger than the memory budget: stream it
                 value = self._run_streamed(task, comp)
             else:
                 tables = [(d.name, pa.Table.from_batches(task.inputs[d.name],
@@ -76,7 +85,7 @@ class Runner:
                 del tables
             plaintext, sealed = self.release.seal_all(task, value)
         except Exception as exc:  # never let an inner message leave the enclave
-            if is_public(exc):
+            if is_public(exc) or isinstance(exc, POOL_ERRORS):
                 with self.tasks.lock:
                     self.tasks.fail(task, str(exc))
             else:
@@ -94,6 +103,14 @@ class Runner:
         with self.tasks.lock:
             self.tasks.fail(task, f"computation {task.spec.compute} failed "
                                   f"({type(exc).__name__})")
+
+    def _run_pool(self, task: Task) -> dict[str, Any]:
+        """This executor leads the task's pool (a member is called in by its lead)."""
+        from teeflow.executor.pool import lead  # Dask only for pools
+
+        if self.seats is None or task.pool_keys is None or task.pool_keys[0] != self.seats.me:
+            raise StateError(f"task {task.spec.task_id}: only the pool's lead runs it")
+        return lead.run(self.seats, task, task.params)
 
     def _run_streamed(self, task: Task, comp: compute.Computation) -> dict[str, Any]:
         budget = self.tasks.memory.limit

@@ -40,12 +40,15 @@ from teeflow.executor.messages import (
     CreateTask,
     FlModel,
     FlUpdate,
+    PoolEvidence,
+    PoolJoin,
     RegistrationRequest,
     ResultRequest,
     UploadRequest,
     Verdict,
 )
 from teeflow.executor.service import Executor
+from teeflow.executor.tasks import PoolSeat
 from teeflow.net.flight_errors import to_flight
 from teeflow.net.listen import write_port_file
 
@@ -108,7 +111,8 @@ def _create_task(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     req = CreateTask.decode(body)
     server.executor.create_task(wire.TaskSpec.from_dict(req.spec), req.approvals,
                                 {k: schema_from_b64(v) for k, v in req.schemas.items()},
-                                req.initiator_signature, req.rules)
+                                req.initiator_signature, req.rules,
+                                [PoolSeat(m.address, m.key) for m in req.pool] or None)
     return _json({"accepted": True})
 
 
@@ -162,6 +166,16 @@ def _release(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
     return _json({"granted": server.executor.grant_release(req.ref, req.run, req.signature)})
 
 
+def _pool_evidence(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = PoolEvidence.decode(body)
+    return _json(server.executor.pool_evidence(req.spec_digest, req.nonce))
+
+
+def _pool_join(server: ExecutorFlightServer, body: bytes) -> list[fl.Result]:
+    req = PoolJoin.decode(body)
+    return _json(server.executor.pool_join(req.spec_digest, req.scheduler, req.signature))
+
+
 # action name -> (what it does, its handler)
 ACTIONS: dict[str, tuple[str, Handler]] = {
     "info": ("TEE type and whether it is simulated", _info),
@@ -180,6 +194,9 @@ ACTIONS: dict[str, tuple[str, Handler]] = {
     "cancel": ("cancel a task and wipe its inputs (initiator or owner, signed)", _cancel),
     "abort": ("end a task and wipe it (signed by the scheduler its spec names)", _abort),
     "release": ("let a done task's result out (signed by the spec's scheduler)", _release),
+    "pool-evidence": ("a pool member's certificate and evidence for another member's nonce",
+                      _pool_evidence),
+    "pool-join": ("join the lead's Dask scheduler (signed by the pool's lead)", _pool_join),
 }
 
 

@@ -51,6 +51,7 @@ from teeflow.executor.inputs import MemoryBudget
 from teeflow.executor.intake import MAX_BATCH_BYTES, UPLOAD_IDLE_TIMEOUT, Intake
 from teeflow.executor.messages import Approval, FlRequest, UploadRequest
 from teeflow.executor.notary import Notary
+from teeflow.executor.pool.seat import Seats
 from teeflow.executor.release import Release
 from teeflow.executor.rounds import Rounds
 from teeflow.executor.runner import Runner
@@ -58,7 +59,7 @@ from teeflow.executor.runs import RunLedger
 from teeflow.executor.spill import RunDir
 from teeflow.executor.states import RESULT, TASK, ResultEvent, TaskEvent, TaskState
 from teeflow.executor.store import DEFAULT_TTL, ResultStore
-from teeflow.executor.tasks import Budgets, Task, Tasks, UploadSlots
+from teeflow.executor.tasks import Budgets, PoolSeat, Task, Tasks, UploadSlots
 
 log = logging.getLogger("teeflow.executor")
 SQL_TEMP_ROOT_ENV = "TEEFLOW_SQL_TEMP_ROOT"  # compute/sql/session.py reads it
@@ -120,7 +121,8 @@ class Executor:
         self._intake = Intake(self._tasks, self._challenges, self.spill_dir, validate_batches,
                               max_batch_bytes, upload_idle_timeout)
         self._release = Release(self._tasks, self._challenges, backend.tee, self._store)
-        self._runner = Runner(self._tasks, self._release)
+        self._seats = Seats(backend, self._tasks)  # its part in pool tasks
+        self._runner = Runner(self._tasks, self._release, self._seats)
         self._rounds = Rounds(self._tasks, self._challenges, self._release)
         loaded = self._store.load(self._tasks, backend.tee) if self._store else {}
         self.startup: dict[str, Any] = {"wiped": self._run_dir.wiped.as_dict(),
@@ -173,6 +175,7 @@ class Executor:
         """Stop the reaper and remove this run's spill directory (also done when the object
         is collected)."""
         self._stop.set()
+        self._seats.close()
         self._run_dir.close()
         _unset_sql_root(str(self._run_dir.sql))
 
@@ -180,8 +183,9 @@ class Executor:
     def create_task(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
                     schemas: Mapping[str, pa.Schema] | None = None,
                     initiator_signature: str | None = None,
-                    rules: Mapping[str, Any] | None = None) -> None:
-        self._tasks.create(spec, approvals, schemas, initiator_signature, rules)
+                    rules: Mapping[str, Any] | None = None,
+                    pool: list[PoolSeat] | None = None) -> None:
+        self._tasks.create(spec, approvals, schemas, initiator_signature, rules, pool)
 
     def status(self, task_id: str) -> dict[str, Any]:
         return self._tasks.status(task_id, self.simulated)
@@ -226,8 +230,15 @@ class Executor:
         with self._tasks.lock:
             task = self._tasks.get(request.ref)
             owner = task.spec.dataset(request.dataset).owner_key
-        verify_signature(owner, request.signature, wire.upload_message(
-            task.spec.task_id, request.dataset, request.challenge, self.tls_spki_hash))
+        try:
+            verify_signature(owner, request.signature, wire.upload_message(
+                task.spec.task_id, request.dataset, request.challenge, self.tls_spki_hash,
+                task.pool_keys))
+        except AuthError:
+            if task.pool_keys is None:
+                raise
+            raise AuthError(f"dataset {request.dataset!r}: the upload is not signed for this "
+                            "executor's pool (its owner attested other members)") from None
         if not TASK.allows(task.status, TaskEvent.UPLOAD):
             raise StateError(f"task {task.spec.task_id} is {task.status}, not taking uploads")
         if task.spec.expires is not None and task.spec.expires <= self._tasks.now():
@@ -246,6 +257,14 @@ class Executor:
 
     def run(self, task_id: str, background: bool = True) -> str:
         return self._runner.run(task_id, background)
+
+    def pool_evidence(self, digest: str, nonce: bytes) -> dict[str, str]:
+        """This member's pool certificate and evidence for another member's nonce."""
+        return self._seats.evidence(digest, nonce)
+
+    def pool_join(self, digest: str, scheduler: str, signature: bytes) -> dict[str, str]:
+        """Join the lead's Dask scheduler for a pool task (executor/pool/seat.py)."""
+        return self._seats.join(digest, scheduler, signature)
 
     def fl_model(self, request: FlRequest) -> dict[str, Any]:
         return self._rounds.model(request)

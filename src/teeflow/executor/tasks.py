@@ -114,6 +114,10 @@ class Task:
     budget_key: str = ""  # whose budgets it counts against (tasks.create says how it is chosen)
     run: int = 1  # which run of its spec this is (executor/runs.py)
     granted: bool = False  # the spec's scheduler let its result out (executor/verdicts.py)
+    # a pool task's members (executor/pool/): their attested TLS keys (hex) and addresses,
+    # in pool order; the first leads. None: a task on this executor alone
+    pool_keys: list[str] | None = None
+    pool_addresses: list[str] | None = None
 
     def step(self, event: TaskEvent) -> None:
         self.status = TaskState(TASK.next_state(self.status, event))
@@ -212,7 +216,8 @@ class Tasks:
     def create(self, spec: wire.TaskSpec, approvals: Iterable[Approval | Mapping[str, Any]],
                schemas: Mapping[str, pa.Schema] | None = None,
                initiator_signature: str | None = None,
-               rules: Mapping[str, Any] | None = None) -> None:
+               rules: Mapping[str, Any] | None = None,
+               pool: list[PoolSeat] | None = None) -> None:
         """Accept a task only with every owner's signature on its digest. The full checks
         (the SQL output policy among them) run here, before any data moves: the parameters,
         and, given the catalogued schemas (each must have the fingerprint the owners signed),
@@ -222,7 +227,10 @@ class Tasks:
         naming its key in a spec of their own.
 
         `rules`: the analysis rules of the datasets whose spec entry carries a rules digest,
-        each checked against that digest; a query they do not grant is refused here."""
+        each checked against that digest; a query they do not grant is refused here.
+
+        `pool`: a pool spec's members as its scheduler chose them (this executor among them);
+        every upload must then be signed for exactly these keys (intake.py)."""
         checked = [_approval(a) for a in approvals]
         comp = compute.get(spec.compute)
         if spec.code_digest != comp.code_digest:
@@ -266,6 +274,7 @@ class Tasks:
             raise ConsentExpired(f"task {spec.task_id}: its consent expired at unix time "
                                  f"{spec.expires}")
         mine = self.notary.tls_spki_hash.hex()
+        seats = check_pool(spec, pool, mine, params)
         if spec.executor_key is not None and spec.executor_key != mine:
             raise AuthError(f"task {spec.task_id}: the spec is for executor key "
                             f"{spec.executor_key[:16]}, this executor's is {mine[:16]}")
@@ -287,6 +296,9 @@ class Tasks:
                         deadline=float(spec.deadline) if spec.deadline is not None
                         else now + DEFAULT_DEADLINE,
                         results={r.sign_key: ResultState(RESULT.initial) for r in spec.receivers})
+            if seats is not None:
+                task.pool_keys = [s.key for s in seats]
+                task.pool_addresses = [s.address for s in seats]
             if comp.layout == "federated":
                 task.fed = Fed(rounds=params["rounds"])
             else:
@@ -429,6 +441,36 @@ class Tasks:
                                     "before every input arrived")
                     reaped.append(task.digest)
         return reaped
+
+
+@dataclass(frozen=True)
+class PoolSeat:
+    """One member of a pool task, as the scheduler names it to each member."""
+
+    address: str
+    key: str  # SHA-256 of its attested TLS key (SPKI DER), hex
+
+
+def check_pool(spec: wire.TaskSpec, pool: list[PoolSeat] | None, mine: str,
+               params: dict[str, Any]) -> list[PoolSeat] | None:
+    """The seats of a pool spec: exactly `spec.pool` distinct keys, this executor's among
+    them, and a computation the pool can run with these params; none for a spec without."""
+    if spec.pool is None:
+        if pool:
+            raise InputError(f"task {spec.task_id}: members given for a spec without a pool")
+        return None
+    if not pool or len(pool) != spec.pool:
+        raise InputError(f"task {spec.task_id}: the spec asks for a pool of {spec.pool}; "
+                         f"{len(pool or [])} member(s) given")
+    if len({s.key for s in pool}) != len(pool) or len({s.address for s in pool}) != len(pool):
+        raise InputError(f"task {spec.task_id}: a pool member is named twice")
+    if mine not in {s.key for s in pool}:
+        raise AuthError(f"task {spec.task_id}: this executor (key {mine[:16]}) is not one of "
+                        "the pool's members")
+    from teeflow.executor.pool.compute import check_pool_params  # Dask only for pools
+
+    check_pool_params(spec.compute, params)
+    return list(pool)
 
 
 def _budget_key(spec: wire.TaskSpec, initiator_signature: str | None) -> str:

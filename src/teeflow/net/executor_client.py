@@ -118,12 +118,14 @@ class ExecutorClient:
 
     def upload(self, task_id: str, dataset: str, signer: Signer, schema: pa.Schema,
                batches: Iterable[pa.RecordBatch], progress=None,
-               spec_digest: str | None = None) -> dict[str, Any]:
+               spec_digest: str | None = None, pool: list[str] | None = None
+               ) -> dict[str, Any]:
         """Stream batches under a signed, single-use challenge. Returns the executor's receipt.
-        Name the task by its `spec_digest` too: its task id alone may be taken by another."""
+        Name the task by its `spec_digest` too: its task id alone may be taken by another.
+        `pool`: a pool member's part, signed with every member's attested key, in order."""
         challenge = self.challenge(task_id, signer, spec_digest)
         signature = signer.sign(wire.upload_message(task_id, dataset, challenge,
-                                                    self.tls_key_hash))
+                                                    self.tls_key_hash, pool))
         command = wire.canonical(_named({"task_id": task_id, "dataset": dataset,
                                          "challenge": challenge.hex(),
                                          "signature": signature.hex()}, spec_digest))

@@ -219,9 +219,9 @@ class SchedulerClient:
                    body=api.request(api.Report, fields, "report"), answer=api.Ok)
 
     def submit(self, spec: dict[str, Any], signature: str,
-               executor: str | None = None) -> dict[str, Any]:
+               executor: str | None = None, pool: list[str] | None = None) -> dict[str, Any]:
         body = api.request(api.SubmitTask, {"spec": spec, "signature": signature,
-                                            "executor": executor}, "submit")
+                                            "executor": executor, "pool": pool}, "submit")
         return self._call("POST", "/v1/tasks", timeout=120, body=body, answer=api.TaskView)
 
     def decide(self, task_id: str, decision: str, signature: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from teeflow.provider.config import ProviderConfig
 from teeflow.provider.consent import approval_body, check_signed_by
 from teeflow.provider.federated import take_part
 from teeflow.provider.ledger import UploadLedger
+from teeflow.provider.parts import upload_parts
 
 log = logging.getLogger("teeflow.provider")
 REPORT_EVERY = 1.0
@@ -245,8 +246,14 @@ class Provider:
                                  "not uploading")
             self.privacy.before_upload(spec, name)  # debited (also if signed by hand), once
             spec_policy = load_policy(spec.executor_policy, "executor_policy")
-            receipt = self._send_when_room(task_id, name, executor, spec, spec_policy,
-                                           dataset.path)
+            pool = [str(a) for a in item.get("pool") or []]
+            if (spec.pool is not None or pool) and len(pool) != (spec.pool or 0):
+                raise InputError(f"task {task_id}: the spec asks for a pool of {spec.pool}, "
+                                 f"the scheduler names {len(pool)} member(s)")
+            if pool and pool[0] != executor:
+                raise InputError(f"task {task_id}: the pool's lead is not the task's executor")
+            receipt = self._send_when_room(task_id, name, pool or [executor], spec,
+                                           spec_policy, dataset.path)
         except AttestationError as exc:
             log.warning("task %s: refusing executor %s: %s", task_id, executor, exc)
             self._report_failure(task_id, name, f"attestation refused: {exc}")
@@ -263,18 +270,22 @@ class Provider:
         log.info("task %s: uploaded %s (%s rows)", task_id, name, receipt.get("rows"))
         return receipt
 
-    def _send_when_room(self, task_id: str, name: str, executor: str,
+    def _send_when_room(self, task_id: str, name: str, members: list[str],
                         spec: wire.TaskSpec, spec_policy: Any, path: Any) -> dict[str, Any]:
         """Send, at most UPLOAD_SLOTS uploads at once (federated rounds take no slot: they
         wait on the other parties). An executor with no room yet (OverBudget: uploads by
         this key or overall) is asked again with backoff, for up to ROOM_WAIT."""
         claimed: dict[str, int] = {}
+        executor = members[0]
         if compute.get(spec.compute).layout == "federated":
             return self._send(task_id, name, executor, spec, spec_policy, path, claimed)
         delay, deadline = 1.0, time.monotonic() + ROOM_WAIT
         while True:
             with self._upload_slots:
                 try:
+                    if spec.pool is not None:
+                        return self._send_parts(task_id, name, members, spec, spec_policy,
+                                                path, claimed)
                     return self._send(task_id, name, executor, spec, spec_policy, path,
                                       claimed)
                 except OverBudget as exc:
@@ -340,6 +351,45 @@ class Provider:
                                         _Progress(self, task_id, name),
                                         spec_digest=spec.digest())
         return receipt
+
+    def _send_parts(self, task_id: str, name: str, members: list[str], spec: wire.TaskSpec,
+                    spec_policy: Any, path: Any, claimed: dict[str, int]) -> dict[str, Any]:
+        """A pool task: appraise every member under both policies, record each attestation,
+        then stream a part of the dataset to each (provider/parts.py). A pool upload is
+        never resumed: one cut short fails the task on the members it reached."""
+        clients: list[Any] = []
+        source = self.catalog.open(name)
+        try:
+            attested = []
+            for address in members:
+                client, claims = attested_connect(address, self.config.policy, self.verifiers)
+                clients.append(client)
+                satisfies(claims, spec_policy)
+                attested.append((address, client.tls_key_hash.hex(), claims))
+            keys = [key for _, key, _ in attested]
+            if len(set(keys)) != len(keys):
+                raise AttestationError("two pool members attest the same key")
+            if keys[0] not in claimed:  # before any byte leaves, once per pool
+                claimed[keys[0]] = self.ledger.claim(spec, name, keys[0])
+            run = claimed[keys[0]]
+            for index, (address, key, claims) in enumerate(attested):
+                body = {"executor": address, "tls_key_sha256": key,
+                        "spec_digest": spec.digest(), "claims": claims.to_dict(), "run": run,
+                        "pool_member": index, **self._log_anchor()}
+                signature = self.identity.sign(audit.signed_payload(task_id, "attested", body))
+                self._try_report(task_id, name, "started", attested={
+                    "body": body, "signature": base64.b64encode(signature).decode()})
+            log.info("task %s: %d pool members attested; streaming %s in %d parts", task_id,
+                     len(members), name, len(members))
+            receipts = upload_parts(clients, task_id, name, self.identity, read_schema(path),
+                                    self._paced(self.catalog.batches(name, source)),
+                                    _Progress(self, task_id, name), spec.digest(), keys)
+        finally:
+            for client in clients:
+                client.close()
+            source.close()
+        return {"rows": sum(int(r.get("rows", 0)) for r in receipts),
+                "parts": [int(r.get("rows", 0)) for r in receipts]}
 
     def _paced(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """Keep to the configured upload rate, if any (links shared with other traffic)."""

@@ -17,7 +17,12 @@ from teeflow import compute
 from teeflow.attestation.policy import AppraisalPolicy, load_policy
 from teeflow.core import answers, audit, wire
 from teeflow.core.answers import ExecutorEntry, TaskStatus
-from teeflow.core.crypto import check_encryption_key, check_public_key, verify_signature
+from teeflow.core.crypto import (
+    check_encryption_key,
+    check_public_key,
+    spki_sha256,
+    verify_signature,
+)
 from teeflow.core.errors import (
     AuthError,
     ConfigError,
@@ -190,19 +195,60 @@ class Scheduler:
                                  "not the one its owner published")
             schemas[ref.name] = schema_from_b64(entry["schema_b64"])
         comp.precheck(dict(spec.params), schemas)
-        executor = str(body.get("executor") or "") or self._pick_executor(policy)
-        host, port = parse_address(executor)
-        if self.store.executor_host(f"{host}:{port}") is None:
-            # the scheduler connects only to executors that proved their address
-            raise InputError(f"executor {executor!r} is not registered with this scheduler")
-        executor = f"{host}:{port}"
+        if spec.pool is not None:
+            pool = self._pick_pool(policy, spec.pool, body.get("pool"))
+            executor = pool[0]
+        else:
+            if body.get("pool"):
+                raise InputError("submit: pool members given for a spec without a pool")
+            executor = self._registered(str(body.get("executor") or "")
+                                        or self._pick_executor(policy))
+            pool = None
         now = time.time()
         if spec.deadline is not None and spec.deadline <= now:
             raise InputError(f"task {spec.task_id}: its deadline has passed")
         self.store.create_task(spec.to_dict(), digest, executor, signature,
                                deadline=waits.task_deadline(spec.deadline, now,
-                                                              self.task_deadline))
+                                                              self.task_deadline), pool=pool)
         return self.store.task(spec.task_id)
+
+    def _registered(self, executor: str) -> str:
+        """HOST:PORT of a registered executor: the scheduler connects only to executors that
+        proved their address."""
+        host, port = parse_address(executor)
+        if self.store.executor_host(f"{host}:{port}") is None:
+            raise InputError(f"executor {executor!r} is not registered with this scheduler")
+        return f"{host}:{port}"
+
+    def _pick_pool(self, policy: AppraisalPolicy, size: int, named: Any) -> list[str]:
+        """The pool's members: the ones the initiator named, each registered, or the first
+        `size` registered executors that fit the policy and answer (the lead first)."""
+        if named:
+            if not isinstance(named, list) or len(named) != size:
+                raise InputError(f"submit: the spec asks for a pool of {size}; name that many")
+            pool = [self._registered(str(a)) for a in named]
+            if len(set(pool)) != size:
+                raise InputError("submit: a pool member is named twice")
+            return pool
+        pool, skipped = [], []
+        for ex in self.store.executors():
+            address = str(ex["address"])
+            reason = _policy_refusal(policy, ex)
+            if reason is None:
+                try:
+                    self._probe(address)
+                except TeeflowError as exc:
+                    reason = f"it does not answer ({exc})"
+                else:
+                    self.store.mark_seen(address)
+                    pool.append(address)
+                    if len(pool) == size:
+                        return pool
+                    continue
+            skipped.append(f"{address}: {reason}")
+        raise InputError(f"a pool of {size} needs {size} registered executors that satisfy "
+                         f"the task's executor policy and answer; {len(pool)} do"
+                         + (": " + "; ".join(skipped) if skipped else ""))
 
     def _pick_executor(self, policy: AppraisalPolicy) -> str:
         """The first registered executor whose registered claims fit the policy and that
@@ -293,24 +339,11 @@ class Scheduler:
         approvals = [{"signer": audit.ed25519_signer(a["owner_key"]),
                       "signature": a["signature"]}
                      for a in self.store.approvals(task.id) if a["decision"] == "approved"]
+        pool = [{"address": a, "key": spki_sha256(self.store.executor_cert(a).encode()).hex()}
+                for a in task.pool]
         try:
-            link = self._connect(task.executor)
-            try:
-                link.action("create-task", wire.canonical({
-                    "spec": task.spec, "approvals": approvals,
-                    # catalogued schemas, so the executor checks the task fully before any
-                    # data moves (it checks each against the fingerprint its owner signed)
-                    "schemas": {d["name"]: self.store.dataset(d["name"])["schema_b64"]
-                                for d in task.spec["datasets"]},
-                    # the owners' published analysis rules; the executor checks each
-                    # against the digest its owner signed
-                    "rules": {d["name"]: self.store.dataset(d["name"])["rules"]
-                              for d in task.spec["datasets"] if d.get("rules")},
-                    # the initiator's own signature, so its budgets are charged only for
-                    # tasks it really submitted
-                    "initiator_signature": self._submit_signature(task)}))
-            finally:
-                link.close()
+            for member in task.members:
+                self._create_at(task, member, approvals, pool)
         except OverBudget as exc:
             if task.id not in self._queued:
                 log.info("task %s: queued, the executor has no room yet: %s", task.id, exc)
@@ -322,6 +355,28 @@ class Scheduler:
             return
         self._queued.pop(task.id, None)
         self.store.transition(task.id, "accept", {"executor": task.executor})
+
+    def _create_at(self, task: Task, executor: str, approvals: list[dict[str, str]],
+                   pool: list[dict[str, str]]) -> None:
+        """Hand the task to one executor (a pool task to each member, naming them all)."""
+        extra = {"pool": pool} if pool else {}
+        link = self._connect(executor)
+        try:
+            link.action("create-task", wire.canonical({**extra,
+                "spec": task.spec, "approvals": approvals,
+                # catalogued schemas, so the executor checks the task fully before any
+                # data moves (it checks each against the fingerprint its owner signed)
+                "schemas": {d["name"]: self.store.dataset(d["name"])["schema_b64"]
+                            for d in task.spec["datasets"]},
+                # the owners' published analysis rules; the executor checks each
+                # against the digest its owner signed
+                "rules": {d["name"]: self.store.dataset(d["name"])["rules"]
+                          for d in task.spec["datasets"] if d.get("rules")},
+                # the initiator's own signature, so its budgets are charged only for
+                # tasks it really submitted
+                "initiator_signature": self._submit_signature(task)}))
+        finally:
+            link.close()
 
     def _submit_signature(self, task: Task) -> str:
         return next((e.signature for e in self.store.audit_log(task.id)
@@ -419,10 +474,24 @@ class Scheduler:
             self.store.notice_delivered(task_id)
             return
         try:
-            status = known if known is not None else self._status(task.executor,
-                                                                  task.spec_digest)
-            if status.status not in ("failed", "cancelled") or status.inputs_held:
-                link = self._connect(task.executor)
+            for member in task.members:  # a pool task: every member holds part of it
+                self._abort_at(task, member, known if member == task.executor else None)
+        except TeeflowError as exc:
+            self._notice_next[task_id] = time.time() + NOTICE_RETRY
+            log.info("task %s: executor not yet told it ended: %s", task_id, exc)
+            return
+        self._notice_next.pop(task_id, None)
+        self.store.notice_delivered(task_id)
+
+    def _abort_at(self, task: Task, executor: str, known: TaskStatus | None) -> None:
+        """Tell one executor the task ended (signed abort), unless it holds nothing of it
+        any more; record the entries it signed."""
+        try:
+            status = known if known is not None else self._status(executor, task.spec_digest)
+            ended = ("failed", "cancelled") if executor == task.executor else \
+                ("failed", "cancelled", "released")  # a member whose part is done
+            if status.status not in ended or status.inputs_held:
+                link = self._connect(executor)
                 try:
                     link.action("abort", wire.canonical({
                         "task_id": task.id, "spec_digest": task.spec_digest,
@@ -431,16 +500,10 @@ class Scheduler:
                                                                    status.run))}))
                 finally:
                     link.close()
-                status = self._status(task.executor, task.spec_digest)
+                status = self._status(executor, task.spec_digest)
             self._record_executor_entries(task, status.audit)
         except UnknownTask:
             pass  # the executor holds nothing of it (never had it, or restarted)
-        except TeeflowError as exc:
-            self._notice_next[task_id] = time.time() + NOTICE_RETRY
-            log.info("task %s: executor not yet told it ended: %s", task_id, exc)
-            return
-        self._notice_next.pop(task_id, None)
-        self.store.notice_delivered(task_id)
 
     def _grant(self, task: Task, run: int) -> None:
         """Record the release, then sign the word that lets the executor hand it out."""
@@ -532,6 +595,16 @@ class Scheduler:
                 continue
             self.store.append(task.id, kind, body, signer, signature)
 
+    def _record_members(self, task: Task) -> None:
+        """A pool task's other members' signed entries (their `wiped`), best effort: one not
+        reached now is asked again if the task later ends early (_deliver)."""
+        for member in task.members[1:]:
+            try:
+                self._record_executor_entries(task,
+                                              self._status(member, task.spec_digest).audit)
+            except TeeflowError as exc:
+                log.info("task %s: member %s not read: %s", task.id, member, exc)
+
     def _follow(self, task: Task) -> None:
         if task.state == "approved":  # queued, or its hand-over was cut short
             if time.time() >= self._queued.get(task.id, 0.0):
@@ -582,6 +655,7 @@ class Scheduler:
         elif task.state == "uploading" and remote in ("running", "done", "released"):
             self.store.transition(task.id, "run", {"inputs": status.received})
         elif task.state == "running" and remote in ("done", "released"):
+            self._record_members(task)
             self.store.transition(task.id, "finish", {})
             self._grant(task, status.run)
         elif task.state == "done" and remote == "done" and not status.granted:

@@ -123,10 +123,16 @@ class Task:
     created_at: float
     updated_at: float
     deadline: float | None = None  # unix seconds; None: a task from before deadlines
+    pool: tuple[str, ...] = ()  # a pool task's members' addresses, the lead (executor) first
+
+    @property
+    def members(self) -> list[str]:
+        """Every executor holding part of the task: the pool's members, or its executor."""
+        return list(self.pool) if self.pool else [self.executor]
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "compute": self.compute,
-                "params": self.params, "executor": self.executor,
+                "params": self.params, "executor": self.executor, "pool": list(self.pool),
                 "datasets": [d["name"] for d in self.spec["datasets"]],
                 "spec_digest": self.spec_digest, "error": self.error,
                 "created_at": self.created_at, "updated_at": self.updated_at,
@@ -199,8 +205,11 @@ class Store:
                                  "DEFAULT ''")
         # a task from before deadlines gets none stored: the scheduler's default then runs
         # from its creation (service.py)
-        if "deadline" not in {r["name"] for r in self._db.execute("PRAGMA table_info(tasks)")}:
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(tasks)")}
+        if "deadline" not in columns:
             self._db.execute("ALTER TABLE tasks ADD COLUMN deadline REAL")
+        if "pool" not in columns:  # tasks from before pools ran on one executor
+            self._db.execute("ALTER TABLE tasks ADD COLUMN pool TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -344,6 +353,13 @@ class Store:
         rows = self._rows("SELECT * FROM executors ORDER BY address")
         return [{**dict(r), "measurements": json.loads(r["measurements"])} for r in rows]
 
+    def executor_cert(self, address: str) -> str:
+        """The certificate (PEM) the executor at `address` registered with."""
+        rows = self._rows("SELECT cert_pem FROM executors WHERE address=?", address)
+        if not rows:
+            raise InputError(f"executor {address!r} is not registered with this scheduler")
+        return str(rows[0]["cert_pem"])
+
     def executor_host(self, address: str) -> str | None:
         """The key of the node that registered the executor at `address`."""
         rows = self._rows("SELECT host_key FROM executors WHERE address=?", address)
@@ -446,8 +462,10 @@ class Store:
 
     # -- tasks -------------------------------------------------------------
     def create_task(self, spec: dict[str, Any], spec_digest: str, executor: str,
-                    signature: str, deadline: float | None = None) -> None:
-        """A submitted task, its assignments and its signed `submitted` entry, at once."""
+                    signature: str, deadline: float | None = None,
+                    pool: list[str] | None = None) -> None:
+        """A submitted task, its assignments and its signed `submitted` entry, at once;
+        for a pool task also the members chosen (`pool`, the lead first), in the log."""
         now = time.time()
         task_id = spec["task_id"]
         with self._tx() as db:
@@ -455,15 +473,17 @@ class Store:
                 raise StateError(f"task {task_id} already exists")
             db.execute("INSERT INTO tasks (id, state, compute, params, executor, "
                        "initiator_key, spec, spec_digest, error, created_at, updated_at, "
-                       "deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       "deadline, pool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (task_id, "submitted", spec["compute"], json.dumps(spec["params"]),
                         executor, spec["initiator_key"], json.dumps(spec), spec_digest, None,
-                        now, now, deadline))
+                        now, now, deadline, json.dumps(pool) if pool else ""))
             for d in spec["datasets"]:
                 db.execute("INSERT INTO assignments VALUES (?,?,?,?,?,?,?)",
                            (task_id, d["name"], d["owner"], "pending", 0, None, now))
             self._append(db, task_id, "submitted", {"spec": spec, "spec_digest": spec_digest},
                          audit.ed25519_signer(spec["initiator_key"]), signature)
+            if pool:
+                self._append(db, task_id, "pool", {"members": list(pool)}, audit.SCHEDULER, "")
 
     def transition(self, task_id: str, event: str, detail: dict[str, Any] | None = None,
                    error: str | None = None, signer: str = audit.SCHEDULER,
@@ -621,11 +641,12 @@ class Store:
         of the one it is running): assignments not yet uploaded of accepted or uploading
         tasks."""
         rows = self._rows(
-            "SELECT a.task_id, a.dataset, t.executor, t.compute, t.spec, t.spec_digest "
+            "SELECT a.task_id, a.dataset, t.executor, t.pool, t.compute, t.spec, t.spec_digest "
             "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE a.node=? AND "
             "a.state IN ('pending','started') AND t.state IN ('accepted','uploading') "
             "ORDER BY t.created_at", node)
         return [{**dict(r), "kind": "upload", "spec": json.loads(r["spec"]),
+                 "pool": json.loads(r["pool"]) if r["pool"] else [],
                  "approvals": self.approvals(r["task_id"])} for r in rows]
 
     def update_assignment(self, task_id: str, dataset: str, node: str, state: str,
@@ -651,7 +672,8 @@ def _task(row: sqlite3.Row) -> Task:
                 initiator_key=row["initiator_key"], spec=json.loads(row["spec"]),
                 spec_digest=row["spec_digest"], error=row["error"],
                 created_at=row["created_at"], updated_at=row["updated_at"],
-                deadline=row["deadline"])
+                deadline=row["deadline"],
+                pool=tuple(json.loads(row["pool"])) if row["pool"] else ())
 
 
 def _entry(row: sqlite3.Row) -> audit.Entry:

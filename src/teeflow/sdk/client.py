@@ -112,7 +112,7 @@ class Client:
                    policy: AppraisalPolicy | None = None,
                    code_digest: str = "", deadline: int | None = None,
                    executor_key: str | None = None, expires: int | None = None,
-                   runs: int = 1) -> wire.TaskSpec:
+                   runs: int = 1, pool: int | None = None) -> wire.TaskSpec:
         """The spec to sign. ``code_digest`` is the one the chosen executor published for
         ``compute_name`` (see ``executor_catalog``); the parameters and the catalogued
         schemas are checked here first, as far as the catalog can without the engine.
@@ -145,7 +145,7 @@ class Client:
             expires=int(time.time() + DEFAULT_EXPIRES) if expires is None else expires,
             runs=runs, executor_key=executor_key,
             # whose word ends the task and lets its result out (executor/verdicts.py)
-            scheduler_key=self.scheduler.log_key())
+            scheduler_key=self.scheduler.log_key(), pool=pool)
 
     def executor_catalog(self, executor: str,
                          policy: AppraisalPolicy | None = None) -> dict[str, CatalogEntry]:
@@ -180,14 +180,20 @@ class Client:
                params: dict[str, Any] | None = None,
                receivers: Sequence[wire.Receiver] | None = None,
                deadline: float | None = None, expires: int | None = None,
-               runs: int = 1) -> dict[str, Any]:
+               runs: int = 1, pool: int | None = None,
+               members: Sequence[str] | None = None) -> dict[str, Any]:
         """Sign and submit a task; owners then approve it. `executor=None`: the first
         registered executor your policy accepts, appraised by you now. The spec names the
         code digest that executor publishes over its attested channel and that executor's
         attested key, `deadline` (seconds from now, signed into the spec so the executor
         holds it too; default: the scheduler's `--task-deadline`), and the consent
         it asks for: `expires` (unix seconds; default 24 hours from now) and `runs`. The
-        signed digest is recorded here before the signature leaves."""
+        signed digest is recorded here before the signature leaves.
+
+        `pool`: run across that many executors (docs/scale.md), `members` naming them (by
+        default the scheduler picks them); the spec then names no single executor key, the
+        code digest is the one `executor` publishes, and the result comes from the pool's
+        lead, appraised again with your policy when you take it."""
         if deadline is not None and not (math.isfinite(deadline) and deadline > 0):
             raise InputError("deadline: a positive number of seconds from now")
         address = executor or self.choose_executor()
@@ -200,11 +206,16 @@ class Client:
                                code_digest=catalog[compute].code_digest,
                                deadline=None if deadline is None else
                                int(time.time() + deadline),
-                               executor_key=executor_key, expires=expires, runs=runs)
+                               executor_key=None if pool else executor_key, expires=expires,
+                               runs=runs, pool=pool)
         payload = audit.signed_payload(spec.task_id, "submitted",
                                        {"spec": spec.to_dict(), "spec_digest": spec.digest()})
-        self.signed.record(spec, "initiator", address, claims.tee, claims.measurements)
+        self.signed.record(spec, "initiator", "" if pool else address, claims.tee,
+                           claims.measurements)
         signature = base64.b64encode(self.identity.sign(payload)).decode()
+        if pool:
+            return self.scheduler.submit(spec.to_dict(), signature, None,
+                                         list(members) if members else None)
         return self.scheduler.submit(spec.to_dict(), signature, address)
 
     def tasks(self) -> list[dict[str, Any]]:
