@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from teeflow.core.errors import StateError
+from teeflow.core.errors import SchemaMismatch, StateError
 
 _HELD: dict[str, dict[str, pa.Table]] = {}
 
@@ -33,7 +33,15 @@ def drop(key: str) -> None:
 def part(key: str, dataset: str, schema: pa.Schema) -> pa.Table:
     """This member's part of one dataset; an empty table when it holds none of its rows."""
     held = tables(key)
-    return held[dataset] if dataset in held else schema.empty_table()
+    if dataset not in held:
+        return schema.empty_table()
+    table = held[dataset]
+    for field in schema:
+        if field.name not in table.column_names or table.schema.field(field.name).type != \
+                field.type:
+            raise SchemaMismatch(f"dataset {dataset!r}: a pool member's part does not have the "
+                                 f"task's schema (column {field.name!r})")
+    return table
 
 
 def pinned(address: str) -> dict[str, object]:
