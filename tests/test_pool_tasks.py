@@ -18,12 +18,14 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -455,8 +457,9 @@ def _wiped(m: Member, digest: str) -> list[dict]:
     return [e["body"] for e in m.status(digest)["audit"] if e["kind"] == "wiped"]
 
 
-def test_the_pool_computes_the_single_executors_value_and_every_member_wipes(pair, p):
-    lead, member = pair
+def _run(pair: list[Member], p: Parties) -> tuple[wire.TaskSpec, dict[str, Any]]:
+    """Run a pool task on its lead until done; the spec and the initiator's opened result."""
+    lead, _ = pair
     spec = _pool_task(pair, p)
     digest = spec.digest()
     with attested_client(lead.address) as client:
@@ -464,13 +467,18 @@ def test_the_pool_computes_the_single_executors_value_and_every_member_wipes(pai
         status = _wait_status(lead, digest, {"done", "failed"})
         assert status["status"] == "done", status["error"]
         envelope = client.take_result(spec.task_id, p.initiator, spec_digest=digest)
-    body = json.loads(seal.open_sealed(base64.b64decode(envelope.sealed),
-                                       p.initiator.encryption_private_key(), digest))
+    return spec, json.loads(seal.open_sealed(base64.b64decode(envelope.sealed),
+                                             p.initiator.encryption_private_key(), digest))
+
+
+def test_the_pool_computes_the_single_executors_value_and_every_member_wipes(pair, p):
+    lead, member = pair
+    spec, body = _run(pair, p)
+    digest = spec.digest()
     value = body["result"]
     close(value, _single_value(p), 1e-6)
     assert value["n_samples"] == 200
-    assert body["inputs"] == {"a_data": 120, "b_data": 80} or body["inputs"] == {
-        "a_data": CUTS["a_data"], "b_data": CUTS["b_data"]}
+    assert body["spec_digest"] == digest and body["simulated"] is True
     # the member ended its part on the lead's word: wiped, nothing left to hand out
     status = _wait_status(member, digest, {"released", "failed"})
     assert status["status"] == "released" and status["error"] is None
@@ -488,11 +496,31 @@ def test_the_pool_computes_the_single_executors_value_and_every_member_wipes(pai
         client.take_result(spec.task_id, p.initiator, spec_digest=digest)
 
 
+@pytest.mark.xfail(strict=True, reason="the sealed result's `inputs` counts only the lead's "
+                   "own part (executor/release.py seal_all reads task.received), not the pool's")
+def test_the_sealed_result_counts_every_members_rows(pair, p):
+    """A receiver reads how many rows of each dataset went in: all of them, over the pool
+    (the value's n_samples is 200; the lead alone was streamed 70 and 20)."""
+    _, body = _run(pair, p)
+    assert body["result"]["n_samples"] == 200
+    assert body["inputs"] == {"a_data": 120, "b_data": 80}
+
+
 # -- 5. a member lost while the lead computes -----------------------------------------------
 
 
-def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
-        pair, p, monkeypatch):
+@pytest.fixture
+def quick_connect() -> Iterator[None]:
+    """Dask's connect timeout (30 s) down to a few seconds: after a member is lost the lead
+    still tries to reach it (see the xfail below), and only the wait would differ."""
+    with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):
+        yield
+
+
+def _lose_member(pair: list[Member], p: Parties, monkeypatch: pytest.MonkeyPatch
+                 ) -> wire.TaskSpec:
+    """Run a pool task whose computation never ends by itself, stop the member once the
+    lead computes, and wait for the lead to end the task."""
     lead, member = pair
     spec = _pool_task(pair, p)
     digest = spec.digest()
@@ -508,7 +536,15 @@ def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
     assert computing.wait(WAIT), lead.status(digest)
     assert member.status(digest)["status"] == "running"  # it joined, its parts on its worker
     member.stop()  # its Flight server and its Dask worker go
-    status = _wait_status(lead, digest, {"failed", "done"})
+    _wait_status(lead, digest, {"failed", "done"})
+    return spec
+
+
+def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
+        pair, p, monkeypatch, quick_connect):
+    lead, member = pair
+    digest = _lose_member(pair, p, monkeypatch).digest()
+    status = lead.status(digest)
     assert status["status"] == "failed"
     assert f"pool member {member.key[:16]}" in status["error"]
     assert status["inputs_held"] == []
@@ -520,3 +556,16 @@ def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
         assert m.executor.held_bytes(digest) == 0
         with pytest.raises(StateError):
             held.tables(held_key(digest, m.key))
+        assert held_key(digest, m.key) not in _CONCLUDE
+
+
+@pytest.mark.xfail(strict=True, reason="executor/pool/lead.py _conclude tells every member, "
+                   "the one that left too, that the task failed: the lead waits out Dask's "
+                   "connect timeout (30 s by default), still running and holding its inputs")
+def test_the_lead_does_not_wait_for_a_member_that_left(pair, p, monkeypatch, quick_connect,
+                                                       caplog):
+    caplog.set_level(logging.WARNING, logger="teeflow.executor")
+    digest = _lose_member(pair, p, monkeypatch).digest()
+    assert pair[0].status(digest)["status"] == "failed"
+    told = [r.getMessage() for r in caplog.records if r.name == "teeflow.executor"]
+    assert not [m for m in told if "members not told the task failed" in m], told
