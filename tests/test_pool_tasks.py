@@ -374,7 +374,7 @@ def test_a_stranger_cannot_call_a_member_into_a_pool(pair, p):
         "not a signature": b"\x00" * 64,
     }
     with attested_client(member.address) as stranger:
-        for what, signature in forged.items():
+        for signature in forged.values():
             with pytest.raises(AuthError, match="not signed by the pool's lead"):
                 _join(stranger, digest, scheduler, signature)
             _untouched(member, digest, audit)
