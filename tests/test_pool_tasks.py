@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -509,14 +508,6 @@ def test_the_sealed_result_counts_every_members_rows(pair, p):
 # -- 5. a member lost while the lead computes -----------------------------------------------
 
 
-@pytest.fixture
-def quick_connect() -> Iterator[None]:
-    """Dask's connect timeout (30 s) down to a few seconds: after a member is lost the lead
-    still tries to reach it (see the xfail below), and only the wait would differ."""
-    with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):
-        yield
-
-
 def _lose_member(pair: list[Member], p: Parties, monkeypatch: pytest.MonkeyPatch
                  ) -> wire.TaskSpec:
     """Run a pool task whose computation never ends by itself, stop the member once the
@@ -541,7 +532,7 @@ def _lose_member(pair: list[Member], p: Parties, monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
-        pair, p, monkeypatch, quick_connect):
+        pair, p, monkeypatch):
     lead, member = pair
     digest = _lose_member(pair, p, monkeypatch).digest()
     status = lead.status(digest)
@@ -559,11 +550,10 @@ def test_a_member_lost_while_the_lead_computes_fails_the_task_and_both_wipe(
         assert held_key(digest, m.key) not in _CONCLUDE
 
 
-@pytest.mark.xfail(strict=True, reason="executor/pool/lead.py _conclude tells every member, "
-                   "the one that left too, that the task failed: the lead waits out Dask's "
-                   "connect timeout (30 s by default), still running and holding its inputs")
-def test_the_lead_does_not_wait_for_a_member_that_left(pair, p, monkeypatch, quick_connect,
-                                                       caplog):
+def test_the_lead_does_not_wait_for_a_member_that_left(pair, p, monkeypatch, caplog):
+    """Failing, the lead tells only the members still linked: one that left wiped when it
+    did, and reaching for it cost Dask's connect timeout (30 s), the lead's task still
+    running and holding its inputs meanwhile."""
     caplog.set_level(logging.WARNING, logger="teeflow.executor")
     digest = _lose_member(pair, p, monkeypatch).digest()
     assert pair[0].status(digest)["status"] == "failed"
