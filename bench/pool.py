@@ -19,11 +19,15 @@ interleaved within each repeat in a rotating order:
   tables read into memory as members read them, then `pool.linreg.hold_partition` for each
   (Arrow to float64 numpy) and the same partial sums (X'X, X'y, column sums) and solve.
 
-An idle pool (the same three members on 1,000-row partitions) gives each member's baseline
-peak, measured the same way, so the data's share of a member's peak is reported apart from
-Python + Dask + TLS. The three results must agree to 1e-6 or the section raises.
-Both the pool and the in-process path run on the machine's cores (2 here): that is the
-"equal total cores" of the overhead ratio.
+An idle pool (the same three members on 1,000-row partitions, a fourth path) gives each
+member's baseline peak, measured the same way, so the data's share of a member's peak is
+reported apart from Python + Dask + TLS. Bytes each member moved (rchar/wchar of
+/proc/PID/io, sampled with VmHWM; they count TLS traffic, which Python's ssl reads and
+writes with read(2)/write(2), but not plain send(2)/recv(2)) beyond the idle member's, less
+its partition file, are what crossed the links because of the data: near zero if only
+aggregates cross, a partition's size if Dask moved a block. The three results must agree
+to 1e-6 or the section raises. Both the pool and the in-process path run on the machine's
+cores (2 here): that is the "equal total cores" of the overhead ratio.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from teeflow.net.executor_client import ExecutorClient, attested_connect
 MiB = 2**20
 FULL_BUDGET = 64 * MiB
 QUICK_BUDGET = 16 * MiB
-FULL_REPEATS = 3
+FULL_REPEATS = 5
 QUICK_REPEATS = 1
 N_FEATURES = 20
 FEATURES = [f"x{i:02d}" for i in range(N_FEATURES)]
@@ -111,6 +115,11 @@ def _mem(pid: int, fieldname: str) -> int:
         if line.startswith(fieldname + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {fieldname} for {pid}")
+
+
+def _io(pid: int) -> tuple[int, int]:
+    got = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(got["rchar"]), int(got["wchar"])
 
 
 # -- single executor --------------------------------------------------------------------------
@@ -188,6 +197,7 @@ class Member:
     proc: subprocess.Popen[bytes]
     lines: list[tuple[float, str]] = field(default_factory=list)  # (perf_counter, line)
     peak: int = 0  # bytes: the highest VmHWM sampled
+    io: tuple[int, int] = (0, 0)  # (rchar, wchar) at the last sample
     code: int | None = None
     reader: threading.Thread | None = None
 
@@ -217,6 +227,7 @@ def _sample(member: Member) -> bool:
         return True
     with contextlib.suppress(OSError, RuntimeError):  # exited between the two reads
         member.peak = max(member.peak, _mem(member.proc.pid, "VmHWM"))
+        member.io = _io(member.proc.pid)
     code = member.proc.poll()
     if code is None:
         return False
@@ -287,6 +298,7 @@ def pool_run(paths: list[Path], work: Path, tag: str) -> dict[str, Any]:
         return {"seconds": done - t0, "startup": admitted - t0, "form": joined - admitted,
                 "compute": done - joined, "after_admission": done - admitted,
                 "peak": {m.name: m.peak for m in members},
+                "io": {m.name: m.io for m in members},
                 "result": json.loads(result_path.read_text())}
 
 
@@ -338,6 +350,7 @@ def run(opts: Options) -> list[Row]:
     total_rows = rows * len(MEMBERS)
     single: list[dict[str, Any]] = []
     pools: list[dict[str, Any]] = []
+    idles: list[dict[str, Any]] = []
     local: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="teeflow-poolbench-") as tmp:
         work = Path(tmp)
@@ -346,26 +359,31 @@ def run(opts: Options) -> list[Row]:
         for i, (path, idle) in enumerate(zip(paths, idle_paths, strict=True)):
             write_partition(path, rows, seed=100 + i)
             write_partition(idle, IDLE_ROWS, seed=200 + i)
-        idle_run = pool_run(idle_paths, work, "idle")  # also warms the page cache and imports
-        in_process(paths)  # warm-up, untimed
-        order = ["single", "pool", "local"]
+        files = {m: p.stat().st_size for m, p in zip(MEMBERS, paths, strict=True)}
+        idle_files = {m: p.stat().st_size for m, p in zip(MEMBERS, idle_paths, strict=True)}
+        in_process(paths)  # warm-up (imports, page cache), untimed
+        order = ["single", "pool", "idle", "local"]
         for r in range(repeats):
-            for path_name in order[r % 3:] + order[:r % 3]:
+            for path_name in order[r % 4:] + order[:r % 4]:
                 if path_name == "single":
                     single.append(single_executor(paths, budget, work, str(r)))
                 elif path_name == "pool":
                     pools.append(pool_run(paths, work, str(r)))
+                elif path_name == "idle":
+                    idles.append(pool_run(idle_paths, work, f"idle{r}"))
                 else:
                     local.append(in_process(paths))
     for s, p, loc in zip(single, pools, local, strict=True):
         _agree(p["result"], s["result"], "pool vs single executor")
         _agree(loc["result"], s["result"], "in process vs single executor")
-    return _rows(budget, rows, total_rows, repeats, single, pools, local, idle_run)
+    return _rows(budget, rows, total_rows, repeats, single, pools, local, idles, files,
+                 idle_files)
 
 
 def _rows(budget: int, rows: int, total_rows: int, repeats: int, single: list[dict[str, Any]],
           pools: list[dict[str, Any]], local: list[dict[str, Any]],
-          idle: dict[str, Any]) -> list[Row]:
+          idles: list[dict[str, Any]], files: dict[str, int],
+          idle_files: dict[str, int]) -> list[Row]:
     b = budget / MiB
     out = [Row("budget B / input", f"{b:.0f} MiB / {3 * rows * ROW_BYTES / MiB:.0f} MiB",
                f"{total_rows:,} rows x {N_FEATURES} float64 features + label, 3 partitions "
@@ -391,12 +409,23 @@ def _rows(budget: int, rows: int, total_rows: int, repeats: int, single: list[di
     ]
     for name in MEMBERS:
         peak = _med([p["peak"][name] / MiB for p in pools])
-        base = idle["peak"][name] / MiB
+        base = _med([i["peak"][name] / MiB for i in idles])
         out.append(Row(f"pool member {name}: peak RSS", f"{peak:,.0f} MiB",
                        f"idle member {base:,.0f} MiB ({IDLE_ROWS:,}-row partition), so data "
                        f"{peak - base:,.0f} MiB = {(peak - base) / b:.2f} B; "
                        f"peak is {peak / b:.2f} B"))
+    for name in MEMBERS:
+        extra = files[name] - idle_files[name]  # the partition's share of rchar
+        recv = (_med([p["io"][name][0] for p in pools])
+                - _med([i["io"][name][0] for i in idles]) - extra)
+        sent = _med([p["io"][name][1] for p in pools]) - _med([i["io"][name][1] for i in idles])
+        out.append(Row(f"pool member {name}: bytes moved beyond idle's",
+                       f"in {recv / 1024:,.0f} KiB, out {sent / 1024:,.0f} KiB",
+                       f"rchar less the partition file ({files[name] / MiB:,.0f} MiB), "
+                       "wchar: TLS links and files"))
     local_s = [loc["seconds"] for loc in local]
+    idle_after = [i["after_admission"] for i in idles]
+    marginal = max(_med(after) - _med(idle_after), 1e-9)
     out += [
         Row("in process: same sums, one process", _fmt(local_s),
             "hold_partition x3 + X'X, X'y, sums + solve; tables already in memory"),
@@ -407,8 +436,12 @@ def _rows(budget: int, rows: int, total_rows: int, repeats: int, single: list[di
         Row("single executor / pool (launch -> result)",
             f"{_med([s['seconds'] for s in single]) / _med(pool_s):.2f}x",
             "single: upload + run spilled; pool: partitions already on the members"),
+        Row("pool of 3, idle (1,000-row partitions): after admission", _fmt(idle_after),
+            "the pool's fixed cost past admission: scheduler, workers, graph, solve"),
         Row("throughput: pool, after admission", f"{total_rows / _med(after):,.0f} rows/s",
             f"per member {rows / _med(after):,.0f} rows/s (3 members sharing 2 cores)"),
+        Row("throughput: per member, marginal", f"{rows / marginal:,.0f} rows/s",
+            f"partition rows / (after admission - idle's) = {rows:,} / {marginal:.2f} s"),
         Row("throughput: in process", f"{total_rows / _med(local_s):,.0f} rows/s",
             "one member's work with the machine to itself"),
         Row("throughput: single executor run (spilled)",
