@@ -1,7 +1,7 @@
 """Executor pool: three members versus one executor with a memory budget, same data, same run.
 
 Input: three partitions of BUDGET bytes each (20 float64 features x00..x19 and a float64
-label y; about 3x the budget in all), written once as Arrow IPC files. Three paths,
+label y; about 3x the budget in all), written once as Arrow IPC files. Five paths,
 interleaved within each repeat in a rotating order:
 
 - single executor: a real executor (`teeflow executor --tee simulated --memory-budget
@@ -15,11 +15,14 @@ interleaved within each repeat in a rotating order:
   sums. Each member's peak resident memory is its VmHWM (/proc/PID/status), sampled every
   10 ms until it exits (not wait4's ru_maxrss, which counts this process's image the child
   was forked from). Phases are timed from the members' own step lines as they print them.
+- pool, 1 BLAS thread: the same, each member started with OPENBLAS_NUM_THREADS=1. As
+  shipped, each member's numpy starts one OpenBLAS thread per core (2 here) beside its one
+  Dask thread: 3 members x 2 spinning BLAS threads on 2 cores.
 - in process: the pool's computation without the pool, in this one process: the three
   tables read into memory as members read them, then `pool.linreg.hold_partition` for each
   (Arrow to float64 numpy) and the same partial sums (X'X, X'y, column sums) and solve.
 
-An idle pool (the same three members on 1,000-row partitions, a fourth path) gives each
+An idle pool (the same three members on 1,000-row partitions, the fifth path) gives each
 member's baseline peak, measured the same way, so the data's share of a member's peak is
 reported apart from Python + Dask + TLS. Bytes each member moved (rchar/wchar of
 /proc/PID/io, sampled with VmHWM; they count TLS traffic, which Python's ssl reads and
@@ -236,13 +239,15 @@ def _sample(member: Member) -> bool:
 
 
 @contextlib.contextmanager
-def started_pool(paths: list[Path], work: Path, tag: str) -> Iterator[tuple[list[Member], Path,
-                                                                            float]]:
+def started_pool(paths: list[Path], work: Path, tag: str, blas_threads: int | None = None,
+                 ) -> Iterator[tuple[list[Member], Path, float]]:
     folder = work / f"pool-{tag}"
     folder.mkdir()
     (folder / "policy.json").write_text(json.dumps(POLICY))
     result = folder / "result.json"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
+    if blas_threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
     members: list[Member] = []
     t0 = time.perf_counter()
     try:
@@ -277,8 +282,9 @@ def started_pool(paths: list[Path], work: Path, tag: str) -> Iterator[tuple[list
                 member.proc.stdout.close()
 
 
-def pool_run(paths: list[Path], work: Path, tag: str) -> dict[str, Any]:
-    with started_pool(paths, work, tag) as (members, result_path, t0):
+def pool_run(paths: list[Path], work: Path, tag: str,
+             blas_threads: int | None = None) -> dict[str, Any]:
+    with started_pool(paths, work, tag, blas_threads) as (members, result_path, t0):
         deadline = time.monotonic() + START_TIMEOUT + 30
         while not all([_sample(m) for m in members]):
             if time.monotonic() > deadline:
@@ -343,15 +349,14 @@ def _fmt(values: list[float], unit: str = "s") -> str:
     return f"{mid:.2f} {unit}" if len(values) == 1 else f"{mid:.2f} {unit} ({lo:.2f}-{hi:.2f})"
 
 
+PATHS = ("single", "pool", "pool1", "idle", "local")
+
+
 def run(opts: Options) -> list[Row]:
     budget = QUICK_BUDGET if opts.quick else FULL_BUDGET
     repeats = opts.repeats or (QUICK_REPEATS if opts.quick else FULL_REPEATS)
     rows = budget // ROW_BYTES  # per member: its partition is one budget's worth
-    total_rows = rows * len(MEMBERS)
-    single: list[dict[str, Any]] = []
-    pools: list[dict[str, Any]] = []
-    idles: list[dict[str, Any]] = []
-    local: list[dict[str, Any]] = []
+    got: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
     with tempfile.TemporaryDirectory(prefix="teeflow-poolbench-") as tmp:
         work = Path(tmp)
         paths = [work / f"{m}.arrow" for m in MEMBERS]
@@ -359,93 +364,89 @@ def run(opts: Options) -> list[Row]:
         for i, (path, idle) in enumerate(zip(paths, idle_paths, strict=True)):
             write_partition(path, rows, seed=100 + i)
             write_partition(idle, IDLE_ROWS, seed=200 + i)
-        files = {m: p.stat().st_size for m, p in zip(MEMBERS, paths, strict=True)}
-        idle_files = {m: p.stat().st_size for m, p in zip(MEMBERS, idle_paths, strict=True)}
+        files = {m: p.stat().st_size - i.stat().st_size  # the partition's share of rchar
+                 for m, p, i in zip(MEMBERS, paths, idle_paths, strict=True)}
         in_process(paths)  # warm-up (imports, page cache), untimed
-        order = ["single", "pool", "idle", "local"]
         for r in range(repeats):
-            for path_name in order[r % 4:] + order[:r % 4]:
-                if path_name == "single":
-                    single.append(single_executor(paths, budget, work, str(r)))
-                elif path_name == "pool":
-                    pools.append(pool_run(paths, work, str(r)))
-                elif path_name == "idle":
-                    idles.append(pool_run(idle_paths, work, f"idle{r}"))
+            for name in PATHS[r % 5:] + PATHS[:r % 5]:
+                if name == "single":
+                    got[name].append(single_executor(paths, budget, work, str(r)))
+                elif name == "pool":
+                    got[name].append(pool_run(paths, work, f"{r}"))
+                elif name == "pool1":
+                    got[name].append(pool_run(paths, work, f"{r}-blas1", blas_threads=1))
+                elif name == "idle":
+                    got[name].append(pool_run(idle_paths, work, f"{r}-idle"))
                 else:
-                    local.append(in_process(paths))
-    for s, p, loc in zip(single, pools, local, strict=True):
-        _agree(p["result"], s["result"], "pool vs single executor")
-        _agree(loc["result"], s["result"], "in process vs single executor")
-    return _rows(budget, rows, total_rows, repeats, single, pools, local, idles, files,
-                 idle_files)
+                    got[name].append(in_process(paths))
+    for r, s in enumerate(got["single"]):
+        for name in ("pool", "pool1", "local"):
+            _agree(got[name][r]["result"], s["result"], f"{name} vs single executor")
+    return _rows(budget, rows, repeats, got, files)
 
 
-def _rows(budget: int, rows: int, total_rows: int, repeats: int, single: list[dict[str, Any]],
-          pools: list[dict[str, Any]], local: list[dict[str, Any]],
-          idles: list[dict[str, Any]], files: dict[str, int],
-          idle_files: dict[str, int]) -> list[Row]:
-    b = budget / MiB
-    out = [Row("budget B / input", f"{b:.0f} MiB / {3 * rows * ROW_BYTES / MiB:.0f} MiB",
-               f"{total_rows:,} rows x {N_FEATURES} float64 features + label, 3 partitions "
+def _rows(budget: int, rows: int, repeats: int, got: dict[str, list[dict[str, Any]]],
+          files: dict[str, int]) -> list[Row]:
+    b, total = budget / MiB, rows * len(MEMBERS)
+    single, idles, local = got["single"], got["idle"], got["local"]
+    out = [Row("budget B / input", f"{b:.0f} MiB / {total * ROW_BYTES / MiB:.0f} MiB",
+               f"{total:,} rows x {N_FEATURES} float64 features + label, 3 partitions "
                f"of {rows:,} rows (one B each); medians of {repeats}, range in brackets")]
     s_peak = _med([s["peak"] / MiB for s in single])
     s_base = _med([s["baseline"] / MiB for s in single])
-    spilled = _med([s["spilled"] / MiB for s in single])
     out += [
         Row("single executor (budget B): upload + run", _fmt([s["seconds"] for s in single]),
             f"upload {_fmt([s['upload'] for s in single])}, run "
             f"{_fmt([s['run'] for s in single])}; attested channel, 3 owners"),
         Row("single executor: peak RSS", f"{s_peak:,.0f} MiB",
             f"idle {s_base:,.0f} MiB before upload, so data {s_peak - s_base:,.0f} MiB = "
-            f"{(s_peak - s_base) / b:.2f} B; spilled {spilled:,.0f} MiB sealed to disk"),
+            f"{(s_peak - s_base) / b:.2f} B; spilled "
+            f"{_med([s['spilled'] / MiB for s in single]):,.0f} MiB, sealed to disk"),
     ]
-    pool_s = [p["seconds"] for p in pools]
-    after = [p["after_admission"] for p in pools]
-    out += [
-        Row("pool of 3: launch -> result", _fmt(pool_s),
-            f"startup to all admitted {_fmt([p['startup'] for p in pools])}, then holding "
-            f"partitions + Dask on pinned TLS {_fmt([p['form'] for p in pools])}, then "
-            f"computing {_fmt([p['compute'] for p in pools])}"),
-    ]
+    for name, what in (("pool", "pool of 3, as shipped"),
+                       ("pool1", "pool of 3, OPENBLAS_NUM_THREADS=1"),
+                       ("idle", f"pool of 3, idle ({IDLE_ROWS:,}-row partitions)")):
+        runs = got[name]
+        out.append(Row(f"{what}: launch -> result", _fmt([p["seconds"] for p in runs]),
+                       f"to all admitted {_fmt([p['startup'] for p in runs])}; holding "
+                       f"partitions + Dask up {_fmt([p['form'] for p in runs])}; computing "
+                       f"{_fmt([p['compute'] for p in runs])}"))
     for name in MEMBERS:
-        peak = _med([p["peak"][name] / MiB for p in pools])
+        peak = _med([p["peak"][name] / MiB for p in got["pool"]])
         base = _med([i["peak"][name] / MiB for i in idles])
-        out.append(Row(f"pool member {name}: peak RSS", f"{peak:,.0f} MiB",
-                       f"idle member {base:,.0f} MiB ({IDLE_ROWS:,}-row partition), so data "
-                       f"{peak - base:,.0f} MiB = {(peak - base) / b:.2f} B; "
-                       f"peak is {peak / b:.2f} B"))
+        out.append(Row(f"member {name}: peak RSS", f"{peak:,.0f} MiB",
+                       f"idle member {base:,.0f} MiB, so data {peak - base:,.0f} MiB = "
+                       f"{(peak - base) / b:.2f} B; the whole peak is {peak / b:.2f} B"))
     for name in MEMBERS:
-        extra = files[name] - idle_files[name]  # the partition's share of rchar
-        recv = (_med([p["io"][name][0] for p in pools])
-                - _med([i["io"][name][0] for i in idles]) - extra)
-        sent = _med([p["io"][name][1] for p in pools]) - _med([i["io"][name][1] for i in idles])
-        out.append(Row(f"pool member {name}: bytes moved beyond idle's",
+        recv = (_med([p["io"][name][0] for p in got["pool"]])
+                - _med([i["io"][name][0] for i in idles]) - files[name])
+        sent = (_med([p["io"][name][1] for p in got["pool"]])
+                - _med([i["io"][name][1] for i in idles]))
+        out.append(Row(f"member {name}: bytes moved beyond idle's",
                        f"in {recv / 1024:,.0f} KiB, out {sent / 1024:,.0f} KiB",
-                       f"rchar less the partition file ({files[name] / MiB:,.0f} MiB), "
-                       "wchar: TLS links and files"))
-    local_s = [loc["seconds"] for loc in local]
-    idle_after = [i["after_admission"] for i in idles]
-    marginal = max(_med(after) - _med(idle_after), 1e-9)
+                       "rchar less its partition file, wchar: TLS links and files"))
+    local_s = _med([loc["seconds"] for loc in local])
+    idle_after = _med([i["after_admission"] for i in idles])
+    out.append(Row("in process: same sums, one process", _fmt([x["seconds"] for x in local]),
+                   f"hold_partition x3 + X'X, X'y, sums + solve; {total / local_s:,.0f} rows/s"))
+    for name, what in (("pool", "as shipped"), ("pool1", "1 BLAS thread")):
+        after = _med([p["after_admission"] for p in got[name]])
+        whole = _med([p["seconds"] for p in got[name]])
+        marginal = max(after - idle_after, 1e-9)
+        out += [
+            Row(f"pool ({what}) / in process", f"{after / local_s:.2f}x",
+                f"after admission {after:.2f} s; launch -> result {whole / local_s:.2f}x; "
+                "same 2 cores"),
+            Row(f"per member ({what}), marginal", f"{rows / marginal:,.0f} rows/s",
+                f"{rows:,} rows / (after admission {after:.2f} s - idle's {idle_after:.2f} s)"),
+        ]
+    single_s = _med([s["seconds"] for s in single])
     out += [
-        Row("in process: same sums, one process", _fmt(local_s),
-            "hold_partition x3 + X'X, X'y, sums + solve; tables already in memory"),
-        Row("pool / in process (after admission)", f"{_med(after) / _med(local_s):.2f}x",
-            f"pool after admission {_fmt(after)} vs {_fmt(local_s)}; same 2 cores"),
-        Row("pool / in process (launch -> result)", f"{_med(pool_s) / _med(local_s):.2f}x",
-            "includes interpreter, imports, identity, admission"),
-        Row("single executor / pool (launch -> result)",
-            f"{_med([s['seconds'] for s in single]) / _med(pool_s):.2f}x",
-            "single: upload + run spilled; pool: partitions already on the members"),
-        Row("pool of 3, idle (1,000-row partitions): after admission", _fmt(idle_after),
-            "the pool's fixed cost past admission: scheduler, workers, graph, solve"),
-        Row("throughput: pool, after admission", f"{total_rows / _med(after):,.0f} rows/s",
-            f"per member {rows / _med(after):,.0f} rows/s (3 members sharing 2 cores)"),
-        Row("throughput: per member, marginal", f"{rows / marginal:,.0f} rows/s",
-            f"partition rows / (after admission - idle's) = {rows:,} / {marginal:.2f} s"),
-        Row("throughput: in process", f"{total_rows / _med(local_s):,.0f} rows/s",
-            "one member's work with the machine to itself"),
-        Row("throughput: single executor run (spilled)",
-            f"{total_rows / _med([s['run'] for s in single]):,.0f} rows/s",
+        Row("single executor / pool (1 BLAS thread)",
+            f"{single_s / _med([p['seconds'] for p in got['pool1']]):.2f}x",
+            "single: upload + spilled run; pool: launch -> result, data already on members"),
+        Row("single executor run (spilled)",
+            f"{total / _med([s['run'] for s in single]):,.0f} rows/s",
             "run only, inputs already uploaded"),
     ]
     return out
