@@ -68,7 +68,7 @@ from teeflow.net.executor_client import ExecutorClient, attested_connect
 MiB = 2**20
 FULL_BUDGET = 64 * MiB
 QUICK_BUDGET = 16 * MiB
-FULL_REPEATS = 5
+FULL_REPEATS = 4
 QUICK_REPEATS = 1
 N_FEATURES = 20
 FEATURES = [f"x{i:02d}" for i in range(N_FEATURES)]
