@@ -25,7 +25,7 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench import Options, Row, attestation, compute, dp, load, memory, upload  # noqa: E402
+from bench import Options, Row, attestation, compute, dp, load, memory, pool, upload  # noqa: E402
 
 SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "upload": ("Upload: one provider -> executor, Arrow Flight do_put", upload.run),
@@ -35,6 +35,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Options], list[Row]]]] = {
     "dp": ("Differential privacy: accuracy cost of the DP model, time of a DP aggregate",
            dp.run),
     "load": ("Load: concurrent tasks over four owners and one executor", load.run),
+    "pool": ("Executor pool: three members vs. one executor with a memory budget", pool.run),
 }
 
 
