@@ -152,9 +152,6 @@ def test_a_computation_the_pool_does_not_run_is_refused(p, name, params):
              f"{name}.*not available on an executor pool")
 
 
-@pytest.mark.xfail(strict=True, reason="executor/pool/compute.py lists sql as a pool "
-                   "computation and imports executor/pool/sql.py, which main does not have yet "
-                   "(branch pool-compute does): create-task crashes with ImportError")
 def test_a_sql_pool_spec_is_taken_or_refused_by_name(p):
     """sql is listed as a pool computation: its spec is held, or refused with a named error,
     never an ImportError from inside."""
@@ -514,8 +511,6 @@ def test_the_pool_computes_the_single_executors_value_and_every_member_wipes(pai
         client.take_result(spec.task_id, p.initiator, spec_digest=digest)
 
 
-@pytest.mark.xfail(strict=True, reason="the sealed result's `inputs` counts only the lead's "
-                   "own part (executor/release.py seal_all reads task.received), not the pool's")
 def test_the_sealed_result_counts_every_members_rows(pair, p):
     """A receiver reads how many rows of each dataset went in: all of them, over the pool
     (the value's n_samples is 200; the lead alone was streamed 70 and 20)."""

@@ -51,7 +51,8 @@ class Release:
     def simulated(self) -> bool:
         return self.tee == "simulated"
 
-    def seal_all(self, task: Task, value: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
+    def seal_all(self, task: Task, value: dict[str, Any],
+                 inputs: dict[str, int] | None = None) -> tuple[bytes, dict[str, bytes]]:
         """The result's plaintext (to commit to, never to send) and its envelope per
         receiver. The plaintext carries a random salt, so its hash reveals nothing."""
         spec = task.spec
@@ -63,7 +64,9 @@ class Release:
             "spec_digest": spec.digest(),
             "tee": self.tee,
             "simulated": self.simulated,
-            "inputs": {k: v["rows"] for k, v in task.received.items()},
+            # a pool's lead holds only its part: it gives the rows over every member
+            "inputs": inputs if inputs is not None else
+            {k: v["rows"] for k, v in task.received.items()},
             "result": value,
             "salt": secrets.token_hex(32),
         })

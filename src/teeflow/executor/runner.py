@@ -72,9 +72,10 @@ class Runner:
         except Exception as exc:
             self._crashed(task, exc)
             return
+        inputs: dict[str, int] | None = None  # a pool's, over every member
         try:
             if task.pool_keys is not None:
-                value = self._run_pool(task)
+                value, inputs = self._run_pool(task)
             elif task.spills:  # larger than the memory budget: stream it
                 value = self._run_streamed(task, comp)
             else:
@@ -83,7 +84,7 @@ class Runner:
                           for d in spec.datasets]
                 value = comp.run(tables, task.params)
                 del tables
-            plaintext, sealed = self.release.seal_all(task, value)
+            plaintext, sealed = self.release.seal_all(task, value, inputs)
         except Exception as exc:  # never let an inner message leave the enclave
             if is_public(exc) or isinstance(exc, POOL_ERRORS):
                 with self.tasks.lock:
@@ -104,7 +105,7 @@ class Runner:
             self.tasks.fail(task, f"computation {task.spec.compute} failed "
                                   f"({type(exc).__name__})")
 
-    def _run_pool(self, task: Task) -> dict[str, Any]:
+    def _run_pool(self, task: Task) -> tuple[dict[str, Any], dict[str, int]]:
         """This executor leads the task's pool (a member is called in by its lead)."""
         from teeflow.executor.pool import lead  # Dask only for pools
 

@@ -23,6 +23,8 @@ _CONFIG = {
     "distributed.scheduler.http.routes": [],
     "distributed.worker.http.routes": [],
     "distributed.comm.require-encryption": True,
+    # a task that reads rows is pinned to the worker holding them; no stealing either way
+    "distributed.scheduler.work-stealing": False,
 }
 
 

@@ -31,6 +31,7 @@ from teeflow.executor.pool.seat import (
     Seats,
     conclude_on_worker,
     held_key,
+    held_rows,
     join_message,
     parts_of,
 )
@@ -48,8 +49,10 @@ class MemberLost(PeerError):
     code = "member_lost"
 
 
-def run(seats: Seats, task: Task, params: dict[str, Any]) -> dict[str, Any]:
-    """The task's value, computed across the pool (blocking; on the runner's thread)."""
+def run(seats: Seats, task: Task, params: dict[str, Any]
+        ) -> tuple[dict[str, Any], dict[str, int]]:
+    """The task's value, computed across the pool, and the rows of each dataset over every
+    member (what the result says it was computed over); blocking, on the runner's thread."""
     with seats.tasks.lock:
         tables = parts_of(task)
     with tempfile.TemporaryDirectory(prefix="teeflow-pool-") as scratch:
@@ -57,7 +60,7 @@ def run(seats: Seats, task: Task, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[str, Any],
-                scratch: str) -> dict[str, Any]:
+                scratch: str) -> tuple[dict[str, Any], dict[str, int]]:
     assert task.pool_keys is not None and task.pool_addresses is not None
     me, identity = seats.me, seats.identity()
     roster = await asyncio.to_thread(seats.admit_peers, task)
@@ -81,9 +84,8 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
                 workers = _placement(scheduler, task.pool_keys)  # every join returned
                 ok = False
                 try:
-                    value = await _watched(scheduler, workers, run_on_pool(
-                        client, workers, keys, task.spec.compute, params,
-                        dict(task.schemas)))
+                    value = await _watched(scheduler, workers, _counted(
+                        client, workers, keys, task, params))
                     ok = True
                 finally:
                     live = {k: a for k, a in workers.items() if a in scheduler.workers}
@@ -96,6 +98,15 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
             await asyncio.sleep(0.05)
         await worker.close()
         await scheduler.close()
+
+
+async def _counted(client: Client, workers: dict[str, str], keys: dict[str, str], task: Task,
+                   params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    counts = await client.run(held_rows, keys, workers=list(workers.values()))
+    value = await run_on_pool(client, workers, keys, task.spec.compute, params,
+                              dict(task.schemas))
+    return value, {d.name: sum(c.get(d.name, 0) for c in counts.values())
+                   for d in task.spec.datasets}
 
 
 def _call_in(task: Task, key: str, address: str, scheduler: str, signature: bytes) -> None:

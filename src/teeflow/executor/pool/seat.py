@@ -78,6 +78,11 @@ def conclude_on_worker(keys: dict[str, str], ok: bool, dask_worker: Any = None) 
     return end is not None
 
 
+def held_rows(keys: dict[str, str], dask_worker: Any = None) -> dict[str, int]:
+    """Run by Dask on a member's worker: the rows of each dataset it holds (counts only)."""
+    return {d: t.num_rows for d, t in held.tables(keys[str(dask_worker.name)]).items()}
+
+
 @dataclass
 class _Joined:
     ended: threading.Event = field(default_factory=threading.Event)
@@ -236,10 +241,10 @@ class Seats:
                         type(exc).__name__)
         finally:
             end = _CONCLUDE.pop(key, None)
-            if end is not None:  # the lead never concluded: lost, or it failed
+            if end is not None:  # the lead never concluded: lost, it failed, or we stop
                 with self.tasks.lock:
-                    self.tasks.fail(task, "the pool's lead went away before it concluded "
-                                          "the task")
+                    self.tasks.fail(task, "this member's link to the pool's lead ended "
+                                          "before the lead concluded the task")
             held.drop(key)
             joined.ended.set()
             with self._lock:
@@ -257,6 +262,12 @@ class Seats:
                 self.tasks.fail(task, "the pool's lead failed the task")
         log.info("pool task %s: concluded (%s); inputs wiped", task.spec.task_id,
                  "computed" if ok else "failed")
+        with self._lock:
+            joined = self._joined.get(task.digest)
+        if joined is not None and joined.loop is not None and joined.stop is not None:
+            # leave once the lead has this answer: it waits for its workers to go
+            loop, stop = joined.loop, joined.stop
+            loop.call_soon_threadsafe(loop.call_later, 0.2, stop.set)
 
     def close(self) -> None:
         with self._lock:
