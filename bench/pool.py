@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from bench import Options, Row, median_range
 from teeflow import compute
@@ -61,6 +62,7 @@ from teeflow.attestation.registry import make_verifiers
 from teeflow.attestation.simulated import code_measurement
 from teeflow.core import audit, seal, wire
 from teeflow.core.crypto import KeySigner
+from teeflow.core.errors import TeeflowError
 from teeflow.core.schemas import schema_fingerprint
 from teeflow.executor.pool import linreg as pool_linreg
 from teeflow.net.executor_client import ExecutorClient, attested_connect
@@ -308,6 +310,105 @@ def pool_run(paths: list[Path], work: Path, tag: str,
                 "result": json.loads(result_path.read_text())}
 
 
+# -- integrated pool: real executors, providers, scheduler ------------------------------------
+INTEGRATED_MEMBERS = 3
+INTEGRATED_REPEATS = 2  # at most: each repeat is a pooled and a single task (~60 s)
+POLL = 0.2  # seconds between status polls of each executor (spilled while inputs are held)
+
+
+def write_parquet(paths: list[Path], out: Path) -> None:
+    """The three partitions, batch by batch, as one party's parquet file: the same rows
+    the other paths see, so every result must agree."""
+    with pq.ParquetWriter(out, file_schema(paths[0])) as writer:
+        for path in paths:
+            for batch in file_batches(path):
+                writer.write_batch(batch)
+
+
+class _Watch:
+    """Polls executors' status of one task from a thread; keeps each one's most spilled
+    bytes (status reports spills only while inputs are held, so once is not enough)."""
+
+    def __init__(self, addresses: list[str], task_id: str) -> None:
+        self.addresses, self.task_id = addresses, task_id
+        self.spilled = dict.fromkeys(addresses, 0)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while True:
+            for address in self.addresses:
+                with contextlib.suppress(TeeflowError, OSError):
+                    with ExecutorClient(address, None) as ex:
+                        got = sum(ex.status(self.task_id).spilled.values())
+                    self.spilled[address] = max(self.spilled[address], got)
+            if self.stop.wait(POLL):
+                return
+
+    def done(self) -> dict[str, int]:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self._poll()  # once more after the task (stop is set: one pass)
+        return self.spilled
+
+
+def _integrated_task(client: Any, dataset: str, executors: list[str],
+                     pool: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if pool:
+        task = client.submit([dataset], None, "linear_regression", {"label": LABEL},
+                             pool=len(executors), members=executors)
+    else:
+        task = client.submit([dataset], executors[0], "linear_regression", {"label": LABEL})
+    watch = _Watch(executors, task["id"])
+    try:
+        client.wait(task["id"], timeout=300)
+        value = client.result(task["id"]).value
+    finally:
+        spilled = watch.done()
+    return {"seconds": time.perf_counter() - t0, "spilled": spilled, "result": value}
+
+
+def integrated(paths: list[Path], budget: int, work: Path, repeats: int) -> dict[str, Any]:
+    """A LocalCluster: scheduler, three member executors, a fourth for the single run and
+    an idle fifth (its VmHWM is an executor's baseline), all with --memory-budget B; one
+    provider holding the 3B parquet file. Per repeat: the pooled task and the single one,
+    in alternating order."""
+    from teeflow.cli.cluster import LocalCluster, Party
+    from teeflow.sdk import Client
+
+    folder = work / "integrated"
+    data = folder / "party.parquet"
+    folder.mkdir()
+    write_parquet(paths, data)
+    party = Party("owner", "pool_bench", data)
+    names = [f"member-{i + 1}" for i in range(INTEGRATED_MEMBERS)] + ["single", "idle"]
+    got: dict[str, Any] = {"pool": [], "single": []}
+    with LocalCluster(folder) as cluster:
+        cluster.start_scheduler()
+        address = {n: cluster.start_executor("--memory-budget", str(budget), "--spill-dir",
+                                             str(folder / f"spill-{n}"), name=n)
+                   for n in names}
+        cluster.start_provider(party, poll_wait=1)
+        cluster.wait_for_datasets([party.dataset])
+        for a in address.values():
+            cluster.wait_for_executor(a)
+        members = [address[n] for n in names[:INTEGRATED_MEMBERS]]
+        with Client(cluster.scheduler_url, key=cluster.initiator_key,
+                    policy=load_policy(POLICY), name=cluster.initiator_name) as client:
+            for r in range(repeats):
+                order = ("pool", "single") if r % 2 == 0 else ("single", "pool")
+                for which in order:
+                    got[which].append(_integrated_task(
+                        client, party.dataset,
+                        members if which == "pool" else [address["single"]],
+                        pool=which == "pool"))
+        got["peak"] = {n: _mem(cluster.processes[n].pid, "VmHWM") for n in names}
+        got["members"] = dict(zip(members, names[:INTEGRATED_MEMBERS], strict=True))
+    return got
+
+
 # -- in process -------------------------------------------------------------------------------
 def in_process(paths: list[Path]) -> dict[str, Any]:
     """The pool's own computation in one process: hold each partition, the same sums."""
@@ -379,10 +480,39 @@ def run(opts: Options) -> list[Row]:
                     got[name].append(pool_run(idle_paths, work, f"{r}-idle"))
                 else:
                     got[name].append(in_process(paths))
+        whole = integrated(paths, budget, work, min(repeats, INTEGRATED_REPEATS))
     for r, s in enumerate(got["single"]):
+        for run_ in (*whole["pool"], *whole["single"]):
+            _agree(run_["result"], s["result"], "integrated pool/single vs single executor")
         for name in ("pool", "pool1", "local"):
             _agree(got[name][r]["result"], s["result"], f"{name} vs single executor")
-    return _rows(budget, rows, repeats, got, files)
+    return _rows(budget, rows, repeats, got, files) + _integrated_rows(budget, whole)
+
+
+def _integrated_rows(budget: int, whole: dict[str, Any]) -> list[Row]:
+    b, n = budget / MiB, len(whole["pool"])
+    pool_s = [x["seconds"] for x in whole["pool"]]
+    single_s = [x["seconds"] for x in whole["single"]]
+    tag = "integrated pool (real executors, providers, scheduler)"
+    idle = whole["peak"]["idle"] / MiB
+    out = [Row(f"{tag}: submit -> result", _fmt(pool_s),
+               f"pool=3, members with --memory-budget B; {n} repeat(s)"),
+           Row(f"{tag}: single executor (budget B)", _fmt(single_s),
+               f"same cluster, same data, no pool; {n} repeat(s)"),
+           Row(f"{tag}: single / pool", f"{_med(single_s) / _med(pool_s):.2f}x", "wall time")]
+    for address, name in whole["members"].items():
+        peak = whole["peak"][name] / MiB
+        spilled = max(x["spilled"][address] for x in whole["pool"])
+        out.append(Row(f"{tag}: {name} peak RSS", f"{peak:,.0f} MiB",
+                       f"idle executor {idle:,.0f} MiB, so data {peak - idle:,.0f} MiB = "
+                       f"{(peak - idle) / b:.2f} B; spilled "
+                       f"{'yes, ' + format(spilled / MiB, '.0f') + ' MiB' if spilled else 'no'}"))
+    peak = whole["peak"]["single"] / MiB
+    spilled = max(sum(x["spilled"].values()) for x in whole["single"])
+    out.append(Row(f"{tag}: single executor peak RSS", f"{peak:,.0f} MiB",
+                   f"data {peak - idle:,.0f} MiB = {(peak - idle) / b:.2f} B; spilled "
+                   f"{'yes, ' + format(spilled / MiB, '.0f') + ' MiB' if spilled else 'no'}"))
+    return out
 
 
 def _rows(budget: int, rows: int, repeats: int, got: dict[str, list[dict[str, Any]]],
