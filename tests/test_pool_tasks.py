@@ -350,7 +350,15 @@ def _untouched(m: Member, digest: str, audit: list[str]) -> None:
 
 
 def _kinds(m: Member, digest: str) -> list[str]:
-    return [e["kind"] for e in m.status(digest)["audit"]]
+    """The member's audit kinds once each held part's `received` entry is in (their
+    digests are signed on threads of their own, after the upload returns)."""
+    end = time.monotonic() + WAIT
+    while True:
+        status = m.status(digest)
+        kinds = [e["kind"] for e in status["audit"]]
+        if kinds.count("received") >= len(status["inputs_held"]) or time.monotonic() > end:
+            return kinds
+        time.sleep(0.05)
 
 
 def _wait_status(m: Member, digest: str, states: set[str]) -> dict[str, Any]:
