@@ -230,22 +230,9 @@ class Scheduler:
             if len(set(pool)) != size:
                 raise InputError("submit: a pool member is named twice")
             return pool
-        pool, skipped = [], []
-        for ex in self.store.executors():
-            address = str(ex["address"])
-            reason = _policy_refusal(policy, ex)
-            if reason is None:
-                try:
-                    self._probe(address)
-                except TeeflowError as exc:
-                    reason = f"it does not answer ({exc})"
-                else:
-                    self.store.mark_seen(address)
-                    pool.append(address)
-                    if len(pool) == size:
-                        return pool
-                    continue
-            skipped.append(f"{address}: {reason}")
+        pool, skipped = self._answering(policy, size)
+        if len(pool) == size:
+            return pool
         raise InputError(f"a pool of {size} needs {size} registered executors that satisfy "
                          f"the task's executor policy and answer; {len(pool)} do"
                          + (": " + "; ".join(skipped) if skipped else ""))
@@ -253,7 +240,17 @@ class Scheduler:
     def _pick_executor(self, policy: AppraisalPolicy) -> str:
         """The first registered executor whose registered claims fit the policy and that
         answers a short probe; else InputError naming each one and why it was skipped."""
-        skipped = []
+        found, skipped = self._answering(policy, 1)
+        if found:
+            return found[0]
+        raise InputError("no registered executor satisfies the task's executor policy and "
+                         "answers: " + ("; ".join(skipped) or "none is registered"))
+
+    def _answering(self, policy: AppraisalPolicy, want: int) -> tuple[list[str], list[str]]:
+        """Up to `want` registered executors that fit the policy and answer a probe, in
+        registration order, and why each one before them was skipped."""
+        found: list[str] = []
+        skipped: list[str] = []
         for ex in self.store.executors():
             address = str(ex["address"])
             reason = _policy_refusal(policy, ex)
@@ -264,10 +261,12 @@ class Scheduler:
                     reason = f"it does not answer ({exc})"
                 else:
                     self.store.mark_seen(address)
-                    return address
+                    found.append(address)
+                    if len(found) == want:
+                        break
+                    continue
             skipped.append(f"{address}: {reason}")
-        raise InputError("no registered executor satisfies the task's executor policy and "
-                         "answers: " + ("; ".join(skipped) or "none is registered"))
+        return found, skipped
 
     # -- waiting and deadlines -------------------------------------------------
     def waiting(self, task: Task, now: float | None = None) -> waits.Waiting | None:
