@@ -132,11 +132,19 @@ def provider(config_path: Path, invite: str | None) -> None:
               help="How long an untaken result is kept (e.g. 12h, 7d, 3600s).")
 @click.option("--upload-idle-timeout", default="60s", show_default=True,
               help="An upload silent this long is cut and its task failed (e.g. 30s, 5m).")
+@click.option("--collateral-bundle", default=None,
+              help="Pool tasks: Intel collateral (JSON bundle) to appraise SGX/TDX members.")
+@click.option("--pccs-url", default=None,
+              help="Pool tasks: a PCCS to fetch Intel collateral from (instead of a bundle).")
+@click.option("--amd-ark", default=None,
+              help="Pool tasks: the AMD root key (PEM) to appraise SEV-SNP members.")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
              register_with: str | None, invite: str | None, advertise: str | None,
              attestation_dir: str | None,
              tsm_root: str | None, memory_budget: str | None, spill_dir: str | None,
-             state_dir: str | None, result_ttl: str, upload_idle_timeout: str) -> None:
+             state_dir: str | None, result_ttl: str, upload_idle_timeout: str,
+             collateral_bundle: str | None, pccs_url: str | None,
+             amd_ark: str | None) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.executor.server import serve
@@ -162,12 +170,30 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
     elif tee in ("tdx", "sev-snp"):
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
+    verifiers = peer_verifiers(collateral_bundle, pccs_url, amd_ark)
     backend = make_backend(tee, **options)
     print_measurement(backend)
     serve(backend, host, port, port_file, register_with, advertise,
-          budget, spill_dir, invite=invite, state_dir=state_dir,
+          budget, spill_dir, invite=invite, state_dir=state_dir, verifiers=verifiers,
           result_ttl=parse_duration(result_ttl),
           upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
+
+
+def peer_verifiers(bundle: str | None, pccs_url: str | None, ark: str | None) -> dict[str, Any]:
+    """The verifiers an executor appraises its pool peers with: simulated evidence, plus
+    SGX/TDX with Intel collateral, plus SEV-SNP with an AMD root; read now, so a bad file
+    stops the executor before it serves."""
+    from teeflow.attestation import registry
+
+    raw: dict[str, str] = {}
+    for field, value in (("bundle", bundle), ("pccs_url", pccs_url), ("amd_ark", ark)):
+        if value is not None:
+            raw[field] = value
+    if not raw:
+        return registry.make_verifiers()
+    where = "executor collateral"
+    return registry.make_verifiers(registry.collateral_source(raw, Path.cwd(), where),
+                                   registry.amd_ark(raw, Path.cwd(), where))
 
 
 def listen_address(text: str) -> tuple[str, int]:

@@ -41,6 +41,7 @@ import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.evidence import Evidence, bind_report_data
+from teeflow.attestation.policy import Verifier
 from teeflow.attestation.registry import TeeBackend
 from teeflow.core import wire
 from teeflow.core.crypto import verify_signature
@@ -84,7 +85,8 @@ class Executor:
                  now: Callable[[], float] = time.time, reap_every: float | None = None,
                  state_dir: str | None = None, result_ttl: float = DEFAULT_TTL,
                  upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
-                 max_batch_bytes: int = MAX_BATCH_BYTES, validate_batches: bool = True) -> None:
+                 max_batch_bytes: int = MAX_BATCH_BYTES, validate_batches: bool = True,
+                 verifiers: dict[str, Verifier] | None = None) -> None:
         """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
         are spilled, sealed, to this run's directory under `spill_dir` (default: under
         TMPDIR; under Gramine: the encrypted mount). `clock` times challenges; `now` (unix
@@ -96,7 +98,8 @@ class Executor:
         may go without a message before it is cut and its task failed. `max_batch_bytes`:
         the largest record batch taken. `validate_batches=False` skips the full check of
         each batch's Arrow structure: only for measuring what that check costs
-        (bench/upload.py), never in service."""
+        (bench/upload.py), never in service. `verifiers`: how this executor appraises the
+        other members of a pool task (default: simulated evidence only)."""
         self.backend = backend
         self.memory_budget = memory_budget
         self._run_dir = RunDir(spill_dir)
@@ -121,7 +124,7 @@ class Executor:
         self._intake = Intake(self._tasks, self._challenges, self.spill_dir, validate_batches,
                               max_batch_bytes, upload_idle_timeout)
         self._release = Release(self._tasks, self._challenges, backend.tee, self._store)
-        self._seats = Seats(backend, self._tasks)  # its part in pool tasks
+        self._seats = Seats(backend, self._tasks, verifiers)  # its part in pool tasks
         self._runner = Runner(self._tasks, self._release, self._seats)
         self._rounds = Rounds(self._tasks, self._challenges, self._release)
         loaded = self._store.load(self._tasks, backend.tee) if self._store else {}

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from distributed import Client, Scheduler
 
 from teeflow.attestation.policy import load_policy
-from teeflow.attestation.registry import make_verifiers
 from teeflow.core import wire
 from teeflow.core.errors import MemberRefused, PeerError, StateError
 from teeflow.executor.pool import held
@@ -75,7 +74,7 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
               if k != me]
     try:
         signature = _sign(identity.key_pem, join_message(task.digest, scheduler.address))
-        await asyncio.gather(*(asyncio.to_thread(_call_in, task, key, address,
+        await asyncio.gather(*(asyncio.to_thread(_call_in, seats, task, key, address,
                                                  scheduler.address, signature)
                                for key, address in others))
         with pool_config(scratch):
@@ -109,10 +108,11 @@ async def _counted(client: Client, workers: dict[str, str], keys: dict[str, str]
                    for d in task.spec.datasets}
 
 
-def _call_in(task: Task, key: str, address: str, scheduler: str, signature: bytes) -> None:
+def _call_in(seats: Seats, task: Task, key: str, address: str, scheduler: str,
+             signature: bytes) -> None:
     """Ask a member to join, over a channel pinned to the key the pool names for it."""
     policy = load_policy(task.spec.executor_policy, "executor_policy")
-    client, _ = attested_connect(address, policy, make_verifiers())
+    client, _ = attested_connect(address, policy, seats.verifiers)
     with client:
         if client.tls_key_hash.hex() != key:
             raise MemberRefused(key[:16], "tls_key", f"{address} attests another key than "

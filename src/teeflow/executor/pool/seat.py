@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teeflow.attestation.evidence import NONCE_LEN, Evidence
-from teeflow.attestation.policy import load_policy
+from teeflow.attestation.policy import Verifier, load_policy
 from teeflow.attestation.registry import TeeBackend, make_verifiers
 from teeflow.core import wire
 from teeflow.core.crypto import load_cert
@@ -93,9 +93,13 @@ class _Joined:
 class Seats:
     """This executor's part in every pool task it holds."""
 
-    def __init__(self, backend: TeeBackend, tasks: Tasks) -> None:
+    def __init__(self, backend: TeeBackend, tasks: Tasks,
+                 verifiers: dict[str, Verifier] | None = None) -> None:
+        """`verifiers`: how this member appraises the others (SGX and TDX peers need the
+        executor's Intel collateral, SEV-SNP peers its AMD root; default: simulated only)."""
         self.backend = backend
         self.tasks = tasks
+        self.verifiers = verifiers if verifiers is not None else make_verifiers()
         self._lock = threading.Lock()
         self._identity: MemberIdentity | None = None
         self._joined: dict[str, _Joined] = {}
@@ -137,7 +141,7 @@ class Seats:
         """Appraise every other member of the task's pool; the roster or MemberRefused."""
         assert task.pool_keys is not None and task.pool_addresses is not None
         policy = load_policy(task.spec.executor_policy, "executor_policy")
-        verifiers = make_verifiers()
+        verifiers = self.verifiers
         candidates = []
         for key, address in zip(task.pool_keys, task.pool_addresses, strict=True):
             if key != self.me:
