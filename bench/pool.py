@@ -390,7 +390,7 @@ def integrated(paths: list[Path], budget: int, work: Path, repeats: int) -> dict
         address = {n: cluster.start_executor("--memory-budget", str(budget), "--spill-dir",
                                              str(folder / f"spill-{n}"), name=n)
                    for n in names}
-        cluster.start_provider(party, poll_wait=1)
+        cluster.start_provider(party, poll_wait=1, max_pool=len(names))
         cluster.wait_for_datasets([party.dataset])
         for a in address.values():
             cluster.wait_for_executor(a)

@@ -449,3 +449,23 @@ def test_approve_signs_only_the_spec_it_showed(monkeypatch, tmp_path):
         fake.answers = [task(other)]
         c.decide("task0001", "approved", expect_digest=shown.digest())
     assert fake.decided == []
+
+
+def test_approve_shows_the_pool_an_owner_signs_for():
+    """An owner signing a pool task sees how many executors hold a part of its rows, and
+    which (pure: spec_lines over a task as the scheduler lists it)."""
+    from teeflow.cli.initiator import spec_lines
+    from teeflow.core.crypto import KeySigner
+    from tests.factories import make_spec
+
+    owner, initiator = KeySigner.generate(), KeySigner.generate()
+    spec = make_spec([("d", "alice", owner, "f" * 64)], initiator, "linear_regression",
+                     {"label": "y"})
+    body = {**spec.to_dict(), "pool": 3}
+    task = {"id": spec.task_id, "spec": body, "executor": "127.0.0.1:1",
+            "spec_digest": "0" * 64, "pool": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]}
+    lines = spec_lines(task, {})
+    assert ("  runs across a pool of 3 executors, each holding a part of every input: "
+            "'127.0.0.1:1', '127.0.0.1:2', '127.0.0.1:3'") in lines
+    del body["pool"]
+    assert not any("pool" in line for line in spec_lines({**task, "pool": None}, {}))

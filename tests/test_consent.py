@@ -406,3 +406,28 @@ def test_generated_rules_never_approve_free_text_and_hold_the_rest_to_defaults()
     assert any(matches(r, spec("sql")) for r in bound)
     other = spec("sql", {"query": "SELECT * FROM mine", "min_group_size": "20"})
     assert not any(matches(r, other) for r in bound)
+
+
+def test_a_rule_approves_a_pool_only_up_to_its_max_pool():
+    """Each pool member holds a part of the owner's rows: a rule opts in with max_pool."""
+    single = spec("linear_regression")
+    pooled = wire.TaskSpec(**{**single.__dict__, "pool": 3})
+    rule = ApprovalRule(("linear_regression",), ("mine",), (receiver(INITIATOR),))
+    assert rule.matches(single, OWNER.public_key())
+    assert rule.mismatch(pooled, OWNER.public_key()) == (
+        "the task runs across a pool of 3 executors; the rule's max_pool is 1")
+    three = ApprovalRule(("linear_regression",), ("mine",), (receiver(INITIATOR),), max_pool=3)
+    assert three.matches(pooled, OWNER.public_key()) and three.matches(single,
+                                                                       OWNER.public_key())
+    four = wire.TaskSpec(**{**single.__dict__, "pool": 4})
+    assert not three.matches(four, OWNER.public_key())
+
+
+@pytest.mark.parametrize("value", [0, 17, "3", True, 2.0])
+def test_a_bad_max_pool_is_named(value):
+    raw = [{"compute": ["linear_regression"], "datasets": ["mine"],
+            "receivers": [{"sign_key": INITIATOR.public_key(),
+                           "enc_key": INITIATOR.encryption_public_key()}],
+            "params": {}, "code_digests": [], "max_pool": value}]
+    with pytest.raises(ConfigError, match=r"approve\[0\]\.max_pool"):
+        load_rules(raw)

@@ -38,7 +38,8 @@ def _client(c: LocalCluster) -> Client:
 
 
 def _provider(c: LocalCluster, party: Party, node_toml: str = "") -> None:
-    config = c.write_provider_config(party, poll_wait=POLL_WAIT, node_toml=node_toml)
+    config = c.write_provider_config(party, poll_wait=POLL_WAIT, node_toml=node_toml,
+                                     max_pool=3)
     c._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
 
@@ -153,6 +154,26 @@ def test_a_debug_member_is_refused_and_no_member_is_sent_a_byte(cluster):
     seen = _wait_wiped(pool, task["id"])
     for address, status in seen.items():
         assert status is None or status.received == {}, address
+
+
+def test_an_owner_rule_approves_no_pool_larger_than_its_max_pool(cluster):
+    """The initiator asks for a pool of four where every owner's rules allow three: no
+    provider signs by rule, each names its max_pool, and no executor is handed the task."""
+    with _client(cluster) as client:
+        task = client.submit(["pool_d1", "pool_d2"], None, "linear_regression",
+                             {"label": "y"}, pool=4, members=[*cluster.members, cluster.debug])
+        logs = [cluster.workdir / "logs" / f"provider-{n}.log" for n in ("alice", "bob")]
+        end = time.monotonic() + 60
+        while not all(f"task {task['id']}: no rule approves it" in log.read_text()
+                      and "max_pool is 3" in log.read_text() for log in logs):
+            assert time.monotonic() < end, "a provider never considered the task"
+            time.sleep(0.2)
+        assert client.task(task["id"])["state"] == "submitted"
+        assert not [e for e in client.audit_log(task["id"]) if e.kind == "approved"]
+        client.cancel(task["id"])
+    for address in [*cluster.members, cluster.debug]:
+        with pytest.raises(UnknownTask):
+            _status(address, task["id"])
 
 
 def test_a_stranger_cannot_call_a_member_into_a_pool(cluster):

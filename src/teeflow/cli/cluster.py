@@ -56,18 +56,19 @@ FREE_TEXT = ("sql", "user_code")
 
 
 def approve_toml(datasets: list[str], receivers: list[tuple[str, str]],
-                 bind: dict[str, dict[str, Any]] | None = None) -> str:
+                 bind: dict[str, dict[str, Any]] | None = None, max_pool: int = 1) -> str:
     """Approval rules for these datasets and receivers ((sign_key, enc_key) pairs): a rule
     for each computation but sql and user_code, with each parameter that can reveal rows
     held to its default; and one rule per computation in `bind`, with those constraints
     (`[approve.params]` entries, e.g. {"query_sha256": "..."}) and the rest held to their
-    defaults."""
+    defaults; each allowing pools of up to `max_pool` executors."""
     from teeflow import compute
 
     quote = ", ".join
     shared = (f"datasets = [{quote(_toml_str(d) for d in datasets)}]\n"
               "receivers = [" + quote(_toml_value({"sign_key": k, "enc_key": e})
-                                      for k, e in receivers) + "]\n")
+                                      for k, e in receivers) + "]\n"
+              + (f"max_pool = {int(max_pool)}\n" if max_pool > 1 else ""))
 
     def rule(names: list[str], params: dict[str, Any]) -> str:
         revealing = dict.fromkeys(r for n in names for r in compute.get(n).revealing)
@@ -192,11 +193,12 @@ class LocalCluster:
                               approve: bool = True,
                               bind: dict[str, dict[str, Any]] | None = None,
                               dataset_toml: str = "", poll_wait: int = 5,
-                              node_toml: str = "") -> Path:
+                              node_toml: str = "", max_pool: int = 1) -> Path:
         """The party's config; with `approve`, rules for results that go only to the
         initiator (`approve_toml`; `bind` adds per-computation constraints). `dataset_toml`:
         tables of the party's dataset, such as its `[datasets.rules]`; `node_toml`: more
-        `[node]` settings; `poll_wait`: its long poll, in seconds (tests take 1)."""
+        `[node]` settings; `poll_wait`: its long poll, in seconds (tests take 1);
+        `max_pool`: the largest pool its rules approve (1: none)."""
         key_file = self.workdir / f"{party.node}.key"
         if not key_file.exists():
             save_key(KeySigner.generate(), key_file)
@@ -213,7 +215,8 @@ class LocalCluster:
             f"path = {_toml_str(str(party.path.resolve()))}\n"
             + dataset_toml + "\n"
             + (policy or policy_toml(code_measurement()))
-            + (approve_toml([party.dataset], [self.receiver], bind) if approve else "")
+            + (approve_toml([party.dataset], [self.receiver], bind, max_pool)
+               if approve else "")
         )
         return config
 
@@ -225,9 +228,10 @@ class LocalCluster:
     def start_provider(self, party: Party, policy: str | None = None,
                        approve: bool = True,
                        bind: dict[str, dict[str, Any]] | None = None,
-                       dataset_toml: str = "", poll_wait: int = 5) -> subprocess.Popen:
+                       dataset_toml: str = "", poll_wait: int = 5,
+                       max_pool: int = 1) -> subprocess.Popen:
         config = self.write_provider_config(party, policy, approve, bind, dataset_toml,
-                                            poll_wait)
+                                            poll_wait, max_pool=max_pool)
         return self._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
     def wait_for_datasets(self, names: list[str], timeout: float = START_TIMEOUT) -> None:

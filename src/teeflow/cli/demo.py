@@ -145,7 +145,8 @@ def demo(parties: tuple[str, ...], compute: str, params: tuple[str, ...], rows: 
                           _demo_queries([p.dataset for p in party_list]) if sample else ())
         for party in party_list:
             cluster.start_provider(party, bind=bind,
-                                   dataset_toml=demo_rules_toml(compute) if sample else "")
+                                   dataset_toml=demo_rules_toml(compute) if sample else "",
+                                   max_pool=executors)
         names = [p.dataset for p in party_list]
         cluster.wait_for_datasets(names)
         console.print(f"cluster up: scheduler {cluster.scheduler_url}, simulated "

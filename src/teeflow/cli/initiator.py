@@ -213,6 +213,10 @@ def spec_lines(task: dict[str, Any], names: dict[str, str]) -> list[str]:
         who = signer_label(ed25519_signer(r["sign_key"]), names)
         say(f"  result sealed to {who} (key {r['sign_key'][:12]}…)")
     say(f"  executor policy: {policy_summary(spec['executor_policy'])}")
+    if spec.get("pool"):
+        members = ", ".join(repr(m) for m in task.get("pool") or [])
+        say(f"  runs across a pool of {spec['pool']} executors, each holding a part of "
+            f"every input: {members or 'not picked yet'}")
     say(f"  submitted by {signer_label(ed25519_signer(spec['initiator_key']), names)}; "
         f"executor {task['executor']}")
     if spec.get("deadline"):

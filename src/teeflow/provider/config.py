@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "approve": [],
     "approve[].code_digests": list(ApprovalRule.code_digests),
     "approve[].params": dict(ApprovalRule.params),
+    "approve[].max_pool": ApprovalRule.max_pool,
 }
 SECTIONS = ("node", "datasets", "policy", "collateral", "approve")
 NODE_FIELDS = ("name", "key_file", "scheduler", "poll_wait", "upload_rows_per_second",

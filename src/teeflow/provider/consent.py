@@ -19,6 +19,10 @@ A rule matches a task only if every parameter the computation declares REVEALING
 can make a result show rows: a query, code, a group-size floor, epsilon, a minimum of
 parties...) is bound by the rule, and every bound holds. A rule that binds less does not
 match: the task waits for a person (`teeflow approve`); it is not refused.
+
+A rule approves a task on one executor only, unless its `max_pool = N` allows a pool of up
+to N executors (each member then holds a part of this node's rows): more enclaves see the
+data, so an owner opts in.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class ApprovalRule:
     receivers: tuple[wire.Receiver, ...]
     code_digests: tuple[str, ...] = ()
     params: tuple[tuple[str, Constraint], ...] = ()
+    max_pool: int = 1  # executors the task may run across (1: one executor, no pool)
 
     def matches(self, spec: wire.TaskSpec, owner_key: str) -> bool:
         return self.mismatch(spec, owner_key) is None
@@ -106,6 +111,9 @@ class ApprovalRule:
                                             else "not among the rule's receivers")
         if self.code_digests and spec.code_digest not in self.code_digests:
             return "the computation's code digest is not in code_digests"
+        if (spec.pool or 1) > self.max_pool:
+            return (f"the task runs across a pool of {spec.pool} executors; the rule's "
+                    f"max_pool is {self.max_pool}")
         return self.unbound(spec, owner_key)
 
     def unbound(self, spec: wire.TaskSpec, owner_key: str = "") -> str | None:
@@ -134,7 +142,7 @@ class ApprovalRule:
         return None
 
 
-RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests", "params")
+RULE_FIELDS = ("compute", "datasets", "receivers", "code_digests", "params", "max_pool")
 
 
 def _strings(value: Any, where: str, empty_ok: bool) -> tuple[str, ...]:
@@ -294,8 +302,15 @@ def load_rules(raw: Any) -> tuple[ApprovalRule, ...]:
             _strings(r.get("datasets"), f"{where}.datasets", empty_ok=False),
             _receivers(r.get("receivers"), f"{where}.receivers"),
             _strings(r.get("code_digests", []), f"{where}.code_digests", empty_ok=True),
-            load_params(r.get("params", {}), names, f"{where}.params")))
+            load_params(r.get("params", {}), names, f"{where}.params"),
+            _max_pool(r.get("max_pool", 1), f"{where}.max_pool")))
     return tuple(rules)
+
+
+def _max_pool(value: Any, where: str) -> int:
+    if type(value) is not int or not 1 <= value <= wire.MAX_POOL:
+        raise ConfigError(f"{where}: a whole number from 1 (one executor) to {wire.MAX_POOL}")
+    return value
 
 
 def approval_body(spec: wire.TaskSpec) -> dict[str, str]:
