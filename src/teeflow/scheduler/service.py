@@ -611,6 +611,7 @@ class Scheduler:
             return
         if task.state == "submitted":
             return
+        asked = time.time()  # a call that hangs to its timeout counts from its start
         try:
             status = self._status(task.executor, task.spec_digest)  # its id there
         except UnknownTask:
@@ -630,7 +631,7 @@ class Scheduler:
                                     "(it restarted?)")
             return
         except (Unreachable, PeerError) as exc:
-            first = self._unreachable_since.setdefault(task.id, time.time())
+            first = self._unreachable_since.setdefault(task.id, asked)
             if time.time() - first > self.unreachable_grace and \
                     not self.store.granted(task.id):
                 self.end_task(task.id, "fail", {"reason": str(exc)},
