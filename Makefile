@@ -54,8 +54,8 @@ demo: $(STAMP) sysdeps
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	@# three workers on two cores: most e2e tests wait on processes and sockets, not the CPU
-	$(BIN)/python -m pytest -n 3  # pytest-xdist; plain `pytest` runs serially
+	@# four workers on two cores: most e2e tests wait on processes and sockets, not the CPU
+	$(BIN)/python -m pytest -n 4  # pytest-xdist; plain `pytest` runs serially
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -222,7 +222,9 @@ def test_a_member_that_dies_fails_the_task_and_the_others_wipe(cluster):
         with pytest.raises(TaskFailed):
             client.wait(task["id"], timeout=180)
         error = client.task(task["id"])["error"]
-    assert "carol" in error and "pool_slow" in error
+    # the first report wins: carol's (her stream to the dead member broke) or a surviving
+    # member's (carol then cut her stream to it too); either names the dataset
+    assert "pool_slow" in error
     seen = _wait_wiped(pool[:2], task["id"])
     for address, status in seen.items():
         assert status is not None and status.status in ("failed", "cancelled"), address
