@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
@@ -49,13 +48,17 @@ def make_party_data(path: Path, rows: int, seed: int, with_pid: bool = False) ->
         table.to_pandas().to_csv(path, index=False, float_format="%.17g")
 
 
-def _read(path: Path) -> pd.DataFrame:
+def _read(path: Path) -> Any:
+    import pandas as pd  # here: every `teeflow` command imports this module
+
     return pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
 
 
 def plaintext_check(compute: str, params: dict[str, str], parties: list[Party],
                     value: dict[str, Any]) -> float | None:
     """Largest absolute difference from the same computation on the concatenated data."""
+    import pandas as pd
+
     from teeflow import plaintext as reference
 
     frames = [_read(p.path) for p in parties]
