@@ -138,13 +138,18 @@ def provider(config_path: Path, invite: str | None) -> None:
               help="Pool tasks: a PCCS to fetch Intel collateral from (instead of a bundle).")
 @click.option("--amd-ark", default=None,
               help="Pool tasks: the AMD root key (PEM) to appraise SEV-SNP members.")
+@click.option("--pool-host", default=None,
+              help="Pool tasks: the IP address of this machine the Dask links listen on, "
+                   "where the other members reach them (default: 127.0.0.1).")
+@click.option("--pool-ports", default=None,
+              help="Pool tasks: LO-HI, the ports the Dask links may use (default: any).")
 def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
              register_with: str | None, invite: str | None, advertise: str | None,
              attestation_dir: str | None,
              tsm_root: str | None, memory_budget: str | None, spill_dir: str | None,
              state_dir: str | None, result_ttl: str, upload_idle_timeout: str,
              collateral_bundle: str | None, pccs_url: str | None,
-             amd_ark: str | None) -> None:
+             amd_ark: str | None, pool_host: str | None, pool_ports: str | None) -> None:
     """Run a TEE executor (Flight over TLS, key made inside this process)."""
     from teeflow.attestation.registry import make_backend
     from teeflow.executor.server import serve
@@ -171,10 +176,14 @@ def executor(tee: str, listen: str, port_file: str | None, debug_enclave: bool,
         options = {"tsm_root": tsm_root}
     budget = parse_size(memory_budget) if memory_budget else None
     verifiers = peer_verifiers(collateral_bundle, pccs_url, amd_ark)
+    from teeflow.executor.pool.links import parse_links
+
+    links = parse_links(pool_host, pool_ports)
     backend = make_backend(tee, **options)
     print_measurement(backend)
     serve(backend, host, port, port_file, register_with, advertise,
           budget, spill_dir, invite=invite, state_dir=state_dir, verifiers=verifiers,
+          pool_links=links,
           result_ttl=parse_duration(result_ttl),
           upload_idle_timeout=parse_duration(upload_idle_timeout, "--upload-idle-timeout"))
 

@@ -52,6 +52,7 @@ from teeflow.executor.inputs import MemoryBudget
 from teeflow.executor.intake import MAX_BATCH_BYTES, UPLOAD_IDLE_TIMEOUT, Intake
 from teeflow.executor.messages import Approval, FlRequest, UploadRequest
 from teeflow.executor.notary import Notary
+from teeflow.executor.pool.links import Links
 from teeflow.executor.pool.seat import Seats
 from teeflow.executor.release import Release
 from teeflow.executor.rounds import Rounds
@@ -86,7 +87,8 @@ class Executor:
                  state_dir: str | None = None, result_ttl: float = DEFAULT_TTL,
                  upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
                  max_batch_bytes: int = MAX_BATCH_BYTES, validate_batches: bool = True,
-                 verifiers: dict[str, Verifier] | None = None) -> None:
+                 verifiers: dict[str, Verifier] | None = None,
+                 pool_links: Links | None = None) -> None:
         """`memory_budget`: bytes of input held in memory across tasks; beyond it inputs
         are spilled, sealed, to this run's directory under `spill_dir` (default: under
         TMPDIR; under Gramine: the encrypted mount). `clock` times challenges; `now` (unix
@@ -99,7 +101,8 @@ class Executor:
         the largest record batch taken. `validate_batches=False` skips the full check of
         each batch's Arrow structure: only for measuring what that check costs
         (bench/upload.py), never in service. `verifiers`: how this executor appraises the
-        other members of a pool task (default: simulated evidence only)."""
+        other members of a pool task (default: simulated evidence only); `pool_links`: where
+        its Dask links for pool tasks listen and are reached (default: loopback)."""
         self.backend = backend
         self.memory_budget = memory_budget
         self._run_dir = RunDir(spill_dir)
@@ -124,7 +127,7 @@ class Executor:
         self._intake = Intake(self._tasks, self._challenges, self.spill_dir, validate_batches,
                               max_batch_bytes, upload_idle_timeout)
         self._release = Release(self._tasks, self._challenges, backend.tee, self._store)
-        self._seats = Seats(backend, self._tasks, verifiers)  # its part in pool tasks
+        self._seats = Seats(backend, self._tasks, verifiers, pool_links)  # its part in pools
         self._runner = Runner(self._tasks, self._release, self._seats)
         self._rounds = Rounds(self._tasks, self._challenges, self._release)
         loaded = self._store.load(self._tasks, backend.tee) if self._store else {}

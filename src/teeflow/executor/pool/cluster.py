@@ -3,19 +3,57 @@
 Dask also starts an HTTP server on every scheduler and worker (dashboard, health,
 Prometheus metrics, JSON state) in plaintext, outside the pinned security; the pool
 serves no routes and closes that port as soon as the node is up, so each node listens
-only on its tls:// address. Addresses bind 127.0.0.1 (loopback pools) and port 0.
+only on its tls:// address. Where: `Links`, the executor's `--pool-host` (an address of
+its machine the other members reach; default 127.0.0.1) and `--pool-ports LO-HI` (for a
+firewall or network policy; default any free port).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import dask
 from distributed import Scheduler, Worker
 from distributed.core import Server
 
+from teeflow.core.errors import StateError
+from teeflow.executor.pool.links import Links
 from teeflow.executor.pool.tls import PinnedSecurity
+
+_Node = TypeVar("_Node", Scheduler, Worker)
+LOOPBACK = Links()  # a pool on one machine: 127.0.0.1, any free port
+
+
+def _free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def _bind(links: Links, what: str, make: Callable[[int], _Node],
+                start: Callable[[_Node], Awaitable[object]]) -> _Node:
+    """The first of `links.ports` that binds; StateError naming the range if none does."""
+    for port in links.ports:
+        if port and not _free(links.host, port):
+            continue  # tried first: a bind that fails inside Dask leaks tornado's socket
+        node = make(port)
+        try:
+            await start(node)
+            return node
+        except (OSError, RuntimeError) as exc:  # Dask: "failed to start" from the OSError
+            if not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
+                raise
+            await node.close()  # taken (by another pool task, or another program)
+    raise StateError(f"pool: no free port for the Dask {what} on {links.host} in "
+                     f"{links.ports[0]}-{links.ports[-1]}")
 
 # No plaintext routes. Dask runs the (pickled) tasks any connected client sends: only the
 # admitted members can connect, and they run attested code.
@@ -43,27 +81,32 @@ def _close_http(node: Server) -> None:
         http.stop()
 
 
-async def start_scheduler(security: PinnedSecurity, host: str = "127.0.0.1",
+async def start_scheduler(security: PinnedSecurity, links: Links = LOOPBACK,
                           local_directory: str | None = None) -> Scheduler:
+    host = links.host
     with pool_config(local_directory):
-        scheduler = Scheduler(host=host, port=0, protocol="tls", security=security,
-                              dashboard=False, dashboard_address=f"{host}:0")
-        await scheduler
+        scheduler = await _bind(links, "scheduler", lambda port: Scheduler(
+            host=host, port=port, protocol="tls", security=security, dashboard=False,
+            dashboard_address=f"{host}:0"), _started)
     _close_http(scheduler)
     return scheduler
 
 
+async def _started(node: Server) -> None:
+    await node
+
+
 async def start_worker(scheduler_address: str, security: PinnedSecurity, name: str,
-                       host: str = "127.0.0.1", nthreads: int = 1,
+                       links: Links = LOOPBACK, nthreads: int = 1,
                        local_directory: str | None = None) -> Worker:
     if not scheduler_address.startswith("tls://"):
         raise ValueError("a pool worker joins only a tls:// scheduler")
+    host = links.host
     with pool_config(local_directory):
-        worker = Worker(scheduler_address, host=host, port=0, protocol="tls",
-                        security=security, name=name, nthreads=nthreads,
-                        dashboard=False, dashboard_address=f"{host}:0",
-                        local_directory=local_directory,
-                        memory_limit=0)  # no spilling to Dask's disk: the member's budget
-        await worker
+        worker = await _bind(links, "worker", lambda port: Worker(
+            scheduler_address, host=host, port=port, protocol="tls", security=security,
+            name=name, nthreads=nthreads, dashboard=False, dashboard_address=f"{host}:0",
+            local_directory=local_directory,
+            memory_limit=0), _started)  # no spilling to Dask's disk: the member's budget
     _close_http(worker)
     return worker

@@ -68,8 +68,10 @@ async def _lead(seats: Seats, task: Task, params: dict[str, Any], tables: dict[s
     keys = {k: held_key(task.digest, k) for k in task.pool_keys}
     held.hold(keys[me], tables)
     del tables
-    scheduler = await start_scheduler(security, local_directory=scratch)
-    worker = await start_worker(scheduler.address, security, name=me, local_directory=scratch)
+    scheduler = await start_scheduler(security, seats.links, local_directory=scratch)
+    log.info("pool task %s: Dask scheduler at %s", task.spec.task_id, scheduler.address)
+    worker = await start_worker(scheduler.address, security, name=me, links=seats.links,
+                                local_directory=scratch)
     others = [(k, a) for k, a in zip(task.pool_keys, task.pool_addresses, strict=True)
               if k != me]
     try:

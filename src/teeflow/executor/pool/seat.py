@@ -50,6 +50,7 @@ from teeflow.executor.inputs import batches_of
 from teeflow.executor.pool import held
 from teeflow.executor.pool.admission import Candidate, Roster, admit
 from teeflow.executor.pool.identity import MemberIdentity, answer_nonce, make_member_identity
+from teeflow.executor.pool.links import Links
 from teeflow.executor.states import TASK, InputState, TaskEvent, TaskState, missing_inputs
 from teeflow.executor.tasks import Task, Tasks
 from teeflow.net.executor_client import attested_connect
@@ -94,12 +95,15 @@ class Seats:
     """This executor's part in every pool task it holds."""
 
     def __init__(self, backend: TeeBackend, tasks: Tasks,
-                 verifiers: dict[str, Verifier] | None = None) -> None:
+                 verifiers: dict[str, Verifier] | None = None,
+                 links: Links | None = None) -> None:
         """`verifiers`: how this member appraises the others (SGX and TDX peers need the
-        executor's Intel collateral, SEV-SNP peers its AMD root; default: simulated only)."""
+        executor's Intel collateral, SEV-SNP peers its AMD root; default: simulated only).
+        `links`: where its Dask links listen and are reached (default: loopback)."""
         self.backend = backend
         self.tasks = tasks
         self.verifiers = verifiers if verifiers is not None else make_verifiers()
+        self.links = links if links is not None else Links()
         self._lock = threading.Lock()
         self._identity: MemberIdentity | None = None
         self._joined: dict[str, _Joined] = {}
@@ -200,7 +204,8 @@ class Seats:
                 joined.loop, joined.stop = asyncio.get_running_loop(), asyncio.Event()
                 try:
                     worker = await asyncio.wait_for(
-                        start_worker(scheduler, security, name=self.me), JOIN_TIMEOUT)
+                        start_worker(scheduler, security, name=self.me, links=self.links),
+                        JOIN_TIMEOUT)
                 except BaseException as exc:
                     failure.append(exc)
                     ready.set()
