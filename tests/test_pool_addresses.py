@@ -35,6 +35,7 @@ BACKEND = SimulatedBackend()
 @pytest.mark.parametrize("host,ports,named", [
     ("0.0.0.0", None, "--pool-host"),
     ("::", None, "--pool-host"),
+    ("::1", None, "IPv4"),
     ("224.0.0.1", None, "--pool-host"),
     ("member-1.example", None, "--pool-host"),
     (None, "9000", None),

@@ -34,6 +34,8 @@ def parse_links(host: str | None, ports: str | None) -> Links:
         if ip.is_unspecified or ip.is_multicast:
             raise ConfigError("--pool-host: a concrete address the other members reach, "
                               "not a wildcard or multicast one")
+        if ip.version != 4:  # Dask's server options do not parse IPv6 addresses
+            raise ConfigError("--pool-host: an IPv4 address (pool links take no IPv6 yet)")
         links = Links(host=str(ip))
     if ports is not None:
         lo, sep, hi = ports.partition("-")
