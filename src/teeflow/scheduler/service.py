@@ -113,12 +113,12 @@ class Scheduler:
     # -- visibility ----------------------------------------------------------
     def parties(self, task: Task) -> set[str]:
         """The keys a task is shown to: its initiator, the owners of its datasets, its
-        receivers, and the host of its executor."""
+        receivers, and the host of each executor holding part of it (every pool member's)."""
         spec = task.spec
         keys = {spec["initiator_key"], *(d["owner_key"] for d in spec["datasets"]),
                 *(r["sign_key"] for r in spec["receivers"])}
-        host = self.store.executor_host(task.executor)
-        return keys | ({host} if host else set())
+        hosts = {self.store.executor_host(address) for address in task.members}
+        return keys | {h for h in hosts if h}
 
     def can_see(self, key: str, task: Task) -> bool:
         """A party to the task, or an auditor (who reads everything)."""
