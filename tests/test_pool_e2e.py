@@ -9,6 +9,7 @@ port and tries to call it into a pool or to read its pool evidence; a member tha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
@@ -30,6 +31,11 @@ pytestmark = pytest.mark.e2e
 POLL_WAIT = 1
 SLOW_ROWS = 30_000
 SLOW_RATE = 4_000  # rows a second: carol's upload takes several seconds
+# the one query alice's rules sign (by its digest), with its group-size floor
+QUERY = ("SELECT y, count(*) AS n, sum(x0) AS s, avg(x1) AS m, var_samp(x2) AS v "
+         "FROM pool_d1 WHERE x3 > 0 GROUP BY y ORDER BY y")
+SQL_RULE = {"sql": {"query_sha256": hashlib.sha256(QUERY.encode()).hexdigest(),
+                    "min_group_size": {"min": 10}}}
 
 
 def _client(c: LocalCluster) -> Client:
@@ -37,9 +43,10 @@ def _client(c: LocalCluster) -> Client:
                   name=c.initiator_name)
 
 
-def _provider(c: LocalCluster, party: Party, node_toml: str = "") -> None:
+def _provider(c: LocalCluster, party: Party, node_toml: str = "",
+              bind: dict | None = None) -> None:
     config = c.write_provider_config(party, poll_wait=POLL_WAIT, node_toml=node_toml,
-                                     max_pool=3)
+                                     max_pool=3, bind=bind)
     c._spawn(f"provider-{party.node}", "provider", "--config", str(config))
 
 
@@ -59,7 +66,7 @@ def cluster(tmp_path_factory):
         c.members = [c.start_executor(name="executor" if i == 0 else f"executor-{i + 1}")
                      for i in range(3)]
         c.debug = c.start_executor("--debug-enclave", name="executor-debug")
-        _provider(c, parties[0])
+        _provider(c, parties[0], bind=SQL_RULE)
         _provider(c, parties[1])
         _provider(c, parties[2], f"upload_rows_per_second = {SLOW_RATE}")
         c.wait_for_datasets([p.dataset for p in parties])
@@ -140,6 +147,26 @@ def test_pool_regressions_equal_one_executor_and_every_member_wipes(cluster):
         assert status.status == "released" and status.inputs_held == []
     proc = run_cli("audit", "verify", "--db", str(cluster.db))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_pool_sql_equals_one_executor(cluster):
+    """The query the owner signed, on a pool and on one executor: the same groups and
+    counts exactly, the floating figures to summation order."""
+    params = {"query": QUERY, "min_group_size": "10"}
+    with _client(cluster) as client:
+        pooled = client.submit(["pool_d1"], None, "sql", params, pool=3,
+                               members=cluster.members)
+        single = client.submit(["pool_d1"], cluster.members[2], "sql", params)
+        rows = {}
+        for task in (pooled, single):
+            client.wait(task["id"], timeout=180)
+            rows[task["id"]] = client.result(task["id"]).to_arrow().to_pylist()
+    many, one = rows[pooled["id"]], rows[single["id"]]
+    assert [(r["y"], r["n"]) for r in many] == [(r["y"], r["n"]) for r in one]
+    assert sum(r["n"] for r in one) > 0
+    for a, b in zip(many, one, strict=True):
+        for column in ("s", "m", "v"):
+            assert a[column] == pytest.approx(b[column], rel=1e-9)
 
 
 def test_a_debug_member_is_refused_and_no_member_is_sent_a_byte(cluster):
